@@ -1,0 +1,118 @@
+"""L4 authorization policies as ztunnel holds them (``src/rbac.rs``). Pure, immutable data.
+
+A policy's ``rules`` is three levels deep: rules are OR'd, the clauses of a rule are AND'd, and
+the matches of a clause are OR'd (ztunnel's code, not the istio proto comment). Within a
+``Match`` the different fields are AND'd; within one field the positive list means "any of" and
+the ``not_`` list means "none of".
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Scope(enum.Enum):
+    GLOBAL = "Global"
+    NAMESPACE = "Namespace"
+    WORKLOAD_SELECTOR = "WorkloadSelector"
+
+
+class Action(enum.Enum):
+    ALLOW = "Allow"
+    DENY = "Deny"
+
+
+class StringMatchKind(enum.Enum):
+    EXACT = "Exact"
+    PREFIX = "Prefix"
+    SUFFIX = "Suffix"
+    PRESENCE = "Presence"
+
+
+@dataclass(frozen=True, slots=True)
+class StringMatch:
+    kind: StringMatchKind
+    value: str = ""
+
+    def matches(self, candidate: str) -> bool:
+        if self.kind is StringMatchKind.EXACT:
+            return candidate == self.value
+        if self.kind is StringMatchKind.PREFIX:
+            return candidate.startswith(self.value)
+        if self.kind is StringMatchKind.SUFFIX:
+            return candidate.endswith(self.value)
+        return candidate != ""  # presence: any non-empty value
+
+    @classmethod
+    def from_pattern(cls, pattern: str) -> StringMatch:
+        """istiod's conversion of AuthorizationPolicy strings: ``*``, ``*x``, ``x*``, ``x``."""
+        if pattern == "*":
+            return cls(StringMatchKind.PRESENCE)
+        if pattern.startswith("*"):
+            return cls(StringMatchKind.SUFFIX, pattern[1:])
+        if pattern.endswith("*"):
+            return cls(StringMatchKind.PREFIX, pattern[:-1])
+        return cls(StringMatchKind.EXACT, pattern)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceAccountMatch:
+    namespace: str
+    service_account: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Match:
+    namespaces: tuple[StringMatch, ...] = ()
+    not_namespaces: tuple[StringMatch, ...] = ()
+    service_accounts: tuple[ServiceAccountMatch, ...] = ()
+    not_service_accounts: tuple[ServiceAccountMatch, ...] = ()
+    principals: tuple[StringMatch, ...] = ()
+    not_principals: tuple[StringMatch, ...] = ()
+    source_ips: tuple[IPNetwork, ...] = ()
+    not_source_ips: tuple[IPNetwork, ...] = ()
+    destination_ips: tuple[IPNetwork, ...] = ()
+    not_destination_ips: tuple[IPNetwork, ...] = ()
+    destination_ports: tuple[int, ...] = ()
+    not_destination_ports: tuple[int, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        """An empty match is skipped by ztunnel: it never matches (it is not match-all)."""
+        return not any(getattr(self, name) for name in self.__slots__)
+
+    @property
+    def uses_identity(self) -> bool:
+        """True when the match needs the peer's mTLS identity (not decidable in the kernel)."""
+        return bool(
+            self.namespaces
+            or self.not_namespaces
+            or self.service_accounts
+            or self.not_service_accounts
+            or self.principals
+            or self.not_principals
+        )
+
+
+Clause = tuple[Match, ...]
+Rule = tuple[Clause, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Authorization:
+    """One ``istio.security.Authorization``, keyed by ``namespace/name``."""
+
+    name: str
+    namespace: str
+    scope: Scope = Scope.NAMESPACE
+    action: Action = Action.ALLOW
+    rules: tuple[Rule, ...] = ()
+    dry_run: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"

@@ -1,0 +1,143 @@
+"""Logging setup: ztunnel's level syntax (``RUST_LOG``) and formats (text, ``LOG_FORMAT=json``).
+
+Structured fields travel in ``extra={"fields": {...}}``; the text format renders them as
+``key=value`` after the message (as ztunnel's tracing output does), the JSON format as keys of
+the one object per line. Targets use ztunnel's names where they exist (``access`` for access
+logs) and our module names otherwise; ``ztunnel::proxy=debug`` is read as ``ztunnel_py.proxy``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import sys
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+LEVELS: Mapping[str, int] = {
+    "off": logging.CRITICAL + 10,
+    "error": logging.ERROR,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "info": logging.INFO,
+    "debug": logging.DEBUG,
+    "trace": 5,
+}
+_NAMES = {v: k for k, v in LEVELS.items() if k != "warning"}
+logging.addLevelName(5, "TRACE")
+
+ROOT_TARGET = "ztunnel_py"
+# Targets ztunnel users know that are not module names of ours.
+_EXTRA_TARGETS = ("access",)
+
+
+def parse_level_spec(spec: str) -> tuple[int, dict[str, int]]:
+    """``info`` or ``warn,ztunnel::proxy=debug,access=info`` -> (default level, per-target).
+
+    Raises ``ValueError`` naming the bad part.
+    """
+    default = logging.INFO
+    targets: dict[str, int] = {}
+    for raw in spec.split(","):
+        part = raw.strip()
+        if not part:
+            continue
+        target, sep, level = part.rpartition("=")
+        level = level.strip().lower()
+        if level not in LEVELS:
+            allowed = ", ".join(k for k in LEVELS if k != "warning")
+            raise ValueError(f"unknown log level {level!r} in {part!r} (expected one of {allowed})")
+        if sep:
+            targets[_normalize_target(target.strip())] = LEVELS[level]
+        else:
+            default = LEVELS[level]
+    return default, targets
+
+
+def _normalize_target(target: str) -> str:
+    name = target.replace("::", ".")
+    if name == "ztunnel" or name.startswith("ztunnel."):
+        name = ROOT_TARGET + name[len("ztunnel") :]
+    return name
+
+
+class LevelController:
+    """Reads and changes levels at run time (``/logging`` on the admin port)."""
+
+    def __init__(self, initial_spec: str) -> None:
+        self._initial = initial_spec
+        self._targets: dict[str, int] = {}
+        self.apply(initial_spec)
+
+    def apply(self, spec: str) -> None:
+        default, targets = parse_level_spec(spec)
+        for name in self._targets:
+            if name not in targets:
+                logging.getLogger(name).setLevel(logging.NOTSET)
+        logging.getLogger(ROOT_TARGET).setLevel(default)
+        for name in _EXTRA_TARGETS:
+            logging.getLogger(name).setLevel(default)
+        for name, level in targets.items():
+            logging.getLogger(name).setLevel(level)
+        self._targets = targets
+
+    def reset(self) -> None:
+        self.apply(self._initial)
+
+    def describe(self) -> str:
+        default = logging.getLogger(ROOT_TARGET).level
+        parts = [_NAMES.get(default, str(default))]
+        parts += [f"{t}={_NAMES.get(lvl, str(lvl))}" for t, lvl in sorted(self._targets.items())]
+        return ",".join(parts)
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = datetime.datetime.fromtimestamp(record.created, tz=datetime.UTC)
+        fields: Mapping[str, Any] = getattr(record, "fields", None) or {}
+        kv = " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
+        line = (
+            f"{ts.isoformat(timespec='microseconds').replace('+00:00', 'Z')}"
+            f"  {_NAMES.get(record.levelno, record.levelname).upper():5} {record.name}:"
+            f" {record.getMessage()}"
+        )
+        if kv:
+            line += " " + kv
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def _text_value(value: Any) -> str:
+    text = str(value)
+    return json.dumps(text) if (" " in text or not text) else text
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = datetime.datetime.fromtimestamp(record.created, tz=datetime.UTC)
+        obj: dict[str, Any] = {
+            "level": _NAMES.get(record.levelno, record.levelname.lower()),
+            "time": ts.isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            "scope": record.name,
+            "message": record.getMessage(),
+        }
+        fields: Mapping[str, Any] = getattr(record, "fields", None) or {}
+        for k, v in fields.items():
+            obj[k] = v if isinstance(v, int | float | bool | type(None)) else str(v)
+        if record.exc_info:
+            obj["error_trace"] = self.formatException(record.exc_info)
+        return json.dumps(obj, separators=(",", ":"))
+
+
+def configure(spec: str, *, json_format: bool, stream: TextIO | None = None) -> LevelController:
+    """Install our handler on the root logger and return the run-time level controller."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(_JsonFormatter() if json_format else _TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)  # third-party libraries stay quiet unless asked
+    return LevelController(spec)
