@@ -27,7 +27,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.usefixtures("_privileged_required_but_missing"))
                 item.user_properties.append(("missing", reason))
             else:
-                item.add_marker(pytest.mark.skip(reason=f"{reason} (set ZT_REQUIRE_PRIVILEGED=1 to fail instead)"))
+                item.add_marker(
+                    pytest.mark.skip(
+                        reason=f"{reason} (set ZT_REQUIRE_PRIVILEGED=1 to fail instead)"
+                    )
+                )
 
 
 @pytest.fixture

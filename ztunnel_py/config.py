@@ -34,7 +34,7 @@ PORT_SOCKS5 = 15080
 
 DEFAULT_PACKET_MARK = 1337  # 0x539, istio-cni's InpodMark
 DEFAULT_ROOT_CERT = "./var/run/secrets/istio/root-cert.pem"
-DEFAULT_TOKEN = "./var/run/secrets/tokens/istio-token"
+DEFAULT_TOKEN = "./var/run/secrets/tokens/istio-token"  # noqa: S105 (a path, not a secret)
 DEFAULT_INPOD_UDS = "/var/run/ztunnel/ztunnel.sock"
 DEFAULT_MESH_CONFIG = "./etc/istio/config/mesh"
 DEFAULT_LOCAL_CA_DIR = "/var/lib/ztunnel-py/ca"
@@ -311,9 +311,13 @@ def _proxy_config(env: Mapping[str, str]) -> dict[str, Any]:
 
 def _termination_deadline(env: Mapping[str, str]) -> float:
     if "CONNECTION_TERMINATION_DEADLINE" in env:
-        return parse_duration("CONNECTION_TERMINATION_DEADLINE", env["CONNECTION_TERMINATION_DEADLINE"])
+        return parse_duration(
+            "CONNECTION_TERMINATION_DEADLINE", env["CONNECTION_TERMINATION_DEADLINE"]
+        )
     if "TERMINATION_GRACE_PERIOD_SECONDS" in env:
-        grace = parse_int("TERMINATION_GRACE_PERIOD_SECONDS", env["TERMINATION_GRACE_PERIOD_SECONDS"])
+        grace = parse_int(
+            "TERMINATION_GRACE_PERIOD_SECONDS", env["TERMINATION_GRACE_PERIOD_SECONDS"]
+        )
         # ztunnel leaves 5s of the grace period for its own exit, 1s when the period is short.
         return float(max(grace - 5, 0) if grace > 10 else max(grace - 1, 0))
     return 5.0
@@ -368,7 +372,11 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
 
     cluster_id = env.get("ISTIO_META_CLUSTER_ID") or env.get("CLUSTER_ID") or "Kubernetes"
 
-    proxy_metadata: dict[str, Any] = dict(pc.get("proxyMetadata", {}))
+    # ProxyConfig metadata values are strings in Istio; YAML may have typed them (true, 1).
+    proxy_metadata: dict[str, Any] = {
+        str(k): (str(v).lower() if isinstance(v, bool) else str(v))
+        for k, v in (pc.get("proxyMetadata") or {}).items()
+    }
     for key, value in env.items():
         if key.startswith("ISTIO_META_"):
             proxy_metadata[key.removeprefix("ISTIO_META_")] = value
@@ -384,7 +392,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
     if get("PROXY_WORKLOAD_INFO"):
         workload_info = parse_workload_info("PROXY_WORKLOAD_INFO", env["PROXY_WORKLOAD_INFO"])
     if proxy_mode is ProxyMode.DEDICATED and workload_info is None and not uses_local:
-        raise ConfigError("PROXY_WORKLOAD_INFO", "", "namespace/name/serviceaccount in dedicated mode")
+        raise ConfigError(
+            "PROXY_WORKLOAD_INFO", "", "namespace/name/serviceaccount in dedicated mode"
+        )
 
     orig_src_raw = get("ENABLE_ORIG_SRC")
     enable_orig_src = None if orig_src_raw is None else parse_bool("ENABLE_ORIG_SRC", orig_src_raw)
@@ -401,7 +411,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
     stats_port = integer("STATS_PORT", int(pc.get("statusPort") or PORT_STATS), maximum=65535)
 
     log_level = get("RUST_LOG") or get("LOG_LEVEL") or "info"
-    from ztunnel_py.telemetry.logging import parse_level_spec  # noqa: PLC0415 (avoid a cycle)
+    from ztunnel_py.telemetry.logging import parse_level_spec
 
     try:
         parse_level_spec(log_level)

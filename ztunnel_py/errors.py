@@ -41,7 +41,7 @@ class ConversionError(ZtunnelError):
         super().__init__(f"{resource_name}: {reason}")
 
 
-class UnsupportedFeature(ZtunnelError):  # noqa: N818 (named after the condition, like cilium's)
+class UnsupportedFeature(ZtunnelError):
     """The kernel (or platform) lacks something a mode needs."""
 
     def __init__(self, name: str, hint: str = "") -> None:

@@ -66,7 +66,7 @@ def run_in_netns(netns_fd: int, fn: Callable[[], _T]) -> _T:
 def socket_in_netns(
     netns_fd: int | None,
     family: int = socket.AF_INET,
-    type: int = socket.SOCK_STREAM,  # noqa: A002 (mirrors socket.socket)
+    type: int = socket.SOCK_STREAM,
 ) -> socket.socket:
     """A new socket that lives in ``netns_fd`` (or the current netns when ``None``)."""
     if netns_fd is None:

@@ -23,6 +23,7 @@ DEFAULT_CLUSTER_ID = "Kubernetes"
 _K = TypeVar("_K")
 _V = TypeVar("_V")
 
+
 def frozen_map(items: Mapping[_K, _V] | None = None) -> Mapping[_K, _V]:
     return MappingProxyType(dict(items or {}))
 

@@ -28,7 +28,9 @@ def is_root() -> bool:
     return os.geteuid() == 0
 
 
-def sh(*argv: str, check: bool = True, netns: str | None = None) -> subprocess.CompletedProcess[str]:
+def sh(
+    *argv: str, check: bool = True, netns: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run a command (optionally inside a named netns) and fail with its stderr on error."""
     full = ["ip", "netns", "exec", netns, *argv] if netns else list(argv)
     proc = subprocess.run(full, capture_output=True, text=True, check=False)
@@ -52,13 +54,16 @@ class Netns:
         return sh(*argv, check=check, netns=self.name)
 
     def popen(self, argv: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(["ip", "netns", "exec", self.name, *argv], **kwargs)  # type: ignore[call-overload]
+        proc: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
+            ["ip", "netns", "exec", self.name, *argv], **kwargs
+        )
+        return proc
 
     def run(self, fn: Callable[[], _T]) -> _T:
         """Call ``fn`` with this thread switched into the namespace."""
         return run_in_netns(self.fd, fn)
 
-    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:  # noqa: A002
+    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:
         return socket_in_netns(self.fd, family, type)
 
     def close(self) -> None:

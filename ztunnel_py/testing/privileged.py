@@ -23,7 +23,9 @@ def missing_privileges(kind: str) -> str | None:
     if kind == "bpf":
         if not Path("/sys/kernel/btf/vmlinux").exists():
             return "kernel has no BTF (/sys/kernel/btf/vmlinux)"
-        if not any(line.split()[2] == "cgroup2" for line in Path("/proc/mounts").read_text().splitlines()):
+        if not any(
+            line.split()[2] == "cgroup2" for line in Path("/proc/mounts").read_text().splitlines()
+        ):
             return "no cgroup v2 mount"
     return None
 

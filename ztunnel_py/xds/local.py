@@ -127,7 +127,10 @@ class _Node:
         text = self.string()
         folded = text.replace("_", "").lower()
         for member in kind:
-            names = {str(member.value).replace("_", "").lower(), member.name.replace("_", "").lower()}
+            names = {
+                str(member.value).replace("_", "").lower(),
+                member.name.replace("_", "").lower(),
+            }
             if folded in names:
                 return member
         allowed = ", ".join(str(m.value) for m in kind)
@@ -165,7 +168,7 @@ def _kind(value: Any) -> str:
 
 
 def _closest(key: str, allowed: set[str]) -> str | None:
-    import difflib  # noqa: PLC0415 (only on the error path)
+    import difflib
 
     matches = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.7)
     return matches[0] if matches else None
@@ -198,9 +201,13 @@ def _gateway(node: _Node) -> GatewayAddress:
     if isinstance(dest.value, dict):  # the {network, address} / {namespace, hostname} spelling
         parts = dest.mapping({"network", "address", "namespace", "hostname"})
         if "address" in parts:
-            destination = NetworkAddress(parts.get("network", _Node("", "")).string(), parts["address"].ip())
+            destination = NetworkAddress(
+                parts.get("network", _Node("", "")).string(), parts["address"].ip()
+            )
         elif "hostname" in parts and "namespace" in parts:
-            destination = NamespacedHostname(parts["namespace"].string(), parts["hostname"].string())
+            destination = NamespacedHostname(
+                parts["namespace"].string(), parts["hostname"].string()
+            )
         else:
             raise dest.fail("expected {network, address} or {namespace, hostname}")
     else:
@@ -243,7 +250,9 @@ def parse_workload(node: _Node, *, cluster_id: str = "Kubernetes") -> Workload:
     if "applicationTunnel" in f and f["applicationTunnel"].value is not None:
         at = f["applicationTunnel"].mapping({"protocol", "port"})
         app_tunnel = ApplicationTunnel(
-            protocol=at["protocol"].enum(AppTunnelProtocol) if "protocol" in at else AppTunnelProtocol.NONE,
+            protocol=at["protocol"].enum(AppTunnelProtocol)
+            if "protocol" in at
+            else AppTunnelProtocol.NONE,
             port=at["port"].port() if "port" in at and at["port"].value is not None else None,
         )
     locality = Locality()
@@ -295,7 +304,9 @@ def parse_service(node: _Node) -> Service:
     if "loadBalancer" in f and f["loadBalancer"].value is not None:
         lb = f["loadBalancer"].mapping({"routingPreferences", "mode", "healthPolicy"})
         load_balancer = LoadBalancer(
-            routing_preferences=tuple(n.enum(LoadBalancerScope) for n in lb["routingPreferences"].items())
+            routing_preferences=tuple(
+                n.enum(LoadBalancerScope) for n in lb["routingPreferences"].items()
+            )
             if "routingPreferences" in lb
             else (),
             mode=lb["mode"].enum(LoadBalancerMode) if "mode" in lb else LoadBalancerMode.STANDARD,
@@ -312,7 +323,9 @@ def parse_service(node: _Node) -> Service:
         subject_alt_names=tuple(n.string() for n in f["subjectAltNames"].items())
         if "subjectAltNames" in f
         else (),
-        waypoint=_gateway(f["waypoint"]) if "waypoint" in f and f["waypoint"].value is not None else None,
+        waypoint=_gateway(f["waypoint"])
+        if "waypoint" in f and f["waypoint"].value is not None
+        else None,
         load_balancer=load_balancer,
         ip_families=f["ipFamilies"].enum(IpFamily)
         if "ipFamilies" in f and f["ipFamilies"].value is not None
@@ -381,20 +394,34 @@ def parse_policy(node: _Node) -> Authorization:
     )
 
 
-def parse_local_config(text: str, *, source: str = "LOCAL_XDS", cluster_id: str = "Kubernetes") -> UpdateBatch:
+def parse_local_config(
+    text: str, *, source: str = "LOCAL_XDS", cluster_id: str = "Kubernetes"
+) -> UpdateBatch:
     """Parse a whole local-config document into a replacing ``UpdateBatch``."""
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "<document>"
-        raise LocalConfigError(where, f"not valid YAML: {getattr(e, 'problem', e)}", source=source) from None
+        where = (
+            f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "<document>"
+        )
+        raise LocalConfigError(
+            where, f"not valid YAML: {getattr(e, 'problem', e)}", source=source
+        ) from None
     root = _Node(doc if doc is not None else {}, "")
     try:
         top = root.mapping({"workloads", "policies", "services"})
-        workloads = tuple(parse_workload(n, cluster_id=cluster_id) for n in top["workloads"].items()) if "workloads" in top else ()
-        services = tuple(parse_service(n) for n in top["services"].items()) if "services" in top else ()
-        policies = tuple(parse_policy(n) for n in top["policies"].items()) if "policies" in top else ()
+        workloads = (
+            tuple(parse_workload(n, cluster_id=cluster_id) for n in top["workloads"].items())
+            if "workloads" in top
+            else ()
+        )
+        services = (
+            tuple(parse_service(n) for n in top["services"].items()) if "services" in top else ()
+        )
+        policies = (
+            tuple(parse_policy(n) for n in top["policies"].items()) if "policies" in top else ()
+        )
         _check_unique("workloads", [w.uid for w in workloads], "uid")
         _check_unique("services", [s.key for s in services], "namespace/hostname")
         _check_unique("policies", [p.key for p in policies], "namespace/name")
@@ -407,7 +434,9 @@ def _check_unique(section: str, keys: list[str], what: str) -> None:
     seen: dict[str, int] = {}
     for i, key in enumerate(keys):
         if key in seen:
-            raise LocalConfigError(f"{section}[{i}]", f"duplicate {what} {key!r} (first at {section}[{seen[key]}])")
+            raise LocalConfigError(
+                f"{section}[{i}]", f"duplicate {what} {key!r} (first at {section}[{seen[key]}])"
+            )
         seen[key] = i
 
 

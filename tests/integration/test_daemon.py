@@ -1,0 +1,239 @@
+"""The real daemon process: admin, metrics, readiness, logging, reload, drain and exit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ztunnel_py.testing.daemon import free_port, http, run_daemon
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples/localhost.yaml"
+
+
+@pytest.fixture
+def local_config(tmp_path: Path) -> Path:
+    path = tmp_path / "config.yaml"
+    shutil.copy(EXAMPLE, path)
+    return path
+
+
+def base_env(tmp_path: Path, config: Path) -> dict[str, str]:
+    return {
+        "LOCAL_XDS_PATH": str(config),
+        "LOCAL_CA_DIR": str(tmp_path / "ca"),
+        "CONNECTION_TERMINATION_DEADLINE": "2s",
+    }
+
+
+def eventually(check, timeout: float = 10.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return check()
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def test_serves_config_dump_metrics_and_readiness(tmp_path: Path, local_config: Path) -> None:
+    with run_daemon(base_env(tmp_path, local_config), log_dir=tmp_path, wait="ready") as d:
+        dump = d.config_dump()
+        uids = [w["uid"] for w in dump["workloads"]]
+        assert uids == ["cluster1//v1/Pod/default/local", "cluster1//v1/Pod/default/local-tcp"]
+        assert [s["hostname"] for s in dump["services"]] == ["example.com", "example2.com"]
+        assert dump["policies"][0]["name"] == "deny-9999"
+        assert dump["config"]["localXdsPath"] == str(local_config)
+        assert dump["staticConfig"]["loads"] == 1
+
+        for path in ("/metrics", "/stats/prometheus"):
+            reply = http(d.stats + path)
+            assert reply.status == 200
+            assert 'istio_build{component="ztunnel"' in reply.text
+            assert "process_resident_memory_bytes" in reply.text
+        om = http(d.stats + "/metrics", headers={"Accept": "application/openmetrics-text"})
+        assert om.headers["Content-Type"].startswith("application/openmetrics-text")
+        assert om.text.rstrip().endswith("# EOF")
+
+        ready = http(d.ready_url)
+        assert (ready.status, ready.text) == (200, "ready\n")
+        index = http(d.admin + "/")
+        assert index.status == 200 and "/config_dump" in index.text
+        assert http(d.admin + "/nope").status == 404
+
+
+def test_admin_listens_on_127_0_0_1_only(tmp_path: Path, local_config: Path) -> None:
+    with run_daemon(base_env(tmp_path, local_config), log_dir=tmp_path) as d:
+        with socket.create_connection(("127.0.0.1", d.admin_port), timeout=2):
+            pass
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.2", d.admin_port), timeout=2)
+        # Metrics and readiness are for Prometheus and kubelet: reachable on any address.
+        with socket.create_connection(("127.0.0.2", d.stats_port), timeout=2):
+            pass
+
+
+def test_logging_levels_change_at_run_time(tmp_path: Path, local_config: Path) -> None:
+    with run_daemon(base_env(tmp_path, local_config), log_dir=tmp_path) as d:
+        assert http(d.admin + "/logging").status == 405
+        assert http(d.admin + "/logging", method="POST").text == "current log level is info\n"
+        changed = http(d.admin + "/logging?level=ztunnel::xds=debug,warn", method="POST")
+        assert changed.text == "current log level is warn,ztunnel_py.xds=debug\n"
+        bad = http(d.admin + "/logging?level=loud", method="POST")
+        assert bad.status == 400 and "unknown log level 'loud'" in bad.text
+        reset = http(d.admin + "/logging?reset", method="POST")
+        assert reset.text == "current log level is info\n"
+
+
+def test_quitquitquit_drains_and_exits_within_the_deadline(
+    tmp_path: Path, local_config: Path
+) -> None:
+    with run_daemon(base_env(tmp_path, local_config), log_dir=tmp_path) as d:
+        reply = http(d.admin + "/quitquitquit", method="POST")
+        assert reply.status == 200
+        assert d.wait(timeout=10) == 0
+        assert "shutdown requested through /quitquitquit" in d.log()
+
+
+def test_quitquitquit_needs_post(tmp_path: Path, local_config: Path) -> None:
+    with run_daemon(base_env(tmp_path, local_config), log_dir=tmp_path) as d:
+        assert http(d.admin + "/quitquitquit").status == 405
+        assert d.proc.poll() is None
+
+
+def test_sigterm_drains_and_exits_zero(tmp_path: Path, local_config: Path) -> None:
+    with run_daemon(base_env(tmp_path, local_config), log_dir=tmp_path) as d:
+        d.signal(signal.SIGTERM)
+        assert d.wait(timeout=10) == 0
+        assert "received SIGTERM, draining" in d.log()
+
+
+def test_readiness_is_503_until_configuration_arrives(tmp_path: Path) -> None:
+    # istiod configured but unreachable: the state manager never gets its first ACK.
+    env = {"XDS_ADDRESS": f"https://127.0.0.1:{free_port()}", "FAKE_CA": "true"}
+    with run_daemon(env, log_dir=tmp_path) as d:
+        reply = http(d.ready_url)
+        assert reply.status == 503
+        assert "pending: state manager" in reply.text
+
+
+def test_json_log_format(tmp_path: Path, local_config: Path) -> None:
+    env = {**base_env(tmp_path, local_config), "LOG_FORMAT": "json"}
+    with run_daemon(env, log_dir=tmp_path) as d:
+        http(d.admin + "/quitquitquit", method="POST")
+        d.wait(timeout=10)
+        lines = [json.loads(line) for line in d.log().splitlines() if line.strip()]
+    assert lines, "the daemon logged nothing"
+    assert all({"level", "time", "scope", "message"} <= line.keys() for line in lines)
+    assert any(line["message"].startswith("ztunnel-py 0.1.0 running") for line in lines)
+
+
+def test_bad_environment_exits_before_opening_any_port(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.run(
+        [sys.executable, "-m", "ztunnel_py", "run"],
+        env={"REDIRECT_MODE": "tc", "ADMIN_PORT": str(port), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 78
+    assert "invalid REDIRECT_MODE='tc': expected ebpf or iptables" in proc.stderr
+    assert "listening" not in proc.stderr
+
+
+def test_bad_local_config_at_start_is_fatal_and_names_the_field(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("workloads:\n  - {uid: u, name: a, namespace: n, workloadIps: [nope]}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "ztunnel_py", "run"],
+        env={"LOCAL_XDS_PATH": str(bad), "ADMIN_PORT": str(free_port()), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 78
+    assert "workloads[0].workloadIps[0]: 'nope' is not an IP address" in proc.stderr
+    assert "listening" not in proc.stderr
+
+
+def test_reload_applies_good_files_and_keeps_last_good_state_on_bad_ones(
+    tmp_path: Path, local_config: Path
+) -> None:
+    with run_daemon(base_env(tmp_path, local_config), log_dir=tmp_path) as d:
+        local_config.write_text(local_config.read_text() + "\nbogus: 1\n")
+
+        def refused() -> None:
+            static = d.config_dump()["staticConfig"]
+            assert static["lastError"] is not None and "bogus: unknown field" in static["lastError"]
+
+        eventually(refused)
+        assert len(d.config_dump()["workloads"]) == 2  # the last good state is still served
+        assert "keeping the last good state" in d.log()
+
+        local_config.write_text("workloads:\n  - {uid: only, name: only, namespace: default}\n")
+
+        def reloaded() -> None:
+            dump = d.config_dump()
+            assert [w["uid"] for w in dump["workloads"]] == ["only"]
+            assert dump["staticConfig"]["lastError"] is None
+
+        eventually(reloaded)
+
+
+def test_validate_command(tmp_path: Path) -> None:
+    ok = subprocess.run(
+        [sys.executable, "-m", "ztunnel_py", "validate", str(EXAMPLE)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert ok.returncode == 0 and "2 workloads, 2 services, 1 policies" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("services:\n  - {name: s, namespace: n, hostname: h, vips: [10.0.0.1]}\n")
+    fail = subprocess.run(
+        [sys.executable, "-m", "ztunnel_py", "validate", str(bad)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert fail.returncode == 1
+    assert "services[0].vips[0]" in fail.stderr
+
+
+def test_config_dump_command_and_proxy_ztunnel_alias(tmp_path: Path, local_config: Path) -> None:
+    with run_daemon(
+        base_env(tmp_path, local_config), log_dir=tmp_path, argv=("proxy", "ztunnel")
+    ) as d:
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ztunnel_py",
+                "config-dump",
+                "--admin",
+                f"127.0.0.1:{d.admin_port}",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert json.loads(out.stdout)["workloads"][0]["name"] == "local"
+    missing = subprocess.run(
+        [sys.executable, "-m", "ztunnel_py", "config-dump", "--admin", f"127.0.0.1:{free_port()}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert missing.returncode == 1 and "is ztunnel-py running?" in missing.stderr

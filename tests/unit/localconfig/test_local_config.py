@@ -1,0 +1,177 @@
+"""ztunnel's local-config YAML: every example loads; every broken file names its bad field."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ztunnel_py.admin.dump import policy_to_dict, service_to_dict, state_dump, workload_to_dict
+from ztunnel_py.errors import LocalConfigError
+from ztunnel_py.rbac.model import Action, Scope, StringMatch, StringMatchKind
+from ztunnel_py.state.model import (
+    GatewayAddress,
+    HealthStatus,
+    InboundProtocol,
+    LoadBalancerMode,
+    LoadBalancerScope,
+    NamespacedHostname,
+    NetworkAddress,
+)
+from ztunnel_py.state.store import ProxyState
+from ztunnel_py.xds.local import load_local_config_file, parse_local_config
+
+ROOT = Path(__file__).resolve().parents[3]
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+BAD = sorted((ROOT / "tests/data/local-config/bad").glob("*.yaml"))
+
+
+def test_there_are_examples_and_a_broken_corpus() -> None:
+    assert {p.name for p in EXAMPLES} >= {"localhost.yaml", "bookinfo.yaml"}
+    assert len(BAD) >= 20
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_loads(path: Path) -> None:
+    batch = load_local_config_file(path)
+    state = ProxyState()
+    state.apply(batch)
+    assert list(state.workloads())
+    assert list(state.services())
+
+
+def test_localhost_example_has_ztunnels_content() -> None:
+    state = ProxyState()
+    state.apply(load_local_config_file(ROOT / "examples/localhost.yaml"))
+    local = state.workload("cluster1//v1/Pod/default/local")
+    assert local is not None and local.protocol is InboundProtocol.HBONE
+    assert local.workload_ips == (ipaddress.ip_address("127.0.0.1"),)
+    tcp = state.workload("cluster1//v1/Pod/default/local-tcp")
+    assert tcp is not None and tcp.protocol is InboundProtocol.TCP
+    example = state.service_by_vip(NetworkAddress("", ipaddress.ip_address("127.10.0.1")))
+    assert example is not None and example.hostname == "example.com"
+    assert example.subject_alt_names == ("spiffe://cluster.local/ns/default/sa/local",)
+    remote = state.service("default/example2.com")
+    assert remote is not None and remote.vips == (
+        NetworkAddress("remote", ipaddress.ip_address("127.10.0.2")),
+    )
+    assert set(state.endpoints("default/example.com")) == {local.uid, tcp.uid}
+    (policy,) = state.policies()
+    assert policy.key == "default/deny-9999" and policy.action is Action.ALLOW
+    assert policy.rules[0][0][0].not_destination_ports == (9999,)
+
+
+def test_bookinfo_example_exercises_every_section() -> None:
+    state = ProxyState()
+    state.apply(load_local_config_file(ROOT / "examples/bookinfo.yaml"))
+    ratings = state.workload("Kubernetes//Pod/backend/ratings-v1-1")
+    assert ratings is not None and ratings.status is HealthStatus.UNHEALTHY
+    assert ratings.waypoint == GatewayAddress(
+        destination=NetworkAddress("", ipaddress.ip_address("10.40.3.2")), hbone_mtls_port=15008
+    )
+    reviews = state.service("backend/reviews.backend.svc.cluster.local")
+    assert reviews is not None and reviews.load_balancer is not None
+    assert reviews.load_balancer.mode is LoadBalancerMode.FAILOVER
+    assert reviews.load_balancer.routing_preferences == (
+        LoadBalancerScope.REGION,
+        LoadBalancerScope.ZONE,
+    )
+    v2 = state.workload("Kubernetes//Pod/backend/reviews-v2-1")
+    assert v2 is not None and v2.capacity == 2
+    assert {p.key for p in state.policies_for(v2)} == {
+        "istio-system/deny-ssh",
+        "backend/allow-mesh-callers",
+        "backend/reviews-from-frontend",
+    }
+    glob = state.policy("istio-system/deny-ssh")
+    assert glob is not None and glob.scope is Scope.GLOBAL and glob.action is Action.DENY
+    allow = state.policy("backend/allow-mesh-callers")
+    assert allow is not None
+    assert allow.rules[0][0][0].namespaces == (
+        StringMatch(StringMatchKind.EXACT, "frontend"),
+        StringMatch(StringMatchKind.EXACT, "backend"),
+    )
+
+
+def _expectation(path: Path) -> str:
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# expect: "), f"{path.name} must start with '# expect: <error>'"
+    return first.removeprefix("# expect: ")
+
+
+@pytest.mark.parametrize("path", BAD, ids=lambda p: p.name)
+def test_broken_files_are_refused_with_the_field_path(path: Path) -> None:
+    expected = _expectation(path)
+    with pytest.raises(LocalConfigError) as info:
+        load_local_config_file(path)
+    assert f"{info.value.path}: {info.value.reason}" == expected
+    assert str(path) in str(info.value)
+
+
+def test_string_match_spellings() -> None:
+    doc = """
+policies:
+  - name: p
+    namespace: default
+    rules:
+      - - - principals: [{Exact: a}, {Prefix: b}, {Suffix: c}, {Presence: []}, plain]
+"""
+    (policy,) = parse_local_config(doc).policies
+    kinds = [(m.kind, m.value) for m in policy.rules[0][0][0].principals]
+    assert kinds == [
+        (StringMatchKind.EXACT, "a"),
+        (StringMatchKind.PREFIX, "b"),
+        (StringMatchKind.SUFFIX, "c"),
+        (StringMatchKind.PRESENCE, ""),
+        (StringMatchKind.EXACT, "plain"),
+    ]
+
+
+def test_waypoint_hostname_destination() -> None:
+    doc = """
+workloads:
+  - uid: u1
+    name: a
+    namespace: default
+    waypoint: {destination: "default/waypoint.default.svc.cluster.local"}
+"""
+    (w,) = parse_local_config(doc).workloads
+    assert w.waypoint is not None
+    assert w.waypoint.destination == NamespacedHostname(
+        "default", "waypoint.default.svc.cluster.local"
+    )
+    assert w.waypoint.hbone_mtls_port == 15008
+
+
+def test_missing_uid_is_derived_from_name() -> None:
+    (w,) = parse_local_config("workloads: [{name: a, namespace: ns}]", cluster_id="east").workloads
+    assert w.uid == "east//v1/Pod/ns/a"
+
+
+def test_empty_document_is_an_empty_mesh() -> None:
+    batch = parse_local_config("")
+    assert batch.replace and not (batch.workloads or batch.services or batch.policies)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_dump_shapes_load_back_as_local_config(path: Path) -> None:
+    """What /config_dump prints for a workload, service or policy is valid local config."""
+    state = ProxyState()
+    state.apply(load_local_config_file(path))
+    workloads = []
+    for w in state.workloads():
+        d = workload_to_dict(w)
+        d["services"] = {k: {str(p): t for p, t in v.items()} for k, v in w.services.items()}
+        workloads.append(d)
+    services = []
+    for s in state.services():
+        d = service_to_dict(s, state)
+        d.pop("endpoints")
+        services.append(d)
+    policies = [policy_to_dict(p) for p in state.policies()]
+    doc = yaml.safe_dump({"workloads": workloads, "services": services, "policies": policies})
+    again = ProxyState()
+    again.apply(parse_local_config(doc))
+    assert state_dump(again) == state_dump(state)

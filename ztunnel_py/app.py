@@ -1,0 +1,165 @@
+"""Composition root: builds every part from a ``Config``, runs them, drains them.
+
+This is the only module that knows the concrete adapters. Everything it builds is handed its
+dependencies through constructors, so tests can build the same parts with fakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import ztunnel_py
+from ztunnel_py.admin.dump import state_dump
+from ztunnel_py.admin.server import AdminServer, ReadinessServer, StatsServer, new_registry
+from ztunnel_py.config import Config
+from ztunnel_py.drain import Drain
+from ztunnel_py.readiness import Readiness
+from ztunnel_py.signals import ShutdownController
+from ztunnel_py.state.hub import StateHub
+from ztunnel_py.telemetry.logging import LevelController
+from ztunnel_py.xds.local_source import LocalConfigSource
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FORCED = 1
+
+READY_STATE = "state manager"
+
+
+class App:
+    def __init__(self, config: Config, *, levels: LevelController | None = None) -> None:
+        self.config = config
+        self.levels = levels or LevelController(config.log_level)
+        self.registry = new_registry()
+        self.hub = StateHub()
+        self.readiness = Readiness()
+        self.drain = Drain()
+        self.dump_providers: dict[str, Callable[[], Any]] = {}
+        self._stop = asyncio.Event()
+        self._forced = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._servers: list[AdminServer | StatsServer | ReadinessServer] = []
+        self.local_source: LocalConfigSource | None = None
+        if config.uses_local_xds:
+            self.local_source = LocalConfigSource(
+                self.hub.apply,
+                path=config.local_xds_path,
+                inline=config.local_xds if config.local_xds_path is None else None,
+                cluster_id=config.cluster_id,
+            )
+
+    # ------------------------------------------------------------------ admin surface
+
+    def dump(self) -> dict[str, Any]:
+        out: dict[str, Any] = state_dump(self.hub.state)
+        out["version"] = {
+            "ztunnelPy": ztunnel_py.__version__,
+            "generation": self.hub.state.generation,
+        }
+        out["config"] = self.config.to_dump()
+        if self.local_source is not None:
+            out["staticConfig"] = {
+                "source": str(self.config.local_xds_path or "LOCAL_XDS"),
+                "loads": self.local_source.loads,
+                "lastError": self.local_source.last_error,
+            }
+        for name, provider in sorted(self.dump_providers.items()):
+            out[name] = provider()
+        return out
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def request_shutdown(self) -> None:
+        self._stop.set()
+
+    def force_shutdown(self) -> None:
+        self._stop.set()
+        self._forced.set()
+
+    def spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a long-lived task; if it dies with an error the daemon logs it and drains."""
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("task %s failed, shutting down", task.get_name(), exc_info=exc)
+            self.request_shutdown()
+
+    async def start(self) -> None:
+        """Load configuration, then open the admin, metrics and readiness ports."""
+        release_state = self.readiness.register(READY_STATE, "waiting for configuration")
+        if self.local_source is not None:
+            self.local_source.load()  # a bad file at start is fatal, before any port opens
+            if self.config.xds_address is None:
+                release_state()
+            self.spawn("local-config-watch", self.local_source.watch())
+        elif self.config.xds_address is None:
+            release_state()
+        # xDS (when configured) releases READY_STATE itself once every type is ACKed.
+
+        admin = AdminServer(
+            dump=self.dump,
+            levels=self.levels,
+            on_quit=self.request_shutdown,
+            stats_port=self.config.stats_port,
+            ready_port=self.config.readiness_port,
+        )
+        stats = StatsServer(self.registry)
+        ready = ReadinessServer(self.readiness)
+        # None makes asyncio bind every family (it would set IPV6_V6ONLY on a "::" socket).
+        any_host = None if self.config.ipv6_enabled else "0.0.0.0"
+        await admin.start(self.config.admin_port)
+        await stats.start(any_host, self.config.stats_port)
+        await ready.start(any_host, self.config.readiness_port)
+        self._servers = [admin, stats, ready]
+
+    async def run(self) -> int:
+        """Run until asked to stop; returns the process exit code."""
+        loop = asyncio.get_running_loop()
+        shutdown = ShutdownController(graceful=self.request_shutdown, force=self.force_shutdown)
+        shutdown.install(loop)
+        try:
+            await self.start()
+            log.info(
+                "ztunnel-py %s running (admin 127.0.0.1:%d, metrics :%d, readiness :%d)",
+                ztunnel_py.__version__,
+                self.config.admin_port,
+                self.config.stats_port,
+                self.config.readiness_port,
+            )
+            await self._stop.wait()
+            return await self.shutdown()
+        finally:
+            ShutdownController.uninstall(loop)
+
+    async def shutdown(self) -> int:
+        self.readiness.block("shutdown", "draining")
+        deadline = self.config.connection_termination_deadline_s
+        log.info("draining %d connections (deadline %.1fs)", self.drain.live, deadline)
+        drained = asyncio.create_task(self.drain.run(deadline))
+        forced = asyncio.create_task(self._forced.wait())
+        await asyncio.wait({drained, forced}, return_when=asyncio.FIRST_COMPLETED)
+        forced.cancel()
+        code = EXIT_OK
+        if not drained.done():
+            drained.cancel()
+            code = EXIT_FORCED
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for server in self._servers:
+            await server.http.close()
+        log.info("ztunnel-py stopped")
+        return code

@@ -1,0 +1,129 @@
+"""The ``ztunnel-py`` command.
+
+``ztunnel-py run`` starts the daemon (``ztunnel-py proxy ztunnel`` is the same, so the
+container args of istio's ztunnel chart work unchanged); ``validate FILE`` checks a local
+config file; ``config-dump`` prints the running daemon's state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import ztunnel_py
+from ztunnel_py import config as config_mod
+from ztunnel_py.errors import ConfigError, LocalConfigError
+from ztunnel_py.telemetry import logging as zlog
+from ztunnel_py.xds.local import load_local_config_file
+
+log = logging.getLogger("ztunnel_py")
+
+EXIT_USAGE = 2
+EXIT_CONFIG = 78  # EX_CONFIG
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ztunnel-py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the node proxy (configured by environment variables)")
+    proxy = sub.add_parser(
+        "proxy", help="same as run; `proxy ztunnel` is what istio's chart passes"
+    )
+    proxy.add_argument("kind", choices=["ztunnel"])
+    v = sub.add_parser(
+        "validate", help="check a local config file (ztunnel's LOCAL_XDS_PATH format)"
+    )
+    v.add_argument("file", type=Path)
+    d = sub.add_parser("config-dump", help="print the running daemon's /config_dump")
+    d.add_argument(
+        "--admin",
+        default=f"127.0.0.1:{os.environ.get('ADMIN_PORT', config_mod.PORT_ADMIN)}",
+        help="admin address (default 127.0.0.1:15000)",
+    )
+    sub.add_parser("version", help="print the version")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command in {"run", "proxy"}:
+        return _run()
+    if args.command == "validate":
+        return _validate(args.file)
+    if args.command == "config-dump":
+        return _config_dump(args.admin)
+    print(f"ztunnel-py {ztunnel_py.__version__}")
+    return 0
+
+
+def _run() -> int:
+    try:
+        cfg = config_mod.from_env()
+    except ConfigError as e:
+        print(f"ztunnel-py: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    levels = zlog.configure(cfg.log_level, json_format=cfg.log_format is config_mod.LogFormat.JSON)
+    from ztunnel_py.app import App
+
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+
+    async def main_async() -> int:
+        return await App(cfg, levels=levels).run()
+
+    try:
+        return int(runner(main_async()))
+    except LocalConfigError as e:
+        log.error("invalid local config: %s", e)
+        return EXIT_CONFIG
+    except OSError as e:
+        log.error("cannot start: %s", e)
+        return 1
+
+
+def _run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """uvloop when installed (2-4x asyncio's socket throughput), else plain asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return int(uvloop.run(main))
+
+
+def _validate(path: Path) -> int:
+    try:
+        batch = load_local_config_file(path)
+    except LocalConfigError as e:
+        print(f"invalid: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"ok: {path}: {len(batch.workloads)} workloads, {len(batch.services)} services, "
+        f"{len(batch.policies)} policies"
+    )
+    return 0
+
+
+def _config_dump(admin: str) -> int:
+    url = f"http://{admin}/config_dump"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            doc = json.load(resp)
+    except (urllib.error.URLError, OSError) as e:
+        print(f"cannot reach the admin port at {url}: {e}; is ztunnel-py running?", file=sys.stderr)
+        return 1
+    json.dump(doc, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
