@@ -24,12 +24,14 @@ certificate.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import logging
 import os
 import secrets
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +62,19 @@ CLOCK_SKEW_GRACE_S = 120.0  # istiod's ClockSkewGracePeriod
 ROOT_TTL_S = 10 * 365 * 24 * 3600.0  # istiod's self-signed root lifetime
 
 CaPrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _utc(ts: float) -> datetime.datetime:
@@ -94,12 +109,18 @@ class LocalCa:
         """Load the CA from ``directory``, creating a new root there on first start."""
         path = Path(directory)
         if not path.exists():
-            path.mkdir(parents=True, mode=0o700)
+            path.mkdir(parents=True, mode=0o700, exist_ok=True)
             path.chmod(0o700)  # mkdir's mode is filtered by the umask
         elif not path.is_dir():
             raise LocalCaError(f"local CA path {path} exists but is not a directory")
         _check_private(path, directory=True)
+        # Several daemons on one machine (the testbed's nodes) may share a directory: the lock
+        # makes the first one create the root and the others load it.
+        with _exclusive(path / LOCK_FILE):
+            return cls._load_or_create_locked(path, trust_domain=trust_domain, now=now)
 
+    @classmethod
+    def _load_or_create_locked(cls, path: Path, *, trust_domain: str, now: float) -> LocalCa:
         present = {
             name
             for name in (CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE, CERT_CHAIN_FILE)

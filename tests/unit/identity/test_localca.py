@@ -7,6 +7,9 @@ from __future__ import annotations
 import datetime
 import os
 import stat
+import threading
+import time
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -198,3 +201,24 @@ def test_expired_ca_is_refused(tmp_path):
     (state / CA_KEY_FILE).chmod(0o600)
     with pytest.raises(LocalCaError, match="expired at 2020-01-02"):
         LocalCa.load_or_create(state, trust_domain="cluster.local", now=NOW)
+
+
+def test_concurrent_first_starts_share_one_root(tmp_path: Path) -> None:
+    """Two daemons starting together on one directory end up with the same root."""
+
+    directory = tmp_path / "shared-ca"
+    results: list[bytes] = []
+    barrier = threading.Barrier(4)
+
+    def start() -> None:
+        barrier.wait()
+        ca = LocalCa.load_or_create(directory, trust_domain="cluster.local", now=time.time())
+        results.append(ca.root_pem)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 4
+    assert len(set(results)) == 1
