@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -17,6 +18,10 @@ from ztunnel_py.admin.dump import state_dump
 from ztunnel_py.admin.server import AdminServer, ReadinessServer, StatsServer, new_registry
 from ztunnel_py.config import Config
 from ztunnel_py.drain import Drain
+from ztunnel_py.identity.caclient import build_ca_client
+from ztunnel_py.identity.clock import SystemClock
+from ztunnel_py.identity.manager import SecretManager
+from ztunnel_py.identity.node import NodeCertificates
 from ztunnel_py.readiness import Readiness
 from ztunnel_py.signals import ShutdownController
 from ztunnel_py.state.hub import StateHub
@@ -29,6 +34,7 @@ EXIT_OK = 0
 EXIT_FORCED = 1
 
 READY_STATE = "state manager"
+READY_CERTIFICATES = "certificates"
 
 
 class App:
@@ -44,6 +50,8 @@ class App:
         self._forced = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._servers: list[AdminServer | StatsServer | ReadinessServer] = []
+        self.clock = SystemClock()
+        self.rng = random.Random()
         self.local_source: LocalConfigSource | None = None
         if config.uses_local_xds:
             self.local_source = LocalConfigSource(
@@ -52,6 +60,25 @@ class App:
                 inline=config.local_xds if config.local_xds_path is None else None,
                 cluster_id=config.cluster_id,
             )
+        self._start_identity()
+
+    def _start_identity(self) -> None:
+        """Certificates for this node's workloads, from istiod's CA, the local CA or FAKE_CA."""
+        ca = build_ca_client(self.config, self.clock)  # a bad LOCAL_CA_DIR is fatal here
+        self.secrets = SecretManager(ca, self.clock, self.rng)
+        self.node_certs = NodeCertificates(self.secrets, self.hub.state, self.config.node_name)
+        self.hub.subscribe("certificates", self.node_certs.on_change)
+        self.dump_providers["certificates"] = self.secrets.dump
+
+        def follow() -> None:
+            pending = self.secrets.pending()
+            if pending:
+                names = ", ".join(str(i) for i in pending[:3])
+                self.readiness.block(READY_CERTIFICATES, f"waiting for {names}")
+            else:
+                self.readiness.release(READY_CERTIFICATES)
+
+        self.secrets.add_listener(follow)
 
     # ------------------------------------------------------------------ admin surface
 
@@ -106,6 +133,9 @@ class App:
         elif self.config.xds_address is None:
             release_state()
         # xDS (when configured) releases READY_STATE itself once every type is ACKed.
+        self.node_certs.sync_all()
+        if self.secrets.pending():
+            self.readiness.block(READY_CERTIFICATES, "waiting for workload certificates")
 
         admin = AdminServer(
             dump=self.dump,
@@ -161,5 +191,6 @@ class App:
                 await task
         for server in self._servers:
             await server.http.close()
+        await self.secrets.close()
         log.info("ztunnel-py stopped")
         return code

@@ -22,6 +22,7 @@ from typing import Any
 import ztunnel_py
 from ztunnel_py import config as config_mod
 from ztunnel_py.errors import ConfigError, LocalConfigError
+from ztunnel_py.identity.errors import LocalCaError
 from ztunnel_py.telemetry import logging as zlog
 from ztunnel_py.xds.local import load_local_config_file
 
@@ -88,6 +89,9 @@ def _run() -> int:
         return int(runner(main_async()))
     except LocalConfigError as e:
         log.error("invalid local config: %s", e)
+        return EXIT_CONFIG
+    except LocalCaError as e:
+        log.error("cannot use the local CA: %s", e)
         return EXIT_CONFIG
     except OSError as e:
         log.error("cannot start: %s", e)

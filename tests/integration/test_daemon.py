@@ -237,3 +237,44 @@ def test_config_dump_command_and_proxy_ztunnel_alias(tmp_path: Path, local_confi
         check=False,
     )
     assert missing.returncode == 1 and "is ztunnel-py running?" in missing.stderr
+
+
+def test_certificates_for_node_workloads_gate_readiness_and_show_in_dump(
+    tmp_path: Path, local_config: Path
+) -> None:
+    env = {**base_env(tmp_path, local_config), "NODE_NAME": "local"}
+    with run_daemon(env, log_dir=tmp_path, wait="ready") as d:
+        certs = d.config_dump()["certificates"]
+        assert [c["identity"] for c in certs] == ["spiffe://cluster.local/ns/default/sa/default"]
+        (cert,) = certs
+        assert cert["state"] == "Available"
+        assert cert["certChain"] and cert["rootCerts"]
+        assert {"pem", "serialNumber", "validFrom", "expirationTime"} <= cert["certChain"][0].keys()
+    # The local CA's root lives in LOCAL_CA_DIR, private to root.
+    ca_dir = tmp_path / "ca"
+    assert (ca_dir.stat().st_mode & 0o077) == 0
+    assert (ca_dir / "ca-key.pem").exists()
+
+
+def test_a_local_ca_directory_others_can_read_is_refused(
+    tmp_path: Path, local_config: Path
+) -> None:
+    ca_dir = tmp_path / "open-ca"
+    ca_dir.mkdir(mode=0o755)
+    ca_dir.chmod(0o755)
+    env = {
+        **base_env(tmp_path, local_config),
+        "LOCAL_CA_DIR": str(ca_dir),
+        "ADMIN_PORT": str(free_port()),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "ztunnel_py", "run"],
+        env={**env, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 78
+    assert str(ca_dir) in proc.stderr
+    assert "listening" not in proc.stderr
