@@ -75,18 +75,11 @@ def _run() -> int:
     levels = zlog.configure(cfg.log_level, json_format=cfg.log_format is config_mod.LogFormat.JSON)
     from ztunnel_py.app import App
 
-    try:
-        import uvloop
-
-        runner = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-
     async def main_async() -> int:
         return await App(cfg, levels=levels).run()
 
     try:
-        return int(runner(main_async()))
+        return _run_loop(main_async())
     except LocalConfigError as e:
         log.error("invalid local config: %s", e)
         return EXIT_CONFIG

@@ -34,7 +34,7 @@ def base_env(tmp_path: Path, config: Path) -> dict[str, str]:
     }
 
 
-def eventually(check, timeout: float = 10.0):  # type: ignore[no-untyped-def]
+def eventually(check, timeout: float = 10.0):
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -121,7 +121,7 @@ class StatsServer:
         if "application/openmetrics-text" in request.headers.get("accept", ""):
             return Response(
                 200,
-                om_exposition.generate_latest(self._registry),
+                om_exposition.generate_latest(self._registry),  # type: ignore[no-untyped-call]
                 om_exposition.CONTENT_TYPE_LATEST,
             )
         return Response(

@@ -1,0 +1,376 @@
+"""DeltaSession: requests, ACK/NACK, versions, readiness and on-demand, driven by hand."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import any_pb2, json_format
+from google.protobuf.message import Message
+
+from ztunnel_py.config import Config, from_env
+from ztunnel_py.state.store import ProxyState
+from ztunnel_py.xds._pb import authorization_pb2 as az
+from ztunnel_py.xds._pb import workload_pb2 as wl
+from ztunnel_py.xds.delta import (
+    ADDRESS_TYPE,
+    AUTHORIZATION_TYPE,
+    DeltaSession,
+    Signal,
+)
+
+ENV = {
+    "MESH_CONFIG_PATH": "/nonexistent/mesh",
+    "XDS_ADDRESS": "istiod.istio-system.svc:15012",
+    "INSTANCE_IP": "10.1.0.5",
+    "POD_NAME": "ztunnel-abcde",
+    "POD_NAMESPACE": "istio-system",
+    "NODE_NAME": "node-1",
+    "ISTIO_META_CLUSTER_ID": "cluster1",
+    "ISTIO_META_FOO": "bar",
+    "ISTIO_METAJSON_LABELS": '{"app": "ztunnel", "n": 3}',
+}
+
+
+def config(**extra: str) -> Config:
+    return from_env({**ENV, **extra})
+
+
+def packed(msg: Message) -> any_pb2.Any:
+    out = any_pb2.Any()
+    out.Pack(msg)
+    return out
+
+
+def workload(i: int, **kw: object) -> wl.Address:
+    fields: dict[str, object] = {
+        "uid": f"cluster1//v1/Pod/ns1/pod-{i}",
+        "name": f"pod-{i}",
+        "namespace": "ns1",
+        "addresses": [bytes([10, 0, 0, i])],
+        "tunnel_protocol": wl.HBONE,
+    }
+    fields.update(kw)
+    return wl.Address(workload=wl.Workload(**fields))  # type: ignore[arg-type]
+
+
+def resource(
+    name: str, msg: Message | None, version: str = "v1", aliases: tuple[str, ...] = ()
+) -> discovery_pb2.Resource:
+    res = discovery_pb2.Resource(name=name, version=version, aliases=list(aliases))
+    if msg is not None:
+        res.resource.CopyFrom(packed(msg))
+    return res
+
+
+def wl_resource(i: int, version: str = "v1", **kw: object) -> discovery_pb2.Resource:
+    return resource(f"cluster1//v1/Pod/ns1/pod-{i}", workload(i, **kw), version)
+
+
+def response(
+    type_url: str,
+    *resources: discovery_pb2.Resource,
+    removed: tuple[str, ...] = (),
+    nonce: str = "n1",
+) -> discovery_pb2.DeltaDiscoveryResponse:
+    return discovery_pb2.DeltaDiscoveryResponse(
+        type_url=type_url, nonce=nonce, resources=list(resources), removed_resources=list(removed)
+    )
+
+
+def policy(name: str, ns: str = "ns1", **kw: object) -> az.Authorization:
+    return az.Authorization(name=name, namespace=ns, scope=az.NAMESPACE, **kw)  # type: ignore[arg-type]
+
+
+# --- requests -------------------------------------------------------------------------------------
+
+
+def test_node_id_and_metadata_are_ztunnels() -> None:
+    node = DeltaSession(config()).node
+    assert node.id == "ztunnel~10.1.0.5~ztunnel-abcde.istio-system~istio-system.svc.cluster.local"
+    meta = json_format.MessageToDict(node.metadata)
+    assert meta == {
+        "NAME": "ztunnel-abcde",
+        "NAMESPACE": "istio-system",
+        "INSTANCE_IPS": "10.1.0.5",
+        "NODE_NAME": "node-1",
+        "CLUSTER_ID": "cluster1",
+        "FOO": "bar",
+        "LABELS": {"app": "ztunnel", "n": 3.0},
+    }
+    assert not node.cluster
+
+
+def test_node_defaults_when_downward_api_is_missing() -> None:
+    cfg = from_env({"MESH_CONFIG_PATH": "/nonexistent", "XDS_ADDRESS": "localhost:15012"})
+    node = DeltaSession(cfg).node
+    assert node.id == "ztunnel~1.1.1.1~.~.svc.cluster.local"
+    assert json_format.MessageToDict(node.metadata)["NODE_NAME"] == ""
+
+
+def test_wildcard_initial_requests_address_then_authorization_with_node() -> None:
+    session = DeltaSession(config())
+    first, second = session.initial_requests()
+    assert [first.type_url, second.type_url] == [ADDRESS_TYPE, AUTHORIZATION_TYPE]
+    for req in (first, second):
+        assert req.node.id.startswith("ztunnel~")
+        assert list(req.resource_names_subscribe) == []
+        assert list(req.resource_names_unsubscribe) == []
+        assert dict(req.initial_resource_versions) == {}
+        assert not req.response_nonce
+
+
+def test_on_demand_initial_address_request_subscribes_to_nothing() -> None:
+    session = DeltaSession(config(XDS_ON_DEMAND="true"))
+    address, authorization = session.initial_requests()
+    assert list(address.resource_names_subscribe) == ["*"]
+    assert list(address.resource_names_unsubscribe) == ["*"]
+    assert list(authorization.resource_names_subscribe) == []
+    assert session.waiting_for == {AUTHORIZATION_TYPE}
+
+
+# --- ACK / NACK -----------------------------------------------------------------------------------
+
+
+def test_ack_carries_nonce_and_applies_resources() -> None:
+    session = DeltaSession(config())
+    batch, reply = session.on_response(
+        response(ADDRESS_TYPE, wl_resource(1), wl_resource(2), nonce="abc")
+    )
+    assert reply.type_url == ADDRESS_TYPE
+    assert reply.response_nonce == "abc"
+    assert not reply.HasField("error_detail")
+    assert not reply.HasField("node")
+    assert [w.uid for w in batch.workloads] == [
+        "cluster1//v1/Pod/ns1/pod-1",
+        "cluster1//v1/Pod/ns1/pod-2",
+    ]
+    assert session.last_outcome is not None
+    assert session.last_outcome.signal is Signal.ACK
+    assert dict(session.versions(ADDRESS_TYPE)) == {
+        "cluster1//v1/Pod/ns1/pod-1": "v1",
+        "cluster1//v1/Pod/ns1/pod-2": "v1",
+    }
+    state = ProxyState()
+    state.apply(batch)
+    assert state.workload_by_ip("", ipaddress.ip_address("10.0.0.2")) is not None
+
+
+def test_partial_nack_names_only_the_failures_and_applies_the_rest() -> None:
+    session = DeltaSession(config())
+    garbage = discovery_pb2.Resource(name="garbage", version="v9")
+    garbage.resource.type_url = "type.googleapis.com/istio.workload.Address"
+    garbage.resource.value = b"\xff\xff\xff"
+    resp = response(
+        ADDRESS_TYPE,
+        wl_resource(1),
+        wl_resource(2, addresses=[b"\x01\x02\x03"]),
+        resource("empty", None),
+        garbage,
+        wl_resource(3, tunnel_protocol=wl.LEGACY_ISTIO_MTLS),
+        wl_resource(4),
+        nonce="n7",
+    )
+    batch, reply = session.on_response(resp)
+    assert [w.name for w in batch.workloads] == ["pod-1", "pod-4"]
+    assert reply.response_nonce == "n7"
+    assert reply.error_detail.code == 0
+    entries = reply.error_detail.message.split("; ")
+    assert (
+        entries[0]
+        == "cluster1//v1/Pod/ns1/pod-2: address is 3 bytes, but an IP address is 4 or 16 bytes"
+    )
+    assert entries[1] == "empty: XDS payload without resource"
+    assert entries[2].startswith("garbage: decode: ")
+    assert (
+        entries[3] == "cluster1//v1/Pod/ns1/pod-3: unsupported tunnel protocol: legacy istio mtls"
+    )
+    assert len(entries) == 4
+    assert set(session.versions(ADDRESS_TYPE)) == {
+        "cluster1//v1/Pod/ns1/pod-1",
+        "cluster1//v1/Pod/ns1/pod-4",
+    }
+    outcome = session.last_outcome
+    assert outcome is not None
+    assert outcome.signal is Signal.NACK
+    assert outcome.applied == 2
+    assert session.dump()["types"][ADDRESS_TYPE]["lastNack"]["nonce"] == "n7"
+
+
+def test_a_rejected_update_keeps_the_old_version_so_istiod_resends_it() -> None:
+    session = DeltaSession(config())
+    session.on_response(response(ADDRESS_TYPE, wl_resource(1, version="v1")))
+    session.on_response(response(ADDRESS_TYPE, wl_resource(1, version="v2", status=9)))
+    assert session.versions(ADDRESS_TYPE)["cluster1//v1/Pod/ns1/pod-1"] == "v1"
+
+
+def test_removals_become_batch_removals_and_drop_versions() -> None:
+    session = DeltaSession(config())
+    svc = wl.Address(service=wl.Service(name="s", namespace="ns1", hostname="s.example"))
+    session.on_response(response(ADDRESS_TYPE, wl_resource(1), resource("ns1/s.example", svc)))
+    batch, reply = session.on_response(
+        response(ADDRESS_TYPE, removed=("cluster1//v1/Pod/ns1/pod-1", "ns1/s.example"), nonce="n2")
+    )
+    assert batch.removed_addresses == ("cluster1//v1/Pod/ns1/pod-1", "ns1/s.example")
+    assert not reply.HasField("error_detail")
+    assert dict(session.versions(ADDRESS_TYPE)) == {}
+
+
+def test_removal_uses_the_model_key_when_the_xds_name_differs() -> None:
+    session = DeltaSession(config())
+    session.on_response(response(AUTHORIZATION_TYPE, resource("odd-name", policy("p1"))))
+    batch, _ = session.on_response(response(AUTHORIZATION_TYPE, removed=("odd-name",)))
+    assert batch.removed_policies == ("ns1/p1",)
+
+
+def test_authorization_batch() -> None:
+    session = DeltaSession(config())
+    batch, reply = session.on_response(
+        response(AUTHORIZATION_TYPE, resource("ns1/p1", policy("p1"), version=""))
+    )
+    assert [p.key for p in batch.policies] == ["ns1/p1"]
+    assert batch.workloads == ()
+    assert not reply.HasField("error_detail")
+    assert dict(session.versions(AUTHORIZATION_TYPE)) == {"ns1/p1": ""}
+
+
+def test_unknown_type_is_acked_and_reported() -> None:
+    session = DeltaSession(config())
+    batch, reply = session.on_response(
+        response("type.googleapis.com/istio.workload.Workload", nonce="x")
+    )
+    assert reply.response_nonce == "x"
+    assert not reply.HasField("error_detail")
+    assert batch == type(batch)()
+    assert session.last_outcome is not None
+    assert session.last_outcome.unknown_type
+    assert not session.ready
+
+
+# --- readiness ------------------------------------------------------------------------------------
+
+
+def test_ready_after_an_ack_of_every_wildcard_type_and_not_after_a_nack() -> None:
+    session = DeltaSession(config())
+    steps = [
+        response(ADDRESS_TYPE, wl_resource(1, status=9)),  # NACK does not count
+        response(ADDRESS_TYPE, wl_resource(1)),
+        response(AUTHORIZATION_TYPE),
+        response(AUTHORIZATION_TYPE),
+    ]
+    seen = []
+    for resp in steps:
+        session.on_response(resp)
+        assert session.last_outcome is not None
+        seen.append((session.ready, session.last_outcome.became_ready, set(session.waiting_for)))
+    assert seen == [
+        (False, False, {ADDRESS_TYPE, AUTHORIZATION_TYPE}),
+        (False, False, {AUTHORIZATION_TYPE}),
+        (True, True, set()),
+        (True, False, set()),
+    ]
+
+
+def test_on_demand_mode_is_ready_after_authorization_alone() -> None:
+    session = DeltaSession(config(XDS_ON_DEMAND="true"))
+    session.on_response(response(AUTHORIZATION_TYPE))
+    assert session.ready
+
+
+# --- reconnect ------------------------------------------------------------------------------------
+
+
+def test_reconnect_echoes_held_versions_per_type() -> None:
+    session = DeltaSession(config())
+    session.on_response(
+        response(ADDRESS_TYPE, wl_resource(1, version="h1"), wl_resource(2, version="h2"))
+    )
+    session.on_response(response(AUTHORIZATION_TYPE, resource("ns1/p1", policy("p1"), version="")))
+    session.on_response(response(ADDRESS_TYPE, removed=("cluster1//v1/Pod/ns1/pod-2",)))
+    address, authorization = session.initial_requests()
+    assert dict(address.initial_resource_versions) == {"cluster1//v1/Pod/ns1/pod-1": "h1"}
+    assert dict(authorization.initial_resource_versions) == {"ns1/p1": ""}
+    assert address.node.id  # reconnect requests carry the node again
+
+
+# --- on demand ------------------------------------------------------------------------------------
+
+
+def test_subscribe_builds_a_request_and_is_satisfied_by_an_alias() -> None:
+    session = DeltaSession(config(XDS_ON_DEMAND="true"))
+    req = session.subscribe("/10.0.0.1")
+    assert req.type_url == ADDRESS_TYPE
+    assert list(req.resource_names_subscribe) == ["/10.0.0.1"]
+    assert not req.HasField("node")
+    assert session.pending == {"/10.0.0.1"}
+    # A reconnect before the answer re-subscribes the key with an empty version.
+    assert dict(session.initial_requests()[0].initial_resource_versions) == {"/10.0.0.1": ""}
+
+    session.on_response(response(ADDRESS_TYPE, wl_resource(9)))
+    assert session.pending == {"/10.0.0.1"}  # unrelated resource
+    answer = resource("cluster1//v1/Pod/ns1/pod-1", workload(1), aliases=("/10.0.0.1",))
+    batch, _ = session.on_response(response(ADDRESS_TYPE, answer))
+    assert session.last_outcome is not None
+    assert session.last_outcome.satisfied == {"/10.0.0.1"}
+    assert session.pending == frozenset()
+    assert batch.workloads[0].uid == "cluster1//v1/Pod/ns1/pod-1"
+
+
+def test_subscribe_is_satisfied_by_name_or_by_removal() -> None:
+    session = DeltaSession(config(XDS_ON_DEMAND="true"))
+    session.subscribe("cluster1//v1/Pod/ns1/pod-3")
+    session.subscribe("ns1/gone.example")
+    session.on_response(response(ADDRESS_TYPE, wl_resource(3)))
+    assert session.pending == {"ns1/gone.example"}
+    session.on_response(response(ADDRESS_TYPE, removed=("ns1/gone.example",)))
+    assert session.pending == frozenset()
+
+
+def test_a_rejected_resource_still_answers_its_waiter() -> None:
+    # ztunnel notifies waiters for every named resource; the caller then finds nothing.
+    session = DeltaSession(config(XDS_ON_DEMAND="true"))
+    session.subscribe("cluster1//v1/Pod/ns1/pod-3")
+    session.on_response(response(ADDRESS_TYPE, wl_resource(3, status=9)))
+    assert session.pending == frozenset()
+    assert session.versions(ADDRESS_TYPE)["cluster1//v1/Pod/ns1/pod-3"] == ""
+
+
+def test_forget_pending_keeps_the_subscription() -> None:
+    session = DeltaSession(config(XDS_ON_DEMAND="true"))
+    session.subscribe("/10.0.0.1")
+    session.forget_pending("/10.0.0.1")
+    assert session.pending == frozenset()
+    assert "/10.0.0.1" in session.versions(ADDRESS_TYPE)
+
+
+# --- CIDR VIPs and dump ---------------------------------------------------------------------------
+
+
+def test_cidr_vips_are_tracked_beside_the_service() -> None:
+    session = DeltaSession(config())
+    svc = wl.Service(
+        name="s",
+        namespace="ns1",
+        hostname="s.example",
+        addresses=[
+            wl.NetworkAddress(address=bytes([10, 96, 0, 1])),
+            wl.NetworkAddress(address=bytes([10, 200, 0, 0]), length=16),
+        ],
+    )
+    batch, _ = session.on_response(
+        response(ADDRESS_TYPE, resource("ns1/s.example", wl.Address(service=svc)))
+    )
+    assert [str(v) for v in batch.services[0].vips] == ["/10.96.0.1"]
+    assert [str(v) for v in session.cidr_vips["ns1/s.example"]] == ["/10.200.0.0/16"]
+    session.on_response(response(ADDRESS_TYPE, removed=("ns1/s.example",)))
+    assert dict(session.cidr_vips) == {}
+
+
+def test_dump_shape() -> None:
+    session = DeltaSession(config())
+    session.on_response(response(ADDRESS_TYPE, wl_resource(1, version="h1")))
+    dump = session.dump()
+    assert dump["ready"] is False
+    assert dump["types"][ADDRESS_TYPE]["resources"] == {"cluster1//v1/Pod/ns1/pod-1": "h1"}
+    assert dump["types"][ADDRESS_TYPE]["acked"] is True
+    assert dump["types"][AUTHORIZATION_TYPE]["lastNack"] is None
