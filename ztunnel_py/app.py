@@ -25,7 +25,9 @@ from ztunnel_py.identity.node import NodeCertificates
 from ztunnel_py.readiness import Readiness
 from ztunnel_py.signals import ShutdownController
 from ztunnel_py.state.hub import StateHub
+from ztunnel_py.state.store import ChangeSet
 from ztunnel_py.telemetry.logging import LevelController
+from ztunnel_py.xds.client import XdsClient, XdsMetrics
 from ztunnel_py.xds.local_source import LocalConfigSource
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class App:
         self.clock = SystemClock()
         self.rng = random.Random()
         self.local_source: LocalConfigSource | None = None
+        self.xds: XdsClient | None = None
         if config.uses_local_xds:
             self.local_source = LocalConfigSource(
                 self.hub.apply,
@@ -67,18 +70,22 @@ class App:
         ca = build_ca_client(self.config, self.clock)  # a bad LOCAL_CA_DIR is fatal here
         self.secrets = SecretManager(ca, self.clock, self.rng)
         self.node_certs = NodeCertificates(self.secrets, self.hub.state, self.config.node_name)
-        self.hub.subscribe("certificates", self.node_certs.on_change)
         self.dump_providers["certificates"] = self.secrets.dump
+        self.secrets.add_listener(self._follow_certificates)
 
-        def follow() -> None:
-            pending = self.secrets.pending()
-            if pending:
-                names = ", ".join(str(i) for i in pending[:3])
-                self.readiness.block(READY_CERTIFICATES, f"waiting for {names}")
-            else:
-                self.readiness.release(READY_CERTIFICATES)
+        def on_change(changes: ChangeSet) -> None:
+            self.node_certs.on_change(changes)
+            self._follow_certificates()  # a new identity blocks readiness at once
 
-        self.secrets.add_listener(follow)
+        self.hub.subscribe("certificates", on_change)
+
+    def _follow_certificates(self) -> None:
+        pending = self.secrets.pending()
+        if pending:
+            names = ", ".join(str(i) for i in pending[:3])
+            self.readiness.block(READY_CERTIFICATES, f"waiting for {names}")
+        else:
+            self.readiness.release(READY_CERTIFICATES)
 
     # ------------------------------------------------------------------ admin surface
 
@@ -132,10 +139,15 @@ class App:
             self.spawn("local-config-watch", self.local_source.watch())
         elif self.config.xds_address is None:
             release_state()
-        # xDS (when configured) releases READY_STATE itself once every type is ACKed.
+        if self.config.xds_address is not None:
+            # istiod: ready once every watched type has had an ACKed response.
+            self.xds = XdsClient(
+                self.config, self.hub.apply, XdsMetrics(self.registry), on_ready=release_state
+            )
+            self.dump_providers["xds"] = self.xds.dump
+            self.spawn("xds", self.xds.run())
         self.node_certs.sync_all()
-        if self.secrets.pending():
-            self.readiness.block(READY_CERTIFICATES, "waiting for workload certificates")
+        self._follow_certificates()
 
         admin = AdminServer(
             dump=self.dump,

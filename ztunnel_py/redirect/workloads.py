@@ -1,0 +1,621 @@
+"""The in-pod workload manager: one set of listeners and one logical proxy per enrolled pod.
+
+For each pod that ZDS names, the manager keeps the pod's netns fd, creates the listeners
+:15001 (outbound), :15006 (inbound plaintext) and :15008 (inbound HBONE) *inside* the pod's
+netns, each with ``SO_MARK`` (``PACKET_MARK``, 0x539) so the pod's redirection never captures
+them, ``SO_REUSEPORT`` (``INPOD_PORT_REUSE``) so an upgraded daemon can bind beside us, and
+``IP_TRANSPARENT`` where allowed. The listeners exist as soon as the add is acked, so the
+kernel queues connections while we wait; the proxy itself starts once the pod's xDS workload
+(same name, namespace and service account) is known. Until then the pod is "Pending", as it is
+when its proxy failed to start; pending pods are retried when the state changes and, after a
+failure, every few seconds.
+
+The proxy servers are not built here: a ``PodProxyFactory`` turns (pod, listening sockets) into
+a running ``PodProxyHandle``. ``EnrollmentListener``s (the eBPF layer) hear about each pod once
+its proxy is up, and before it goes down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import errno
+import inspect
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from ztunnel_py.config import (
+    PORT_HBONE,
+    PORT_INBOUND_PLAINTEXT,
+    PORT_OUTBOUND,
+    Config,
+    WorkloadInfo,
+)
+from ztunnel_py.errors import ZtunnelError
+from ztunnel_py.redirect.netns import netns_cookie, netns_inode, run_in_netns
+from ztunnel_py.state.model import IPAddress, Workload
+from ztunnel_py.state.store import ChangeSet, ProxyState
+
+log = logging.getLogger(__name__)
+
+RETRY_INTERVAL_S = 5.0  # ztunnel's retry period for proxies that failed to start
+LISTEN_BACKLOG = 1024
+_IP_TRANSPARENT = 19
+_IPV6_TRANSPARENT = 75
+
+
+class EnrollmentError(ZtunnelError):
+    """A pod's proxy could not start; the pod stays pending and is retried."""
+
+
+class PodState(enum.Enum):
+    PENDING = "Pending"
+    UP = "Up"
+
+
+# --------------------------------------------------------------------------- listeners
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerOptions:
+    """How in-pod listeners are made (from ``Config`` in production)."""
+
+    mark: int | None = 0x539
+    reuse_port: bool = True
+    ipv6: bool = True
+    transparent: bool = True
+    outbound_port: int = PORT_OUTBOUND
+    inbound_plaintext_port: int = PORT_INBOUND_PLAINTEXT
+    inbound_hbone_port: int = PORT_HBONE
+    backlog: int = LISTEN_BACKLOG
+
+    @classmethod
+    def from_config(cls, config: Config) -> ListenerOptions:
+        return cls(
+            mark=config.packet_mark,
+            reuse_port=config.inpod_port_reuse,
+            ipv6=config.ipv6_enabled,
+        )
+
+
+@dataclass(slots=True)
+class PodListeners:
+    """The pod's three listening sockets (non-blocking, already listening)."""
+
+    outbound: socket.socket  # :15001
+    inbound_plaintext: socket.socket  # :15006
+    inbound_hbone: socket.socket  # :15008
+
+    def sockets(self) -> tuple[socket.socket, socket.socket, socket.socket]:
+        return (self.outbound, self.inbound_plaintext, self.inbound_hbone)
+
+    def close(self) -> None:
+        for s in self.sockets():
+            s.close()
+
+
+def create_pod_listeners(netns_fd: int | None, options: ListenerOptions) -> PodListeners:
+    """Create, configure, bind and listen the three sockets in ``netns_fd`` (``None``: here)."""
+    ports = (options.outbound_port, options.inbound_plaintext_port, options.inbound_hbone_port)
+    family = socket.AF_INET6 if options.ipv6 else socket.AF_INET
+
+    def make(fam: int) -> list[socket.socket]:
+        made: list[socket.socket] = []
+        try:
+            for _ in ports:
+                made.append(socket.socket(fam, socket.SOCK_STREAM | socket.SOCK_CLOEXEC))  # noqa: PERF401 (close the made ones on error)
+        except BaseException:
+            for s in made:
+                s.close()
+            raise
+        return made
+
+    def make_in_pod(fam: int) -> list[socket.socket]:
+        return make(fam) if netns_fd is None else run_in_netns(netns_fd, lambda: make(fam))
+
+    try:
+        socks = make_in_pod(family)
+    except OSError as e:
+        if family != socket.AF_INET6 or e.errno != errno.EAFNOSUPPORT:
+            raise
+        family = socket.AF_INET
+        socks = make_in_pod(family)
+    try:
+        for sock, port in zip(socks, ports, strict=True):
+            _configure_and_bind(sock, family, port, options)
+    except OSError as e:
+        for s in socks:
+            s.close()
+        if family == socket.AF_INET6 and e.errno == errno.EADDRNOTAVAIL:
+            # IPv6 is off inside this pod: fall back to IPv4 only.
+            return create_pod_listeners(netns_fd, dataclasses.replace(options, ipv6=False))
+        raise
+    return PodListeners(*socks)
+
+
+def _configure_and_bind(
+    sock: socket.socket, family: int, port: int, options: ListenerOptions
+) -> None:
+    if options.mark is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, options.mark)
+        except PermissionError as e:
+            raise EnrollmentError(
+                "cannot set SO_MARK on pod listeners: the daemon needs CAP_NET_ADMIN"
+            ) from e
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if options.reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if options.transparent:
+        _try_transparent(sock, family)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+    else:
+        sock.bind(("0.0.0.0", port))
+    sock.listen(options.backlog)
+    sock.setblocking(False)
+
+
+def _try_transparent(sock: socket.socket, family: int) -> None:
+    """IP_TRANSPARENT lets a listener take TPROXY'd connections; without CAP_NET_ADMIN, skip."""
+    opts = [(socket.SOL_IP, _IP_TRANSPARENT)]
+    if family == socket.AF_INET6:
+        opts.append((socket.IPPROTO_IPV6, _IPV6_TRANSPARENT))
+    for level, name in opts:
+        with contextlib.suppress(PermissionError, OSError):
+            sock.setsockopt(level, name, 1)
+
+
+ListenerFactory = Callable[[int | None, ListenerOptions], PodListeners]
+
+
+# --------------------------------------------------------------------------- contracts
+
+
+@dataclass(frozen=True, slots=True)
+class EnrolledPod:
+    """A pod as the proxy and the eBPF layer see it.
+
+    ``netns_fd`` belongs to the manager (valid until the pod is removed); the proxy uses it to
+    open upstream sockets inside the pod. ``workload`` is the matched xDS workload (set once
+    the pod's proxy starts).
+    """
+
+    uid: str
+    info: WorkloadInfo
+    netns_fd: int
+    netns_inode: int
+    netns_cookie: int = 0
+    workload: Workload | None = None
+
+    @property
+    def ips(self) -> tuple[IPAddress, ...]:
+        return self.workload.workload_ips if self.workload is not None else ()
+
+
+class PodProxyHandle(Protocol):
+    async def stop(self, deadline_s: float) -> None:
+        """Close the pod's listeners first, drain its connections for up to ``deadline_s``
+        seconds, then close whatever is left."""
+        ...
+
+
+class PodProxyFactory(Protocol):
+    def start(
+        self, pod: EnrolledPod, sockets: PodListeners
+    ) -> PodProxyHandle | Awaitable[PodProxyHandle]:
+        """Serve the pod's listeners (a coroutine is awaited). Raise ``ZtunnelError`` or
+        ``OSError`` to leave the pod pending."""
+        ...
+
+
+class EnrollmentListener(Protocol):
+    """Told when a pod's proxy is up and before it goes down (the eBPF layer's hook)."""
+
+    def pod_added(self, pod: EnrolledPod, listeners: PodListeners) -> None:
+        """Raise ``ZtunnelError``/``OSError`` to fail the start (the pod stays pending)."""
+        ...
+
+    def pod_removed(self, pod: EnrolledPod) -> None: ...
+
+
+class WorkloadManagerMetrics:
+    """ztunnel's in-pod metrics; their names carry no ``istio_`` prefix."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.active_proxy_count = Gauge(
+            "workload_manager_active_proxy_count",
+            "The total number current workloads with active proxies (unstable)",
+            registry=registry,
+        )
+        self.pending_proxy_count = Gauge(
+            "workload_manager_pending_proxy_count",
+            "The total number current workloads with pending proxies (unstable)",
+            registry=registry,
+        )
+        self.proxies_started = Counter(
+            "workload_manager_proxies_started",
+            "The total number of proxies that were started (unstable)",
+            registry=registry,
+        )
+        self.proxies_stopped = Counter(
+            "workload_manager_proxies_stopped",
+            "The total number of proxies that were stopped (unstable)",
+            registry=registry,
+        )
+
+
+# --------------------------------------------------------------------------- the manager
+
+
+@dataclass(slots=True)
+class _Pod:
+    pod: EnrolledPod
+    listeners: PodListeners | None = None
+    handle: PodProxyHandle | None = None
+    failure: str = ""  # why the last start failed; empty while merely waiting for xDS
+    announced: list[EnrollmentListener] = field(default_factory=list)
+
+    @property
+    def state(self) -> PodState:
+        return PodState.UP if self.handle is not None else PodState.PENDING
+
+
+class WorkloadManager:
+    """Implements ``zds.PodHandler``; feed it state changes with ``state_changed``."""
+
+    def __init__(
+        self,
+        state: ProxyState,
+        factory: PodProxyFactory,
+        *,
+        options: ListenerOptions | None = None,
+        metrics: WorkloadManagerMetrics | None = None,
+        listeners: Sequence[EnrollmentListener] = (),
+        termination_deadline_s: float = 5.0,
+        retry_interval_s: float = RETRY_INTERVAL_S,
+        create_listeners: ListenerFactory = create_pod_listeners,
+    ) -> None:
+        self.state = state
+        self.factory = factory
+        self.options = options or ListenerOptions()
+        self.metrics = metrics
+        self.enrollment_listeners: list[EnrollmentListener] = list(listeners)
+        self.termination_deadline_s = termination_deadline_s
+        self.retry_interval_s = retry_interval_s
+        self._create_listeners = create_listeners
+        self._pods: dict[str, _Pod] = {}
+        self._lock = asyncio.Lock()
+        self._retry_task: asyncio.Task[None] | None = None
+        self._kick_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Config,
+        state: ProxyState,
+        factory: PodProxyFactory,
+        registry: CollectorRegistry,
+        *,
+        listeners: Sequence[EnrollmentListener] = (),
+    ) -> WorkloadManager:
+        return cls(
+            state,
+            factory,
+            options=ListenerOptions.from_config(config),
+            metrics=WorkloadManagerMetrics(registry),
+            listeners=listeners,
+            termination_deadline_s=config.connection_termination_deadline_s,
+        )
+
+    # ------------------------------------------------------------------ queries
+
+    def pods(self) -> Mapping[str, EnrolledPod]:
+        return {uid: rec.pod for uid, rec in self._pods.items()}
+
+    def pod_state(self, uid: str) -> PodState | None:
+        rec = self._pods.get(uid)
+        return rec.state if rec is not None else None
+
+    def listeners_of(self, uid: str) -> PodListeners | None:
+        rec = self._pods.get(uid)
+        return rec.listeners if rec is not None else None
+
+    @property
+    def active_count(self) -> int:
+        return sum(1 for rec in self._pods.values() if rec.state is PodState.UP)
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pods) - self.active_count
+
+    def failed(self) -> dict[str, str]:
+        """Pods whose proxy failed to start, with the reason (they block readiness in ztunnel)."""
+        return {uid: rec.failure for uid, rec in self._pods.items() if rec.failure}
+
+    def pending_reasons(self) -> dict[str, str]:
+        out = {}
+        for uid, rec in self._pods.items():
+            if rec.state is PodState.PENDING:
+                out[uid] = rec.failure or _waiting_for_xds(rec.pod.info)
+        return out
+
+    def dump(self) -> dict[str, Any]:
+        """``/config_dump`` ``workloadState``: uid -> {info, state}, as ztunnel writes it."""
+        return {
+            uid: {
+                "info": {
+                    "name": rec.pod.info.name,
+                    "namespace": rec.pod.info.namespace,
+                    "serviceAccount": rec.pod.info.service_account,
+                },
+                "state": rec.state.value,
+            }
+            for uid, rec in sorted(self._pods.items())
+        }
+
+    # ------------------------------------------------------------------ ZDS handler
+
+    async def enroll(self, uid: str, info: WorkloadInfo, netns_fd: int) -> None:
+        async with self._lock:
+            try:
+                inode = netns_inode(netns_fd)
+            except OSError:
+                os.close(netns_fd)
+                raise
+            rec = self._pods.get(uid)
+            if rec is not None:
+                if rec.pod.netns_inode == inode:
+                    os.close(netns_fd)  # a replay of what we hold: the fd we have is as good
+                    if rec.state is PodState.UP:
+                        return
+                    if rec.pod.info != info:
+                        rec.pod = dataclasses.replace(rec.pod, info=info)
+                    await self._start(rec)
+                    return
+                log.info("pod %s has a new netns, replacing its proxy", uid)
+                del self._pods[uid]
+                await self._stop(rec, 0.0)
+            rec = _Pod(EnrolledPod(uid, info, netns_fd, inode))
+            self._pods[uid] = rec
+            try:
+                await self._start(rec)
+            finally:
+                self._update_gauges()
+
+    async def remove(self, uid: str) -> None:
+        async with self._lock:
+            rec = self._pods.pop(uid, None)
+            if rec is None:
+                return
+            # The pod is gone: no point in draining its connections gracefully.
+            await self._stop(rec, 0.0)
+            self._update_gauges()
+
+    # ------------------------------------------------------------------ state and retries
+
+    def state_changed(self, changes: ChangeSet | None = None) -> None:
+        """A ``StateHub`` subscriber: pending pods may now find their workload."""
+        if self._closed or not any(r.state is PodState.PENDING for r in self._pods.values()):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not on the event loop (a config load at startup): nothing is pending yet
+        if self._kick_task is None or self._kick_task.done():
+            self._kick_task = loop.create_task(self.retry_pending())
+
+    async def retry_pending(self) -> None:
+        async with self._lock:
+            for rec in list(self._pods.values()):
+                if rec.state is PodState.PENDING and self._pods.get(rec.pod.uid) is rec:
+                    with contextlib.suppress(EnrollmentError):
+                        await self._start(rec)
+            self._update_gauges()
+
+    async def shutdown(self, deadline_s: float | None = None) -> None:
+        """Drain every pod's proxy (listeners close first) within the termination deadline."""
+        self._closed = True
+        for task in (self._retry_task, self._kick_task):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+        deadline = self.termination_deadline_s if deadline_s is None else deadline_s
+        async with self._lock:
+            recs = list(self._pods.values())
+            self._pods.clear()
+            await asyncio.gather(*(self._stop(rec, deadline) for rec in recs))
+            self._update_gauges()
+
+    # ------------------------------------------------------------------ internals
+
+    async def _start(self, rec: _Pod) -> None:
+        """Bring ``rec`` up as far as possible; raises ``EnrollmentError`` on a failure."""
+        pod = rec.pod
+        if rec.listeners is None:
+            try:
+                rec.listeners = self._create_listeners(pod.netns_fd, self.options)
+                rec.pod = pod = dataclasses.replace(
+                    pod, netns_cookie=netns_cookie(rec.listeners.outbound)
+                )
+            except (OSError, ZtunnelError) as e:
+                self._failed(rec, f"cannot create listeners in the pod netns: {_describe(e)}")
+        workload = self.state.find_workload(
+            namespace=pod.info.namespace,
+            name=pod.info.name,
+            service_account=pod.info.service_account,
+        )
+        if workload is None:
+            if rec.failure:
+                rec.failure = ""
+            log.info("pod %s is pending: %s", pod.uid, _waiting_for_xds(pod.info))
+            return
+        rec.pod = pod = dataclasses.replace(pod, workload=workload)
+        assert rec.listeners is not None
+        try:
+            started = self.factory.start(pod, rec.listeners)
+            handle = await started if inspect.isawaitable(started) else started
+        except (OSError, ZtunnelError) as e:
+            # The factory may have used the sockets: start the next attempt from fresh ones.
+            rec.listeners.close()
+            rec.listeners = None
+            self._failed(rec, f"proxy failed to start: {_describe(e)}")
+        rec.handle = handle
+        try:
+            for listener in self.enrollment_listeners:
+                listener.pod_added(pod, rec.listeners)
+                rec.announced.append(listener)
+        except (OSError, ZtunnelError) as e:
+            await self._stop_proxy(rec, 0.0)
+            self._failed(rec, f"enrollment failed: {_describe(e)}")
+        rec.failure = ""
+        if self.metrics is not None:
+            self.metrics.proxies_started.inc()
+        log.info(
+            "proxy up for pod %s (%s/%s), ips %s",
+            pod.uid,
+            pod.info.namespace,
+            pod.info.name,
+            ",".join(map(str, pod.ips)) or "-",
+        )
+
+    def _failed(self, rec: _Pod, reason: str) -> NoReturn:
+        rec.failure = reason
+        log.error("pod %s: %s; retrying in %.0fs", rec.pod.uid, reason, self.retry_interval_s)
+        self._schedule_retry()
+        raise EnrollmentError(reason)
+
+    async def _stop_proxy(self, rec: _Pod, deadline_s: float) -> None:
+        """Undo enrollment listeners (in reverse), then stop the proxy and close its sockets."""
+        for listener in reversed(rec.announced):
+            try:
+                listener.pod_removed(rec.pod)
+            except (OSError, ZtunnelError) as e:
+                log.error("enrollment listener failed to remove pod %s: %s", rec.pod.uid, e)
+        rec.announced.clear()
+        handle, rec.handle = rec.handle, None
+        if handle is not None:
+            try:
+                await handle.stop(deadline_s)
+            except (OSError, ZtunnelError) as e:
+                log.error("stopping the proxy of pod %s failed: %s", rec.pod.uid, e)
+            if self.metrics is not None:
+                self.metrics.proxies_stopped.inc()
+        if rec.listeners is not None:
+            rec.listeners.close()
+            rec.listeners = None
+
+    async def _stop(self, rec: _Pod, deadline_s: float) -> None:
+        await self._stop_proxy(rec, deadline_s)
+        with contextlib.suppress(OSError):
+            os.close(rec.pod.netns_fd)
+        log.info("pod %s removed", rec.pod.uid)
+
+    def _schedule_retry(self) -> None:
+        if self._closed or (self._retry_task is not None and not self._retry_task.done()):
+            return
+        self._retry_task = asyncio.get_running_loop().create_task(self._retry_loop())
+
+    async def _retry_loop(self) -> None:
+        while self.failed() and not self._closed:
+            await asyncio.sleep(self.retry_interval_s)
+            await self.retry_pending()
+
+    def _update_gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.active_proxy_count.set(self.active_count)
+            self.metrics.pending_proxy_count.set(self.pending_count)
+
+
+def _waiting_for_xds(info: WorkloadInfo) -> str:
+    return (
+        f"waiting for the xDS workload {info.namespace}/{info.name} "
+        f"(service account {info.service_account})"
+    )
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror} (errno {e.errno})"
+    return str(e)
+
+
+# --------------------------------------------------------------------------- echo factory
+
+
+class _EchoHandle:
+    def __init__(self) -> None:
+        self.servers: list[asyncio.Server] = []
+        self.conns: set[asyncio.StreamWriter] = set()
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.stopped = False
+
+    def track(self, writer: asyncio.StreamWriter) -> None:
+        self.conns.add(writer)
+        self.idle.clear()
+
+    def untrack(self, writer: asyncio.StreamWriter) -> None:
+        self.conns.discard(writer)
+        if not self.conns:
+            self.idle.set()
+
+    async def stop(self, deadline_s: float) -> None:
+        for server in self.servers:
+            server.close()  # listeners first, so a second daemon's listeners take new connections
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.idle.wait(), deadline_s)
+        for writer in list(self.conns):
+            writer.transport.abort()
+        self.stopped = True
+
+
+class EchoPodProxyFactory:
+    """A stand-in proxy: every listener echoes bytes back, after an optional ``greeting``.
+
+    For tests and bring-up of the redirection alone (no mTLS, no policy). ``started`` lists the
+    pods it served, in order.
+    """
+
+    def __init__(self, greeting: bytes = b"") -> None:
+        self.greeting = greeting
+        self.started: list[EnrolledPod] = []
+        self.handles: dict[str, _EchoHandle] = {}
+        self.fail_next: int = 0  # make the next N starts fail (to exercise the retry path)
+
+    async def start(self, pod: EnrolledPod, sockets: PodListeners) -> PodProxyHandle:
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            raise EnrollmentError("echo factory told to fail")
+        handle = _EchoHandle()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            handle.track(writer)
+            try:
+                if self.greeting:
+                    writer.write(self.greeting)
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            except ConnectionError:
+                pass
+            finally:
+                handle.untrack(writer)
+                writer.close()
+
+        handle.servers = [
+            await asyncio.start_server(serve, sock=s, backlog=LISTEN_BACKLOG)
+            for s in sockets.sockets()
+        ]
+        self.started.append(pod)
+        self.handles[pod.uid] = handle
+        return handle
