@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Gauge, ProcessCollector
+from prometheus_client import CollectorRegistry, Gauge, ProcessCollector, disable_created_metrics
 from prometheus_client import exposition as prom_exposition
 from prometheus_client.openmetrics import exposition as om_exposition
 
@@ -40,6 +40,8 @@ _INDEX = """<!doctype html>
 
 def new_registry() -> CollectorRegistry:
     """A daemon's own metrics registry (never the global default, so tests can run several)."""
+    # ztunnel exposes no ``*_created`` series; neither do we (a process-wide switch).
+    disable_created_metrics()
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     build = Gauge(
