@@ -41,7 +41,7 @@ _INDEX = """<!doctype html>
 def new_registry() -> CollectorRegistry:
     """A daemon's own metrics registry (never the global default, so tests can run several)."""
     # ztunnel exposes no ``*_created`` series; neither do we (a process-wide switch).
-    disable_created_metrics()
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     build = Gauge(
