@@ -1,0 +1,68 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * cgroup/getpeername4, cgroup/getpeername6: the application sees the address it dialled.
+ *
+ * Only a socket that connect.c redirected (its storage holds the original) and whose peer is
+ * still the pod's loopback :15001 is rewritten, so a stale record never lies about a peer.
+ */
+#include "zt_common.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+static __always_inline struct zt_sk_orig *zt_redirected(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+
+	if (!sk || ctx->protocol != IPPROTO_TCP)
+		return 0;
+	if (ctx->user_port != bpf_htons(ZT_PORT_OUTBOUND))
+		return 0;
+	return bpf_sk_storage_get(&zt_sk_orig, sk, 0, 0);
+}
+
+SEC("cgroup/getpeername4")
+int zt_getpeername4(struct bpf_sock_addr *ctx)
+{
+	struct zt_sk_orig *orig;
+	__u32 ip4;
+
+	if (ctx->user_ip4 != bpf_htonl(0x7f000001))
+		return 1;
+	orig = zt_redirected(ctx);
+	if (!orig || orig->family != ZT_AF_INET)
+		return 1;
+	__builtin_memcpy(&ip4, &orig->addr[12], sizeof(ip4));
+	ctx->user_ip4 = ip4;
+	ctx->user_port = orig->port;
+	return 1;
+}
+
+SEC("cgroup/getpeername6")
+int zt_getpeername6(struct bpf_sock_addr *ctx)
+{
+	__u32 w0 = ctx->user_ip6[0];
+	__u32 w1 = ctx->user_ip6[1];
+	__u32 w2 = ctx->user_ip6[2];
+	__u32 w3 = ctx->user_ip6[3];
+	struct zt_sk_orig *orig;
+	__u32 word;
+	int to_v4_loopback = zt_is_v4_mapped(w0, w1, w2) && w3 == bpf_htonl(0x7f000001);
+	int to_v6_loopback = w0 == 0 && w1 == 0 && w2 == 0 && w3 == bpf_htonl(1);
+
+	if (!to_v4_loopback && !to_v6_loopback)
+		return 1;
+	orig = zt_redirected(ctx);
+	if (!orig)
+		return 1;
+	/* The original is stored IPv4-mapped already, which is what an IPv6 socket shows. */
+	__builtin_memcpy(&word, &orig->addr[0], 4);
+	ctx->user_ip6[0] = word;
+	__builtin_memcpy(&word, &orig->addr[4], 4);
+	ctx->user_ip6[1] = word;
+	__builtin_memcpy(&word, &orig->addr[8], 4);
+	ctx->user_ip6[2] = word;
+	__builtin_memcpy(&word, &orig->addr[12], 4);
+	ctx->user_ip6[3] = word;
+	ctx->user_port = orig->port;
+	return 1;
+}

@@ -1,0 +1,490 @@
+"""Map layouts, map and program names of the BPF objects. GENERATED, do not edit.
+
+Written by tools/gen_bpf_types.py from the BTF of bpf/out/*.o and the ZT_* constants of
+bpf/include/zt_maps.h. Change the header, rebuild (make -C bpf), then rerun the tool.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+# --- constants of bpf/include/zt_maps.h
+
+ZT_ABI_VERSION = 1
+ZT_AF_INET = 2
+ZT_AF_INET6 = 10
+ZT_CFG_VALID = 1
+ZT_CNT_IN_ASSIGN_FAILED = 11
+ZT_CNT_IN_DROPPED_DENY = 9
+ZT_CNT_IN_DROPPED_NO_LISTENER = 10
+ZT_CNT_IN_LOCAL_SKIPPED = 12
+ZT_CNT_IN_PASSTHROUGH = 8
+ZT_CNT_IN_REDIRECTED = 7
+ZT_CNT_MAX = 13
+ZT_CNT_ORIG_PUBLISHED = 5
+ZT_CNT_ORIG_PUBLISH_FAILED = 6
+ZT_CNT_OUT_LOCAL_SKIPPED = 3
+ZT_CNT_OUT_ORIG_STORE_FAILED = 4
+ZT_CNT_OUT_PASSTHROUGH = 1
+ZT_CNT_OUT_PROXY_SKIPPED = 2
+ZT_CNT_OUT_REDIRECTED = 0
+ZT_DENY_DROP = 1
+ZT_DST_SERVICE = 2
+ZT_DST_WORKLOAD = 1
+ZT_LOOPBACK_IFINDEX = 1
+ZT_MAX_DENY_RULES = 65536
+ZT_MAX_DESTINATIONS = 131072
+ZT_MAX_LOCAL_ADDRS = 32768
+ZT_MAX_ORIG_DST = 131072
+ZT_MAX_PODS = 8192
+ZT_ORIG_PUBLISHED = 1
+ZT_POD_CAPTURE_INBOUND = 2
+ZT_POD_CAPTURE_OUTBOUND = 1
+ZT_PORT_DNS = 15053
+ZT_PORT_HBONE = 15008
+ZT_PORT_INBOUND_PLAINTEXT = 15006
+ZT_PORT_OUTBOUND = 15001
+
+# --- map keys and values
+
+
+class ZtCfg(ctypes.Structure):
+    """``struct zt_cfg`` (32 bytes)."""
+
+    flags: int
+    mark: int
+    mark_mask: int
+    probe_ip4: int
+    probe_ip6: ctypes.Array[ctypes.c_uint8]
+
+    _fields_ = [
+        ("flags", ctypes.c_uint32),
+        ("mark", ctypes.c_uint32),
+        ("mark_mask", ctypes.c_uint32),
+        ("probe_ip4", ctypes.c_uint32),
+        ("probe_ip6", ctypes.c_uint8 * 16),
+    ]
+
+
+SIZEOF_ZT_CFG = 32
+
+
+class ZtDeny(ctypes.Structure):
+    """``struct zt_deny`` (4 bytes)."""
+
+    action: int
+
+    _fields_ = [
+        ("action", ctypes.c_uint32),
+    ]
+
+
+SIZEOF_ZT_DENY = 4
+
+
+class ZtDenyKey(ctypes.Structure):
+    """``struct zt_deny_key`` (32 bytes)."""
+
+    prefixlen: int
+    netns_cookie_lo: int
+    netns_cookie_hi: int
+    port: int
+    family: int
+    addr: ctypes.Array[ctypes.c_uint8]
+    pad: ctypes.Array[ctypes.c_uint8]
+
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("netns_cookie_lo", ctypes.c_uint32),
+        ("netns_cookie_hi", ctypes.c_uint32),
+        ("port", ctypes.c_uint16),
+        ("family", ctypes.c_uint8),
+        ("addr", ctypes.c_uint8 * 16),
+        ("pad", ctypes.c_uint8 * 1),
+    ]
+
+
+SIZEOF_ZT_DENY_KEY = 32
+
+
+class ZtDst(ctypes.Structure):
+    """``struct zt_dst`` (4 bytes)."""
+
+    kind: int
+
+    _fields_ = [
+        ("kind", ctypes.c_uint32),
+    ]
+
+
+SIZEOF_ZT_DST = 4
+
+
+class ZtDstKey(ctypes.Structure):
+    """``struct zt_dst_key`` (20 bytes)."""
+
+    addr: ctypes.Array[ctypes.c_uint8]
+    port: int
+    pad: ctypes.Array[ctypes.c_uint8]
+
+    _fields_ = [
+        ("addr", ctypes.c_uint8 * 16),
+        ("port", ctypes.c_uint16),
+        ("pad", ctypes.c_uint8 * 2),
+    ]
+
+
+SIZEOF_ZT_DST_KEY = 20
+
+
+class ZtLocal(ctypes.Structure):
+    """``struct zt_local`` (4 bytes)."""
+
+    reserved: int
+
+    _fields_ = [
+        ("reserved", ctypes.c_uint32),
+    ]
+
+
+SIZEOF_ZT_LOCAL = 4
+
+
+class ZtLocalKey(ctypes.Structure):
+    """``struct zt_local_key`` (24 bytes)."""
+
+    netns_cookie: int
+    addr: ctypes.Array[ctypes.c_uint8]
+
+    _fields_ = [
+        ("netns_cookie", ctypes.c_uint64),
+        ("addr", ctypes.c_uint8 * 16),
+    ]
+
+
+SIZEOF_ZT_LOCAL_KEY = 24
+
+
+class ZtOrig(ctypes.Structure):
+    """``struct zt_orig`` (20 bytes)."""
+
+    addr: ctypes.Array[ctypes.c_uint8]
+    port: int
+    family: int
+    kind: int
+
+    _fields_ = [
+        ("addr", ctypes.c_uint8 * 16),
+        ("port", ctypes.c_uint16),
+        ("family", ctypes.c_uint8),
+        ("kind", ctypes.c_uint8),
+    ]
+
+
+SIZEOF_ZT_ORIG = 20
+
+
+class ZtOrigKey(ctypes.Structure):
+    """``struct zt_orig_key`` (16 bytes)."""
+
+    netns_cookie: int
+    port: int
+    family: int
+    pad: ctypes.Array[ctypes.c_uint8]
+
+    _fields_ = [
+        ("netns_cookie", ctypes.c_uint64),
+        ("port", ctypes.c_uint16),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 5),
+    ]
+
+
+SIZEOF_ZT_ORIG_KEY = 16
+
+
+class ZtPod(ctypes.Structure):
+    """``struct zt_pod`` (8 bytes)."""
+
+    flags: int
+    pad: ctypes.Array[ctypes.c_uint8]
+
+    _fields_ = [
+        ("flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint8 * 4),
+    ]
+
+
+SIZEOF_ZT_POD = 8
+
+
+class ZtPodKey(ctypes.Structure):
+    """``struct zt_pod_key`` (8 bytes)."""
+
+    netns_cookie: int
+
+    _fields_ = [
+        ("netns_cookie", ctypes.c_uint64),
+    ]
+
+
+SIZEOF_ZT_POD_KEY = 8
+
+
+class ZtSkOrig(ctypes.Structure):
+    """``struct zt_sk_orig`` (24 bytes)."""
+
+    addr: ctypes.Array[ctypes.c_uint8]
+    port: int
+    family: int
+    kind: int
+    published_port: int
+    flags: int
+    pad: ctypes.Array[ctypes.c_uint8]
+
+    _fields_ = [
+        ("addr", ctypes.c_uint8 * 16),
+        ("port", ctypes.c_uint16),
+        ("family", ctypes.c_uint8),
+        ("kind", ctypes.c_uint8),
+        ("published_port", ctypes.c_uint16),
+        ("flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 1),
+    ]
+
+
+SIZEOF_ZT_SK_ORIG = 24
+
+
+class ZtVersion(ctypes.Structure):
+    """``struct zt_version`` (8 bytes)."""
+
+    abi_version: int
+    pad: ctypes.Array[ctypes.c_uint8]
+
+    _fields_ = [
+        ("abi_version", ctypes.c_uint32),
+        ("pad", ctypes.c_uint8 * 4),
+    ]
+
+
+SIZEOF_ZT_VERSION = 8
+
+STRUCTS: dict[str, type[ctypes.Structure]] = {
+    "zt_cfg": ZtCfg,
+    "zt_deny": ZtDeny,
+    "zt_deny_key": ZtDenyKey,
+    "zt_dst": ZtDst,
+    "zt_dst_key": ZtDstKey,
+    "zt_local": ZtLocal,
+    "zt_local_key": ZtLocalKey,
+    "zt_orig": ZtOrig,
+    "zt_orig_key": ZtOrigKey,
+    "zt_pod": ZtPod,
+    "zt_pod_key": ZtPodKey,
+    "zt_sk_orig": ZtSkOrig,
+    "zt_version": ZtVersion,
+}
+SIZEOF: dict[str, int] = {
+    "zt_cfg": 32,
+    "zt_deny": 4,
+    "zt_deny_key": 32,
+    "zt_dst": 4,
+    "zt_dst_key": 20,
+    "zt_local": 4,
+    "zt_local_key": 24,
+    "zt_orig": 20,
+    "zt_orig_key": 16,
+    "zt_pod": 8,
+    "zt_pod_key": 8,
+    "zt_sk_orig": 24,
+    "zt_version": 8,
+}
+
+# --- maps (pinned by name under <pin path>/maps)
+
+
+@dataclass(frozen=True, slots=True)
+class MapSpec:
+    name: str
+    map_type: int  # BPF_MAP_TYPE_*
+    key_type: str  # C type
+    key_size: int
+    value_type: str
+    value_size: int
+    max_entries: int
+    flags: int
+    pinned: bool
+
+
+MAP_CFG = "zt_cfg"
+MAP_COUNTERS = "zt_counters"
+MAP_DENY = "zt_deny"
+MAP_DST = "zt_dst"
+MAP_INBOUND_SK = "zt_inbound_sk"
+MAP_LOCAL = "zt_local"
+MAP_ORIG_DST = "zt_orig_dst"
+MAP_PODS = "zt_pods"
+MAP_SK_ORIG = "zt_sk_orig"
+MAP_VERSION = "zt_version"
+
+MAP_SPECS: dict[str, MapSpec] = {
+    "zt_cfg": MapSpec(
+        name="zt_cfg",
+        map_type=2,
+        key_type="__u32",
+        key_size=4,
+        value_type="struct zt_cfg",
+        value_size=32,
+        max_entries=1,
+        flags=0,
+        pinned=True,
+    ),
+    "zt_counters": MapSpec(
+        name="zt_counters",
+        map_type=6,
+        key_type="__u32",
+        key_size=4,
+        value_type="__u64",
+        value_size=8,
+        max_entries=13,
+        flags=0,
+        pinned=True,
+    ),
+    "zt_deny": MapSpec(
+        name="zt_deny",
+        map_type=11,
+        key_type="struct zt_deny_key",
+        key_size=32,
+        value_type="struct zt_deny",
+        value_size=4,
+        max_entries=65536,
+        flags=1,
+        pinned=True,
+    ),
+    "zt_dst": MapSpec(
+        name="zt_dst",
+        map_type=1,
+        key_type="struct zt_dst_key",
+        key_size=20,
+        value_type="struct zt_dst",
+        value_size=4,
+        max_entries=131072,
+        flags=1,
+        pinned=True,
+    ),
+    "zt_inbound_sk": MapSpec(
+        name="zt_inbound_sk",
+        map_type=18,
+        key_type="struct zt_pod_key",
+        key_size=8,
+        value_type="__u64",
+        value_size=8,
+        max_entries=8192,
+        flags=0,
+        pinned=True,
+    ),
+    "zt_local": MapSpec(
+        name="zt_local",
+        map_type=1,
+        key_type="struct zt_local_key",
+        key_size=24,
+        value_type="struct zt_local",
+        value_size=4,
+        max_entries=32768,
+        flags=1,
+        pinned=True,
+    ),
+    "zt_orig_dst": MapSpec(
+        name="zt_orig_dst",
+        map_type=9,
+        key_type="struct zt_orig_key",
+        key_size=16,
+        value_type="struct zt_orig",
+        value_size=20,
+        max_entries=131072,
+        flags=0,
+        pinned=True,
+    ),
+    "zt_pods": MapSpec(
+        name="zt_pods",
+        map_type=1,
+        key_type="struct zt_pod_key",
+        key_size=8,
+        value_type="struct zt_pod",
+        value_size=8,
+        max_entries=8192,
+        flags=1,
+        pinned=True,
+    ),
+    "zt_sk_orig": MapSpec(
+        name="zt_sk_orig",
+        map_type=24,
+        key_type="int",
+        key_size=4,
+        value_type="struct zt_sk_orig",
+        value_size=24,
+        max_entries=0,
+        flags=1,
+        pinned=True,
+    ),
+    "zt_version": MapSpec(
+        name="zt_version",
+        map_type=2,
+        key_type="__u32",
+        key_size=4,
+        value_type="struct zt_version",
+        value_size=8,
+        max_entries=1,
+        flags=0,
+        pinned=True,
+    ),
+}
+
+# --- programs
+
+
+@dataclass(frozen=True, slots=True)
+class ProgSpec:
+    name: str
+    section: str  # libbpf section name, which sets the program and attach type
+    object_file: str  # in bpf/out
+
+
+PROG_CONNECT4 = "zt_connect4"
+PROG_CONNECT6 = "zt_connect6"
+PROG_GETPEERNAME4 = "zt_getpeername4"
+PROG_GETPEERNAME6 = "zt_getpeername6"
+PROG_SK_LOOKUP = "zt_sk_lookup"
+PROG_SOCKOPS = "zt_sockops"
+
+PROG_SPECS: dict[str, ProgSpec] = {
+    "zt_connect4": ProgSpec("zt_connect4", "cgroup/connect4", "connect.o"),
+    "zt_connect6": ProgSpec("zt_connect6", "cgroup/connect6", "connect.o"),
+    "zt_getpeername4": ProgSpec("zt_getpeername4", "cgroup/getpeername4", "getpeername.o"),
+    "zt_getpeername6": ProgSpec("zt_getpeername6", "cgroup/getpeername6", "getpeername.o"),
+    "zt_sk_lookup": ProgSpec("zt_sk_lookup", "sk_lookup", "sk_lookup.o"),
+    "zt_sockops": ProgSpec("zt_sockops", "sockops", "sockops.o"),
+}
+OBJECT_FILES = (
+    "connect.o",
+    "getpeername.o",
+    "sk_lookup.o",
+    "sockops.o",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RodataVar:
+    """A ``const volatile`` global the loader sets before loading its object."""
+
+    name: str
+    object_file: str
+    offset: int  # in the object's .rodata
+    size: int
+
+
+RODATA_VARS: dict[str, RodataVar] = {
+    "zt_pod_netns_cookie": RodataVar("zt_pod_netns_cookie", "sk_lookup.o", 0, 8),
+}
