@@ -152,6 +152,8 @@ class Config:
     redirect_mode: RedirectMode = RedirectMode.EBPF
     local_ca_dir: Path = Path(DEFAULT_LOCAL_CA_DIR)
     bpf_pin_path: Path = Path(DEFAULT_BPF_PIN_PATH)
+    bpf_cgroup_path: Path | None = None  # None: the kubelet's kubepods cgroup, found at start
+    bpf_object_dir: Path | None = None  # None: bpf/out next to the package (a source checkout)
 
     @property
     def uses_local_xds(self) -> bool:
@@ -480,6 +482,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         redirect_mode=parse_enum("REDIRECT_MODE", get("REDIRECT_MODE", "ebpf") or "", RedirectMode),
         local_ca_dir=Path(get("LOCAL_CA_DIR", DEFAULT_LOCAL_CA_DIR) or DEFAULT_LOCAL_CA_DIR),
         bpf_pin_path=Path(get("BPF_PIN_PATH", DEFAULT_BPF_PIN_PATH) or DEFAULT_BPF_PIN_PATH),
+        bpf_cgroup_path=Path(env["BPF_CGROUP_PATH"]) if env.get("BPF_CGROUP_PATH") else None,
+        bpf_object_dir=Path(env["BPF_OBJECT_DIR"]) if env.get("BPF_OBJECT_DIR") else None,
     )
 
 

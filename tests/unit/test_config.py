@@ -152,6 +152,12 @@ def test_fake_ca_disables_the_ca_address() -> None:
         ({"REDIRECT_MODE": "iptables"}, "redirect_mode", c.RedirectMode.IPTABLES),
         ({"LOCAL_CA_DIR": "/var/lib/x"}, "local_ca_dir", Path("/var/lib/x")),
         ({"BPF_PIN_PATH": "/sys/fs/bpf/other"}, "bpf_pin_path", Path("/sys/fs/bpf/other")),
+        (
+            {"BPF_CGROUP_PATH": "/sys/fs/cgroup/kubepods"},
+            "bpf_cgroup_path",
+            Path("/sys/fs/cgroup/kubepods"),
+        ),
+        ({"BPF_OBJECT_DIR": "/opt/zt/bpf"}, "bpf_object_dir", Path("/opt/zt/bpf")),
         ({"PROXY_CONFIG": "proxyAdminPort: 16000\nstatusPort: 16020"}, "admin_port", 16000),
         ({"PROXY_CONFIG": "proxyAdminPort: 16000\nstatusPort: 16020"}, "stats_port", 16020),
         ({"READINESS_PORT": "16021"}, "readiness_port", 16021),
