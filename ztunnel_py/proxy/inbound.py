@@ -1,0 +1,377 @@
+"""Inbound HBONE (:15008): mTLS as the pod, CONNECT, authorization, then splice to the app.
+
+Order of work (ztunnel ``Inbound::serve_connect``):
+
+1. TLS accept with the certificate of the pod whose netns holds the listener; the client's
+   trust domain must be ours (``verify_client``), its identity goes to authorization;
+2. per stream: parse the request (400 on anything but a classic CONNECT with good headers);
+3. validate ``:authority``: an IP must be this pod's, a hostname must be a service in the pod's
+   namespace that the pod backs (400 otherwise); resolve the target port, refuse the proxy's
+   own ports (``SelfCall``, 400) and ports the pod does not serve (503);
+4. authorize with dst = pod IP and target port (401 on deny);
+5. connect upstream in the pod's netns (from the client's IP with ``ENABLE_ORIG_SRC``);
+   503 when that fails;
+6. answer 200 (with the destination's baggage) and splice.
+
+Every connection and every stream is handled in its own task or callback chain; what a peer
+sends can fail its own stream or connection, never the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import time
+from typing import cast
+
+from h2.errors import ErrorCodes
+
+from ztunnel_py.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PORT_SOCKS5, Config
+from ztunnel_py.hbone.connection import HboneSettings, Role
+from ztunnel_py.hbone.errors import BadConnectRequest, HboneError, InvalidHeader
+from ztunnel_py.hbone.events import TunnelRequested
+from ztunnel_py.hbone.headers import (
+    Authority,
+    Baggage,
+    ConnectRequest,
+    parse_connect_request,
+    response_headers,
+)
+from ztunnel_py.identity.spiffe import Identity
+from ztunnel_py.identity.tls import TlsVerificationError, verify_client
+from ztunnel_py.proxy.conntrack import ConnectionTracker
+from ztunnel_py.proxy.errors import (
+    BadRequest,
+    InboundRefused,
+    PolicyDenied,
+    SelfCall,
+    UpstreamConnectError,
+    UpstreamUnavailable,
+)
+from ztunnel_py.proxy.seams import (
+    Authorizer,
+    CertificateSource,
+    ConnectionRecord,
+    Direction,
+    PermitAll,
+    SocketAddr,
+    SocketFactory,
+    TelemetrySink,
+)
+from ztunnel_py.proxy.splice import HboneSplice
+from ztunnel_py.proxy.tcp import (
+    LISTEN_BACKLOG,
+    ServerConnections,
+    connect_socket,
+    sockaddr,
+    tcp_side_for,
+)
+from ztunnel_py.proxy.transport import HboneProtocol
+from ztunnel_py.rbac.evaluate import ConnectionInfo
+from ztunnel_py.state.model import IPAddress, Workload
+from ztunnel_py.state.store import ProxyState
+
+log = logging.getLogger(__name__)
+
+ILLEGAL_PORTS = frozenset({PORT_OUTBOUND, PORT_INBOUND_PLAINTEXT, PORT_HBONE, PORT_SOCKS5})
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
+# How often accepted connections make us ask for the current certificate (rotation).
+CERTIFICATE_REFRESH_S = 30.0
+
+
+def workload_baggage(w: Workload) -> Baggage:
+    return Baggage(
+        cluster_id=w.cluster_id or None,
+        namespace=w.namespace or None,
+        workload_type=w.workload_type,
+        workload_name=w.workload_name or w.name or None,
+        service_name=w.canonical_name or None,
+        revision=w.canonical_revision or None,
+        region=w.locality.region or None,
+        zone=w.locality.zone or None,
+    )
+
+
+def workload_identity(w: Workload) -> Identity:
+    return Identity(w.trust_domain, w.namespace, w.service_account)
+
+
+class _InboundConnection(HboneProtocol):
+    """Server-side HBONE connection that checks the client certificate first."""
+
+    def __init__(self, server: InboundServer) -> None:
+        super().__init__(
+            Role.SERVER, server.settings, on_request=server._on_request, label="inbound"
+        )
+        self.server = server
+        self.peer: SocketAddr | None = None
+        self.peer_identity: Identity | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        ssl_object = transport.get_extra_info("ssl_object")
+        try:
+            self.peer = sockaddr(peer)
+            self.peer_identity = verify_client(ssl_object, self.server.trust_domain)
+        except (TlsVerificationError, ValueError, TypeError) as e:
+            log.warning("inbound HBONE connection from %s refused: %s", peer, e)
+            cast(asyncio.Transport, transport).abort()
+            return
+        super().connection_made(transport)
+        self.server._connection_opened(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.server._connections.discard(self)
+
+
+class InboundServer:
+    """The :15008 listener of one pod."""
+
+    def __init__(
+        self,
+        *,
+        workload: Workload,
+        state: ProxyState,
+        certificates: CertificateSource,
+        sockets: SocketFactory,
+        config: Config,
+        authorizer: Authorizer | None = None,
+        telemetry: TelemetrySink | None = None,
+        settings: HboneSettings | None = None,
+        handshake_timeout_s: float = TLS_HANDSHAKE_TIMEOUT_S,
+        connect_timeout_s: float = 10.0,
+        certificate_refresh_s: float = CERTIFICATE_REFRESH_S,
+        conntrack: ConnectionTracker | None = None,
+    ) -> None:
+        self.workload = workload
+        self.state = state
+        self.certificates = certificates
+        self.sockets = sockets
+        self.config = config
+        self.authorizer: Authorizer = authorizer or PermitAll()
+        self.telemetry = telemetry
+        self.settings = settings or HboneSettings.for_role(Role.SERVER, config)
+        self.trust_domain = workload.trust_domain
+        self.identity = workload_identity(workload)
+        self.handshake_timeout_s = handshake_timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.certificate_refresh_s = certificate_refresh_s
+        self.conntrack = conntrack
+        self.tracker = ServerConnections("inbound")
+        self._connections: set[_InboundConnection] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._context: ssl.SSLContext | None = None
+        self._context_checked = 0.0
+        self._refreshing = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, listener: socket.socket) -> None:
+        ctx = await self.certificates.server_context(self.identity)
+        self._use_context(ctx)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _InboundConnection(self),
+            sock=listener,
+            backlog=LISTEN_BACKLOG,
+            ssl=ctx,
+            ssl_handshake_timeout=self.handshake_timeout_s,
+        )
+
+    async def stop(self, deadline_s: float = 5.0) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._connections):
+            conn.drain()
+        await self.tracker.drain(deadline_s)
+        for conn in list(self._connections):
+            conn.close("server stopped")
+
+    @property
+    def connections(self) -> int:
+        return len(self._connections)
+
+    # ------------------------------------------------------------------ certificates
+
+    def _use_context(self, ctx: ssl.SSLContext) -> None:
+        # New handshakes switch to the newest context (rotated certificate) via the SNI hook,
+        # which OpenSSL calls for every ClientHello, SNI or not.
+        self._context = ctx
+        ctx.sni_callback = self._pick_context
+        self._context_checked = time.monotonic()
+
+    def _pick_context(self, sslobj: ssl.SSLObject, _name: str | None, ctx: ssl.SSLContext) -> None:
+        current = self._context
+        if current is not None and current is not ctx:
+            sslobj.context = current
+        return None
+
+    def _connection_opened(self, conn: _InboundConnection) -> None:
+        self._connections.add(conn)
+        if (
+            not self._refreshing
+            and time.monotonic() - self._context_checked >= self.certificate_refresh_s
+        ):
+            self._refreshing = True
+            self.tracker.spawn(self._refresh_context())
+
+    async def _refresh_context(self) -> None:
+        try:
+            ctx = await self.certificates.server_context(self.identity)
+            if ctx is not self._context:
+                self._use_context(ctx)
+            self._context_checked = time.monotonic()
+        finally:
+            self._refreshing = False
+
+    # ------------------------------------------------------------------ streams
+
+    def _on_request(self, proto: HboneProtocol, ev: TunnelRequested) -> None:
+        assert isinstance(proto, _InboundConnection)
+        sid = ev.stream_id
+        try:
+            request = self._parse(ev)
+            target = self._resolve(request.authority)
+            authorized = self._authorize(proto, target)
+        except InboundRefused as e:
+            log.info(
+                "inbound HBONE request refused (%d): %s",
+                e.status,
+                e.reason,
+                extra={"fields": {"src": proto.peer, "authority": ev.authority}},
+            )
+            proto.reject(sid, e.status)
+            return
+        self.tracker.spawn(self._serve_stream(proto, sid, request, target, authorized))
+
+    def _parse(self, ev: TunnelRequested) -> ConnectRequest:
+        try:
+            return parse_connect_request(ev.method, ev.authority, ev.headers)
+        except (BadConnectRequest, InvalidHeader) as e:
+            raise BadRequest(str(e)) from None
+
+    def _resolve(self, authority: Authority) -> SocketAddr:
+        """Authority -> (pod IP, target port), as ztunnel validates it."""
+        w = self.state.workload(self.workload.uid) or self.workload
+        ip = authority.ip
+        port = authority.port
+        if ip is not None:
+            if ip not in w.workload_ips:
+                raise BadRequest(
+                    f"{authority} is not an address of this pod ({w.name}.{w.namespace})"
+                )
+            target_ip: IPAddress = ip
+        else:
+            host = str(authority.host)
+            svc = self.state.service_by_hostname(host, prefer_namespace=w.namespace)
+            if svc is None or svc.namespace != w.namespace:
+                raise BadRequest(f"{host} is not a service in namespace {w.namespace}")
+            mapped = svc.ports.get(port)
+            if mapped is None:
+                raise UpstreamUnavailable(f"service {host} has no port {port}")
+            if mapped == 0:
+                mapped = w.services.get(svc.key, {}).get(port, 0)
+            if not mapped:
+                raise UpstreamUnavailable(f"this pod does not serve port {port} of {host}")
+            if not w.workload_ips:
+                raise UpstreamUnavailable(f"pod {w.name}.{w.namespace} has no IP")
+            target_ip = w.workload_ips[0]
+            port = mapped
+        if port in ILLEGAL_PORTS:
+            raise SelfCall(f"port {port} is the proxy's own port; refusing a call to itself")
+        tunnel = w.application_tunnel
+        if tunnel is not None and tunnel.port:
+            port = tunnel.port
+        return target_ip, port
+
+    def _authorize(self, proto: _InboundConnection, target: SocketAddr) -> ConnectionInfo:
+        assert proto.peer is not None
+        conn = ConnectionInfo(
+            src_ip=proto.peer[0],
+            src_port=proto.peer[1],
+            dst_ip=target[0],
+            dst_port=target[1],
+            src_identity=str(proto.peer_identity) if proto.peer_identity else None,
+            dst_network=self.config.network,
+        )
+        decision = self.authorizer.check(conn)
+        if not decision.allowed:
+            raise PolicyDenied(f"{conn}: {decision.reason}")
+        return conn
+
+    async def _serve_stream(
+        self,
+        proto: _InboundConnection,
+        sid: int,
+        request: ConnectRequest,
+        target: SocketAddr,
+        authorized: ConnectionInfo,
+    ) -> None:
+        assert proto.peer is not None
+        source = proto.peer[0] if self.config.enable_orig_src else None
+        try:
+            sock = await connect_socket(
+                self.sockets, target, source=source, timeout_s=self.connect_timeout_s
+            )
+            tcp = await tcp_side_for(sock)
+        except (UpstreamConnectError, OSError) as e:
+            log.info("inbound upstream unavailable (503): %s", e)
+            if proto.is_open:
+                proto.reject(sid, UpstreamUnavailable.status)
+            return
+        splice = HboneSplice(tcp)
+        splice.bind(proto, sid)
+        headers = (
+            response_headers(baggage=workload_baggage(self.workload))
+            if self.config.enable_response_baggage
+            else []
+        )
+        try:
+            proto.accept(sid, splice, headers)
+        except HboneError as e:
+            log.debug("inbound stream %d went away before it was accepted: %s", sid, e)
+            tcp.reset()
+            return
+        if splice.done.done():  # reset while we were connecting
+            return
+        splice.start()
+        record = ConnectionRecord(
+            direction=Direction.INBOUND,
+            src=proto.peer,
+            dst=target,
+            src_identity=str(proto.peer_identity) if proto.peer_identity else None,
+            dst_identity=str(self.identity),
+            dst_workload=self.workload,
+            dst_service=request.forwarded.host if request.forwarded else None,
+        )
+        if self.telemetry is not None:
+            self.telemetry.connection_opened(record)
+        # Re-checked on every policy change; a denial aborts the splice (RST both ways).
+        handle = (
+            self.conntrack.register(
+                authorized, self.workload.uid, splice.abort, workload=self.workload
+            )
+            if self.conntrack is not None
+            else None
+        )
+        try:
+            with self.tracker.tracking(splice):
+                result = await splice.done
+        finally:
+            if handle is not None and self.conntrack is not None:
+                self.conntrack.unregister(handle)
+        if self.telemetry is not None:
+            self.telemetry.connection_closed(
+                record,
+                bytes_sent=result.bytes_out,
+                bytes_received=result.bytes_in,
+                error=result.error,
+            )
+        if result.error is not None:
+            log.debug("inbound stream %d closed: %s", sid, result.error)
+
+
+__all__ = ["ILLEGAL_PORTS", "ErrorCodes", "InboundServer"]

@@ -1,0 +1,162 @@
+"""Inbound plaintext (:15006): traffic to the pod that did not come over HBONE.
+
+Authorization runs with no client identity (ztunnel's plaintext path: principals and
+namespaces never match). A denied connection is closed (reset); an allowed one is spliced to
+its original destination inside the pod, from the client's IP when ``ENABLE_ORIG_SRC`` is on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from ztunnel_py.config import Config
+from ztunnel_py.proxy.conntrack import ConnectionTracker
+from ztunnel_py.proxy.errors import UpstreamConnectError
+from ztunnel_py.proxy.inbound import ILLEGAL_PORTS, workload_identity
+from ztunnel_py.proxy.seams import (
+    Authorizer,
+    ConnectionRecord,
+    Direction,
+    OriginalDestination,
+    PermitAll,
+    SocketAddr,
+    SocketFactory,
+    TelemetrySink,
+)
+from ztunnel_py.proxy.splice import TcpSide, TcpSplice
+from ztunnel_py.proxy.tcp import (
+    LISTEN_BACKLOG,
+    ServerConnections,
+    connect_socket,
+    sockaddr,
+    tcp_side_for,
+)
+from ztunnel_py.rbac.evaluate import ConnectionInfo
+from ztunnel_py.state.model import Workload
+
+log = logging.getLogger(__name__)
+
+
+class LocalAddress:
+    """The original destination is the accepted socket's own address (TPROXY, sk_lookup)."""
+
+    def original_destination(self, sock: socket.socket) -> SocketAddr:
+        return sockaddr(sock.getsockname())
+
+
+class _Accepted(TcpSide):
+    def __init__(self, server: InboundPlaintextServer) -> None:
+        super().__init__()
+        self.server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.server.tracker.spawn(self.server._handle(self))
+
+
+class InboundPlaintextServer:
+    """The :15006 listener of one pod."""
+
+    def __init__(
+        self,
+        *,
+        workload: Workload,
+        sockets: SocketFactory,
+        config: Config,
+        original_destination: OriginalDestination | None = None,
+        authorizer: Authorizer | None = None,
+        telemetry: TelemetrySink | None = None,
+        connect_timeout_s: float = 10.0,
+        conntrack: ConnectionTracker | None = None,
+    ) -> None:
+        self.workload = workload
+        self.sockets = sockets
+        self.config = config
+        self.original_destination: OriginalDestination = original_destination or LocalAddress()
+        self.authorizer: Authorizer = authorizer or PermitAll()
+        self.telemetry = telemetry
+        self.connect_timeout_s = connect_timeout_s
+        self.conntrack = conntrack
+        self.tracker = ServerConnections("inbound_plaintext")
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Accepted(self), sock=listener, backlog=LISTEN_BACKLOG
+        )
+
+    async def stop(self, deadline_s: float = 5.0) -> None:
+        if self._server is not None:
+            self._server.close()
+        await self.tracker.drain(deadline_s)
+
+    async def _handle(self, down: _Accepted) -> None:
+        transport = down.transport
+        assert transport is not None
+        try:
+            src = sockaddr(transport.get_extra_info("peername"))
+            dst = self.original_destination.original_destination(transport.get_extra_info("socket"))
+        except (OSError, ValueError, TypeError) as e:
+            log.warning("inbound plaintext connection refused: %s", e)
+            down.reset()
+            return
+        if dst[1] in ILLEGAL_PORTS:
+            log.warning("inbound plaintext to the proxy's own port %d refused", dst[1])
+            down.reset()
+            return
+        conn = ConnectionInfo(
+            src_ip=src[0],
+            src_port=src[1],
+            dst_ip=dst[0],
+            dst_port=dst[1],
+            src_identity=None,
+            dst_network=self.config.network,
+        )
+        decision = self.authorizer.check(conn)
+        if not decision.allowed:
+            log.info("inbound plaintext connection denied: %s: %s", conn, decision.reason)
+            down.reset()
+            return
+        source = src[0] if self.config.enable_orig_src else None
+        try:
+            sock = await connect_socket(
+                self.sockets, dst, source=source, timeout_s=self.connect_timeout_s
+            )
+            up = await tcp_side_for(sock)
+        except (UpstreamConnectError, OSError) as e:
+            log.info("inbound plaintext upstream failed: %s", e)
+            down.reset()
+            return
+        splice = TcpSplice(down, up)
+        splice.start()
+        record = ConnectionRecord(
+            direction=Direction.INBOUND,
+            src=src,
+            dst=dst,
+            dst_identity=str(workload_identity(self.workload)),
+            dst_workload=self.workload,
+            protocol="TCP",
+        )
+        if self.telemetry is not None:
+            self.telemetry.connection_opened(record)
+        handle = (
+            self.conntrack.register(conn, self.workload.uid, splice.abort, workload=self.workload)
+            if self.conntrack is not None
+            else None
+        )
+        try:
+            with self.tracker.tracking(splice):
+                result = await splice.done
+        finally:
+            if handle is not None and self.conntrack is not None:
+                self.conntrack.unregister(handle)
+        if self.telemetry is not None:
+            self.telemetry.connection_closed(
+                record,
+                bytes_sent=result.bytes_in,
+                bytes_received=result.bytes_out,
+                error=result.error,
+            )

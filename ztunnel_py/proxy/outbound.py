@@ -1,0 +1,259 @@
+"""Outbound (:15001): original destination -> route -> HBONE, plain TCP or passthrough.
+
+Each accepted connection gets its own task. It reads the original destination (SO_ORIGINAL_DST
+in iptables mode), asks ``routing.route_outbound`` where to go, and then either opens an HBONE
+stream on a pooled mTLS connection to the next hop's :15008 (CONNECT with ``forwarded``,
+``baggage`` and ``traceparent``), or connects plain TCP. A connection that cannot be routed or
+connected is reset, so the application sees a refused connection rather than a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import ssl
+
+from ztunnel_py.config import Config
+from ztunnel_py.hbone.connection import HboneSettings, Role
+from ztunnel_py.hbone.errors import HboneError
+from ztunnel_py.hbone.headers import Forwarded, new_traceparent, request_headers
+from ztunnel_py.identity.tls import NO_SNI, TlsVerificationError, handshake_error, verify_server
+from ztunnel_py.proxy.errors import UpstreamConnectError
+from ztunnel_py.proxy.inbound import workload_baggage, workload_identity
+from ztunnel_py.proxy.pool import HbonePool, WorkloadKey
+from ztunnel_py.proxy.routing import Route, RouteKind, RoutingError, route_outbound
+from ztunnel_py.proxy.seams import (
+    CertificateSource,
+    ConnectionRecord,
+    Direction,
+    OriginalDestination,
+    SocketAddr,
+    SocketFactory,
+    TelemetrySink,
+)
+from ztunnel_py.proxy.splice import HboneSplice, TcpSide, TcpSplice, TunnelFailed, TunnelRefused
+from ztunnel_py.proxy.tcp import (
+    LISTEN_BACKLOG,
+    ServerConnections,
+    connect_socket,
+    sockaddr,
+    tcp_side_for,
+)
+from ztunnel_py.proxy.transport import HboneProtocol
+from ztunnel_py.state.model import Workload
+from ztunnel_py.state.store import ProxyState
+
+log = logging.getLogger(__name__)
+
+HBONE_CONNECT_TIMEOUT_S = 10.0
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
+
+
+class HboneConnector:
+    """Dials an HBONE connection for the pool: TCP in the pod's netns, mTLS, SAN check."""
+
+    def __init__(
+        self,
+        *,
+        certificates: CertificateSource,
+        sockets: SocketFactory,
+        settings: HboneSettings,
+        connect_timeout_s: float = HBONE_CONNECT_TIMEOUT_S,
+        handshake_timeout_s: float = TLS_HANDSHAKE_TIMEOUT_S,
+    ) -> None:
+        self.certificates = certificates
+        self.sockets = sockets
+        self.settings = settings
+        self.connect_timeout_s = connect_timeout_s
+        self.handshake_timeout_s = handshake_timeout_s
+
+    async def __call__(self, key: WorkloadKey, on_idle: object) -> HboneProtocol:
+        ctx = await self.certificates.client_context(key.src_identity)
+        sock = await connect_socket(
+            self.sockets, key.dst, timeout_s=self.connect_timeout_s, hbone=True
+        )
+        proto = HboneProtocol(
+            Role.CLIENT,
+            self.settings,
+            on_idle=on_idle if callable(on_idle) else None,
+            label=str(key),
+        )
+        loop = asyncio.get_running_loop()
+        try:
+            transport, _ = await loop.create_connection(
+                lambda: proto,
+                sock=sock,
+                ssl=ctx,
+                server_hostname=NO_SNI,
+                ssl_handshake_timeout=self.handshake_timeout_s,
+            )
+        except ssl.SSLError as e:
+            sock.close()
+            raise handshake_error(e, role="server") from None
+        except (OSError, TimeoutError) as e:
+            sock.close()
+            raise UpstreamConnectError(
+                f"{key.dst[0]}:{key.dst[1]}", f"TLS handshake failed: {e}", hbone=True
+            ) from None
+        try:
+            verify_server(transport.get_extra_info("ssl_object"), key.dst_identities)
+        except TlsVerificationError:
+            proto.abort("server identity not expected")
+            raise
+        return proto
+
+
+class _Downstream(TcpSide):
+    def __init__(self, server: OutboundServer) -> None:
+        super().__init__()
+        self.server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.server.tracker.spawn(self.server._handle(self))
+
+
+class OutboundServer:
+    """The :15001 listener of one pod."""
+
+    def __init__(
+        self,
+        *,
+        workload: Workload,
+        state: ProxyState,
+        pool: HbonePool,
+        sockets: SocketFactory,
+        original_destination: OriginalDestination,
+        config: Config,
+        telemetry: TelemetrySink | None = None,
+        rng: random.Random | None = None,
+        connect_timeout_s: float = 10.0,
+    ) -> None:
+        self.workload = workload
+        self.state = state
+        self.pool = pool
+        self.sockets = sockets
+        self.original_destination = original_destination
+        self.config = config
+        self.telemetry = telemetry
+        self.rng = rng or random.Random()
+        self.connect_timeout_s = connect_timeout_s
+        self.identity = workload_identity(workload)
+        self.baggage = workload_baggage(workload)
+        self.tracker = ServerConnections("outbound")
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Downstream(self), sock=listener, backlog=LISTEN_BACKLOG
+        )
+
+    async def stop(self, deadline_s: float = 5.0) -> None:
+        if self._server is not None:
+            self._server.close()
+        await self.tracker.drain(deadline_s)
+
+    async def _handle(self, down: _Downstream) -> None:
+        transport = down.transport
+        assert transport is not None
+        sock = transport.get_extra_info("socket")
+        peer = transport.get_extra_info("peername")
+        try:
+            src = sockaddr(peer)
+            dst = self.original_destination.original_destination(sock)
+        except (OSError, ValueError, TypeError) as e:
+            log.warning("outbound connection from %s refused: %s", peer, e)
+            down.reset()
+            return
+        workload = self.state.workload(self.workload.uid) or self.workload
+        try:
+            route = route_outbound(
+                self.state, workload, src[0], dst, rng=self.rng, network=self.config.network
+            )
+        except RoutingError as e:
+            log.warning("outbound connection to %s:%s refused: %s", dst[0], dst[1], e)
+            down.reset()
+            return
+        if route.kind is RouteKind.HBONE:
+            await self._proxy_hbone(down, src, dst, route)
+        else:
+            await self._proxy_tcp(down, src, dst, route)
+
+    def _record(self, src: SocketAddr, dst: SocketAddr, route: Route) -> ConnectionRecord:
+        dest = route.destination_workload
+        return ConnectionRecord(
+            direction=Direction.OUTBOUND,
+            src=src,
+            dst=dst,
+            src_identity=str(self.identity),
+            dst_identity=str(route.identities[-1]) if route.identities else None,
+            src_workload=self.workload,
+            dst_workload=dest,
+            dst_service=route.destination_service.hostname if route.destination_service else None,
+            protocol="HBONE" if route.kind is RouteKind.HBONE else "TCP",
+        )
+
+    async def _proxy_hbone(
+        self, down: _Downstream, src: SocketAddr, dst: SocketAddr, route: Route
+    ) -> None:
+        assert route.authority is not None
+        key = WorkloadKey(
+            src_identity=self.identity,
+            dst_identities=frozenset(route.identities),
+            src_ip=src[0],
+            dst=route.next_hop,
+        )
+        service = route.destination_service
+        headers = request_headers(
+            forwarded=Forwarded(src[0], src[1], service.hostname if service else None),
+            baggage=self.baggage,
+            traceparent=new_traceparent(self.rng),
+        )
+        splice = HboneSplice(down)
+        try:
+            conn, sid = await self.pool.open_stream(key, route.authority, headers, splice)
+        except (UpstreamConnectError, TlsVerificationError, HboneError, OSError) as e:
+            log.warning("outbound HBONE to %s via %s failed: %s", route.authority, key.dst, e)
+            down.reset()
+            return
+        splice.bind(conn, sid)
+        try:
+            await splice.established
+        except (TunnelRefused, TunnelFailed) as e:
+            log.warning("outbound HBONE to %s failed: %s", route.authority, e)
+            down.reset()
+            return
+        splice.start()
+        await self._run(splice, self._record(src, dst, route))
+
+    async def _proxy_tcp(
+        self, down: _Downstream, src: SocketAddr, dst: SocketAddr, route: Route
+    ) -> None:
+        try:
+            sock = await connect_socket(
+                self.sockets, route.next_hop, timeout_s=self.connect_timeout_s
+            )
+            up = await tcp_side_for(sock)
+        except (UpstreamConnectError, OSError) as e:
+            log.warning("outbound %s to %s failed: %s", route.kind.value, route.next_hop, e)
+            down.reset()
+            return
+        splice = TcpSplice(down, up)
+        splice.start()
+        await self._run(splice, self._record(src, dst, route))
+
+    async def _run(self, splice: HboneSplice | TcpSplice, record: ConnectionRecord) -> None:
+        if self.telemetry is not None:
+            self.telemetry.connection_opened(record)
+        with self.tracker.tracking(splice):
+            result = await splice.done
+        if self.telemetry is not None:
+            self.telemetry.connection_closed(
+                record,
+                bytes_sent=result.bytes_in,
+                bytes_received=result.bytes_out,
+                error=result.error,
+            )

@@ -1,0 +1,423 @@
+"""Where an outbound connection goes: ztunnel's ``OutboundConnection::build_request``. Pure.
+
+Given the mesh state, the source workload and the original destination, ``route_outbound``
+answers with a ``Route``: HBONE to a pod's (or waypoint's) :15008 with the ``:authority`` and
+the identities the next hop must prove, plain TCP to a pod outside the mesh, or passthrough
+to the original destination. Load balancing draws from an injected ``random.Random``.
+
+The steps (reference 4.3):
+
+1. The destination IP is looked up as a workload first, then as a service VIP (preferring the
+   client's namespace).
+2. A service with a waypoint goes to the waypoint, ``:authority`` = the original VIP:port.
+3. Otherwise an endpoint is chosen (capacity-weighted; FAILOVER/STRICT rank by locality;
+   unhealthy endpoints only with ALLOW_ALL) and the service port is mapped to its target port.
+   A service with no usable endpoint is ``NoHealthyUpstream`` unless it is PASSTHROUGH.
+4. A workload-addressed destination with a waypoint goes to that waypoint, unless the source
+   is that waypoint.
+5. HBONE workloads get HBONE to ``<ip>:15008``; others plain TCP; unknown IPs pass through.
+
+Endpoints on another network need double HBONE through an east-west gateway, which is not
+implemented: such routes raise ``CrossNetworkUnsupported``.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ztunnel_py.config import PORT_HBONE
+from ztunnel_py.errors import ZtunnelError
+from ztunnel_py.hbone.headers import format_authority
+from ztunnel_py.identity.errors import InvalidSpiffeId
+from ztunnel_py.identity.spiffe import Identity
+from ztunnel_py.state.model import (
+    Endpoint,
+    GatewayAddress,
+    HealthStatus,
+    InboundProtocol,
+    IPAddress,
+    LoadBalancerHealthPolicy,
+    LoadBalancerMode,
+    LoadBalancerScope,
+    NamespacedHostname,
+    NetworkAddress,
+    Service,
+    Workload,
+)
+from ztunnel_py.state.store import ProxyState
+
+SocketAddr = tuple[IPAddress, int]
+
+
+class RouteKind(enum.Enum):
+    HBONE = "HBONE"  # mTLS + CONNECT to the next hop's :15008
+    TCP = "TCP"  # plain TCP to a known workload that is not in the mesh
+    PASSTHROUGH = "PASSTHROUGH"  # plain TCP to the original destination, nothing known
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Route:
+    kind: RouteKind
+    #: Where to connect: ``<pod ip>:15008`` for HBONE, the target itself otherwise.
+    next_hop: SocketAddr
+    #: ``:authority`` of the CONNECT (HBONE only).
+    authority: str | None = None
+    #: Identities the next hop's certificate may carry (HBONE only).
+    identities: tuple[Identity, ...] = ()
+    #: The workload at the next hop (the waypoint when going through one).
+    destination_workload: Workload | None = None
+    #: The service the client addressed, if any (``forwarded: ...;host=``, telemetry).
+    destination_service: Service | None = None
+    via_waypoint: bool = False
+
+
+class RoutingError(ZtunnelError):
+    """No route: the connection is refused (the client sees a reset)."""
+
+
+class NoHealthyUpstream(RoutingError):
+    def __init__(self, target: SocketAddr) -> None:
+        self.target = target
+        super().__init__(
+            f"no healthy upstream for {format_authority(*target)}: the service has no endpoint"
+            " that is healthy and serves this port"
+        )
+
+
+class NoValidDestination(RoutingError):
+    def __init__(self, workload: Workload, why: str) -> None:
+        self.workload = workload
+        super().__init__(f"workload {workload.uid} cannot be reached: {why}")
+
+
+class UnknownWaypoint(RoutingError):
+    def __init__(self, waypoint: GatewayAddress) -> None:
+        self.waypoint = waypoint
+        super().__init__(f"waypoint {waypoint.destination} not found in the mesh state")
+
+
+class CrossNetworkUnsupported(RoutingError):
+    def __init__(self, target: SocketAddr, network: str) -> None:
+        self.target = target
+        self.network = network
+        super().__init__(
+            f"{format_authority(*target)} is on network {network!r}: reaching another network"
+            " needs double HBONE through an east-west gateway, which ztunnel-py does not do yet"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Upstream:
+    workload: Workload
+    port: int
+    service: Service | None
+
+
+def route_outbound(
+    state: ProxyState,
+    source: Workload,
+    source_ip: IPAddress,
+    target: SocketAddr,
+    *,
+    rng: random.Random,
+    network: str = "",
+    hbone_port: int = PORT_HBONE,
+) -> Route:
+    """The route for a connection from ``source`` (at ``source_ip``) to ``target``."""
+    target_ip, target_port = target
+    address = state.find_address(
+        NetworkAddress(network, target_ip), prefer_namespace=source.namespace
+    )
+    service = address if isinstance(address, Service) else None
+
+    if service is not None:
+        waypoint = _pick_service_waypoint(service)
+        if waypoint is not None:
+            via = _resolve_waypoint(state, waypoint, source, target, rng)
+            return _waypoint_route(via, source, target, service, hbone_port)
+        lb = service.load_balancer
+        if lb is not None and lb.mode is LoadBalancerMode.PASSTHROUGH:
+            return Route(kind=RouteKind.PASSTHROUGH, next_hop=target)
+        upstream = _upstream_from_service(state, source, service, target_port, rng, waypoint=False)
+        if upstream is None:
+            raise NoHealthyUpstream(target)
+    elif isinstance(address, Workload):
+        upstream = _Upstream(address, target_port, None)
+    else:
+        return Route(kind=RouteKind.PASSTHROUGH, next_hop=target)
+
+    workload = upstream.workload
+    if workload.network != source.network:
+        raise CrossNetworkUnsupported(target, workload.network)
+
+    if (
+        service is None
+        and workload.waypoint is not None
+        and not _source_is_waypoint(state, workload.waypoint, source, source_ip)
+    ):
+        via = _resolve_waypoint(state, workload.waypoint, source, target, rng)
+        return _waypoint_route(via, source, target, None, hbone_port)
+
+    ip = _pick_ip(workload, target_ip)
+    if workload.protocol is InboundProtocol.HBONE:
+        return Route(
+            kind=RouteKind.HBONE,
+            next_hop=(ip, hbone_port),
+            authority=format_authority(ip, upstream.port),
+            identities=_identities(workload, upstream.service),
+            destination_workload=workload,
+            destination_service=upstream.service,
+        )
+    return Route(
+        kind=RouteKind.TCP,
+        next_hop=(ip, upstream.port),
+        destination_workload=workload,
+        destination_service=upstream.service,
+    )
+
+
+# --------------------------------------------------------------------------- waypoints
+
+
+def _pick_service_waypoint(service: Service) -> GatewayAddress | None:
+    # Weighted waypoints are not in our model yet; the primary waypoint is what ztunnel
+    # falls back to as well.
+    return service.waypoint
+
+
+def _waypoint_route(
+    via: _Upstream, source: Workload, target: SocketAddr, service: Service | None, hbone_port: int
+) -> Route:
+    waypoint = via.workload
+    if waypoint.network != source.network:
+        raise CrossNetworkUnsupported(target, waypoint.network)
+    ip = _pick_ip(waypoint, target[0])
+    return Route(
+        kind=RouteKind.HBONE,
+        next_hop=(ip, via.port or hbone_port),
+        authority=format_authority(*target),  # the original VIP (or IP) and port
+        identities=_identities(waypoint, via.service),
+        destination_workload=waypoint,
+        destination_service=service,
+        via_waypoint=True,
+    )
+
+
+def _resolve_waypoint(
+    state: ProxyState,
+    gateway: GatewayAddress,
+    source: Workload,
+    target: SocketAddr,
+    rng: random.Random,
+) -> _Upstream:
+    dest = gateway.destination
+    port = gateway.hbone_mtls_port
+    if isinstance(dest, NamespacedHostname):
+        svc = state.service(f"{dest.namespace}/{dest.hostname}")
+        if svc is not None:
+            found = _upstream_from_service(state, source, svc, port, rng, waypoint=True)
+        else:
+            workload = _workload_by_hostname(state, dest)
+            found = _Upstream(workload, port, None) if workload is not None else None
+    else:
+        addr = state.find_address(dest)
+        if isinstance(addr, Service):
+            found = _upstream_from_service(state, source, addr, port, rng, waypoint=True)
+        elif isinstance(addr, Workload):
+            found = _Upstream(addr, port, None)
+        else:
+            found = None
+    if found is None:
+        raise UnknownWaypoint(gateway)
+    return found
+
+
+def _workload_by_hostname(state: ProxyState, name: NamespacedHostname) -> Workload | None:
+    for w in state.workloads():
+        if w.hostname == name.hostname and w.namespace == name.namespace:
+            return w
+    return None
+
+
+def _source_is_waypoint(
+    state: ProxyState, gateway: GatewayAddress, source: Workload, source_ip: IPAddress
+) -> bool:
+    """ztunnel's ``check_from_waypoint``: the source has the waypoint's identity and IP."""
+
+    def is_waypoint(w: Workload) -> bool:
+        return w.identity == source.identity and source_ip in w.workload_ips
+
+    dest = gateway.destination
+    if isinstance(dest, NamespacedHostname):
+        svc = state.service(f"{dest.namespace}/{dest.hostname}")
+        if svc is None:
+            workload = _workload_by_hostname(state, dest)
+            return workload is not None and is_waypoint(workload)
+        members = state.endpoints(svc.key).values()
+    else:
+        addr = state.find_address(dest)
+        if isinstance(addr, Workload):
+            return is_waypoint(addr)
+        if addr is None:
+            return False
+        members = state.endpoints(addr.key).values()
+    for ep in members:
+        workload = state.workload(ep.workload_uid)
+        if workload is not None and is_waypoint(workload):
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------- load balancing
+
+
+def _upstream_from_service(
+    state: ProxyState,
+    source: Workload,
+    service: Service,
+    service_port: int,
+    rng: random.Random,
+    *,
+    waypoint: bool,
+) -> _Upstream | None:
+    picked = _load_balance(state, source, service, service_port, rng, waypoint=waypoint)
+    if picked is None:
+        return None
+    endpoint, workload = picked
+    service_target = service.ports.get(service_port, 0)
+    if endpoint.ports.get(service_port):
+        port = endpoint.ports[service_port]  # the workload's own mapping wins
+    elif service_target > 0:
+        port = service_target
+    elif workload.application_tunnel is not None and workload.application_tunnel.port:
+        port = service_port
+    else:
+        return None
+    return _Upstream(workload, port, service)
+
+
+def _load_balance(
+    state: ProxyState,
+    source: Workload,
+    service: Service,
+    service_port: int,
+    rng: random.Random,
+    *,
+    waypoint: bool,
+) -> tuple[Endpoint, Workload] | None:
+    target_port = service.ports.get(service_port)
+    if not waypoint and target_port is None:
+        return None  # the service has no such port
+    lb = service.load_balancer
+    allow_unhealthy = lb is not None and lb.health_policy is LoadBalancerHealthPolicy.ALLOW_ALL
+    candidates: list[tuple[Endpoint, Workload]] = []
+    for endpoint in state.endpoints(service.key).values():
+        workload = state.workload(endpoint.workload_uid)
+        if workload is None:
+            continue
+        if workload.status is not HealthStatus.HEALTHY and not allow_unhealthy:
+            continue
+        if not workload.workload_ips:
+            continue  # reachable only through a network gateway (not supported) or DNS
+        if waypoint:
+            if target_port is None and workload.application_tunnel is None:
+                continue
+        elif not target_port and not endpoint.ports.get(service_port):
+            continue  # target port 0 and the workload does not list this port
+        candidates.append((endpoint, workload))
+    if lb is not None and lb.mode in (LoadBalancerMode.FAILOVER, LoadBalancerMode.STRICT):
+        candidates = _rank(source, candidates, lb.routing_preferences, lb.mode)
+    return _weighted_choice(candidates, rng)
+
+
+def _rank(
+    source: Workload,
+    candidates: list[tuple[Endpoint, Workload]],
+    scopes: Sequence[LoadBalancerScope],
+    mode: LoadBalancerMode,
+) -> list[tuple[Endpoint, Workload]]:
+    network_first = bool(scopes) and scopes[0] is LoadBalancerScope.NETWORK
+    ranked: list[tuple[int, Endpoint, Workload]] = []
+    for endpoint, workload in candidates:
+        rank = 0
+        adjust = 0
+        for scope in scopes:
+            if scope is LoadBalancerScope.NETWORK:
+                same = source.network == workload.network
+                if network_first:
+                    if not same:
+                        continue  # a network mismatch does not stop the other scopes
+                    adjust = len(scopes) - 1
+            else:
+                same = _same_scope(scope, source, workload)
+            if not same:
+                break
+            rank += 1
+        if mode is LoadBalancerMode.STRICT and rank != len(scopes):
+            continue
+        ranked.append((rank + adjust, endpoint, workload))
+    if not ranked:
+        return []
+    best = max(r for r, _, _ in ranked)
+    return [(e, w) for r, e, w in ranked if r == best]
+
+
+def _same_scope(scope: LoadBalancerScope, a: Workload, b: Workload) -> bool:
+    if scope is LoadBalancerScope.REGION:
+        return a.locality.region == b.locality.region
+    if scope is LoadBalancerScope.ZONE:
+        return a.locality.zone == b.locality.zone
+    if scope is LoadBalancerScope.SUBZONE:
+        return a.locality.subzone == b.locality.subzone
+    if scope is LoadBalancerScope.NODE:
+        return a.node == b.node
+    if scope is LoadBalancerScope.CLUSTER:
+        return a.cluster_id == b.cluster_id
+    return a.network == b.network
+
+
+def _weighted_choice(
+    candidates: list[tuple[Endpoint, Workload]], rng: random.Random
+) -> tuple[Endpoint, Workload] | None:
+    if not candidates:
+        return None
+    weights = [max(w.capacity, 0) for _, w in candidates]
+    total = sum(weights)
+    if total <= 0:
+        return None
+    point = rng.random() * total
+    for candidate, weight in zip(candidates, weights, strict=True):
+        point -= weight
+        if point < 0:
+            return candidate
+    return candidates[-1]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _pick_ip(workload: Workload, target_ip: IPAddress) -> IPAddress:
+    """A workload IP of the target's family when there is one (ztunnel's family matching)."""
+    if not workload.workload_ips:
+        raise NoValidDestination(workload, "it has no IP address (hostname workloads need DNS)")
+    for ip in workload.workload_ips:
+        if ip.version == target_ip.version:
+            return ip
+    return workload.workload_ips[0]
+
+
+def _identities(workload: Workload, service: Service | None) -> tuple[Identity, ...]:
+    """ztunnel's ``workload_and_services_san``: service SANs, then the workload identity."""
+    ids: list[Identity] = []
+    for san in service.subject_alt_names if service is not None else ():
+        try:
+            ids.append(Identity.parse(san))
+        except InvalidSpiffeId:
+            continue  # ztunnel ignores SANs that are not SPIFFE ids
+    own = Identity(workload.trust_domain, workload.namespace, workload.service_account)
+    if own not in ids:
+        ids.append(own)
+    return tuple(ids)

@@ -1,0 +1,125 @@
+"""Shared plumbing of the three servers: upstream TCP connects and per-connection bookkeeping."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+from collections.abc import Coroutine
+from typing import Any
+
+from ztunnel_py.hbone.headers import format_authority
+from ztunnel_py.proxy.errors import UpstreamConnectError
+from ztunnel_py.proxy.seams import SocketAddr, SocketFactory
+from ztunnel_py.proxy.splice import HboneSplice, TcpSide, TcpSplice
+from ztunnel_py.state.model import IPAddress
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 10.0
+# asyncio re-listens a socket passed to create_server, with a backlog of 100 by default.
+LISTEN_BACKLOG = 4096
+
+
+def sockaddr(raw: Any) -> SocketAddr:
+    """asyncio's peername/sockname tuple -> (ip, port); IPv4-mapped IPv6 becomes IPv4."""
+    ip = ipaddress.ip_address(str(raw[0]).split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped, int(raw[1])
+    return ip, int(raw[1])
+
+
+def family_of(ip: IPAddress) -> int:
+    return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+
+
+async def connect_socket(
+    sockets: SocketFactory,
+    target: SocketAddr,
+    *,
+    source: IPAddress | None = None,
+    timeout_s: float = CONNECT_TIMEOUT_S,
+    hbone: bool = False,
+) -> socket.socket:
+    """A connected non-blocking socket to ``target``, or ``UpstreamConnectError``."""
+    ip, port = target
+    sock = sockets.upstream_socket(family_of(ip), source=source)
+    loop = asyncio.get_running_loop()
+    where = format_authority(ip, port)
+    try:
+        async with asyncio.timeout(timeout_s):
+            await loop.sock_connect(sock, (str(ip), port))
+    except TimeoutError:
+        sock.close()
+        raise UpstreamConnectError(
+            where, f"connection timed out after {timeout_s:g}s", hbone=hbone
+        ) from None
+    except OSError as e:
+        sock.close()
+        reason = "connection refused" if isinstance(e, ConnectionRefusedError) else str(e)
+        raise UpstreamConnectError(where, reason, hbone=hbone) from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def tcp_side_for(sock: socket.socket) -> TcpSide:
+    """Wrap a connected socket in a (paused) ``TcpSide``."""
+    side = TcpSide()
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.create_connection(lambda: side, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+    return side
+
+
+Splice = HboneSplice | TcpSplice
+
+
+class ServerConnections:
+    """The tasks and live splices of one server, for draining and for tests."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.splices: set[Splice] = set()
+        self.handled = 0
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(self._guard(coro))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        self.handled += 1
+        return task
+
+    async def _guard(self, coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # one connection's bug must not take the server down
+            log.exception("%s: connection handler failed", self.name)
+
+    @contextlib.contextmanager
+    def tracking(self, splice: Splice) -> Any:
+        self.splices.add(splice)
+        try:
+            yield splice
+        finally:
+            self.splices.discard(splice)
+
+    async def drain(self, deadline_s: float) -> None:
+        """Wait up to ``deadline_s`` for connections to finish, then abort the rest."""
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=deadline_s)
+        for splice in list(self.splices):
+            splice.abort("connection closed: proxy is shutting down")
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=1.0)

