@@ -17,11 +17,13 @@ import ztunnel_py
 from ztunnel_py.admin.dump import state_dump
 from ztunnel_py.admin.server import AdminServer, ReadinessServer, StatsServer, new_registry
 from ztunnel_py.config import Config
-from ztunnel_py.drain import Drain
+from ztunnel_py.dataplane import DataPlane
 from ztunnel_py.identity.caclient import build_ca_client
 from ztunnel_py.identity.clock import SystemClock
 from ztunnel_py.identity.manager import SecretManager
 from ztunnel_py.identity.node import NodeCertificates
+from ztunnel_py.proxy.memory import tune_malloc
+from ztunnel_py.proxy.seams import FetchedCertificates
 from ztunnel_py.readiness import Readiness
 from ztunnel_py.signals import ShutdownController
 from ztunnel_py.state.hub import StateHub
@@ -46,7 +48,6 @@ class App:
         self.registry = new_registry()
         self.hub = StateHub()
         self.readiness = Readiness()
-        self.drain = Drain()
         self.dump_providers: dict[str, Callable[[], Any]] = {}
         self._stop = asyncio.Event()
         self._forced = asyncio.Event()
@@ -64,6 +65,20 @@ class App:
                 cluster_id=config.cluster_id,
             )
         self._start_identity()
+        self.dataplane = DataPlane(
+            config=config,
+            hub=self.hub,
+            certificates=FetchedCertificates(
+                self.secrets.fetch_certificate, tls12_enabled=config.tls12_enabled
+            ),
+            registry=self.registry,
+            readiness=self.readiness,
+            telemetry=None,
+            rng=self.rng,
+            spawn=self.spawn,
+        )
+        self.dump_providers["dataPlane"] = self.dataplane.dump
+        self.dump_providers["workloadState"] = self.dataplane.workload_state
 
     def _start_identity(self) -> None:
         """Certificates for this node's workloads, from istiod's CA, the local CA or FAKE_CA."""
@@ -148,6 +163,7 @@ class App:
             self.spawn("xds", self.xds.run())
         self.node_certs.sync_all()
         self._follow_certificates()
+        self.dataplane.start()  # eBPF programs, ZDS enrollment, per-pod proxies
 
         admin = AdminServer(
             dump=self.dump,
@@ -167,6 +183,7 @@ class App:
 
     async def run(self) -> int:
         """Run until asked to stop; returns the process exit code."""
+        tune_malloc()  # keep socket-sized buffers off mmap (see docs/BENCHMARKS.md)
         loop = asyncio.get_running_loop()
         shutdown = ShutdownController(graceful=self.request_shutdown, force=self.force_shutdown)
         shutdown.install(loop)
@@ -185,10 +202,12 @@ class App:
             ShutdownController.uninstall(loop)
 
     async def shutdown(self) -> int:
+        """Readiness off, listeners closed, connections drained up to the deadline; a second
+        signal (``force_shutdown``) cuts the drain short."""
         self.readiness.block("shutdown", "draining")
         deadline = self.config.connection_termination_deadline_s
-        log.info("draining %d connections (deadline %.1fs)", self.drain.live, deadline)
-        drained = asyncio.create_task(self.drain.run(deadline))
+        log.info("draining (deadline %.1fs)", deadline)
+        drained = asyncio.create_task(self.dataplane.stop(deadline))
         forced = asyncio.create_task(self._forced.wait())
         await asyncio.wait({drained, forced}, return_when=asyncio.FIRST_COMPLETED)
         forced.cancel()
@@ -196,6 +215,8 @@ class App:
         if not drained.done():
             drained.cancel()
             code = EXIT_FORCED
+        with contextlib.suppress(asyncio.CancelledError):
+            await drained
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

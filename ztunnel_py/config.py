@@ -149,7 +149,7 @@ class Config:
     log_level: str = "info"
     log_format: LogFormat = LogFormat.TEXT
     # ztunnel-py additions
-    redirect_mode: RedirectMode = RedirectMode.EBPF
+    redirect_mode: RedirectMode | None = None  # None: eBPF where the kernel allows, else iptables
     local_ca_dir: Path = Path(DEFAULT_LOCAL_CA_DIR)
     bpf_pin_path: Path = Path(DEFAULT_BPF_PIN_PATH)
     bpf_cgroup_path: Path | None = None  # None: the kubelet's kubepods cgroup, found at start
@@ -479,7 +479,11 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         readiness_port=integer("READINESS_PORT", PORT_READINESS, maximum=65535),
         log_level=log_level,
         log_format=parse_enum("LOG_FORMAT", get("LOG_FORMAT", "text") or "", LogFormat),
-        redirect_mode=parse_enum("REDIRECT_MODE", get("REDIRECT_MODE", "ebpf") or "", RedirectMode),
+        redirect_mode=(
+            parse_enum("REDIRECT_MODE", env["REDIRECT_MODE"], RedirectMode)
+            if env.get("REDIRECT_MODE")
+            else None
+        ),
         local_ca_dir=Path(get("LOCAL_CA_DIR", DEFAULT_LOCAL_CA_DIR) or DEFAULT_LOCAL_CA_DIR),
         bpf_pin_path=Path(get("BPF_PIN_PATH", DEFAULT_BPF_PIN_PATH) or DEFAULT_BPF_PIN_PATH),
         bpf_cgroup_path=Path(env["BPF_CGROUP_PATH"]) if env.get("BPF_CGROUP_PATH") else None,

@@ -31,6 +31,7 @@ def base_env(tmp_path: Path, config: Path) -> dict[str, str]:
         "LOCAL_XDS_PATH": str(config),
         "LOCAL_CA_DIR": str(tmp_path / "ca"),
         "CONNECTION_TERMINATION_DEADLINE": "2s",
+        "INPOD_ENABLED": "false",  # no istio-cni agent here: control plane and admin only
     }
 
 
@@ -119,7 +120,11 @@ def test_sigterm_drains_and_exits_zero(tmp_path: Path, local_config: Path) -> No
 
 def test_readiness_is_503_until_configuration_arrives(tmp_path: Path) -> None:
     # istiod configured but unreachable: the state manager never gets its first ACK.
-    env = {"XDS_ADDRESS": f"https://127.0.0.1:{free_port()}", "FAKE_CA": "true"}
+    env = {
+        "XDS_ADDRESS": f"https://127.0.0.1:{free_port()}",
+        "FAKE_CA": "true",
+        "INPOD_ENABLED": "false",
+    }
     with run_daemon(env, log_dir=tmp_path) as d:
         reply = http(d.ready_url)
         assert reply.status == 503

@@ -38,6 +38,7 @@ def istiod_env(istiod: BackgroundIstiod, tmp_path: Path) -> dict[str, str]:
         "AUTH_TOKEN": str(token),
         "NODE_NAME": "local",
         "CLUSTER_ID": "cluster1",
+        "INPOD_ENABLED": "false",
     }
 
 
@@ -57,8 +58,9 @@ def test_daemon_syncs_from_istiod_and_gets_certificates_from_its_ca(tmp_path: Pa
 
             # An incremental push reaches the running daemon.
             extra = Workload(uid="cluster1//v1/Pod/default/late", name="late", namespace="default")
-            assert istiod.istiod is not None
-            istiod.call(lambda: istiod.istiod.push(UpdateBatch(workloads=(extra,))))  # type: ignore[union-attr]
+            fake, loop = istiod.istiod, istiod.loop
+            assert fake is not None and loop is not None
+            loop.call(lambda: fake.push(UpdateBatch(workloads=(extra,))))
 
             def pushed() -> None:
                 names = {w["name"] for w in d.config_dump()["workloads"]}

@@ -44,7 +44,7 @@ def test_defaults_match_ztunnel() -> None:
     assert cfg.connection_termination_deadline_s == 5
     assert cfg.ipv6_enabled and not cfg.tls12_enabled and cfg.enable_response_baggage
     assert (cfg.admin_port, cfg.stats_port, cfg.readiness_port) == (15000, 15020, 15021)
-    assert cfg.redirect_mode is c.RedirectMode.EBPF
+    assert cfg.redirect_mode is None  # auto: eBPF where the kernel allows
     assert cfg.log_format is c.LogFormat.TEXT
 
 
@@ -150,6 +150,7 @@ def test_fake_ca_disables_the_ca_address() -> None:
         ({"RUST_LOG": "debug"}, "log_level", "debug"),
         ({"LOG_FORMAT": "json"}, "log_format", c.LogFormat.JSON),
         ({"REDIRECT_MODE": "iptables"}, "redirect_mode", c.RedirectMode.IPTABLES),
+        ({"REDIRECT_MODE": "ebpf"}, "redirect_mode", c.RedirectMode.EBPF),
         ({"LOCAL_CA_DIR": "/var/lib/x"}, "local_ca_dir", Path("/var/lib/x")),
         ({"BPF_PIN_PATH": "/sys/fs/bpf/other"}, "bpf_pin_path", Path("/sys/fs/bpf/other")),
         (
@@ -268,5 +269,5 @@ def test_dump_redacts_secrets_and_uses_camel_case() -> None:
     dump = cfg.to_dump()
     assert dump["localXds"] == "<redacted>"
     assert dump["authToken"] == "<redacted>"
-    assert dump["redirectMode"] == "ebpf"
+    assert dump["redirectMode"] is None
     assert dump["connectionTerminationDeadlineS"] == 5.0

@@ -34,7 +34,9 @@ class OriginalDestinationError(OSError):
 def original_destination(sock: socket.socket) -> SocketAddr:
     """SO_ORIGINAL_DST (IPv4) / IP6T_SO_ORIGINAL_DST (IPv6) of a redirected connection."""
     try:
-        if sock.family == socket.AF_INET6:
+        # A dual-stack [::] listener accepts IPv4 clients as v4-mapped peers; their conntrack
+        # entry is IPv4, so only the IPv4 option answers for them.
+        if sock.family == socket.AF_INET6 and not _is_v4_mapped(sock.getpeername()[0]):
             raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28)
             port = struct.unpack_from("!H", raw, 2)[0]
             ip6 = ipaddress.IPv6Address(raw[8:24])
@@ -49,6 +51,10 @@ def original_destination(sock: socket.socket) -> SocketAddr:
             "no original destination on this connection (SO_ORIGINAL_DST failed: was it "
             f"redirected by iptables REDIRECT to the outbound port?): {e.strerror}",
         ) from None
+
+
+def _is_v4_mapped(host: str) -> bool:
+    return host.startswith("::ffff:") and "." in host
 
 
 class SoOriginalDst:

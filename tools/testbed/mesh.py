@@ -1,0 +1,197 @@
+"""A whole local mesh: the testbed's nodes and pods, one fake istio-cni agent and one real
+``ztunnel-py`` process per node, the local control plane. Used by the demo, the namespaced
+end-to-end tests and the benchmarks (root).
+
+Each node's daemon runs in the host network namespace with its own admin/metrics/readiness
+ports (its listeners live inside its pods' namespaces anyway, and ``ip netns exec`` would hide
+the cgroup and BPF mounts from it). Every daemon reads the same local config file (the
+testbed's, plus any policies the caller adds) and the same local CA directory, so all nodes
+share one trust root. The fake agent plays istio-cni: it hands each pod's netns fd to its
+node's daemon over ZDS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tools.testbed.bed import Testbed, TestbedOptions, cgroup2_mount
+from tools.testbed.plan import NodePlan, PodPlan, local_config, make_plan
+from ztunnel_py.testing.background import BackgroundLoop
+from ztunnel_py.testing.cni_agent import FakeCniAgent
+from ztunnel_py.testing.daemon import Daemon, run_daemon
+
+CLIENT = Path(__file__).with_name("client.py")
+BPF_PIN_ROOT = Path("/sys/fs/bpf")
+
+
+@dataclass
+class MeshOptions:
+    tag: str = "mesh"
+    nodes: int = 2
+    pods_per_node: int = 2
+    redirect: str = "iptables"  # iptables | ebpf
+    app: str = "python"  # the testbed's app server (python | nginx)
+    policies: Sequence[Mapping[str, Any]] = ()  # local-config policies to add
+    env: Mapping[str, str] = field(default_factory=dict)  # extra daemon environment
+
+
+class Mesh:
+    def __init__(self, options: MeshOptions, work_dir: Path) -> None:
+        if options.redirect not in {"iptables", "ebpf"}:
+            raise ValueError(f"redirect={options.redirect!r}: use iptables or ebpf")
+        self.options = options
+        self.work_dir = work_dir
+        self.plan = make_plan(options.tag, options.nodes, options.pods_per_node)
+        self.config_path = work_dir / "mesh.yaml"
+        self.bed = Testbed(
+            self.plan,
+            TestbedOptions(
+                iptables=options.redirect == "iptables",
+                app=options.app,
+                config_path=str(self.config_path),
+            ),
+            state_dir=work_dir / "testbed",
+        )
+        self.loop: BackgroundLoop | None = None
+        self.agents: dict[str, FakeCniAgent] = {}
+        self.daemons: dict[str, Daemon] = {}
+        self._daemon_stacks: dict[str, contextlib.ExitStack] = {}
+
+    # ------------------------------------------------------------------ bring up
+
+    def up(self) -> None:
+        try:
+            self.bed.up()
+            self.write_config(self.options.policies)
+            self.loop = BackgroundLoop("fake-istio-cni")
+            for node in self.plan.nodes:
+                self._start_agent(node)
+            for node in self.plan.nodes:
+                self.start_daemon(node.name, wait="listening")
+            for node in self.plan.nodes:
+                self.daemons[node.name].wait_ready()
+        except BaseException:
+            self.down()
+            raise
+
+    def _start_agent(self, node: NodePlan) -> None:
+        assert self.loop is not None
+        agent = FakeCniAgent(self.work_dir / f"{node.name}.sock")
+        self.loop.run(agent.start())
+        for pod in self.plan.pods_on(node.name):
+            self.loop.run(agent.add_pod(pod.uid, pod.workload_info, pod.netns_path))
+        self.agents[node.name] = agent
+
+    def daemon_env(self, node_name: str) -> dict[str, str]:
+        node = self.plan.node(node_name)
+        env = {
+            "LOCAL_XDS_PATH": str(self.config_path),
+            "LOCAL_CA_DIR": str(self.work_dir / "ca"),
+            "NODE_NAME": node.name,
+            "INPOD_UDS": str(self.work_dir / f"{node.name}.sock"),
+            "REDIRECT_MODE": self.options.redirect,
+            "CONNECTION_TERMINATION_DEADLINE": "3s",
+        }
+        if self.options.redirect == "ebpf":
+            mount = cgroup2_mount()
+            assert mount is not None, "the testbed made cgroups, so a cgroup v2 mount exists"
+            env["BPF_CGROUP_PATH"] = str(mount / node.cgroup)
+            env["BPF_PIN_PATH"] = str(self.bpf_pin_path(node.name))
+        env.update(self.options.env)
+        return env
+
+    def bpf_pin_path(self, node_name: str) -> Path:
+        return BPF_PIN_ROOT / f"ztunnel-py-{self.plan.prefix}{node_name}"
+
+    def start_daemon(self, node_name: str, *, wait: str = "ready") -> Daemon:
+        stack = contextlib.ExitStack()
+        daemon = stack.enter_context(
+            run_daemon(self.daemon_env(node_name), log_dir=self.work_dir / "logs", wait=wait)
+        )
+        self.daemons[node_name] = daemon
+        self._daemon_stacks[node_name] = stack
+        return daemon
+
+    def stop_daemon(self, node_name: str, *, signum: int = signal.SIGTERM) -> int:
+        """Signal the node's daemon and wait for it; returns its exit code."""
+        daemon = self.daemons.pop(node_name)
+        daemon.signal(signum)
+        code = daemon.wait(timeout=30)
+        self._daemon_stacks.pop(node_name).close()
+        return code
+
+    # ------------------------------------------------------------------ using it
+
+    def pod(self, name: str) -> PodPlan:
+        return self.plan.pod(name)
+
+    def service_vip(self, name: str) -> str:
+        for svc in self.plan.services:
+            if svc.name == name:
+                return svc.vip
+        raise KeyError(name)
+
+    def client(
+        self, pod: str, mode: str, host: str, port: int, *args: str, timeout: float = 60
+    ) -> dict[str, Any]:
+        """Run the pod client (``tools/testbed/client.py``) inside ``pod``; its JSON result."""
+        argv = [sys.executable, str(CLIENT), mode, host, str(port), *args]
+        proc = self.bed.run(pod, argv, timeout=timeout)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"client in {pod} failed ({proc.returncode}): {proc.stderr}")
+        result: dict[str, Any] = json.loads(lines[-1])
+        return result
+
+    def write_config(self, policies: Sequence[Mapping[str, Any]] = ()) -> None:
+        """(Re)write the local config every daemon watches: the testbed mesh plus ``policies``."""
+        doc = local_config(self.plan)
+        doc["policies"] = [dict(p) for p in policies]
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+        os.replace(tmp, self.config_path)
+
+    # ------------------------------------------------------------------ tear down
+
+    def down(self) -> None:
+        for node_name in list(self.daemons):
+            with contextlib.suppress(Exception):
+                self.daemons.pop(node_name).stop()
+            self._daemon_stacks.pop(node_name).close()
+        if self.loop is not None:
+            for agent in self.agents.values():
+                with contextlib.suppress(Exception):
+                    self.loop.run(agent.stop())
+            self.loop.close()
+            self.loop = None
+        self.agents.clear()
+        if self.options.redirect == "ebpf":
+            self._remove_bpf()
+        self.bed.down()
+
+    def _remove_bpf(self) -> None:
+        """Daemons leave their programs pinned on purpose (fail closed); a test mesh does not."""
+        from ztunnel_py.bpf.loader import BpfLoader  # noqa: PLC0415 (eBPF meshes only)
+
+        mount = cgroup2_mount()
+        for node in self.plan.nodes:
+            pin = self.bpf_pin_path(node.name)
+            if pin.exists() and mount is not None:
+                BpfLoader(pin_path=pin, cgroup_path=mount / node.cgroup).uninstall()
+
+    def __enter__(self) -> Mesh:
+        self.up()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()

@@ -1,0 +1,274 @@
+"""Composition of the data plane: redirection (eBPF or iptables), enrolled pods, their proxies.
+
+Part of the composition root (``app.py`` builds one ``DataPlane``): it picks the redirect mode,
+loads the BPF programs when eBPF is used, runs the ZDS client that enrolls pods (or, in
+dedicated mode, enrolls the daemon's own namespace), and starts one ``PodProxy`` per pod with
+the seams it needs: certificates, authorization, original destinations, upstream sockets,
+telemetry and live policy re-evaluation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry
+
+from ztunnel_py.config import Config, ProxyMode, RedirectMode
+from ztunnel_py.errors import UnsupportedFeature, ZtunnelError
+from ztunnel_py.hbone.connection import HboneSettings, Role
+from ztunnel_py.proxy.conntrack import ConnectionTracker
+from ztunnel_py.proxy.outbound import HboneConnector
+from ztunnel_py.proxy.pod import PodProxy, start_pod_proxy
+from ztunnel_py.proxy.pool import HbonePool
+from ztunnel_py.proxy.seams import (
+    CertificateSource,
+    OriginalDestination,
+    PolicyAuthorizer,
+    TelemetrySink,
+)
+from ztunnel_py.proxy.sockopt import PodSocketFactory, SoOriginalDst
+from ztunnel_py.readiness import Readiness
+from ztunnel_py.redirect.workloads import (
+    EnrolledPod,
+    EnrollmentListener,
+    PodListeners,
+    WorkloadManager,
+)
+from ztunnel_py.redirect.zds import ZdsClient
+from ztunnel_py.state.hub import StateHub
+from ztunnel_py.state.store import ChangeSet
+
+if TYPE_CHECKING:  # the BPF modules load libbpf: imported only when eBPF mode is used
+    from ztunnel_py.bpf.loader import BpfLoader
+
+log = logging.getLogger(__name__)
+
+READY_WORKLOADS = "workload proxy manager"
+DEDICATED_UID = "dedicated"
+
+
+@dataclass(slots=True)
+class _PodHandle:
+    proxy: PodProxy
+    pool: HbonePool
+
+    async def stop(self, deadline_s: float) -> None:
+        await self.proxy.stop(deadline_s)
+        await self.pool.close()
+
+
+class PodProxyStarter:
+    """The workload manager's ``PodProxyFactory``: one proxy (and HBONE pool) per pod."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        hub: StateHub,
+        certificates: CertificateSource,
+        original_destination: OriginalDestination,
+        conntrack: ConnectionTracker,
+        telemetry: TelemetrySink | None,
+        rng: random.Random,
+    ) -> None:
+        self._config = config
+        self._hub = hub
+        self._certificates = certificates
+        self._original_destination = original_destination
+        self._conntrack = conntrack
+        self._telemetry = telemetry
+        self._rng = rng
+
+    async def start(self, pod: EnrolledPod, listeners: PodListeners) -> _PodHandle:
+        if pod.workload is None:
+            raise ZtunnelError(f"pod {pod.uid} has no xDS workload yet")
+        config = self._config
+        sockets = PodSocketFactory(config, pod.netns_fd)
+        pool = HbonePool(
+            HboneConnector(
+                certificates=self._certificates,
+                sockets=sockets,
+                settings=HboneSettings.for_role(Role.CLIENT, config),
+            ),
+            max_streams_per_connection=config.pool_max_streams_per_connection,
+            unused_release_timeout_s=config.pool_unused_release_timeout_s,
+        )
+        proxy = await start_pod_proxy(
+            workload=pod.workload,
+            listeners=listeners.sockets(),
+            state=self._hub.state,
+            config=config,
+            certificates=self._certificates,
+            pool=pool,
+            sockets=sockets,
+            original_destination=self._original_destination,
+            authorizer=PolicyAuthorizer(self._hub.state, pod.workload),
+            telemetry=self._telemetry,
+            rng=self._rng,
+            conntrack=self._conntrack,
+        )
+        return _PodHandle(proxy, pool)
+
+
+class DataPlane:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        hub: StateHub,
+        certificates: CertificateSource,
+        registry: CollectorRegistry,
+        readiness: Readiness,
+        telemetry: TelemetrySink | None,
+        rng: random.Random,
+        spawn: Callable[[str, Coroutine[Any, Any, None]], None],
+    ) -> None:
+        self.config = config
+        self.hub = hub
+        self.registry = registry
+        self.readiness = readiness
+        self.spawn = spawn
+        self.conntrack = ConnectionTracker()
+        self.redirect_mode: RedirectMode | None = None
+        self.bpf: BpfLoader | None = None
+        self.manager: WorkloadManager | None = None
+        self.zds: ZdsClient | None = None
+        self._certificates = certificates
+        self._telemetry = telemetry
+        self._rng = rng
+        hub.subscribe("policy re-evaluation", self._policies_changed)
+
+    @property
+    def enabled(self) -> bool:
+        """In-pod mode (ZDS) or dedicated mode; with neither the daemon serves no traffic."""
+        return self.config.inpod_enabled or self.config.proxy_mode is ProxyMode.DEDICATED
+
+    def _policies_changed(self, changes: ChangeSet) -> None:
+        if changes.policies_changed:
+            self.conntrack.on_policy_change(self.hub.state)
+
+    # ------------------------------------------------------------------ start
+
+    def start(self) -> None:
+        if not self.enabled:
+            log.warning(
+                "INPOD_ENABLED=false and PROXY_MODE=shared: no pod will be served"
+                " (set PROXY_MODE=dedicated with PROXY_WORKLOAD_INFO to proxy this namespace)"
+            )
+            return
+        listeners: list[EnrollmentListener] = []
+        original_destination: OriginalDestination = SoOriginalDst()
+        self.redirect_mode = self._choose_redirect_mode()
+        if self.redirect_mode is RedirectMode.EBPF:
+            loader, enrollment = self._start_bpf()
+            listeners.append(enrollment)
+            original_destination = loader.original_destinations()
+        starter = PodProxyStarter(
+            config=self.config,
+            hub=self.hub,
+            certificates=self._certificates,
+            original_destination=original_destination,
+            conntrack=self.conntrack,
+            telemetry=self._telemetry,
+            rng=self._rng,
+        )
+        self.manager = WorkloadManager.from_config(
+            self.config, self.hub.state, starter, self.registry, listeners=listeners
+        )
+        self.hub.subscribe("workload manager", self.manager.state_changed)
+        if self.config.proxy_mode is ProxyMode.DEDICATED:
+            self.spawn("dedicated proxy", self._enroll_own_namespace())
+        else:
+            self.readiness.block(READY_WORKLOADS, "waiting for the istio-cni node agent")
+            self.zds = ZdsClient(self.config.inpod_uds, self.manager, on_ready=self._zds_ready)
+            self.spawn("zds", self.zds.run())
+
+    def _choose_redirect_mode(self) -> RedirectMode:
+        mode = self.config.redirect_mode
+        if mode is not None:
+            return mode
+        try:
+            self._bpf_cgroup()
+        except UnsupportedFeature as e:
+            log.warning("eBPF redirection is not available (%s); using iptables mode", e)
+            return RedirectMode.IPTABLES
+        return RedirectMode.EBPF
+
+    def _bpf_cgroup(self) -> Path:
+        from ztunnel_py.bpf.loader import find_pods_cgroup
+
+        path = self.config.bpf_cgroup_path or find_pods_cgroup()
+        if path is None:
+            raise UnsupportedFeature(
+                "pods cgroup", "no kubepods cgroup on a cgroup v2 mount; set BPF_CGROUP_PATH"
+            )
+        return path
+
+    def _start_bpf(self) -> tuple[BpfLoader, EnrollmentListener]:
+        from ztunnel_py.bpf.enrollment import BpfEnrollment
+        from ztunnel_py.bpf.loader import BpfLoader
+        from ztunnel_py.bpf.metrics import BpfMetrics
+        from ztunnel_py.bpf.reconcile import MapSync, Reconciler
+
+        kwargs: dict[str, Any] = {"cgroup_path": self._bpf_cgroup()}
+        if self.config.bpf_object_dir is not None:
+            kwargs["object_dir"] = self.config.bpf_object_dir
+        loader = BpfLoader.from_config(self.config, **kwargs)
+        loader.start()  # probes the kernel; UnsupportedFeature names what is missing
+        self.bpf = loader
+        sync = MapSync(self.hub.state, Reconciler(loader.maps), network=self.config.network)
+        sync.reconciler.resync()
+        enrollment = BpfEnrollment(loader, sync)
+        self.hub.subscribe("bpf maps", enrollment.state_changed)
+        BpfMetrics(self.registry, loader.read_counters)
+        log.info("eBPF redirection attached at %s", kwargs["cgroup_path"])
+        return loader, enrollment
+
+    async def _enroll_own_namespace(self) -> None:
+        info = self.config.proxy_workload_info
+        assert info is not None and self.manager is not None
+        fd = os.open("/proc/self/ns/net", os.O_RDONLY)
+        await self.manager.enroll(DEDICATED_UID, info, fd)
+
+    def _zds_ready(self, ready: bool) -> None:
+        if not ready:
+            self.readiness.block(READY_WORKLOADS, "waiting for the istio-cni node agent")
+            return
+        self.readiness.release(READY_WORKLOADS)
+        if self.bpf is not None and self.manager is not None:
+            # Pods deleted while we were away still have pinned sk_lookup links: drop them.
+            pruned = self.bpf.prune_pods(self.manager.pods().keys())
+            if pruned:
+                log.info("removed the BPF links of %d pods that are gone", len(pruned))
+
+    # ------------------------------------------------------------------ admin and stop
+
+    def dump(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "redirectMode": self.redirect_mode.value if self.redirect_mode else None,
+        }
+        if self.bpf is not None:
+            out["bpf"] = self.bpf.dump()
+        return out
+
+    def workload_state(self) -> dict[str, Any]:
+        return self.manager.dump() if self.manager is not None else {}
+
+    async def stop(self, deadline_s: float) -> None:
+        """Stop enrolling, close every pod's listeners, drain connections up to the deadline.
+
+        BPF maps and links stay pinned: enrolled pods keep failing closed while we are away.
+        """
+        if self.zds is not None:
+            self.zds.close()
+        if self.manager is not None:
+            await self.manager.shutdown(deadline_s)
+        if self.bpf is not None:
+            await asyncio.to_thread(self.bpf.close)
