@@ -31,6 +31,12 @@ def connect(host: str, port: int, timeout: float) -> socket.socket:
     return sock
 
 
+def peer_of(sock: socket.socket) -> str:
+    """What the application believes it is connected to (getpeername)."""
+    host, port = sock.getpeername()[:2]
+    return f"{host}:{port}"
+
+
 def outcome(e: BaseException) -> str:
     if isinstance(e, ConnectionRefusedError):
         return "refused"
@@ -47,7 +53,7 @@ def echo(args: argparse.Namespace) -> dict[str, object]:
     digest = hashlib.sha256()
     try:
         with connect(args.host, args.port, args.timeout) as sock:
-            out["peer"] = "%s:%d" % sock.getpeername()[:2]
+            out["peer"] = peer_of(sock)
             sock.sendall(data)
             out["sent"] = len(data)
             sock.shutdown(socket.SHUT_WR)
@@ -69,7 +75,7 @@ def http(args: argparse.Namespace) -> dict[str, object]:
     out: dict[str, object] = {}
     try:
         with connect(args.host, args.port, args.timeout) as sock:
-            out["peer"] = "%s:%d" % sock.getpeername()[:2]
+            out["peer"] = peer_of(sock)
             sock.sendall(
                 f"GET / HTTP/1.1\r\nHost: {args.host}\r\nConnection: close\r\n\r\n".encode()
             )
@@ -94,7 +100,7 @@ def stream(args: argparse.Namespace) -> dict[str, object]:
     sent = received = 0
     try:
         with connect(args.host, args.port, args.timeout) as sock:
-            out["peer"] = "%s:%d" % sock.getpeername()[:2]
+            out["peer"] = peer_of(sock)
             print(json.dumps({"event": "connected"}), flush=True)
             while time.monotonic() < deadline:
                 sock.sendall(chunk)

@@ -181,7 +181,7 @@ class Mesh:
 
     def _remove_bpf(self) -> None:
         """Daemons leave their programs pinned on purpose (fail closed); a test mesh does not."""
-        from ztunnel_py.bpf.loader import BpfLoader  # noqa: PLC0415 (eBPF meshes only)
+        from ztunnel_py.bpf.loader import BpfLoader  # eBPF meshes only: it loads libbpf
 
         mount = cgroup2_mount()
         for node in self.plan.nodes:
