@@ -1,31 +1,175 @@
-"""The ztunnel-py demo: start the daemon on the example mesh and show what it holds."""
+"""The ztunnel-py demo: a two-node ambient mesh on this machine (root).
+
+Two nodes and four pods as network namespaces, one ztunnel-py per node with the local control
+plane, a fake istio-cni agent per node handing the pods over (the real agent needs Kubernetes).
+A pod on node-0 calls a service whose endpoints are all on node-1: the kernel (eBPF by default)
+sends the connection to the pod's ztunnel-py, which carries it over mTLS (HBONE) to node-1's.
+Then a policy allows only one caller, and the other is refused.
+
+    python -m tools.demo                    # eBPF redirection (the default)
+    python -m tools.demo --redirect iptables
+    python -m tools.demo --keep             # leave it running to poke at, Ctrl-C to stop
+"""
 
 from __future__ import annotations
 
-import json
+import argparse
+import re
+import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
-from ztunnel_py.testing.daemon import http, run_daemon
+import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tools.testbed.mesh import Mesh, MeshOptions
+from tools.testbed.plan import local_config
+from ztunnel_py.testing.daemon import Daemon, http
+
+SERVICE = "reviews"
+SERVICE_VIP = "10.96.0.50"
+SERVER_PODS = ("pod-1-0", "pod-1-1")  # both on node-1
+ALLOWED, REFUSED = "pod-0-0", "pod-0-1"  # both on node-0, service accounts app-0 and app-1
+POLICY = "default/reviews-callers"
 
 
-def main() -> int:
-    with tempfile.TemporaryDirectory(prefix="ztunnel-py-demo-") as tmp:
-        env = {"LOCAL_XDS_PATH": str(ROOT / "examples/localhost.yaml"), "LOCAL_CA_DIR": f"{tmp}/ca"}
-        with run_daemon(env, log_dir=Path(tmp), wait="ready") as d:
-            dump = d.config_dump()
-            print(f"ztunnel-py is ready (admin {d.admin}, metrics {d.stats}/metrics)")
-            print(f"workloads: {[w['name'] for w in dump['workloads']]}")
-            print(f"services:  {[s['hostname'] for s in dump['services']]}")
-            print(f"policies:  {[p['namespace'] + '/' + p['name'] for p in dump['policies']]}")
-            print("\n/config_dump:")
-            json.dump(dump, sys.stdout, indent=2)
-            print()
-            http(f"{d.admin}/quitquitquit", method="POST")
-            return d.wait(timeout=30)
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def mesh_config(mesh: Mesh, *, with_policy: bool) -> dict[str, Any]:
+    """The testbed's mesh plus a ``reviews`` service backed only by node-1's pods."""
+    doc = local_config(mesh.plan)
+    key = f"default/{SERVICE}.default.svc.cluster.local"
+    for w in doc["workloads"]:
+        if w["name"] in SERVER_PODS:
+            w["services"][key] = {80: mesh.plan.http_port, 9000: mesh.plan.echo_port}
+            if with_policy:
+                w["authorizationPolicies"] = [POLICY]
+    doc["services"].append(
+        {
+            "name": SERVICE,
+            "namespace": "default",
+            "hostname": f"{SERVICE}.default.svc.cluster.local",
+            "vips": [f"/{SERVICE_VIP}"],
+            "ports": {80: mesh.plan.http_port, 9000: mesh.plan.echo_port},
+        }
+    )
+    if with_policy:
+        caller = mesh.pod(ALLOWED).identity.removeprefix("spiffe://")
+        doc["policies"] = [
+            {
+                "name": POLICY.split("/")[1],
+                "namespace": "default",
+                "scope": "WorkloadSelector",
+                "action": "Allow",
+                "rules": [[[{"principals": [{"Exact": caller}]}]]],
+            }
+        ]
+    return doc
+
+
+def apply(mesh: Mesh, doc: dict[str, Any]) -> None:
+    """Write the config both daemons watch and wait until both have loaded it."""
+    before = {n: d.config_dump()["staticConfig"]["loads"] for n, d in mesh.daemons.items()}
+    tmp = mesh.config_path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+    tmp.replace(mesh.config_path)
+    deadline = time.monotonic() + 30
+    while any(d.config_dump()["staticConfig"]["loads"] <= before[n] for n, d in mesh.daemons.items()):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the daemons did not reload the local config")
+        time.sleep(0.1)
+
+
+def access_lines(daemon: Daemon, since: int) -> list[str]:
+    return [line for line in daemon.log()[since:].splitlines() if "connection complete" in line]
+
+
+def fields(line: str, *names: str) -> str:
+    found = dict(re.findall(r'(\S+?)=("[^"]*"|\S+)', line))
+    return "  ".join(f"{n}={found[n].strip(chr(34))}" for n in names if n in found)
+
+
+def call(mesh: Mesh, pod: str) -> dict[str, Any]:
+    return mesh.client(pod, "http", SERVICE_VIP, 80)
+
+
+def run(args: argparse.Namespace) -> int:
+    work = Path(tempfile.mkdtemp(prefix="ztunnel-py-demo-"))
+    options = MeshOptions(tag="demo", redirect=args.redirect)
+    say(f"== building a 2-node mesh ({args.redirect} redirection), work dir {work}")
+    mesh = Mesh(options, work)
+    mesh.up()
+    try:
+        apply(mesh, mesh_config(mesh, with_policy=False))
+        node0, node1 = mesh.daemons["node-0"], mesh.daemons["node-1"]
+        for node in mesh.plan.nodes:
+            d = mesh.daemons[node.name]
+            mode = d.config_dump()["dataPlane"]["redirectMode"]
+            say(f"   {node.name}: ztunnel-py pid {d.proc.pid}, redirect {mode}, admin {d.admin}")
+            for pod in mesh.plan.pods_on(node.name):
+                say(f"      {pod.name:8} {pod.ip:12} {pod.identity}")
+        say(f"   service {SERVICE}.default.svc.cluster.local  VIP {SERVICE_VIP}:80 -> {', '.join(SERVER_PODS)}")
+
+        say(f"\n== {ALLOWED} (node-0) calls http://{SERVICE_VIP}/ three times")
+        marks = (len(node0.log()), len(node1.log()))
+        for _ in range(3):
+            reply = call(mesh, ALLOWED)
+            say(f"   answered by {reply.get('body', '').strip() or reply}  (the app sees peer {reply.get('peer')})")
+        time.sleep(0.3)
+        say("   node-0's ztunnel-py (source side) logged:")
+        for line in access_lines(node0, marks[0])[:3]:
+            say("     " + fields(line, "src.identity", "dst.identity", "dst.hbone_addr", "bytes_sent", "bytes_recv"))
+        say("   node-1's ztunnel-py (destination side) verified the caller's certificate:")
+        for line in access_lines(node1, marks[1])[:3]:
+            say("     " + fields(line, "src.identity", "dst.identity", "dst.addr", "bytes_sent", "bytes_recv"))
+
+        say(f"\n== a policy now allows only {mesh.pod(ALLOWED).identity} to call {SERVICE}")
+        apply(mesh, mesh_config(mesh, with_policy=True))
+        for pod in (ALLOWED, REFUSED):
+            reply = call(mesh, pod)
+            verdict = f"answered by {reply['body'].strip()}" if reply.get("result") == "ok" and reply.get("body") else f"refused ({reply.get('result')}: {reply.get('error', 'no answer')})"
+            say(f"   {pod} ({mesh.pod(pod).identity.rsplit('/', 1)[1]}): {verdict}")
+        time.sleep(0.3)
+        denials = [line for line in node1.log().splitlines() if "denied" in line or "401" in line]
+        if denials:
+            say("   node-1's ztunnel-py said: " + denials[-1].split(": ", 1)[-1][:160])
+
+        say("\n== look around")
+        for node in mesh.plan.nodes:
+            d = mesh.daemons[node.name]
+            say(f"   {node.name}: curl {d.admin}/config_dump    curl {d.stats}/metrics    "
+                f"ztunnel-py config-dump --admin 127.0.0.1:{d.admin_port}")
+        metrics = http(node1.stats + "/metrics").text
+        opened = [line for line in metrics.splitlines() if line.startswith("istio_tcp_connections_opened_total")]
+        if opened:
+            say(f"   e.g. node-1 istio_tcp_connections_opened_total has {len(opened)} series")
+        dump = node0.config_dump()
+        say(f"   node-0 /config_dump keys: {', '.join(sorted(dump))}")
+        if args.redirect == "ebpf":
+            bpf = dump["dataPlane"].get("bpf", {})
+            say(f"   node-0 BPF maps: {', '.join(sorted(bpf.get('maps', {})))}")
+
+        if args.keep:
+            say("\n== running; Ctrl-C to tear everything down")
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        return 0
+    finally:
+        say("\n== tearing down")
+        mesh.down()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--redirect", choices=["ebpf", "iptables"], default="ebpf")
+    parser.add_argument("--keep", action="store_true", help="keep the mesh running until Ctrl-C")
+    args = parser.parse_args(argv)
+    if args.keep:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
         default=f"127.0.0.1:{os.environ.get('ADMIN_PORT', config_mod.PORT_ADMIN)}",
         help="admin address (default 127.0.0.1:15000)",
     )
+    b = sub.add_parser(
+        "uninstall-bpf",
+        help="detach and unpin this node's BPF programs and maps (BPF_PIN_PATH); stops redirection",
+    )
+    b.add_argument("--pin-path", type=Path, help="default: BPF_PIN_PATH or /sys/fs/bpf/ztunnel-py")
     sub.add_parser("version", help="print the version")
     return p
 
@@ -62,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _validate(args.file)
     if args.command == "config-dump":
         return _config_dump(args.admin)
+    if args.command == "uninstall-bpf":
+        return _uninstall_bpf(args.pin_path)
     print(f"ztunnel-py {ztunnel_py.__version__}")
     return 0
 
@@ -110,6 +117,23 @@ def _validate(path: Path) -> int:
         f"ok: {path}: {len(batch.workloads)} workloads, {len(batch.services)} services, "
         f"{len(batch.policies)} policies"
     )
+    return 0
+
+
+def _uninstall_bpf(pin_path: Path | None) -> int:
+    """Pinned programs outlive the daemon on purpose (pods fail closed); this removes them."""
+    from ztunnel_py.bpf.loader import BpfLoader  # loads libbpf: only for this command
+
+    path = pin_path or Path(os.environ.get("BPF_PIN_PATH", config_mod.DEFAULT_BPF_PIN_PATH))
+    if not path.exists():
+        print(f"nothing pinned at {path}")
+        return 0
+    try:
+        BpfLoader(pin_path=path, cgroup_path=Path("/")).uninstall()
+    except OSError as e:
+        print(f"cannot remove {path}: {e}", file=sys.stderr)
+        return 1
+    print(f"removed the BPF programs and maps pinned at {path}")
     return 0
 
 

@@ -172,3 +172,26 @@ def test_prune_pods_keeps_only_the_snapshot(pod_env: PodEnv) -> None:
     assert loader.pinned_pods() == ["keep-me"]
     assert loader.detach_pod("keep-me") is True
     assert loader.detach_pod("keep-me") is False
+
+
+def test_uninstall_bpf_command_removes_the_pins(pod_env: PodEnv) -> None:
+    """``ztunnel-py uninstall-bpf`` detaches and unpins what a daemon left behind on purpose."""
+    pod_env.start_loader()
+    pod_env.enroll()
+    assert (pod_env.pin_path / "maps").is_dir()
+    pod_env.loader.close()  # type: ignore[union-attr]  # the daemon exits; its pins stay
+    pod_env.loader = None
+    argv = [
+        sys.executable,
+        "-m",
+        "ztunnel_py",
+        "uninstall-bpf",
+        "--pin-path",
+        str(pod_env.pin_path),
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "removed the BPF programs and maps pinned at" in done.stdout
+    assert not pod_env.pin_path.exists()
+    again = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert again.returncode == 0 and "nothing pinned" in again.stdout
