@@ -78,7 +78,9 @@ def apply(mesh: Mesh, doc: dict[str, Any]) -> None:
     tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
     tmp.replace(mesh.config_path)
     deadline = time.monotonic() + 30
-    while any(d.config_dump()["staticConfig"]["loads"] <= before[n] for n, d in mesh.daemons.items()):
+    while any(
+        d.config_dump()["staticConfig"]["loads"] <= before[n] for n, d in mesh.daemons.items()
+    ):
         if time.monotonic() > deadline:
             raise TimeoutError("the daemons did not reload the local config")
         time.sleep(0.1)
@@ -112,27 +114,52 @@ def run(args: argparse.Namespace) -> int:
             say(f"   {node.name}: ztunnel-py pid {d.proc.pid}, redirect {mode}, admin {d.admin}")
             for pod in mesh.plan.pods_on(node.name):
                 say(f"      {pod.name:8} {pod.ip:12} {pod.identity}")
-        say(f"   service {SERVICE}.default.svc.cluster.local  VIP {SERVICE_VIP}:80 -> {', '.join(SERVER_PODS)}")
+        say(
+            f"   service {SERVICE}.default.svc.cluster.local  VIP {SERVICE_VIP}:80"
+            f" -> {', '.join(SERVER_PODS)}"
+        )
 
         say(f"\n== {ALLOWED} (node-0) calls http://{SERVICE_VIP}/ three times")
         marks = (len(node0.log()), len(node1.log()))
         for _ in range(3):
             reply = call(mesh, ALLOWED)
-            say(f"   answered by {reply.get('body', '').strip() or reply}  (the app sees peer {reply.get('peer')})")
+            say(
+                f"   answered by {reply.get('body', '').strip() or reply}"
+                f"  (the app sees peer {reply.get('peer')})"
+            )
         time.sleep(0.3)
         say("   node-0's ztunnel-py (source side) logged:")
         for line in access_lines(node0, marks[0])[:3]:
-            say("     " + fields(line, "src.identity", "dst.identity", "dst.hbone_addr", "bytes_sent", "bytes_recv"))
+            say(
+                "     "
+                + fields(
+                    line,
+                    "src.identity",
+                    "dst.identity",
+                    "dst.hbone_addr",
+                    "bytes_sent",
+                    "bytes_recv",
+                )
+            )
         say("   node-1's ztunnel-py (destination side) verified the caller's certificate:")
         for line in access_lines(node1, marks[1])[:3]:
-            say("     " + fields(line, "src.identity", "dst.identity", "dst.addr", "bytes_sent", "bytes_recv"))
+            say(
+                "     "
+                + fields(
+                    line, "src.identity", "dst.identity", "dst.addr", "bytes_sent", "bytes_recv"
+                )
+            )
 
         say(f"\n== a policy now allows only {mesh.pod(ALLOWED).identity} to call {SERVICE}")
         apply(mesh, mesh_config(mesh, with_policy=True))
-        for pod in (ALLOWED, REFUSED):
-            reply = call(mesh, pod)
-            verdict = f"answered by {reply['body'].strip()}" if reply.get("result") == "ok" and reply.get("body") else f"refused ({reply.get('result')}: {reply.get('error', 'no answer')})"
-            say(f"   {pod} ({mesh.pod(pod).identity.rsplit('/', 1)[1]}): {verdict}")
+        for caller in (ALLOWED, REFUSED):
+            reply = call(mesh, caller)
+            verdict = (
+                f"answered by {reply['body'].strip()}"
+                if reply.get("result") == "ok" and reply.get("body")
+                else f"refused ({reply.get('result')}: {reply.get('error', 'no answer')})"
+            )
+            say(f"   {caller} ({mesh.pod(caller).identity.rsplit('/', 1)[1]}): {verdict}")
         time.sleep(0.3)
         denials = [line for line in node1.log().splitlines() if "denied" in line or "401" in line]
         if denials:
@@ -141,10 +168,16 @@ def run(args: argparse.Namespace) -> int:
         say("\n== look around")
         for node in mesh.plan.nodes:
             d = mesh.daemons[node.name]
-            say(f"   {node.name}: curl {d.admin}/config_dump    curl {d.stats}/metrics    "
-                f"ztunnel-py config-dump --admin 127.0.0.1:{d.admin_port}")
+            say(
+                f"   {node.name}: curl {d.admin}/config_dump    curl {d.stats}/metrics    "
+                f"ztunnel-py config-dump --admin 127.0.0.1:{d.admin_port}"
+            )
         metrics = http(node1.stats + "/metrics").text
-        opened = [line for line in metrics.splitlines() if line.startswith("istio_tcp_connections_opened_total")]
+        opened = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith("istio_tcp_connections_opened_total")
+        ]
         if opened:
             say(f"   e.g. node-1 istio_tcp_connections_opened_total has {len(opened)} series")
         dump = node0.config_dump()
@@ -163,7 +196,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.demo", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--redirect", choices=["ebpf", "iptables"], default="ebpf")
     parser.add_argument("--keep", action="store_true", help="keep the mesh running until Ctrl-C")
     args = parser.parse_args(argv)

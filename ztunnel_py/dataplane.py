@@ -47,6 +47,7 @@ from ztunnel_py.state.store import ChangeSet
 
 if TYPE_CHECKING:  # the BPF modules load libbpf: imported only when eBPF mode is used
     from ztunnel_py.bpf.loader import BpfLoader
+    from ztunnel_py.bpf.reconcile import MapSync
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class PodProxyStarter:
         hub: StateHub,
         certificates: CertificateSource,
         original_destination: OriginalDestination,
+        inbound_original_destination: OriginalDestination | None,
         conntrack: ConnectionTracker,
         telemetry: TelemetrySink | None,
         rng: random.Random,
@@ -82,6 +84,7 @@ class PodProxyStarter:
         self._hub = hub
         self._certificates = certificates
         self._original_destination = original_destination
+        self._inbound_original_destination = inbound_original_destination
         self._conntrack = conntrack
         self._telemetry = telemetry
         self._rng = rng
@@ -109,6 +112,7 @@ class PodProxyStarter:
             pool=pool,
             sockets=sockets,
             original_destination=self._original_destination,
+            inbound_original_destination=self._inbound_original_destination,
             authorizer=PolicyAuthorizer(self._hub.state, pod.workload),
             telemetry=self._telemetry,
             rng=self._rng,
@@ -138,6 +142,7 @@ class DataPlane:
         self.conntrack = ConnectionTracker()
         self.redirect_mode: RedirectMode | None = None
         self.bpf: BpfLoader | None = None
+        self.bpf_sync: MapSync | None = None
         self.manager: WorkloadManager | None = None
         self.zds: ZdsClient | None = None
         self._certificates = certificates
@@ -164,17 +169,21 @@ class DataPlane:
             )
             return
         listeners: list[EnrollmentListener] = []
+        # iptables REDIRECT: SO_ORIGINAL_DST on both capture ports.
         original_destination: OriginalDestination = SoOriginalDst()
+        inbound_original_destination: OriginalDestination | None = SoOriginalDst()
         self.redirect_mode = self._choose_redirect_mode()
         if self.redirect_mode is RedirectMode.EBPF:
             loader, enrollment = self._start_bpf()
             listeners.append(enrollment)
             original_destination = loader.original_destinations()
+            inbound_original_destination = None  # sk_lookup keeps the original local address
         starter = PodProxyStarter(
             config=self.config,
             hub=self.hub,
             certificates=self._certificates,
             original_destination=original_destination,
+            inbound_original_destination=inbound_original_destination,
             conntrack=self.conntrack,
             telemetry=self._telemetry,
             rng=self._rng,
@@ -225,6 +234,10 @@ class DataPlane:
         self.bpf = loader
         sync = MapSync(self.hub.state, Reconciler(loader.maps), network=self.config.network)
         sync.reconciler.resync()
+        # Pods the previous daemon enrolled stay captured until the agent's snapshot.
+        if sync.inherit():
+            log.info("keeping %d pods of the previous daemon captured", len(sync.inherited))
+        self.bpf_sync = sync
         enrollment = BpfEnrollment(loader, sync)
         self.hub.subscribe("bpf maps", enrollment.state_changed)
         BpfMetrics(self.registry, loader.read_counters)
@@ -243,10 +256,23 @@ class DataPlane:
             return
         self.readiness.release(READY_WORKLOADS)
         if self.bpf is not None and self.manager is not None:
+            held = self.manager.pods()
             # Pods deleted while we were away still have pinned sk_lookup links: drop them.
-            pruned = self.bpf.prune_pods(self.manager.pods().keys())
+            pruned = self.bpf.prune_pods(held.keys())
             if pruned:
                 log.info("removed the BPF links of %d pods that are gone", len(pruned))
+            self._release_inherited({pod.netns_cookie for pod in held.values()})
+
+    def _release_inherited(self, held_cookies: set[int]) -> None:
+        """After a snapshot: the previous daemon's pods that the agent did not name go."""
+        from ztunnel_py.bpf.reconcile import ReconcileError
+
+        if self.bpf_sync is None or not self.bpf_sync.inherited:
+            return
+        try:
+            self.bpf_sync.release_inherited(held_cookies)
+        except ReconcileError as e:
+            log.error("bpf maps are incomplete after dropping pods that are gone: %s", e)
 
     # ------------------------------------------------------------------ admin and stop
 

@@ -3,11 +3,14 @@ cgroup, so both redirect modes see it as the pod's own traffic). Standard librar
 
     python client.py echo HOST PORT --bytes N      send N bytes, half-close, read the echo back
     python client.py http HOST PORT                one GET, print the body
-    python client.py stream HOST PORT --seconds S  send and read for S seconds (or until cut)
+    python client.py stream HOST PORT --seconds S  send and read for S seconds (or until cut),
+                                                   then half-close and read the echo's rest
+    python client.py stream HOST PORT --until-eof  the same, until stdin reaches EOF
 
 Prints one JSON line: ``result`` (ok | refused | reset | timeout | closed | error), bytes sent
-and received, the sha256 of what came back, ``peer`` (getpeername: what the app believes it is
-connected to), ``error``.
+and received, the sha256 of what came back and of what was sent (``expected_sha256``), ``peer``
+(getpeername: what the app believes it is connected to), ``error``. ``stream`` first prints
+``{"event": "connected"}`` once its connection is up.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import socket
 import sys
+import threading
 import time
 
 
@@ -92,31 +97,64 @@ def http(args: argparse.Namespace) -> dict[str, object]:
     return out
 
 
+def stream_block(index: int) -> bytes:
+    """4 KiB that differ from block to block, so a lost or repeated block changes the checksum."""
+    return hashlib.sha256(index.to_bytes(8, "big")).digest() * 128
+
+
+def stdin_closed() -> threading.Event:
+    done = threading.Event()
+
+    def wait_eof() -> None:
+        while os.read(sys.stdin.fileno(), 4096):
+            pass
+        done.set()
+
+    threading.Thread(target=wait_eof, daemon=True).start()
+    return done
+
+
 def stream(args: argparse.Namespace) -> dict[str, object]:
-    """Keep a connection busy (to the echo port) and report how it ended."""
+    """Keep a connection busy (to the echo port), then drain the echo; report how it ended."""
     out: dict[str, object] = {"sent": 0, "received": 0}
-    chunk = pattern(4096)
+    sent_digest, received_digest = hashlib.sha256(), hashlib.sha256()
+    stop = stdin_closed() if args.until_eof else None
     deadline = time.monotonic() + args.seconds
     sent = received = 0
+
+    def keep_going() -> bool:
+        return not stop.is_set() if stop is not None else time.monotonic() < deadline
+
     try:
         with connect(args.host, args.port, args.timeout) as sock:
             out["peer"] = peer_of(sock)
             print(json.dumps({"event": "connected"}), flush=True)
-            while time.monotonic() < deadline:
-                sock.sendall(chunk)
-                sent += len(chunk)
+            index = 0
+            while keep_going():
+                block = stream_block(index)
+                index += 1
+                sock.sendall(block)
+                sent_digest.update(block)
+                sent += len(block)
                 got = sock.recv(65536)
                 if not got:
                     out["result"] = "closed"
                     break
+                received_digest.update(got)
                 received += len(got)
                 time.sleep(0.02)
             else:
+                sock.shutdown(socket.SHUT_WR)
+                while got := sock.recv(262144):
+                    received_digest.update(got)
+                    received += len(got)
                 out["result"] = "ok"
     except OSError as e:
         out["result"] = outcome(e)
         out["error"] = str(e)
     out["sent"], out["received"] = sent, received
+    out["sha256"] = received_digest.hexdigest()
+    out["expected_sha256"] = sent_digest.hexdigest()
     return out
 
 
@@ -127,6 +165,7 @@ def main() -> int:
     parser.add_argument("port", type=int)
     parser.add_argument("--bytes", type=int, default=1024)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--until-eof", action="store_true", help="stream: stop at stdin's EOF")
     parser.add_argument("--timeout", type=float, default=5.0)
     args = parser.parse_args()
     result = {"echo": echo, "http": http, "stream": stream}[args.mode](args)

@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,13 +26,43 @@ from typing import Any
 import yaml
 
 from tools.testbed.bed import Testbed, TestbedOptions, cgroup2_mount
-from tools.testbed.plan import NodePlan, PodPlan, local_config, make_plan
+from tools.testbed.plan import (
+    ECHO_PORT,
+    HTTP_PORT,
+    NAMESPACE,
+    SERVICE_HTTP_PORT,
+    NodePlan,
+    PodPlan,
+    local_config,
+    make_plan,
+)
 from ztunnel_py.testing.background import BackgroundLoop
 from ztunnel_py.testing.cni_agent import FakeCniAgent
 from ztunnel_py.testing.daemon import Daemon, run_daemon
 
 CLIENT = Path(__file__).with_name("client.py")
 BPF_PIN_ROOT = Path("/sys/fs/bpf")
+_PORT_RACE_RETRIES = 2
+
+
+@dataclass(frozen=True)
+class ExtraService:
+    """A service beyond the testbed's own, e.g. one whose only endpoints sit on one node."""
+
+    name: str
+    vip: str
+    endpoints: tuple[str, ...]  # pod names
+    ports: Mapping[int, int] = field(
+        default_factory=lambda: {SERVICE_HTTP_PORT: HTTP_PORT, ECHO_PORT: ECHO_PORT}
+    )
+
+    @property
+    def hostname(self) -> str:
+        return f"{self.name}.{NAMESPACE}.svc.cluster.local"
+
+    @property
+    def key(self) -> str:
+        return f"{NAMESPACE}/{self.hostname}"
 
 
 @dataclass
@@ -42,6 +73,7 @@ class MeshOptions:
     redirect: str = "iptables"  # iptables | ebpf
     app: str = "python"  # the testbed's app server (python | nginx)
     policies: Sequence[Mapping[str, Any]] = ()  # local-config policies to add
+    services: Sequence[ExtraService] = ()  # services to add to the testbed's
     env: Mapping[str, str] = field(default_factory=dict)  # extra daemon environment
 
 
@@ -64,8 +96,8 @@ class Mesh:
         )
         self.loop: BackgroundLoop | None = None
         self.agents: dict[str, FakeCniAgent] = {}
-        self.daemons: dict[str, Daemon] = {}
-        self._daemon_stacks: dict[str, contextlib.ExitStack] = {}
+        self.daemons: dict[str, Daemon] = {}  # the newest daemon of each node
+        self._daemon_stacks: dict[int, contextlib.ExitStack] = {}  # by pid, every daemon
 
     # ------------------------------------------------------------------ bring up
 
@@ -114,20 +146,43 @@ class Mesh:
         return BPF_PIN_ROOT / f"ztunnel-py-{self.plan.prefix}{node_name}"
 
     def start_daemon(self, node_name: str, *, wait: str = "ready") -> Daemon:
-        stack = contextlib.ExitStack()
-        daemon = stack.enter_context(
-            run_daemon(self.daemon_env(node_name), log_dir=self.work_dir / "logs", wait=wait)
-        )
+        """Start a daemon for the node; it becomes ``daemons[node_name]``. A daemon already
+        running for the node keeps running (an upgrade: the new one binds beside it)."""
+        for attempt in range(_PORT_RACE_RETRIES + 1):
+            stack = contextlib.ExitStack()
+            try:
+                daemon = stack.enter_context(
+                    run_daemon(
+                        self.daemon_env(node_name), log_dir=self.work_dir / "logs", wait=wait
+                    )
+                )
+                break
+            except RuntimeError as e:
+                stack.close()
+                # Its admin/metrics/readiness ports were free when picked; another process
+                # may have taken one since. Anything else is the daemon's own failure.
+                if "address already in use" not in str(e) or attempt == _PORT_RACE_RETRIES:
+                    raise
         self.daemons[node_name] = daemon
-        self._daemon_stacks[node_name] = stack
+        self._daemon_stacks[daemon.proc.pid] = stack
         return daemon
 
-    def stop_daemon(self, node_name: str, *, signum: int = signal.SIGTERM) -> int:
-        """Signal the node's daemon and wait for it; returns its exit code."""
-        daemon = self.daemons.pop(node_name)
-        daemon.signal(signum)
-        code = daemon.wait(timeout=30)
-        self._daemon_stacks.pop(node_name).close()
+    def stop_daemon(
+        self,
+        node_name: str,
+        *,
+        signum: int | None = signal.SIGTERM,
+        daemon: Daemon | None = None,
+        timeout: float = 30,
+    ) -> int:
+        """Signal the node's daemon (or ``daemon``, an older one; ``signum=None``: it was
+        signalled already) and wait for it to exit; returns its exit code."""
+        if daemon is None or self.daemons.get(node_name) is daemon:
+            daemon = self.daemons.pop(node_name)
+        if signum is not None:
+            daemon.signal(signum)
+        code = daemon.wait(timeout=timeout)
+        self._daemon_stacks.pop(daemon.proc.pid).close()
         return code
 
     # ------------------------------------------------------------------ using it
@@ -136,10 +191,9 @@ class Mesh:
         return self.plan.pod(name)
 
     def service_vip(self, name: str) -> str:
-        for svc in self.plan.services:
-            if svc.name == name:
-                return svc.vip
-        raise KeyError(name)
+        vips = {svc.name: svc.vip for svc in self.plan.services}
+        vips |= {svc.name: svc.vip for svc in self.options.services}
+        return vips[name]
 
     def client(
         self, pod: str, mode: str, host: str, port: int, *args: str, timeout: float = 60
@@ -157,6 +211,20 @@ class Mesh:
         """(Re)write the local config every daemon watches: the testbed mesh plus ``policies``."""
         doc = local_config(self.plan)
         doc["policies"] = [dict(p) for p in policies]
+        by_name = {w["name"]: w for w in doc["workloads"]}
+        for svc in self.options.services:
+            doc["services"].append(
+                {
+                    "name": svc.name,
+                    "namespace": NAMESPACE,
+                    "hostname": svc.hostname,
+                    "vips": [f"/{svc.vip}"],
+                    "ports": dict(svc.ports),
+                    "subjectAltNames": sorted({self.pod(p).identity for p in svc.endpoints}),
+                }
+            )
+            for pod_name in svc.endpoints:
+                by_name[pod_name]["services"][svc.key] = dict(svc.ports)
         tmp = self.config_path.with_suffix(".tmp")
         tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
         os.replace(tmp, self.config_path)
@@ -164,10 +232,11 @@ class Mesh:
     # ------------------------------------------------------------------ tear down
 
     def down(self) -> None:
-        for node_name in list(self.daemons):
-            with contextlib.suppress(Exception):
-                self.daemons.pop(node_name).stop()
-            self._daemon_stacks.pop(node_name).close()
+        self.daemons.clear()
+        for stack in self._daemon_stacks.values():
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                stack.close()  # kills the daemon if it still runs
+        self._daemon_stacks.clear()
         if self.loop is not None:
             for agent in self.agents.values():
                 with contextlib.suppress(Exception):

@@ -627,8 +627,13 @@ class BpfLoader:
         }
 
     def dump(self) -> dict[str, Any]:
-        """``/config_dump``'s BPF section: attach points and the decoded map contents."""
-        return {"attachPoints": self.attach_points(), "maps": dump_maps(self.maps)}
+        """``/config_dump``'s BPF section: whether a previous daemon's pins were re-adopted,
+        attach points and the decoded map contents."""
+        return {
+            "adopted": self.adopted,
+            "attachPoints": self.attach_points(),
+            "maps": dump_maps(self.maps),
+        }
 
     # ------------------------------------------------------------------ teardown
 

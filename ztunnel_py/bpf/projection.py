@@ -57,6 +57,8 @@ DesiredMaps = dict[str, dict[bytes, bytes]]
 CHILD_MAPS = (t.MAP_DST, t.MAP_LOCAL, t.MAP_DENY)
 PARENT_MAP = t.MAP_PODS
 RECONCILED_MAPS = (*CHILD_MAPS, PARENT_MAP)
+# The maps whose entries belong to one pod (their keys start from its netns cookie).
+POD_MAPS = (t.MAP_LOCAL, t.MAP_DENY, t.MAP_PODS)
 
 POD_FLAGS = t.ZT_POD_CAPTURE_OUTBOUND | t.ZT_POD_CAPTURE_INBOUND
 _DENY_PREFIX_BASE = 80  # netns cookie (64 bits) + port (16 bits)
@@ -205,6 +207,18 @@ def local_key(netns_cookie: int, ip: IPAddress) -> bytes:
     key = t.ZtLocalKey(netns_cookie=netns_cookie)
     fill(key.addr, addr16(ip))
     return bytes(key)
+
+
+def key_cookie(map_name: str, key: bytes) -> int:
+    """The netns cookie of the pod a ``POD_MAPS`` entry belongs to."""
+    if map_name == t.MAP_PODS:
+        return int(t.ZtPodKey.from_buffer_copy(key).netns_cookie)
+    if map_name == t.MAP_LOCAL:
+        return int(t.ZtLocalKey.from_buffer_copy(key).netns_cookie)
+    if map_name == t.MAP_DENY:
+        deny = t.ZtDenyKey.from_buffer_copy(key)
+        return int(deny.netns_cookie_lo) | int(deny.netns_cookie_hi) << 32
+    raise ValueError(f"{map_name} is not keyed by pod")
 
 
 def deny_key(netns_cookie: int, src: IPNetwork | None, dst_port: int | None) -> bytes | None:

@@ -27,11 +27,13 @@ from ztunnel_py.bpf.maps import MapOps
 from ztunnel_py.bpf.projection import (
     CHILD_MAPS,
     PARENT_MAP,
+    POD_MAPS,
     RECONCILED_MAPS,
     DenyCompiler,
     DesiredMaps,
     EnrolledPod,
     kernel_deny_rules,
+    key_cookie,
     project,
 )
 from ztunnel_py.rbac.kernel import KernelDenyRule
@@ -142,6 +144,10 @@ class MapSync:
     Compiling DENY rules is the costly part of a projection, so each pod workload's rules are
     kept until that workload object or any policy changes (``state_changed`` must see every
     ``ChangeSet``; ``None`` means "unknown" and forgets them all).
+
+    After a restart, ``inherit`` keeps the pods a previous daemon left in the pinned maps as
+    they are until ``release_inherited`` (the node agent's snapshot): the agent names them one
+    by one, and enrolling the first must not un-capture the others meanwhile.
     """
 
     def __init__(
@@ -158,18 +164,48 @@ class MapSync:
         self.compile_deny = compile_deny
         self._pods: dict[str, EnrolledPod] = {}
         self._deny_cache: dict[str, tuple[Workload, tuple[KernelDenyRule, ...]]] = {}
+        # netns cookie -> map name -> entries, of pods a previous daemon enrolled
+        self._inherited: dict[int, dict[str, dict[bytes, bytes]]] = {}
 
     @property
     def pods(self) -> Mapping[str, EnrolledPod]:
         return self._pods
 
+    @property
+    def inherited(self) -> set[int]:
+        """Netns cookies of the previous daemon's pods that are still kept as they were."""
+        return set(self._inherited)
+
     def desired(self) -> DesiredMaps:
-        return project(
+        desired = project(
             self.state,
             self._pods.values(),
             network=self.network,
             compile_deny=self._compile_cached if self.compile_deny is not None else None,
         )
+        for entries in self._inherited.values():
+            for name, kept in entries.items():
+                desired[name].update(kept)
+        return desired
+
+    def inherit(self) -> int:
+        """Keep the pods found in the applied maps (call after ``Reconciler.resync``); returns
+        how many there are."""
+        self._inherited = {}
+        for name in POD_MAPS:
+            for key, value in self.reconciler.applied[name].items():
+                entries = self._inherited.setdefault(key_cookie(name, key), {})
+                entries.setdefault(name, {})[key] = value
+        for pod in self._pods.values():
+            self._inherited.pop(pod.netns_cookie, None)
+        return len(self._inherited)
+
+    def release_inherited(self, keep: Iterable[int] = ()) -> ReconcileResult:
+        """Stop keeping inherited pods, except those whose netns cookie is in ``keep`` (pods
+        the daemon holds but has not enrolled yet: they stay captured, failing closed)."""
+        wanted = set(keep)
+        self._inherited = {c: e for c, e in self._inherited.items() if c in wanted}
+        return self.refresh()
 
     def _compile_cached(self, state: ProxyState, workload: Workload) -> tuple[KernelDenyRule, ...]:
         assert self.compile_deny is not None
@@ -182,6 +218,7 @@ class MapSync:
 
     def enroll(self, pod: EnrolledPod) -> ReconcileResult:
         self._pods[pod.uid] = pod
+        self._inherited.pop(pod.netns_cookie, None)  # its own entries replace the old ones
         return self.refresh()
 
     def unenroll(self, uid: str) -> ReconcileResult:

@@ -54,12 +54,17 @@ async def start_pod_proxy(
     pool: HbonePool,
     sockets: SocketFactory,
     original_destination: OriginalDestination,
+    inbound_original_destination: OriginalDestination | None = None,
     authorizer: Authorizer | None = None,
     telemetry: TelemetrySink | None = None,
     rng: random.Random | None = None,
     conntrack: ConnectionTracker | None = None,
 ) -> PodProxy:
-    """Serve ``listeners`` = (outbound :15001, inbound plaintext :15006, inbound HBONE :15008)."""
+    """Serve ``listeners`` = (outbound :15001, inbound plaintext :15006, inbound HBONE :15008).
+
+    ``inbound_original_destination``: where plaintext arriving on :15006 was going (iptables
+    REDIRECT); ``None`` when the accepted socket's own address already is that (sk_lookup).
+    """
     outbound_sock, plaintext_sock, hbone_sock = listeners
     proxy = PodProxy(
         outbound=OutboundServer(
@@ -85,6 +90,7 @@ async def start_pod_proxy(
         inbound_plaintext=InboundPlaintextServer(
             workload=workload,
             sockets=sockets,
+            original_destination=inbound_original_destination,
             config=config,
             authorizer=authorizer,
             telemetry=telemetry,

@@ -424,7 +424,11 @@ class WorkloadManager:
             self._update_gauges()
 
     async def shutdown(self, deadline_s: float | None = None) -> None:
-        """Drain every pod's proxy (listeners close first) within the termination deadline."""
+        """Drain every pod's proxy (listeners close first) within the termination deadline.
+
+        The pods themselves stay enrolled: enrollment listeners are not told (the eBPF layer's
+        pinned state keeps them failing closed, and a daemon taking over shares that state).
+        """
         self._closed = True
         for task in (self._retry_task, self._kick_task):
             if task is not None and task is not asyncio.current_task():
@@ -433,7 +437,7 @@ class WorkloadManager:
         async with self._lock:
             recs = list(self._pods.values())
             self._pods.clear()
-            await asyncio.gather(*(self._stop(rec, deadline) for rec in recs))
+            await asyncio.gather(*(self._stop(rec, deadline, unenroll=False) for rec in recs))
             self._update_gauges()
 
     # ------------------------------------------------------------------ internals
@@ -494,9 +498,10 @@ class WorkloadManager:
         self._schedule_retry()
         raise EnrollmentError(reason)
 
-    async def _stop_proxy(self, rec: _Pod, deadline_s: float) -> None:
-        """Undo enrollment listeners (in reverse), then stop the proxy and close its sockets."""
-        for listener in reversed(rec.announced):
+    async def _stop_proxy(self, rec: _Pod, deadline_s: float, *, unenroll: bool = True) -> None:
+        """Undo enrollment listeners (in reverse, unless ``unenroll`` is false), then stop the
+        proxy and close its sockets."""
+        for listener in reversed(rec.announced if unenroll else ()):
             try:
                 listener.pod_removed(rec.pod)
             except (OSError, ZtunnelError) as e:
@@ -514,11 +519,11 @@ class WorkloadManager:
             rec.listeners.close()
             rec.listeners = None
 
-    async def _stop(self, rec: _Pod, deadline_s: float) -> None:
-        await self._stop_proxy(rec, deadline_s)
+    async def _stop(self, rec: _Pod, deadline_s: float, *, unenroll: bool = True) -> None:
+        await self._stop_proxy(rec, deadline_s, unenroll=unenroll)
         with contextlib.suppress(OSError):
             os.close(rec.pod.netns_fd)
-        log.info("pod %s removed", rec.pod.uid)
+        log.info("pod %s %s", rec.pod.uid, "removed" if unenroll else "no longer served here")
 
     def _schedule_retry(self) -> None:
         if self._closed or (self._retry_task is not None and not self._retry_task.done()):

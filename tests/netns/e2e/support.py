@@ -1,0 +1,231 @@
+"""Helpers for the namespaced end-to-end tests: meshes of real daemons and views into them.
+
+Everything here observes from outside the daemons: ``ss`` inside a pod's netns, the daemons'
+``/config_dump``, TCP servers and clients made by this process inside the testbed's namespaces.
+Waits are bounded only to turn a hang into a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import pytest
+
+from tools.testbed.mesh import Mesh
+from ztunnel_py.redirect.netns import run_in_netns
+from ztunnel_py.testing.daemon import Daemon, http
+
+MODES = [
+    pytest.param("iptables", id="iptables"),
+    pytest.param("ebpf", id="ebpf", marks=pytest.mark.bpf),
+]
+PROXY_PORTS = {15001, 15006, 15008}
+HANG_GUARD_S = 30.0
+
+
+class MeshMaker(Protocol):
+    def __call__(self, test: str, redirect: str, **options: Any) -> Mesh:
+        """An up mesh with a fresh tag (``test``: up to 3 letters naming the test)."""
+        ...
+
+
+def mesh_tag(test: str, redirect: str) -> str:
+    """1-8 of [a-z0-9], unique per test, mode and run (so parallel runs never collide)."""
+    if not re.fullmatch(r"[a-z]{1,3}", test):
+        raise ValueError(f"test tag {test!r}: use 1-3 lower-case letters")
+    return f"{test}{redirect[0]}{secrets.token_hex(2)}"
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = HANG_GUARD_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.05)
+
+
+# ----------------------------------------------------------------------------- in-pod sockets
+
+
+def socket_owners(netns_path: str, *ss_args: str) -> dict[int, set[int]]:
+    """Local TCP port -> pids holding the sockets that ``ss -Hntp <ss_args>`` lists in the netns."""
+    proc = subprocess.run(
+        ["nsenter", f"--net={netns_path}", "--", "ss", "-Hntp", *ss_args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=HANG_GUARD_S,
+    )
+    owners: dict[int, set[int]] = {}
+    for line in proc.stdout.splitlines():
+        fields = [f for f in line.split() if ":" in f and not f.startswith("users:")]
+        if not fields:
+            continue
+        port = int(fields[0].rsplit(":", 1)[1])
+        owners.setdefault(port, set()).update(int(p) for p in re.findall(r"pid=(\d+)", line))
+    return owners
+
+
+def proxy_listeners(mesh: Mesh, pod: str) -> dict[int, set[int]]:
+    """The proxy ports listening inside the pod's netns -> pids of the daemons holding them."""
+    listening = socket_owners(mesh.pod(pod).netns_path, "-l")
+    return {port: pids for port, pids in listening.items() if port in PROXY_PORTS}
+
+
+def accepted_on(mesh: Mesh, pod: str, port: int) -> set[int]:
+    """Pids holding established connections whose local port (inside the pod) is ``port``."""
+    return socket_owners(mesh.pod(pod).netns_path, "state", "established").get(port, set())
+
+
+# ----------------------------------------------------------------------------- daemon views
+
+
+def workload_state(daemon: Daemon) -> dict[str, str]:
+    """``/config_dump`` ``workloadState``: pod uid -> Up | Pending."""
+    return {uid: entry["state"] for uid, entry in daemon.config_dump()["workloadState"].items()}
+
+
+def bpf_dump(daemon: Daemon) -> dict[str, Any]:
+    bpf: dict[str, Any] = daemon.config_dump()["dataPlane"]["bpf"]
+    return bpf
+
+
+def netns_cookies(daemon: Daemon) -> dict[str, int]:
+    """Pod IP -> the netns cookie the daemon enrolled it under (from ``zt_local``)."""
+    return {e["address"]: e["netnsCookie"] for e in bpf_dump(daemon)["maps"]["zt_local"]}
+
+
+def captured_cookies(daemon: Daemon) -> set[int]:
+    """The netns cookies in ``zt_pods``: the pods whose connections the kernel captures."""
+    return {e["netnsCookie"] for e in bpf_dump(daemon)["maps"]["zt_pods"]}
+
+
+def metric_lines(daemon: Daemon, name: str) -> list[str]:
+    """The daemon's samples of metric ``name`` (Prometheus text lines with labels)."""
+    text = http(f"{daemon.stats}/metrics").text
+    return [line for line in text.splitlines() if line.startswith(name + "{")]
+
+
+# ----------------------------------------------------------------------------- TCP in a netns
+
+
+def _socket_in(netns_path: str) -> socket.socket:
+    fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return run_in_netns(fd, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+    finally:
+        os.close(fd)
+
+
+def exchange(netns_path: str, ip: str, port: int, payload: bytes) -> tuple[str, bytes]:
+    """Connect from a plain socket in the netns (no pod cgroup), send, half-close, read all.
+
+    Returns (``ok`` | ``refused`` | ``reset`` | ``timeout``, what came back).
+    """
+    sock = _socket_in(netns_path)
+    sock.settimeout(10)
+    try:
+        sock.connect((ip, port))
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        return "ok", data
+    except ConnectionRefusedError:
+        return "refused", b""
+    except ConnectionResetError:
+        return "reset", b""
+    except TimeoutError:
+        return "timeout", b""
+    finally:
+        sock.close()
+
+
+@contextlib.contextmanager
+def held_connection(netns_path: str, ip: str, port: int) -> Iterator[socket.socket]:
+    """An echo connection from a plain socket in the netns, kept open while the block runs
+    (after one round trip, so whoever serves it has accepted it)."""
+    sock = _socket_in(netns_path)
+    sock.settimeout(10)
+    try:
+        sock.connect((ip, port))
+        sock.sendall(b"ping")
+        assert sock.recv(64) == b"ping"
+        yield sock
+    finally:
+        sock.close()
+
+
+class NetnsServer:
+    """A TCP server inside a netns (this process's socket, serving on a thread).
+
+    Records each finished connection as (peer ip, bytes received); echoes when ``echo``.
+    """
+
+    def __init__(self, netns_path: str, ip: str, port: int, *, echo: bool = False) -> None:
+        self.echo = echo
+        self.connections: list[tuple[str, int]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._listener = _socket_in(netns_path)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind((ip, port))
+        self._listener.listen(64)
+        self._listener.settimeout(0.1)
+        self._threads: list[threading.Thread] = []
+        self._accepter = threading.Thread(target=self._accept_loop, daemon=True)
+        self._accepter.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, peer = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed
+            thread = threading.Thread(target=self._serve, args=(conn, peer[0]), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket, peer: str) -> None:
+        received = 0
+        conn.settimeout(HANG_GUARD_S)
+        with conn, contextlib.suppress(OSError):
+            while data := conn.recv(65536):
+                received += len(data)
+                if self.echo:
+                    conn.sendall(data)
+        with self._lock:
+            self.connections.append((peer, received))
+
+    def seen(self) -> list[tuple[str, int]]:
+        with self._lock:
+            return list(self.connections)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.connections.clear()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._listener.close()
+        self._accepter.join(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    def __enter__(self) -> NetnsServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
