@@ -189,6 +189,45 @@ def test_reconcile_resync_removes_what_a_previous_daemon_left() -> None:
     assert all(not m.entries for m in maps.values())
 
 
+def test_reconcile_a_new_daemon_keeps_the_previous_daemons_pods_until_the_snapshot() -> None:
+    """Restart or handover: pods not replayed yet stay captured (fail closed), and only the
+    snapshot decides which of them are gone."""
+    state = ProxyState()
+    state.apply(UpdateBatch(workloads=(hbone("a", "10.0.0.5"), hbone("b", "10.0.0.6"))))
+    maps = fake_maps()
+    old = MapSync(state, Reconciler(maps))
+    old.enroll(EnrolledPod("pod-a", 7, (ip("10.0.0.5"),), "a"))
+    old.enroll(EnrolledPod("pod-b", 8, (ip("10.0.0.6"),), "b"))
+    left_behind = contents(maps)
+
+    new = MapSync(state, Reconciler(maps))  # the next daemon, same pinned maps
+    new.reconciler.resync()
+    assert new.inherit() == 2
+    assert new.inherited == {7, 8}
+    new.enroll(EnrolledPod("pod-a", 7, (ip("10.0.0.5"),), "a"))  # replayed first
+    assert contents(maps) == left_behind  # pod-b was not touched meanwhile
+    assert pod_key(8) in maps[t.MAP_PODS].entries
+
+    # The snapshot names only pod-a: pod-b is gone, so its entries go too.
+    new.release_inherited(keep=())
+    assert pod_key(8) not in maps[t.MAP_PODS].entries
+    assert local_key(8, ip("10.0.0.6")) not in maps[t.MAP_LOCAL].entries
+    assert pod_key(7) in maps[t.MAP_PODS].entries
+
+
+def test_reconcile_release_keeps_pods_held_but_not_enrolled_yet() -> None:
+    state = ProxyState()
+    state.apply(UpdateBatch(workloads=(hbone("a", "10.0.0.5"),)))
+    maps = fake_maps()
+    MapSync(state, Reconciler(maps)).enroll(EnrolledPod("pod-a", 7, (ip("10.0.0.5"),), "a"))
+    new = MapSync(state, Reconciler(maps))
+    new.reconciler.resync()
+    new.inherit()
+    new.release_inherited(keep={7})  # pending in the workload manager: still captured
+    assert pod_key(7) in maps[t.MAP_PODS].entries
+    assert new.inherited == {7}
+
+
 def test_reconcile_empty_changeset_does_nothing() -> None:
     maps = fake_maps()
     sync = MapSync(ProxyState(), Reconciler(maps))
