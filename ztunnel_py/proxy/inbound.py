@@ -59,6 +59,7 @@ from ztunnel_py.proxy.seams import (
     SocketAddr,
     SocketFactory,
     TelemetrySink,
+    report_splice,
 )
 from ztunnel_py.proxy.splice import HboneSplice
 from ztunnel_py.proxy.tcp import (
@@ -72,6 +73,7 @@ from ztunnel_py.proxy.transport import HboneProtocol
 from ztunnel_py.rbac.evaluate import ConnectionInfo
 from ztunnel_py.state.model import IPAddress, Workload
 from ztunnel_py.state.store import ProxyState
+from ztunnel_py.telemetry.metrics import ResponseFlags
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,7 @@ class _InboundConnection(HboneProtocol):
         )
         self.server = server
         self.peer: SocketAddr | None = None
+        self.local: SocketAddr | None = None  # our :15008, the access log's dst.addr
         self.peer_identity: Identity | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -114,6 +117,7 @@ class _InboundConnection(HboneProtocol):
         ssl_object = transport.get_extra_info("ssl_object")
         try:
             self.peer = sockaddr(peer)
+            self.local = sockaddr(transport.get_extra_info("sockname"))
             self.peer_identity = verify_client(ssl_object, self.server.trust_domain)
         except (TlsVerificationError, ValueError, TypeError) as e:
             log.warning("inbound HBONE connection from %s refused: %s", peer, e)
@@ -232,9 +236,11 @@ class InboundServer:
     def _on_request(self, proto: HboneProtocol, ev: TunnelRequested) -> None:
         assert isinstance(proto, _InboundConnection)
         sid = ev.stream_id
+        record: ConnectionRecord | None = None
         try:
             request = self._parse(ev)
             target = self._resolve(request.authority)
+            record = self._record(proto, request, target)
             authorized = self._authorize(proto, target)
         except InboundRefused as e:
             log.info(
@@ -244,8 +250,42 @@ class InboundServer:
                 extra={"fields": {"src": proto.peer, "authority": ev.authority}},
             )
             proto.reject(sid, e.status)
+            self._report_refused(proto, record, e)
             return
-        self.tracker.spawn(self._serve_stream(proto, sid, request, target, authorized))
+        self.tracker.spawn(self._serve_stream(proto, sid, record, target, authorized))
+
+    def _record(
+        self, proto: _InboundConnection, request: ConnectRequest, target: SocketAddr
+    ) -> ConnectionRecord:
+        assert proto.peer is not None
+        return ConnectionRecord(
+            direction=Direction.INBOUND,
+            src=proto.peer,
+            dst=target,
+            src_identity=str(proto.peer_identity) if proto.peer_identity else None,
+            dst_identity=str(self.identity),
+            dst_workload=self.workload,
+            dst_service=request.forwarded.host if request.forwarded else None,
+            dst_addr=proto.local,
+            hbone_addr=str(request.authority),
+        )
+
+    def _report_refused(
+        self, proto: _InboundConnection, record: ConnectionRecord | None, e: InboundRefused
+    ) -> None:
+        if self.telemetry is None:
+            return
+        if isinstance(e, PolicyDenied) and record is not None:
+            self.telemetry.connection_failed(
+                record,
+                error=f"connection closed due to policy rejection: {e.reason}",
+                flags=ResponseFlags.DENY,
+            )
+        elif proto.peer is not None and proto.local is not None:
+            # Refused before there was enough to say about it (ztunnel's early deny).
+            self.telemetry.connection_rejected(
+                direction=Direction.INBOUND, src=proto.peer, dst=proto.local, error=e.reason
+            )
 
     def _parse(self, ev: TunnelRequested) -> ConnectRequest:
         try:
@@ -306,7 +346,7 @@ class InboundServer:
         self,
         proto: _InboundConnection,
         sid: int,
-        request: ConnectRequest,
+        record: ConnectionRecord,
         target: SocketAddr,
         authorized: ConnectionInfo,
     ) -> None:
@@ -321,6 +361,9 @@ class InboundServer:
             log.info("inbound upstream unavailable (503): %s", e)
             if proto.is_open:
                 proto.reject(sid, UpstreamUnavailable.status)
+            if self.telemetry is not None:
+                error = str(e) if isinstance(e, UpstreamConnectError) else f"connection failed: {e}"
+                self.telemetry.connection_failed(record, error=error, flags=ResponseFlags.CONNECT)
             return
         splice = HboneSplice(tcp)
         splice.bind(proto, sid)
@@ -334,21 +377,21 @@ class InboundServer:
         except HboneError as e:
             log.debug("inbound stream %d went away before it was accepted: %s", sid, e)
             tcp.reset()
+            if self.telemetry is not None:
+                self.telemetry.connection_failed(
+                    record,
+                    error=f"stream went away before it was accepted: {e}",
+                    flags=ResponseFlags.CONNECT,
+                )
             return
         if splice.done.done():  # reset while we were connecting
+            if self.telemetry is not None:
+                error = splice.done.result().error or "stream closed before it was spliced"
+                self.telemetry.connection_failed(record, error=error, flags=ResponseFlags.CONNECT)
             return
         splice.start()
-        record = ConnectionRecord(
-            direction=Direction.INBOUND,
-            src=proto.peer,
-            dst=target,
-            src_identity=str(proto.peer_identity) if proto.peer_identity else None,
-            dst_identity=str(self.identity),
-            dst_workload=self.workload,
-            dst_service=request.forwarded.host if request.forwarded else None,
-        )
         if self.telemetry is not None:
-            self.telemetry.connection_opened(record)
+            report_splice(self.telemetry, record, splice, reads_source=False)
         # Re-checked on every policy change; a denial aborts the splice (RST both ways).
         handle = (
             self.conntrack.register(
@@ -363,13 +406,6 @@ class InboundServer:
         finally:
             if handle is not None and self.conntrack is not None:
                 self.conntrack.unregister(handle)
-        if self.telemetry is not None:
-            self.telemetry.connection_closed(
-                record,
-                bytes_sent=result.bytes_out,
-                bytes_received=result.bytes_in,
-                error=result.error,
-            )
         if result.error is not None:
             log.debug("inbound stream %d closed: %s", sid, result.error)
 

@@ -24,6 +24,7 @@ from ztunnel_py.proxy.seams import (
     SocketAddr,
     SocketFactory,
     TelemetrySink,
+    report_splice,
 )
 from ztunnel_py.proxy.splice import TcpSide, TcpSplice
 from ztunnel_py.proxy.tcp import (
@@ -35,6 +36,7 @@ from ztunnel_py.proxy.tcp import (
 )
 from ztunnel_py.rbac.evaluate import ConnectionInfo
 from ztunnel_py.state.model import Workload
+from ztunnel_py.telemetry.metrics import ResponseFlags
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,13 @@ class InboundPlaintextServer:
         if dst[1] in ILLEGAL_PORTS:
             log.warning("inbound plaintext to the proxy's own port %d refused", dst[1])
             down.reset()
+            if self.telemetry is not None:
+                self.telemetry.connection_rejected(
+                    direction=Direction.INBOUND,
+                    src=src,
+                    dst=dst,
+                    error=f"port {dst[1]} is the proxy's own port; refusing a call to itself",
+                )
             return
         conn = ConnectionInfo(
             src_ip=src[0],
@@ -115,10 +124,24 @@ class InboundPlaintextServer:
             src_identity=None,
             dst_network=self.config.network,
         )
+        record = ConnectionRecord(
+            direction=Direction.INBOUND,
+            src=src,
+            dst=dst,
+            dst_identity=str(workload_identity(self.workload)),
+            dst_workload=self.workload,
+            protocol="TCP",
+        )
         decision = self.authorizer.check(conn)
         if not decision.allowed:
             log.info("inbound plaintext connection denied: %s: %s", conn, decision.reason)
             down.reset()
+            if self.telemetry is not None:
+                self.telemetry.connection_failed(
+                    record,
+                    error=f"connection closed due to policy rejection: {conn}: {decision.reason}",
+                    flags=ResponseFlags.DENY,
+                )
             return
         source = src[0] if self.config.enable_orig_src else None
         try:
@@ -129,19 +152,14 @@ class InboundPlaintextServer:
         except (UpstreamConnectError, OSError) as e:
             log.info("inbound plaintext upstream failed: %s", e)
             down.reset()
+            if self.telemetry is not None:
+                error = str(e) if isinstance(e, UpstreamConnectError) else f"connection failed: {e}"
+                self.telemetry.connection_failed(record, error=error, flags=ResponseFlags.CONNECT)
             return
         splice = TcpSplice(down, up)
         splice.start()
-        record = ConnectionRecord(
-            direction=Direction.INBOUND,
-            src=src,
-            dst=dst,
-            dst_identity=str(workload_identity(self.workload)),
-            dst_workload=self.workload,
-            protocol="TCP",
-        )
         if self.telemetry is not None:
-            self.telemetry.connection_opened(record)
+            report_splice(self.telemetry, record, splice, reads_source=True)
         handle = (
             self.conntrack.register(conn, self.workload.uid, splice.abort, workload=self.workload)
             if self.conntrack is not None
@@ -149,14 +167,7 @@ class InboundPlaintextServer:
         )
         try:
             with self.tracker.tracking(splice):
-                result = await splice.done
+                await splice.done
         finally:
             if handle is not None and self.conntrack is not None:
                 self.conntrack.unregister(handle)
-        if self.telemetry is not None:
-            self.telemetry.connection_closed(
-                record,
-                bytes_sent=result.bytes_in,
-                bytes_received=result.bytes_out,
-                error=result.error,
-            )

@@ -10,6 +10,7 @@ connected is reset, so the application sees a refused connection rather than a h
 from __future__ import annotations
 
 import asyncio
+import http
 import logging
 import random
 import socket
@@ -19,6 +20,7 @@ from ztunnel_py.config import Config
 from ztunnel_py.hbone.connection import HboneSettings, Role
 from ztunnel_py.hbone.errors import HboneError
 from ztunnel_py.hbone.headers import Forwarded, new_traceparent, request_headers
+from ztunnel_py.identity.errors import IdentityError
 from ztunnel_py.identity.tls import NO_SNI, TlsVerificationError, handshake_error, verify_server
 from ztunnel_py.proxy.errors import UpstreamConnectError
 from ztunnel_py.proxy.inbound import workload_baggage, workload_identity
@@ -32,6 +34,7 @@ from ztunnel_py.proxy.seams import (
     SocketAddr,
     SocketFactory,
     TelemetrySink,
+    report_splice,
 )
 from ztunnel_py.proxy.splice import HboneSplice, TcpSide, TcpSplice, TunnelFailed, TunnelRefused
 from ztunnel_py.proxy.tcp import (
@@ -44,6 +47,7 @@ from ztunnel_py.proxy.tcp import (
 from ztunnel_py.proxy.transport import HboneProtocol
 from ztunnel_py.state.model import Workload
 from ztunnel_py.state.store import ProxyState
+from ztunnel_py.telemetry.metrics import ResponseFlags
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +180,10 @@ class OutboundServer:
         except RoutingError as e:
             log.warning("outbound connection to %s:%s refused: %s", dst[0], dst[1], e)
             down.reset()
+            if self.telemetry is not None:
+                self.telemetry.connection_rejected(
+                    direction=Direction.OUTBOUND, src=src, dst=dst, error=str(e)
+                )
             return
         if route.kind is RouteKind.HBONE:
             await self._proxy_hbone(down, src, dst, route)
@@ -194,6 +202,8 @@ class OutboundServer:
             dst_workload=dest,
             dst_service=route.destination_service.hostname if route.destination_service else None,
             protocol="HBONE" if route.kind is RouteKind.HBONE else "TCP",
+            dst_addr=route.next_hop,
+            hbone_addr=route.authority,
         )
 
     async def _proxy_hbone(
@@ -213,11 +223,13 @@ class OutboundServer:
             traceparent=new_traceparent(self.rng),
         )
         splice = HboneSplice(down)
+        record = self._record(src, dst, route)
         try:
             conn, sid = await self.pool.open_stream(key, route.authority, headers, splice)
-        except (UpstreamConnectError, TlsVerificationError, HboneError, OSError) as e:
+        except (UpstreamConnectError, IdentityError, HboneError, OSError) as e:
             log.warning("outbound HBONE to %s via %s failed: %s", route.authority, key.dst, e)
             down.reset()
+            self._failed(record, *_setup_failure(e))
             return
         splice.bind(conn, sid)
         try:
@@ -225,13 +237,15 @@ class OutboundServer:
         except (TunnelRefused, TunnelFailed) as e:
             log.warning("outbound HBONE to %s failed: %s", route.authority, e)
             down.reset()
+            self._failed(record, *_setup_failure(e))
             return
         splice.start()
-        await self._run(splice, self._record(src, dst, route))
+        await self._run(splice, record)
 
     async def _proxy_tcp(
         self, down: _Downstream, src: SocketAddr, dst: SocketAddr, route: Route
     ) -> None:
+        record = self._record(src, dst, route)
         try:
             sock = await connect_socket(
                 self.sockets, route.next_hop, timeout_s=self.connect_timeout_s
@@ -240,20 +254,36 @@ class OutboundServer:
         except (UpstreamConnectError, OSError) as e:
             log.warning("outbound %s to %s failed: %s", route.kind.value, route.next_hop, e)
             down.reset()
+            self._failed(record, *_setup_failure(e))
             return
         splice = TcpSplice(down, up)
         splice.start()
-        await self._run(splice, self._record(src, dst, route))
+        await self._run(splice, record)
+
+    def _failed(self, record: ConnectionRecord, error: str, flags: ResponseFlags) -> None:
+        if self.telemetry is not None:
+            self.telemetry.connection_failed(record, error=error, flags=flags)
 
     async def _run(self, splice: HboneSplice | TcpSplice, record: ConnectionRecord) -> None:
         if self.telemetry is not None:
-            self.telemetry.connection_opened(record)
+            report_splice(self.telemetry, record, splice, reads_source=True)
         with self.tracker.tracking(splice):
-            result = await splice.done
-        if self.telemetry is not None:
-            self.telemetry.connection_closed(
-                record,
-                bytes_sent=result.bytes_in,
-                bytes_received=result.bytes_out,
-                error=result.error,
-            )
+            await splice.done
+
+
+def _setup_failure(e: Exception) -> tuple[str, ResponseFlags]:
+    """The access log error and response flag of a connection that never got spliced."""
+    if isinstance(e, TunnelRefused):
+        try:
+            status = f"{e.status} {http.HTTPStatus(e.status).phrase}"
+        except ValueError:
+            status = str(e.status)
+        flags = ResponseFlags.DENY if e.status == 401 else ResponseFlags.CONNECT
+        return f"http status: {status}", flags
+    if isinstance(e, TlsVerificationError):
+        return f"tls error: {e}", ResponseFlags.TLS_FAILURE
+    if isinstance(e, IdentityError):
+        return f"identity error: {e}", ResponseFlags.IDENTITY_ERROR
+    if isinstance(e, OSError):
+        return f"connection failed: {e}", ResponseFlags.CONNECT
+    return str(e), ResponseFlags.CONNECT  # our own errors already say what failed

@@ -6,6 +6,7 @@ themselves: the composition root hands them these objects. Tests hand them fakes
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import socket
 import ssl
@@ -16,9 +17,12 @@ from typing import Protocol
 from ztunnel_py.identity.certificate import WorkloadCertificate
 from ztunnel_py.identity.spiffe import Identity
 from ztunnel_py.identity.tls import client_context, server_context
+from ztunnel_py.proxy.conntrack import POLICY_CHANGE_ERROR
+from ztunnel_py.proxy.splice import SpliceResult
 from ztunnel_py.rbac.evaluate import ConnectionInfo, Decision, evaluate_for
 from ztunnel_py.state.model import IPAddress, Workload
 from ztunnel_py.state.store import ProxyState
+from ztunnel_py.telemetry.metrics import ResponseFlags
 
 SocketAddr = tuple[IPAddress, int]
 
@@ -106,23 +110,124 @@ class ConnectionRecord:
     dst_workload: Workload | None = None
     dst_service: str | None = None  # hostname
     protocol: str = "HBONE"  # or TCP
+    #: The access log's ``dst.addr`` when it is not ``dst``: the next hop of an outbound
+    #: connection (``ip:15008`` when tunnelled), the :15008 an inbound tunnel arrived on.
+    dst_addr: SocketAddr | None = None
+    #: The CONNECT ``:authority`` of a tunnelled connection (``dst.hbone_addr``).
+    hbone_addr: str | None = None
+
+
+#: Live byte counts of one connection: (toward the destination, back to the source).
+Progress = Callable[[], tuple[int, int]]
 
 
 class TelemetrySink(Protocol):
-    def connection_opened(self, record: ConnectionRecord) -> None: ...
+    """Where the servers report connections (metrics and access log).
+
+    A spliced connection is ``connection_opened`` then ``connection_closed``; one that was
+    refused or could not be set up once its record was known is a single
+    ``connection_failed``; one refused before that (bad request, no route) is a
+    ``connection_rejected``.
+    """
+
+    def connection_opened(self, record: ConnectionRecord, progress: Progress | None = None) -> None:
+        """``progress`` reads the live byte counts, so bytes count while the connection lives."""
+        ...
 
     def connection_closed(
-        self, record: ConnectionRecord, *, bytes_sent: int, bytes_received: int, error: str | None
+        self,
+        record: ConnectionRecord,
+        *,
+        bytes_sent: int,
+        bytes_received: int,
+        error: str | None,
+        flags: ResponseFlags | None = None,
     ) -> None:
-        """``bytes_sent``: toward the destination; ``bytes_received``: back to the source."""
+        """``bytes_sent``: toward the destination; ``bytes_received``: back to the source.
+        ``flags`` says why it ended; ``None`` leaves it to the sink (``-``, or ``CONNECT``
+        when there is an error)."""
         ...
+
+    def connection_failed(
+        self, record: ConnectionRecord, *, error: str, flags: ResponseFlags
+    ) -> None: ...
+
+    def connection_rejected(
+        self, *, direction: Direction, src: SocketAddr, dst: SocketAddr, error: str
+    ) -> None: ...
 
 
 class NoTelemetry:
-    def connection_opened(self, record: ConnectionRecord) -> None:
+    def connection_opened(self, record: ConnectionRecord, progress: Progress | None = None) -> None:
         pass
 
     def connection_closed(
-        self, record: ConnectionRecord, *, bytes_sent: int, bytes_received: int, error: str | None
+        self,
+        record: ConnectionRecord,
+        *,
+        bytes_sent: int,
+        bytes_received: int,
+        error: str | None,
+        flags: ResponseFlags | None = None,
     ) -> None:
         pass
+
+    def connection_failed(
+        self, record: ConnectionRecord, *, error: str, flags: ResponseFlags
+    ) -> None:
+        pass
+
+    def connection_rejected(
+        self, *, direction: Direction, src: SocketAddr, dst: SocketAddr, error: str
+    ) -> None:
+        pass
+
+
+class CountedSplice(Protocol):
+    """What ``report_splice`` reads of a ``TcpSplice`` or ``HboneSplice``."""
+
+    @property
+    def bytes_in(self) -> int: ...
+    @property
+    def bytes_out(self) -> int: ...
+    @property
+    def done(self) -> asyncio.Future[SpliceResult]: ...
+
+
+def report_splice(
+    telemetry: TelemetrySink, record: ConnectionRecord, splice: CountedSplice, *, reads_source: bool
+) -> None:
+    """Report a spliced connection as opened, with its live byte counts, and as closed once
+    the splice is done.
+
+    ``reads_source``: the splice's ``bytes_in`` are read from the source (outbound, inbound
+    plaintext) rather than from the destination (inbound HBONE, whose TCP side is the app).
+    The close is reported from the splice itself, so a handler cancelled at shutdown still
+    reports it.
+    """
+
+    def progress() -> tuple[int, int]:
+        if reads_source:
+            return splice.bytes_in, splice.bytes_out
+        return splice.bytes_out, splice.bytes_in
+
+    def closed(done: asyncio.Future[SpliceResult]) -> None:
+        if done.cancelled():
+            toward, back = progress()
+            error: str | None = "connection cancelled"
+        else:
+            result = done.result()
+            toward, back = (
+                (result.bytes_in, result.bytes_out)
+                if reads_source
+                else (result.bytes_out, result.bytes_in)
+            )
+            error = result.error
+        # A tracked connection aborted on a policy update (conntrack) ends as a denial.
+        flags = ResponseFlags.DENY if error == POLICY_CHANGE_ERROR else None
+        telemetry.connection_closed(
+            record, bytes_sent=toward, bytes_received=back, error=error, flags=flags
+        )
+
+    telemetry.connection_opened(record, progress)
+    splice.done.add_done_callback(closed)

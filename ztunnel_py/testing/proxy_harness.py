@@ -142,16 +142,21 @@ async def start_mesh(
     services: tuple[Service, ...] = (),
     server_services: dict[str, dict[int, int]] | None = None,
     telemetry: TelemetrySink | None = None,
+    server_telemetry: TelemetrySink | None = None,
     certificate_refresh_s: float = 30.0,
     conntrack: ConnectionTracker | None = None,
+    state: ProxyState | None = None,
 ) -> Mesh:
+    """``telemetry`` serves both pods unless ``server_telemetry`` is given for the server's
+    inbound side (two nodes, each with its own metrics). ``state`` lets a test build objects
+    on the mesh state (a telemetry sink) before the mesh starts; the pods are added to it."""
     n = next(_ranges)
     base = f"127.{100 + n // 250 % 100}.{n % 250}"
     client_ip = ipaddress.ip_address(f"{base}.1")
     server_ip = ipaddress.ip_address(f"{base}.2")
     config = make_config()
     pki = Pki()
-    state = ProxyState()
+    state = state if state is not None else ProxyState()
     client = pod("client", client_ip, "client")
     server = pod("server", server_ip, "server", services=server_services or {})
     state.apply(UpdateBatch(workloads=(client, server), services=services))
@@ -174,7 +179,7 @@ async def start_mesh(
         authorizer=authorizer,
         settings=server_settings,
         handshake_timeout_s=handshake_timeout_s,
-        telemetry=telemetry,
+        telemetry=server_telemetry if server_telemetry is not None else telemetry,
         certificate_refresh_s=certificate_refresh_s,
         conntrack=conntrack,
     )

@@ -11,9 +11,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from ztunnel_py.identity.certificate import WorkloadCertificate
 from ztunnel_py.identity.tls import NO_SNI, client_context
 from ztunnel_py.proxy.inbound_plain import InboundPlaintextServer
-from ztunnel_py.proxy.seams import ConnectionRecord, Direction, SocketAddr
+from ztunnel_py.proxy.seams import ConnectionRecord, Direction, Progress, SocketAddr
 from ztunnel_py.proxy.sockopt import PodSocketFactory
 from ztunnel_py.rbac.evaluate import ConnectionInfo, Decision
+from ztunnel_py.telemetry.metrics import ResponseFlags
 from ztunnel_py.testing.proxy_harness import (
     CLIENT_ID,
     SERVER_ID,
@@ -33,13 +34,29 @@ class Recorder:
         self.opened: list[ConnectionRecord] = []
         self.closed: list[tuple[ConnectionRecord, int, int, str | None]] = []
 
-    def connection_opened(self, record: ConnectionRecord) -> None:
+    def connection_opened(self, record: ConnectionRecord, progress: Progress | None = None) -> None:
         self.opened.append(record)
 
     def connection_closed(
-        self, record: ConnectionRecord, *, bytes_sent: int, bytes_received: int, error: str | None
+        self,
+        record: ConnectionRecord,
+        *,
+        bytes_sent: int,
+        bytes_received: int,
+        error: str | None,
+        flags: ResponseFlags | None = None,
     ) -> None:
         self.closed.append((record, bytes_sent, bytes_received, error))
+
+    def connection_failed(
+        self, record: ConnectionRecord, *, error: str, flags: ResponseFlags
+    ) -> None:
+        pass
+
+    def connection_rejected(
+        self, *, direction: Direction, src: SocketAddr, dst: SocketAddr, error: str
+    ) -> None:
+        pass
 
 
 class ToApp:
