@@ -161,9 +161,14 @@ def run(args: argparse.Namespace) -> int:
             )
             say(f"   {caller} ({mesh.pod(caller).identity.rsplit('/', 1)[1]}): {verdict}")
         time.sleep(0.3)
-        denials = [line for line in node1.log().splitlines() if "denied" in line or "401" in line]
-        if denials:
-            say("   node-1's ztunnel-py said: " + denials[-1].split(": ", 1)[-1][:160])
+        refused = [line for line in access_lines(node1, 0) if "policy rejection" in line]
+        if refused:
+            say("   node-1's ztunnel-py (destination side) logged:")
+            say("     " + fields(refused[-1], "src.identity", "dst.identity", "error"))
+        failed = [line for line in access_lines(node0, 0) if "401" in line]
+        if failed:
+            say("   node-0's ztunnel-py (source side) logged:")
+            say("     " + fields(failed[-1], "src.identity", "dst.hbone_addr", "error"))
 
         say("\n== look around")
         for node in mesh.plan.nodes:

@@ -29,6 +29,8 @@ from ztunnel_py.signals import ShutdownController
 from ztunnel_py.state.hub import StateHub
 from ztunnel_py.state.store import ChangeSet
 from ztunnel_py.telemetry.logging import LevelController
+from ztunnel_py.telemetry.metrics import ConnectionMetrics
+from ztunnel_py.telemetry.sink import ProxyTelemetry
 from ztunnel_py.xds.client import XdsClient, XdsMetrics
 from ztunnel_py.xds.local_source import LocalConfigSource
 
@@ -65,6 +67,9 @@ class App:
                 cluster_id=config.cluster_id,
             )
         self._start_identity()
+        self.telemetry = ProxyTelemetry(
+            ConnectionMetrics(self.registry), self.hub.state, network=config.network
+        )
         self.dataplane = DataPlane(
             config=config,
             hub=self.hub,
@@ -73,7 +78,7 @@ class App:
             ),
             registry=self.registry,
             readiness=self.readiness,
-            telemetry=None,
+            telemetry=self.telemetry,
             rng=self.rng,
             spawn=self.spawn,
         )
@@ -172,7 +177,7 @@ class App:
             stats_port=self.config.stats_port,
             ready_port=self.config.readiness_port,
         )
-        stats = StatsServer(self.registry)
+        stats = StatsServer(self.registry, before_scrape=[self.telemetry.flush])
         ready = ReadinessServer(self.readiness)
         # None makes asyncio bind every family (it would set IPV6_V6ONLY on a "::" socket).
         any_host = None if self.config.ipv6_enabled else "0.0.0.0"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, ProcessCollector, disable_created_metrics
@@ -110,8 +110,11 @@ class AdminServer:
 
 
 class StatsServer:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, *, before_scrape: Sequence[Callable[[], None]] = ()
+    ) -> None:
         self._registry = registry
+        self._before_scrape = tuple(before_scrape)  # e.g. bring live byte counters up to date
         self.http = HttpServer(
             "metrics", {"/metrics": self._metrics, "/stats/prometheus": self._metrics}
         )
@@ -120,6 +123,8 @@ class StatsServer:
         await self.http.start(host, port)
 
     async def _metrics(self, request: Request) -> Response:
+        for refresh in self._before_scrape:
+            refresh()
         if "application/openmetrics-text" in request.headers.get("accept", ""):
             return Response(
                 200,
