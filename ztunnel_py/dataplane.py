@@ -168,6 +168,11 @@ class DataPlane:
                 " (set PROXY_MODE=dedicated with PROXY_WORKLOAD_INFO to proxy this namespace)"
             )
             return
+        if self.config.dns_capture:
+            log.warning(
+                "ISTIO_META_DNS_CAPTURE=true, but ztunnel-py has no DNS proxy:"
+                " pods keep resolving through their own resolvers"
+            )
         listeners: list[EnrollmentListener] = []
         # iptables REDIRECT: SO_ORIGINAL_DST on both capture ports.
         original_destination: OriginalDestination = SoOriginalDst()
