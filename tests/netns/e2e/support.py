@@ -8,11 +8,14 @@ Waits are bounded only to turn a hang into a failure.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
+import select
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +23,7 @@ from typing import Any, Protocol
 
 import pytest
 
-from tools.testbed.mesh import Mesh
+from tools.testbed.mesh import CLIENT, Mesh
 from ztunnel_py.redirect.netns import run_in_netns
 from ztunnel_py.testing.daemon import Daemon, http
 
@@ -229,3 +232,32 @@ class NetnsServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ----------------------------------------------------------------------------- long streams
+
+
+def start_stream(mesh: Mesh, pod: str, host: str, port: int) -> subprocess.Popen[str]:
+    """A client streaming to the echo port until its stdin is closed; returns once connected."""
+    argv = [sys.executable, str(CLIENT), "stream", host, str(port), "--until-eof"]
+    proc = mesh.bed.popen(
+        pod,
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], HANG_GUARD_S)
+    line = proc.stdout.readline() if ready else ""
+    assert json.loads(line or "{}").get("event") == "connected", (line, proc.poll())
+    return proc
+
+
+def finish_stream(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    out, err = proc.communicate(input="", timeout=HANG_GUARD_S)
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0 and lines, err
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result

@@ -11,11 +11,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import select
 import signal
 import subprocess
-import sys
 from typing import Any
 
 import pytest
@@ -30,12 +27,14 @@ from tests.netns.e2e.support import (
     bpf_dump,
     captured_cookies,
     exchange,
+    finish_stream,
     netns_cookies,
     proxy_listeners,
+    start_stream,
     wait_until,
     workload_state,
 )
-from tools.testbed.mesh import CLIENT, ExtraService, Mesh
+from tools.testbed.mesh import ExtraService, Mesh
 from ztunnel_py.testing.cni_agent import AgentPod
 from ztunnel_py.testing.daemon import Daemon
 
@@ -217,32 +216,6 @@ def test_pods_not_yet_replayed_to_a_new_daemon_stay_captured(
 
 
 # ----------------------------------------------------------------------------- handover
-
-
-def start_stream(mesh: Mesh, pod: str, host: str, port: int) -> subprocess.Popen[str]:
-    """A client streaming to the echo port until its stdin is closed; returns once connected."""
-    argv = [sys.executable, str(CLIENT), "stream", host, str(port), "--until-eof"]
-    proc = mesh.bed.popen(
-        pod,
-        argv,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], HANG_GUARD_S)
-    line = proc.stdout.readline() if ready else ""
-    assert json.loads(line or "{}").get("event") == "connected", (line, proc.poll())
-    return proc
-
-
-def finish_stream(proc: subprocess.Popen[str]) -> dict[str, Any]:
-    out, err = proc.communicate(input="", timeout=HANG_GUARD_S)
-    lines = [line for line in out.splitlines() if line.startswith("{")]
-    assert proc.returncode == 0 and lines, err
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
 
 
 @pytest.mark.parametrize("redirect", MODES)
