@@ -56,7 +56,7 @@ _UVLOOP_DIRS = (_TESTS / "component/proxy", _TESTS / "netns/proxy", _TESTS / "in
 
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
-) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]] | None:
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
     if any(Path(str(item.path)).is_relative_to(d) for d in _UVLOOP_DIRS):
         return {"uvloop": uvloop.new_event_loop}
-    return None
+    return {"asyncio": asyncio.new_event_loop}

@@ -113,7 +113,9 @@ class PodProxyStarter:
             sockets=sockets,
             original_destination=self._original_destination,
             inbound_original_destination=self._inbound_original_destination,
-            authorizer=PolicyAuthorizer(self._hub.state, pod.workload),
+            authorizer=PolicyAuthorizer(
+                self._hub.state, pod.workload, info_logging=config.authz_policy_info_logging
+            ),
             telemetry=self._telemetry,
             rng=self._rng,
             conntrack=self._conntrack,

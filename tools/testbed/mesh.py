@@ -36,6 +36,7 @@ from tools.testbed.plan import (
     local_config,
     make_plan,
 )
+from ztunnel_py.redirect import iptables
 from ztunnel_py.testing.background import BackgroundLoop
 from ztunnel_py.testing.cni_agent import FakeCniAgent
 from ztunnel_py.testing.daemon import Daemon, run_daemon
@@ -75,6 +76,9 @@ class MeshOptions:
     policies: Sequence[Mapping[str, Any]] = ()  # local-config policies to add
     services: Sequence[ExtraService] = ()  # services to add to the testbed's
     env: Mapping[str, str] = field(default_factory=dict)  # extra daemon environment
+    # Pods left out of the mesh, like pods of a namespace without the ambient label: not in
+    # the local config, never enrolled, no in-pod rules. Traffic to them is non-mesh traffic.
+    outside: Sequence[str] = ()
 
 
 class Mesh:
@@ -84,6 +88,8 @@ class Mesh:
         self.options = options
         self.work_dir = work_dir
         self.plan = make_plan(options.tag, options.nodes, options.pods_per_node)
+        for name in options.outside:
+            self.plan.pod(name)  # a KeyError that names the pods there are
         self.config_path = work_dir / "mesh.yaml"
         self.bed = Testbed(
             self.plan,
@@ -104,6 +110,9 @@ class Mesh:
     def up(self) -> None:
         try:
             self.bed.up()
+            if self.options.redirect == "iptables":
+                for name in self.options.outside:
+                    iptables.remove(self.pod(name).netns_path)
             self.write_config(self.options.policies)
             self.loop = BackgroundLoop("fake-istio-cni")
             for node in self.plan.nodes:
@@ -121,6 +130,8 @@ class Mesh:
         agent = FakeCniAgent(self.work_dir / f"{node.name}.sock")
         self.loop.run(agent.start())
         for pod in self.plan.pods_on(node.name):
+            if pod.name in self.options.outside:
+                continue
             self.loop.run(agent.add_pod(pod.uid, pod.workload_info, pod.netns_path))
         self.agents[node.name] = agent
 
@@ -207,11 +218,23 @@ class Mesh:
         result: dict[str, Any] = json.loads(lines[-1])
         return result
 
-    def write_config(self, policies: Sequence[Mapping[str, Any]] = ()) -> None:
-        """(Re)write the local config every daemon watches: the testbed mesh plus ``policies``."""
+    def write_config(
+        self,
+        policies: Sequence[Mapping[str, Any]] = (),
+        *,
+        selected: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        """(Re)write the local config every daemon watches: the testbed mesh plus ``policies``.
+
+        ``selected``: pod name -> keys (``namespace/name``) of the ``WorkloadSelector``
+        policies that select it (its workload's ``authorizationPolicies``).
+        """
         doc = local_config(self.plan)
         doc["policies"] = [dict(p) for p in policies]
+        doc["workloads"] = [w for w in doc["workloads"] if w["name"] not in self.options.outside]
         by_name = {w["name"]: w for w in doc["workloads"]}
+        for pod_name, keys in (selected or {}).items():
+            by_name[pod_name]["authorizationPolicies"] = list(keys)
         for svc in self.options.services:
             doc["services"].append(
                 {

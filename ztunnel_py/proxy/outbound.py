@@ -173,6 +173,7 @@ class OutboundServer:
             down.reset()
             return
         workload = self.state.workload(self.workload.uid) or self.workload
+        src = pod_source(src, workload)
         try:
             route = route_outbound(
                 self.state, workload, src[0], dst, rng=self.rng, network=self.config.network
@@ -269,6 +270,24 @@ class OutboundServer:
             report_splice(self.telemetry, record, splice, reads_source=True)
         with self.tracker.tracking(splice):
             await splice.done
+
+
+def pod_source(src: SocketAddr, workload: Workload) -> SocketAddr:
+    """The application's address as the mesh knows it.
+
+    eBPF redirection rewrites the application's ``connect()`` to 127.0.0.1:15001 before the
+    kernel picks a source address, so the accepted peer is on loopback. The connection is the
+    pod's all the same (and our upstream socket leaves from the pod's address): routing, the
+    ``Forwarded`` header and telemetry get the pod's address of the same family, keeping the
+    port. Any other source is returned as it is.
+    """
+    ip, port = src
+    if not ip.is_loopback:
+        return src
+    for candidate in workload.workload_ips:
+        if candidate.version == ip.version:
+            return candidate, port
+    return src
 
 
 def _setup_failure(e: Exception) -> tuple[str, ResponseFlags]:

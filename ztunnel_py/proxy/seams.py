@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -19,12 +20,14 @@ from ztunnel_py.identity.spiffe import Identity
 from ztunnel_py.identity.tls import client_context, server_context
 from ztunnel_py.proxy.conntrack import POLICY_CHANGE_ERROR
 from ztunnel_py.proxy.splice import SpliceResult
-from ztunnel_py.rbac.evaluate import ConnectionInfo, Decision, evaluate_for
+from ztunnel_py.rbac.evaluate import ConnectionInfo, Decision, evaluate_for, log_decision
 from ztunnel_py.state.model import IPAddress, Workload
 from ztunnel_py.state.store import ProxyState
 from ztunnel_py.telemetry.metrics import ResponseFlags
 
 SocketAddr = tuple[IPAddress, int]
+#: Where authorization decisions are logged (``AUTHZ_POLICY_INFO_LOGGING``).
+AUTHORIZATION_LOGGER = "ztunnel_py.rbac"
 
 
 class CertificateSource(Protocol):
@@ -66,16 +69,31 @@ class PermitAll:
 
 
 class PolicyAuthorizer:
-    """Authorizes against the policies that apply to ``workload`` in ``state``."""
+    """Authorizes against the policies that apply to ``workload`` in ``state``.
 
-    def __init__(self, state: ProxyState, workload: Workload) -> None:
+    Every decision is logged, naming the deciding policy: at INFO with ``info_logging``
+    (``AUTHZ_POLICY_INFO_LOGGING=true``), at DEBUG otherwise, as ztunnel's ``authpol_log``.
+    """
+
+    def __init__(
+        self,
+        state: ProxyState,
+        workload: Workload,
+        *,
+        info_logging: bool = False,
+        logger: logging.Logger | None = None,
+    ) -> None:
         self._state = state
         self._workload = workload
+        self._info_logging = info_logging
+        self._logger = logger or logging.getLogger(AUTHORIZATION_LOGGER)
 
     def check(self, conn: ConnectionInfo) -> Decision:
         # The store may have a newer version of the workload (policy selectors changed).
         current = self._state.workload(self._workload.uid) or self._workload
-        return evaluate_for(conn, self._state, current)
+        decision = evaluate_for(conn, self._state, current)
+        log_decision(self._logger, decision, conn, self._info_logging)
+        return decision
 
 
 class OriginalDestination(Protocol):

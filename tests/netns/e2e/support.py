@@ -8,6 +8,7 @@ Waits are bounded only to turn a hang into a failure.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -18,10 +19,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tools.testbed.mesh import CLIENT, Mesh
 from ztunnel_py.redirect.netns import run_in_netns
@@ -118,6 +120,98 @@ def metric_lines(daemon: Daemon, name: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith(name + "{")]
 
 
+class Scrape:
+    """One scrape of a daemon's ``/metrics``, parsed by ``prometheus_client``'s parser."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        text = http(f"{daemon.stats}/metrics").text
+        self.samples: list[tuple[str, dict[str, str], float]] = [
+            (sample.name, dict(sample.labels), sample.value)
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        ]
+
+    def series(self, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
+        """The samples called ``name`` (``..._total``) whose labels include ``labels``."""
+        return [
+            (have, value)
+            for sample, have, value in self.samples
+            if sample == name and labels.items() <= have.items()
+        ]
+
+    def total(self, name: str, **labels: str) -> float:
+        """The sum of the samples called ``name`` whose labels include ``labels``."""
+        return sum(value for _, value in self.series(name, **labels))
+
+    def exact(self, name: str, labels: Mapping[str, str]) -> float:
+        """The sample called ``name`` with exactly ``labels`` (0 when there is none)."""
+        return sum(value for have, value in self.series(name) if have == dict(labels))
+
+
+# ----------------------------------------------------------------------------- logs and config
+
+
+def log_mark(daemon: Daemon) -> int:
+    """Where the daemon's log ends now: pass it as ``since`` to read only what follows."""
+    return len(daemon.log())
+
+
+def log_records(daemon: Daemon, since: int = 0) -> list[dict[str, Any]]:
+    """The daemon's JSON log records (``LOG_FORMAT=json``) written after ``since``."""
+    records = []
+    for line in daemon.log()[since:].splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(json.JSONDecodeError):  # a line still being written
+                records.append(json.loads(line))
+    return records
+
+
+def access_records(daemon: Daemon, since: int = 0, **fields: Any) -> list[dict[str, Any]]:
+    """The ``connection complete`` access-log records after ``since`` that carry ``fields``
+    (keys with dots spelled with underscores: ``src_identity`` for ``src.identity``)."""
+    wanted = {
+        key.replace("_", ".", 1) if key.startswith(("src_", "dst_")) else key: value
+        for key, value in fields.items()
+    }
+    return [
+        r
+        for r in log_records(daemon, since)
+        if r.get("scope") == "access"
+        and r.get("message") == "connection complete"
+        and all(r.get(k) == v for k, v in wanted.items())
+    ]
+
+
+def only_one(find: Callable[[], list[dict[str, Any]]], what: str) -> dict[str, Any]:
+    """Wait (bounded) until ``find()`` returns something; it must be exactly one record."""
+    wait_until(lambda: len(find()) >= 1, what)
+    records = find()
+    assert len(records) == 1, records
+    return records[0]
+
+
+def apply_config(
+    mesh: Mesh,
+    policies: Sequence[Mapping[str, Any]] = (),
+    *,
+    selected: Mapping[str, Sequence[str]] | None = None,
+) -> None:
+    """Rewrite the mesh's local config (see ``Mesh.write_config``) and wait until every
+    daemon has loaded it."""
+
+    def loads() -> dict[str, int]:
+        return {
+            name: int(d.config_dump()["staticConfig"]["loads"]) for name, d in mesh.daemons.items()
+        }
+
+    before = loads()
+    mesh.write_config(policies, selected=selected)
+    wait_until(
+        lambda: all(n > before[name] for name, n in loads().items()),
+        "every daemon to load the new local config",
+    )
+
+
 # ----------------------------------------------------------------------------- TCP in a netns
 
 
@@ -146,10 +240,14 @@ def exchange(netns_path: str, ip: str, port: int, payload: bytes) -> tuple[str, 
         return "ok", data
     except ConnectionRefusedError:
         return "refused", b""
-    except ConnectionResetError:
+    except (ConnectionResetError, BrokenPipeError):
         return "reset", b""
     except TimeoutError:
         return "timeout", b""
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:  # reset between our send and our half-close
+            return "reset", b""
+        raise
     finally:
         sock.close()
 
@@ -172,11 +270,15 @@ def held_connection(netns_path: str, ip: str, port: int) -> Iterator[socket.sock
 class NetnsServer:
     """A TCP server inside a netns (this process's socket, serving on a thread).
 
-    Records each finished connection as (peer ip, bytes received); echoes when ``echo``.
+    Records each finished connection as (peer ip, bytes received); echoes when ``echo``;
+    answers ``reply`` bytes once the client half-closes.
     """
 
-    def __init__(self, netns_path: str, ip: str, port: int, *, echo: bool = False) -> None:
+    def __init__(
+        self, netns_path: str, ip: str, port: int, *, echo: bool = False, reply: int = 0
+    ) -> None:
         self.echo = echo
+        self.reply = reply
         self.connections: list[tuple[str, int]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -209,6 +311,8 @@ class NetnsServer:
                 received += len(data)
                 if self.echo:
                     conn.sendall(data)
+            if self.reply:
+                conn.sendall(bytes(self.reply))
         with self._lock:
             self.connections.append((peer, received))
 
