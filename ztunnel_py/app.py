@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from collections.abc import Callable, Coroutine
@@ -41,6 +42,7 @@ EXIT_FORCED = 1
 
 READY_STATE = "state manager"
 READY_CERTIFICATES = "certificates"
+ON_DEMAND_TIMEOUT_S = 5.0  # how long a connection waits for an on-demand xDS answer
 
 
 class App:
@@ -166,6 +168,10 @@ class App:
             )
             self.dump_providers["xds"] = self.xds.dump
             self.spawn("xds", self.xds.run())
+            if self.config.xds_on_demand:
+                self.dataplane.demand = functools.partial(
+                    self.xds.fetch_on_demand, timeout=ON_DEMAND_TIMEOUT_S
+                )
         self.node_certs.sync_all()
         self._follow_certificates()
         self.dataplane.start()  # eBPF programs, ZDS enrollment, per-pod proxies

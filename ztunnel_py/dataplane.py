@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
-from ztunnel_py.config import Config, ProxyMode, RedirectMode
+from ztunnel_py.config import Config, ProxyMode, RedirectMode, WorkloadInfo
 from ztunnel_py.errors import UnsupportedFeature, ZtunnelError
 from ztunnel_py.hbone.connection import HboneSettings, Role
 from ztunnel_py.proxy.conntrack import ConnectionTracker
@@ -29,6 +29,7 @@ from ztunnel_py.proxy.pod import PodProxy, start_pod_proxy
 from ztunnel_py.proxy.pool import HbonePool
 from ztunnel_py.proxy.seams import (
     CertificateSource,
+    Demand,
     OriginalDestination,
     PolicyAuthorizer,
     TelemetrySink,
@@ -79,8 +80,10 @@ class PodProxyStarter:
         conntrack: ConnectionTracker,
         telemetry: TelemetrySink | None,
         rng: random.Random,
+        demand: Demand | None = None,
     ) -> None:
         self._config = config
+        self._demand = demand
         self._hub = hub
         self._certificates = certificates
         self._original_destination = original_destination
@@ -119,6 +122,7 @@ class PodProxyStarter:
             telemetry=self._telemetry,
             rng=self._rng,
             conntrack=self._conntrack,
+            demand=self._demand,
         )
         return _PodHandle(proxy, pool)
 
@@ -147,6 +151,8 @@ class DataPlane:
         self.bpf_sync: MapSync | None = None
         self.manager: WorkloadManager | None = None
         self.zds: ZdsClient | None = None
+        # XDS_ON_DEMAND: the xDS client's lookup, set by the composition root before start().
+        self.demand: Demand | None = None
         self._certificates = certificates
         self._telemetry = telemetry
         self._rng = rng
@@ -180,6 +186,12 @@ class DataPlane:
         original_destination: OriginalDestination = SoOriginalDst()
         inbound_original_destination: OriginalDestination | None = SoOriginalDst()
         self.redirect_mode = self._choose_redirect_mode()
+        if self.config.xds_on_demand and self.redirect_mode is RedirectMode.EBPF:
+            log.warning(
+                "XDS_ON_DEMAND=true with eBPF redirection: the kernel only captures destinations"
+                " the daemon already knows, so unknown ones are never looked up on demand"
+                " (use REDIRECT_MODE=iptables, or wildcard xDS)"
+            )
         if self.redirect_mode is RedirectMode.EBPF:
             loader, enrollment = self._start_bpf()
             listeners.append(enrollment)
@@ -194,10 +206,13 @@ class DataPlane:
             conntrack=self.conntrack,
             telemetry=self._telemetry,
             rng=self._rng,
+            demand=self.demand,
         )
         self.manager = WorkloadManager.from_config(
             self.config, self.hub.state, starter, self.registry, listeners=listeners
         )
+        if self.demand is not None:
+            self.manager.demand_workload = self._demand_workload
         self.hub.subscribe("workload manager", self.manager.state_changed)
         if self.config.proxy_mode is ProxyMode.DEDICATED:
             self.spawn("dedicated proxy", self._enroll_own_namespace())
@@ -205,6 +220,12 @@ class DataPlane:
             self.readiness.block(READY_WORKLOADS, "waiting for the istio-cni node agent")
             self.zds = ZdsClient(self.config.inpod_uds, self.manager, on_ready=self._zds_ready)
             self.spawn("zds", self.zds.run())
+
+    def _demand_workload(self, info: WorkloadInfo) -> None:
+        """A pod whose workload istiod has not sent (on-demand mode): ask for it by uid."""
+        assert self.demand is not None
+        uid = f"{self.config.cluster_id}//Pod/{info.namespace}/{info.name}"
+        self.spawn(f"on-demand {uid}", self.demand(uid))
 
     def _choose_redirect_mode(self) -> RedirectMode:
         mode = self.config.redirect_mode

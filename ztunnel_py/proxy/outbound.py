@@ -29,6 +29,7 @@ from ztunnel_py.proxy.routing import Route, RouteKind, RoutingError, route_outbo
 from ztunnel_py.proxy.seams import (
     CertificateSource,
     ConnectionRecord,
+    Demand,
     Direction,
     OriginalDestination,
     SocketAddr,
@@ -45,7 +46,7 @@ from ztunnel_py.proxy.tcp import (
     tcp_side_for,
 )
 from ztunnel_py.proxy.transport import HboneProtocol
-from ztunnel_py.state.model import Workload
+from ztunnel_py.state.model import NetworkAddress, Workload
 from ztunnel_py.state.store import ProxyState
 from ztunnel_py.telemetry.metrics import ResponseFlags
 
@@ -134,8 +135,11 @@ class OutboundServer:
         telemetry: TelemetrySink | None = None,
         rng: random.Random | None = None,
         connect_timeout_s: float = 10.0,
+        demand: Demand | None = None,
     ) -> None:
+        """``demand``: with ``XDS_ON_DEMAND``, fetch an address istiod has not sent yet."""
         self.workload = workload
+        self.demand = demand
         self.state = state
         self.pool = pool
         self.sockets = sockets
@@ -174,6 +178,10 @@ class OutboundServer:
             return
         workload = self.state.workload(self.workload.uid) or self.workload
         src = pod_source(src, workload)
+        if self.demand is not None:
+            address = NetworkAddress(self.config.network, dst[0])
+            if self.state.find_address(address, prefer_namespace=workload.namespace) is None:
+                await self.demand(str(address))  # returns once answered, or on its timeout
         try:
             route = route_outbound(
                 self.state, workload, src[0], dst, rng=self.rng, network=self.config.network

@@ -21,6 +21,7 @@ from ztunnel_py.proxy.pool import HbonePool
 from ztunnel_py.proxy.seams import (
     Authorizer,
     CertificateSource,
+    Demand,
     OriginalDestination,
     SocketFactory,
     TelemetrySink,
@@ -59,6 +60,7 @@ async def start_pod_proxy(
     telemetry: TelemetrySink | None = None,
     rng: random.Random | None = None,
     conntrack: ConnectionTracker | None = None,
+    demand: Demand | None = None,
 ) -> PodProxy:
     """Serve ``listeners`` = (outbound :15001, inbound plaintext :15006, inbound HBONE :15008).
 
@@ -76,6 +78,7 @@ async def start_pod_proxy(
             config=config,
             telemetry=telemetry,
             rng=rng,
+            demand=demand,
         ),
         inbound=InboundServer(
             workload=workload,

@@ -11,9 +11,9 @@ import enum
 import logging
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from ztunnel_py.identity.certificate import WorkloadCertificate
 from ztunnel_py.identity.spiffe import Identity
@@ -94,6 +94,11 @@ class PolicyAuthorizer:
         decision = evaluate_for(conn, self._state, current)
         log_decision(self._logger, decision, conn, self._info_logging)
         return decision
+
+
+# ``XDS_ON_DEMAND``: ask istiod for one resource (``network/ip`` or a workload uid) and wait
+# until it answered (or gave up); the state store then holds it if it exists.
+Demand = Callable[[str], Coroutine[Any, Any, None]]
 
 
 class OriginalDestination(Protocol):

@@ -284,6 +284,7 @@ class WorkloadManager:
         termination_deadline_s: float = 5.0,
         retry_interval_s: float = RETRY_INTERVAL_S,
         create_listeners: ListenerFactory = create_pod_listeners,
+        demand_workload: Callable[[WorkloadInfo], None] | None = None,
     ) -> None:
         self.state = state
         self.factory = factory
@@ -293,6 +294,7 @@ class WorkloadManager:
         self.termination_deadline_s = termination_deadline_s
         self.retry_interval_s = retry_interval_s
         self._create_listeners = create_listeners
+        self.demand_workload = demand_workload
         self._pods: dict[str, _Pod] = {}
         self._lock = asyncio.Lock()
         self._retry_task: asyncio.Task[None] | None = None
@@ -462,6 +464,8 @@ class WorkloadManager:
             if rec.failure:
                 rec.failure = ""
             log.info("pod %s is pending: %s", pod.uid, _waiting_for_xds(pod.info))
+            if self.demand_workload is not None:
+                self.demand_workload(pod.info)  # on-demand xDS: ask istiod for it
             return
         rec.pod = pod = dataclasses.replace(pod, workload=workload)
         assert rec.listeners is not None

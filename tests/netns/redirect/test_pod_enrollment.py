@@ -311,6 +311,25 @@ async def test_pod_waits_for_late_xds_then_starts(env: Env) -> None:
 
 
 @pytest.mark.asyncio
+async def test_on_demand_mode_asks_for_a_late_workload(env: Env) -> None:
+    """With XDS_ON_DEMAND a pending pod asks istiod for its workload instead of only waiting."""
+    w = workload("uid-od", "od", "10.1.0.9")
+    ns = env.pod_netns("od")
+    daemon = env.start_daemon(())
+    asked: list[tuple[str, str, str]] = []
+
+    def demand(info: WorkloadInfo) -> None:  # what istiod's answer would do
+        asked.append((info.namespace, info.name, info.service_account))
+        daemon.manager.state_changed(daemon.state.apply(UpdateBatch(workloads=(w,))))
+
+    daemon.manager.demand_workload = demand
+    await env.agent.wait_snapshots(1)
+    assert await env.agent.add_pod(w.uid, info_of(w), netns_path(ns)) == ""
+    await eventually(lambda: daemon.manager.pod_state(w.uid) is PodState.UP, "pod up on demand")
+    assert asked == [("default", "od", w.service_account)]
+
+
+@pytest.mark.asyncio
 async def test_failed_start_is_nacked_kept_pending_and_retried(env: Env) -> None:
     w = workload("uid-f", "f", "10.1.0.5")
     ns = env.pod_netns("f")
