@@ -156,12 +156,10 @@ class App:
         release_state = self.readiness.register(READY_STATE, "waiting for configuration")
         if self.local_source is not None:
             self.local_source.load()  # a bad file at start is fatal, before any port opens
-            if self.config.xds_address is None:
-                release_state()
             self.spawn("local-config-watch", self.local_source.watch())
-        elif self.config.xds_address is None:
-            release_state()
-        if self.config.xds_address is not None:
+        if self.config.xds_address is None:
+            release_state()  # the local config, if any, is all the configuration there is
+        else:
             # istiod: ready once every watched type has had an ACKed response.
             self.xds = XdsClient(
                 self.config, self.hub.apply, XdsMetrics(self.registry), on_ready=release_state

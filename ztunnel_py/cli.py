@@ -28,7 +28,6 @@ from ztunnel_py.xds.local import load_local_config_file
 
 log = logging.getLogger("ztunnel_py")
 
-EXIT_USAGE = 2
 EXIT_CONFIG = 78  # EX_CONFIG
 
 

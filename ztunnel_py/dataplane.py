@@ -254,10 +254,8 @@ class DataPlane:
         from ztunnel_py.bpf.metrics import BpfMetrics
         from ztunnel_py.bpf.reconcile import MapSync, Reconciler
 
-        kwargs: dict[str, Any] = {"cgroup_path": self._bpf_cgroup()}
-        if self.config.bpf_object_dir is not None:
-            kwargs["object_dir"] = self.config.bpf_object_dir
-        loader = BpfLoader.from_config(self.config, **kwargs)
+        cgroup_path = self._bpf_cgroup()
+        loader = BpfLoader.from_config(self.config, cgroup_path=cgroup_path)
         loader.start()  # probes the kernel; UnsupportedFeature names what is missing
         self.bpf = loader
         sync = MapSync(self.hub.state, Reconciler(loader.maps), network=self.config.network)
@@ -269,7 +267,7 @@ class DataPlane:
         enrollment = BpfEnrollment(loader, sync)
         self.hub.subscribe("bpf maps", enrollment.state_changed)
         BpfMetrics(self.registry, loader.read_counters)
-        log.info("eBPF redirection attached at %s", kwargs["cgroup_path"])
+        log.info("eBPF redirection attached at %s", cgroup_path)
         return loader, enrollment
 
     async def _enroll_own_namespace(self) -> None:

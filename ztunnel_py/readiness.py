@@ -8,6 +8,7 @@ A task can also be re-blocked (the CA going away makes certificates pending agai
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 
@@ -17,12 +18,8 @@ class Readiness:
 
     def register(self, name: str, why: str = "") -> Callable[[], None]:
         """Block readiness on ``name``; call the returned function to release it."""
-        self._pending[name] = why
-
-        def release() -> None:
-            self._pending.pop(name, None)
-
-        return release
+        self.block(name, why)
+        return functools.partial(self.release, name)
 
     def block(self, name: str, why: str = "") -> None:
         self._pending[name] = why

@@ -7,7 +7,6 @@ import ipaddress
 import socket
 import stat
 import struct
-import time
 
 import pytest
 
@@ -25,6 +24,7 @@ from ztunnel_py.testing.bpf import (
     WAIT_S,
     PodEnv,
 )
+from ztunnel_py.testing.poll import wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 ip = ipaddress.ip_address
@@ -65,10 +65,12 @@ def test_outbound_to_service_vip_is_captured_with_its_original_destination(pod_e
 
     # Both ends closed: sock_ops removes the entry when the application's socket closes.
     orig_map = loader.maps[t.MAP_ORIG_DST]
-    deadline = time.monotonic() + WAIT_S
-    while dict(orig_map.items()) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert dict(orig_map.items()) == {}
+    wait_until(
+        lambda: dict(orig_map.items()) == {},
+        "sock_ops to remove the closed connection's entry",
+        timeout=WAIT_S,
+        interval=0.02,
+    )
 
 
 def test_outbound_ipv6_and_ipv4_mapped_are_captured(pod_env: PodEnv) -> None:

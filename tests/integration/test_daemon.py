@@ -8,12 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from ztunnel_py.testing.daemon import free_port, http, run_daemon
+from ztunnel_py.testing.poll import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples/localhost.yaml"
@@ -33,17 +33,6 @@ def base_env(tmp_path: Path, config: Path) -> dict[str, str]:
         "CONNECTION_TERMINATION_DEADLINE": "2s",
         "INPOD_ENABLED": "false",  # no istio-cni agent here: control plane and admin only
     }
-
-
-def eventually(check, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return check()
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def test_serves_config_dump_metrics_and_readiness(tmp_path: Path, local_config: Path) -> None:

@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from ztunnel_py.state.model import Workload
 from ztunnel_py.state.store import UpdateBatch
 from ztunnel_py.testing.daemon import http, run_daemon
 from ztunnel_py.testing.istiod_thread import BackgroundIstiod
+from ztunnel_py.testing.poll import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 MESH = (ROOT / "examples/localhost.yaml").read_text()
-
-
-def eventually(check: Callable[[], Any], timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return check()
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def istiod_env(istiod: BackgroundIstiod, tmp_path: Path) -> dict[str, str]:

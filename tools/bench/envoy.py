@@ -14,7 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-_T = "type.googleapis.com/envoy."  # prefix of every typed_config @type
+from ztunnel_py.testing.envoy import (
+    TYPE_PREFIX,
+    CertFiles,
+    admin_address,
+    h2_windows,
+    static_cluster,
+    tls_context,
+)
+
 HBONE_PORT = 15008
 OUTBOUND_PORT = 15001
 
@@ -29,70 +37,34 @@ def redirect_argv() -> list[str]:
     ]  # fmt: skip
 
 
-def _tls_context(cert: Path, key: Path, root: Path, peer_san: str) -> dict[str, Any]:
-    return {
-        "tls_params": {
-            "tls_minimum_protocol_version": "TLSv1_3",
-            "tls_maximum_protocol_version": "TLSv1_3",
-        },
-        "alpn_protocols": ["h2"],
-        "tls_certificates": [
-            {"certificate_chain": {"filename": str(cert)}, "private_key": {"filename": str(key)}}
-        ],
-        "validation_context": {
-            "trusted_ca": {"filename": str(root)},
-            "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": peer_san}}],
-        },
-    }
-
-
-def _h2_options() -> dict[str, Any]:
-    return {"initial_stream_window_size": 4 << 20, "initial_connection_window_size": 16 << 20}
-
-
-def _static_cluster(name: str, host: str, port: int) -> dict[str, Any]:
-    endpoint = {"address": {"socket_address": {"address": host, "port_value": port}}}
-    return {
-        "name": name,
-        "connect_timeout": "5s",
-        "type": "STATIC",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}],
-        },
-    }
-
-
-def _admin(port: int) -> dict[str, Any]:
-    return {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}
-
-
 def client_config(
     *, server_ip: str, cert: Path, key: Path, root: Path, server_id: str, admin_port: int
 ) -> dict[str, Any]:
-    hbone = _static_cluster("hbone", server_ip, HBONE_PORT)
+    hbone = static_cluster("hbone", server_ip, HBONE_PORT)
     hbone["typed_extension_protocol_options"] = {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-            "@type": _T + "extensions.upstreams.http.v3.HttpProtocolOptions",
-            "explicit_http_config": {"http2_protocol_options": _h2_options()},
+            "@type": TYPE_PREFIX + "extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": h2_windows()},
         }
     }
     hbone["transport_socket"] = {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
-            "@type": _T + "extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            "common_tls_context": _tls_context(cert, key, root, server_id),
+            "@type": TYPE_PREFIX + "extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": tls_context(CertFiles(cert, key, root), [server_id]),
         },
     }
     tcp_proxy = {
-        "@type": _T + "extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "@type": TYPE_PREFIX + "extensions.filters.network.tcp_proxy.v3.TcpProxy",
         "stat_prefix": "hbone_out",
         "cluster": "hbone",
         "tunneling_config": {"hostname": "%DOWNSTREAM_LOCAL_ADDRESS%"},
     }
     original_dst = {
         "name": "envoy.filters.listener.original_dst",
-        "typed_config": {"@type": _T + "extensions.filters.listener.original_dst.v3.OriginalDst"},
+        "typed_config": {
+            "@type": TYPE_PREFIX + "extensions.filters.listener.original_dst.v3.OriginalDst"
+        },
     }
     listener = {
         "name": "outbound",
@@ -103,7 +75,7 @@ def client_config(
         ],
     }
     return {
-        "admin": _admin(admin_port),
+        "admin": admin_address(admin_port),
         "static_resources": {"listeners": [listener], "clusters": [hbone]},
     }
 
@@ -123,10 +95,11 @@ def server_config(
         "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}],
     }
     hcm = {
-        "@type": _T + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "@type": TYPE_PREFIX
+        + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "hbone_in",
         "codec_type": "HTTP2",
-        "http2_protocol_options": {**_h2_options(), "allow_connect": True},
+        "http2_protocol_options": {**h2_windows(), "allow_connect": True},
         "upgrade_configs": [{"upgrade_type": "CONNECT"}],
         "route_config": {
             "name": "local",
@@ -150,16 +123,16 @@ def server_config(
         "http_filters": [
             {
                 "name": "envoy.filters.http.router",
-                "typed_config": {"@type": _T + "extensions.filters.http.router.v3.Router"},
+                "typed_config": {"@type": TYPE_PREFIX + "extensions.filters.http.router.v3.Router"},
             }
         ],
     }
     tls = {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
-            "@type": _T + "extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "@type": TYPE_PREFIX + "extensions.transport_sockets.tls.v3.DownstreamTlsContext",
             "require_client_certificate": True,
-            "common_tls_context": _tls_context(cert, key, root, client_id),
+            "common_tls_context": tls_context(CertFiles(cert, key, root), [client_id]),
         },
     }
     listener = {
@@ -175,9 +148,9 @@ def server_config(
         ],
     }
     return {
-        "admin": _admin(admin_port),
+        "admin": admin_address(admin_port),
         "static_resources": {
             "listeners": [listener],
-            "clusters": [_static_cluster(f"app{p}", server_ip, p) for p in app_ports],
+            "clusters": [static_cluster(f"app{p}", server_ip, p) for p in app_ports],
         },
     }

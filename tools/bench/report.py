@@ -22,12 +22,6 @@ from statistics import median
 
 from tools.bench.loads import Paced, Wrk
 
-SECTIONS = {
-    "hbone-data-plane": "HBONE data plane vs Envoy",
-    "non-mesh-destination": "destination outside the mesh",
-    "pods-memory": "one daemon for 100 pods",
-    "xds-map-sync": "map sync for 10,000 workloads",
-}
 LABELS = {
     "nomesh": "no mesh",
     "envoy": "Envoy pair",

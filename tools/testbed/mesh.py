@@ -201,11 +201,6 @@ class Mesh:
     def pod(self, name: str) -> PodPlan:
         return self.plan.pod(name)
 
-    def service_vip(self, name: str) -> str:
-        vips = {svc.name: svc.vip for svc in self.plan.services}
-        vips |= {svc.name: svc.vip for svc in self.options.services}
-        return vips[name]
-
     def client(
         self, pod: str, mode: str, host: str, port: int, *args: str, timeout: float = 60
     ) -> dict[str, Any]:

@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 # UAPI numbers (include/uapi/linux/bpf.h); stable kernel ABI.
 BPF_MAP_TYPE_HASH = 1
-BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_HASH = 9
 BPF_MAP_TYPE_LPM_TRIE = 11
@@ -51,8 +50,6 @@ BPF_FUNC_sk_storage_get = 107
 BPF_FUNC_get_netns_cookie = 122
 BPF_FUNC_sk_assign = 124
 BPF_ANY = 0
-BPF_NOEXIST = 1
-BPF_EXIST = 2
 SK_LOOKUP_INGRESS_IFINDEX_OFFSET = 64  # offsetof(struct bpf_sk_lookup, ingress_ifindex)
 
 _PRINT_LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
@@ -70,21 +67,15 @@ _SIGNATURES: dict[str, tuple[object, ...]] = {
     "bpf_object__load": (_int, _vp),
     "bpf_object__close": (None, _vp),
     "bpf_object__find_program_by_name": (_vp, _vp, _str),
-    "bpf_object__find_map_by_name": (_vp, _vp, _str),
     "bpf_object__next_map": (_vp, _vp, _vp),
     "bpf_map__name": (_str, _vp),
-    "bpf_map__fd": (_int, _vp),
     "bpf_map__initial_value": (_vp, _vp, ctypes.POINTER(ctypes.c_size_t)),
     "bpf_map__set_initial_value": (_int, _vp, _vp, ctypes.c_size_t),
-    "bpf_map__reuse_fd": (_int, _vp, _int),
-    "bpf_map__pin": (_int, _vp, _str),
-    "bpf_program__fd": (_int, _vp),
     "bpf_program__name": (_str, _vp),
     "bpf_program__attach_cgroup": (_vp, _vp, _int),
     "bpf_program__attach_netns": (_vp, _vp, _int),
     "bpf_link__open": (_vp, _str),
     "bpf_link__pin": (_int, _vp, _str),
-    "bpf_link__unpin": (_int, _vp),
     "bpf_link__fd": (_int, _vp),
     "bpf_link__update_program": (_int, _vp, _vp),
     "bpf_link__destroy": (_int, _vp),
@@ -278,10 +269,6 @@ class BpfProgram:
         raw: bytes = _library().bpf_program__name(self._ptr)
         return raw.decode()
 
-    @property
-    def fd(self) -> int:
-        return _check(_library().bpf_program__fd(self._ptr), "bpf_program__fd", self.name)
-
     def attach_cgroup(self, cgroup_fd: int) -> BpfLink:
         ptr = _library().bpf_program__attach_cgroup(self._ptr, cgroup_fd)
         return BpfLink(_check_ptr(ptr, "bpf_program__attach_cgroup", self.name))
@@ -292,7 +279,7 @@ class BpfProgram:
 
 
 class BpfMapHandle:
-    """A map inside an unloaded or loaded object (before load: reuse a pinned fd)."""
+    """A map inside an opened object (before load: set its initial value)."""
 
     def __init__(self, ptr: int) -> None:
         self._ptr = ptr
@@ -302,22 +289,11 @@ class BpfMapHandle:
         raw: bytes = _library().bpf_map__name(self._ptr)
         return raw.decode()
 
-    @property
-    def fd(self) -> int:
-        return _check(_library().bpf_map__fd(self._ptr), "bpf_map__fd", self.name)
-
     def initial_value(self) -> bytes:
         size = ctypes.c_size_t(0)
         ptr = _library().bpf_map__initial_value(self._ptr, ctypes.byref(size))
         _check_ptr(ptr, "bpf_map__initial_value", self.name)
         return ctypes.string_at(ptr, size.value)
-
-    def reuse_fd(self, fd: int) -> None:
-        """Before load: use an existing map (e.g. from ``obj_get``) instead of creating one."""
-        _check(_library().bpf_map__reuse_fd(self._ptr, fd), "bpf_map__reuse_fd", self.name)
-
-    def pin(self, path: Path) -> None:
-        _check(_library().bpf_map__pin(self._ptr, str(path).encode()), "bpf_map__pin", str(path))
 
     def set_initial_value(self, data: bytes) -> None:
         buf = ctypes.create_string_buffer(data, len(data))
@@ -354,10 +330,6 @@ class BpfObject:
         ptr = _library().bpf_object__find_program_by_name(self._obj(), name.encode())
         return BpfProgram(_check_ptr(ptr, "bpf_object__find_program_by_name", name), self)
 
-    def map(self, name: str) -> BpfMapHandle:
-        ptr = _library().bpf_object__find_map_by_name(self._obj(), name.encode())
-        return BpfMapHandle(_check_ptr(ptr, "bpf_object__find_map_by_name", name))
-
     def maps(self) -> Iterator[BpfMapHandle]:
         ptr = _library().bpf_object__next_map(self._obj(), None)
         while ptr:
@@ -368,12 +340,6 @@ class BpfObject:
         if self._ptr is not None:
             _library().bpf_object__close(self._ptr)
             self._ptr = None
-
-    def __enter__(self) -> BpfObject:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class BpfLink:
@@ -401,9 +367,6 @@ class BpfLink:
         _check(
             _library().bpf_link__pin(self._link(), str(path).encode()), "bpf_link__pin", str(path)
         )
-
-    def unpin(self) -> None:
-        _check(_library().bpf_link__unpin(self._link()), "bpf_link__unpin")
 
     def update_program(self, prog: BpfProgram) -> None:
         """Atomically replace the attached program (same attach point, no gap)."""

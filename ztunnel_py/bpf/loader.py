@@ -43,7 +43,7 @@ from ztunnel_py.bpf.libbpf import BpfLink, BpfObject, BpfProgram
 from ztunnel_py.bpf.maps import LibbpfMap
 from ztunnel_py.bpf.origdst import BpfOriginalDestination
 from ztunnel_py.bpf.projection import addr16, fill, pod_key
-from ztunnel_py.config import Config
+from ztunnel_py.config import DEFAULT_PACKET_MARK, Config
 from ztunnel_py.errors import UnsupportedFeature
 from ztunnel_py.redirect.netns import SO_NETNS_COOKIE, cookie_of_netns
 
@@ -324,7 +324,7 @@ class BpfLoader:
         pin_path: Path,
         cgroup_path: Path,
         object_dir: Path = DEFAULT_OBJECT_DIR,
-        packet_mark: int = 0x539,
+        packet_mark: int = DEFAULT_PACKET_MARK,
         mark_mask: int = DEFAULT_MARK_MASK,
         probe_ip4: ipaddress.IPv4Address | None = PROBE_IP4,
         probe_ip6: ipaddress.IPv6Address | None = PROBE_IP6,
@@ -340,13 +340,11 @@ class BpfLoader:
         self.adopted = False  # whether start() found a previous daemon's pins
 
     @classmethod
-    def from_config(
-        cls, config: Config, *, cgroup_path: Path, object_dir: Path = DEFAULT_OBJECT_DIR
-    ) -> BpfLoader:
+    def from_config(cls, config: Config, *, cgroup_path: Path) -> BpfLoader:
         return cls(
             pin_path=config.bpf_pin_path,
             cgroup_path=cgroup_path,
-            object_dir=object_dir,
+            object_dir=config.bpf_object_dir or DEFAULT_OBJECT_DIR,
             packet_mark=config.packet_mark,
         )
 
@@ -509,7 +507,15 @@ class BpfLoader:
     # ------------------------------------------------------------------ pods
 
     def _pod_link_pin(self, uid: str) -> Path:
-        return self.pod_links_dir / pod_dir_name(uid) / "sk_lookup"
+        return self._pod_link_at(pod_dir_name(uid))
+
+    def _pod_link_at(self, dir_name: str) -> Path:
+        return self.pod_links_dir / dir_name / "sk_lookup"
+
+    def _unpin_pod_link(self, dir_name: str) -> None:
+        pin = self._pod_link_at(dir_name)
+        pin.unlink()  # the last reference: the kernel detaches the link
+        _rmdir_if_empty(pin.parent)
 
     def attach_pod(self, uid: str, netns_fd: int, netns_cookie: int | None = None) -> None:
         """Attach (or refresh) the pod's sk_lookup program on its netns; idempotent."""
@@ -542,18 +548,21 @@ class BpfLoader:
 
     def detach_pod(self, uid: str) -> bool:
         """Remove the pod's sk_lookup link; ``False`` if it had none."""
-        pin = self._pod_link_pin(uid)
-        existed = pin.exists()
+        name = pod_dir_name(uid)
+        existed = self._pod_link_at(name).exists()
         if existed:
-            pin.unlink()  # the last reference: the kernel detaches the link
-        _rmdir_if_empty(pin.parent)
+            self._unpin_pod_link(name)
+        else:
+            _rmdir_if_empty(self.pod_links_dir / name)
         return existed
 
     def pinned_pods(self) -> list[str]:
         """Directory names of the pods with a pinned sk_lookup link (see ``pod_dir_name``)."""
         if not self.pod_links_dir.exists():
             return []
-        return sorted(p.name for p in self.pod_links_dir.iterdir() if (p / "sk_lookup").exists())
+        return sorted(
+            p.name for p in self.pod_links_dir.iterdir() if self._pod_link_at(p.name).exists()
+        )
 
     def prune_pods(self, keep: Iterable[str]) -> list[str]:
         """Detach pods not in ``keep`` (uids); after a ZDS snapshot. Returns the removed names."""
@@ -561,23 +570,20 @@ class BpfLoader:
         removed = []
         for name in self.pinned_pods():
             if name not in wanted:
-                (self.pod_links_dir / name / "sk_lookup").unlink()
-                _rmdir_if_empty(self.pod_links_dir / name)
+                self._unpin_pod_link(name)
                 removed.append(name)
         return removed
 
     def _drop_stale_pod_links(self) -> None:
         for name in self.pinned_pods():
-            pin = self.pod_links_dir / name / "sk_lookup"
-            link = BpfLink.open(pin)
+            link = BpfLink.open(self._pod_link_at(name))
             try:
                 alive = link.info().netns_ino != 0
             finally:
                 link.destroy()
             if not alive:
                 log.info("bpf: removing the sk_lookup link of %s: its netns is gone", name)
-                pin.unlink()
-                _rmdir_if_empty(pin.parent)
+                self._unpin_pod_link(name)
 
     def register_inbound_listener(self, netns_cookie: int, listener: socket.socket) -> None:
         """Make ``listener`` (the pod's :15006) the target of the pod's inbound capture."""
@@ -615,7 +621,7 @@ class BpfLoader:
             cgroup.append(entry)
         pods = []
         for name in self.pinned_pods():
-            info = _link_info_at(self.pod_links_dir / name / "sk_lookup")
+            info = _link_info_at(self._pod_link_at(name))
             pods.append(
                 {"pod": name, "linkId": info.id, "progId": info.prog_id, "netnsIno": info.netns_ino}
             )

@@ -88,17 +88,21 @@ def project(
     *,
     network: str = "",
     compile_deny: DenyCompiler | None = kernel_deny_rules,
+    destinations: dict[bytes, bytes] | None = None,
 ) -> DesiredMaps:
     """The desired map contents. ``compile_deny=None`` puts no DENY rule in the kernel (the
-    proxy still enforces every policy; the kernel rules only drop earlier)."""
-    pod_list = list(pods)
+    proxy still enforces every policy; the kernel rules only drop earlier). ``destinations``:
+    ``mesh_destinations(state, network=network)`` computed already (it depends on the state
+    only, not on the pods)."""
+    if destinations is None:
+        destinations = mesh_destinations(state, network=network)
     desired: DesiredMaps = {
-        t.MAP_DST: mesh_destinations(state, network=network),
+        t.MAP_DST: destinations,
         t.MAP_LOCAL: {},
         t.MAP_DENY: {},
         t.MAP_PODS: {},
     }
-    for pod in pod_list:
+    for pod in pods:
         for ip in pod.ips:
             desired[t.MAP_LOCAL][local_key(pod.netns_cookie, ip)] = _LOCAL_VALUE
         if compile_deny is not None and pod.workload_uid is not None:

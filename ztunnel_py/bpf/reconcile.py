@@ -13,7 +13,8 @@ half-written pod.
 ``Reconciler`` runs the plan through ``MapOps`` and remembers what succeeded, so the next
 ``apply`` retries only what failed. A failing entry does not stop the others: a pod whose DENY
 rule could not be written is still captured (the proxy enforces the policy), which is the
-fail-closed choice. ``MapSync`` keeps the enrolled pods and re-projects on every change.
+fail-closed choice. ``MapSync`` keeps the enrolled pods and re-projects on every change, reusing
+what the change cannot have touched (mesh destinations, compiled DENY rules).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from ztunnel_py.bpf.projection import (
     EnrolledPod,
     kernel_deny_rules,
     key_cookie,
+    mesh_destinations,
     project,
 )
 from ztunnel_py.rbac.kernel import KernelDenyRule
@@ -141,9 +143,11 @@ class Reconciler:
 class MapSync:
     """The enrolled pods plus the state: re-projects and applies on every change.
 
-    Compiling DENY rules is the costly part of a projection, so each pod workload's rules are
-    kept until that workload object or any policy changes (``state_changed`` must see every
-    ``ChangeSet``; ``None`` means "unknown" and forgets them all).
+    Two parts of a projection are kept between changes that cannot affect them, so enrolling a
+    pod or changing a policy does not walk every workload and service again: the mesh
+    destinations (``zt_dst``, from workloads, services and endpoints only) and each pod
+    workload's compiled DENY rules (until that workload object or any policy changes). So
+    ``state_changed`` must see every ``ChangeSet``; ``None`` means "unknown" and forgets both.
 
     After a restart, ``inherit`` keeps the pods a previous daemon left in the pinned maps as
     they are until ``release_inherited`` (the node agent's snapshot): the agent names them one
@@ -164,6 +168,7 @@ class MapSync:
         self.compile_deny = compile_deny
         self._pods: dict[str, EnrolledPod] = {}
         self._deny_cache: dict[str, tuple[Workload, tuple[KernelDenyRule, ...]]] = {}
+        self._destinations: dict[bytes, bytes] | None = None  # None: project them again
         # netns cookie -> map name -> entries, of pods a previous daemon enrolled
         self._inherited: dict[int, dict[str, dict[bytes, bytes]]] = {}
 
@@ -177,11 +182,14 @@ class MapSync:
         return set(self._inherited)
 
     def desired(self) -> DesiredMaps:
+        if self._destinations is None:
+            self._destinations = mesh_destinations(self.state, network=self.network)
         desired = project(
             self.state,
             self._pods.values(),
             network=self.network,
             compile_deny=self._compile_cached if self.compile_deny is not None else None,
+            destinations=self._destinations,
         )
         for entries in self._inherited.values():
             for name, kept in entries.items():
@@ -225,16 +233,13 @@ class MapSync:
         self._pods.pop(uid, None)
         return self.refresh()
 
-    def replace_pods(self, pods: Iterable[EnrolledPod]) -> ReconcileResult:
-        """The full set (a ZDS snapshot after a restart)."""
-        self._pods = {pod.uid: pod for pod in pods}
-        return self.refresh()
-
     def state_changed(self, changes: ChangeSet | None = None) -> ReconcileResult | None:
         if changes is not None and changes.is_empty:
             return None
         if changes is None or changes.policies_upserted or changes.policies_removed:
             self._deny_cache.clear()
+        if changes is None or _addresses_changed(changes):
+            self._destinations = None
         return self.refresh()
 
     def refresh(self) -> ReconcileResult:
@@ -245,3 +250,14 @@ class MapSync:
         if result.updated or result.deleted:
             log.debug("bpf maps: %d updated, %d deleted", result.updated, result.deleted)
         return result
+
+
+def _addresses_changed(changes: ChangeSet) -> bool:
+    """Whether ``changes`` may change the mesh destinations (policies never do)."""
+    return bool(
+        changes.workloads_upserted
+        or changes.workloads_removed
+        or changes.services_upserted
+        or changes.services_removed
+        or changes.endpoints_changed
+    )

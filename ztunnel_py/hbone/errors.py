@@ -1,12 +1,11 @@
 """HBONE errors: what went wrong on a tunnel or its HTTP/2 connection, for operators.
 
-Protocol errors carry the HTTP/2 error code that goes on the wire (h2's ``ProtocolError`` style);
-header errors carry the offending value so a log line shows what the peer actually sent.
+Header errors carry the offending value so a log line shows what the peer actually sent. A
+protocol error in what the peer sends is not raised: ``HboneConnection`` reports it as
+``ConnectionTerminated`` with the HTTP/2 error code that went out in its GOAWAY.
 """
 
 from __future__ import annotations
-
-from h2.errors import ErrorCodes
 
 from ztunnel_py.errors import ZtunnelError
 
@@ -74,16 +73,3 @@ class HeaderListTooLarge(HboneError):
             f"HBONE request headers are {size} bytes, the peer accepts at most {limit} "
             "(shorten baggage or extra headers)"
         )
-
-
-__all__ = [
-    "BadConnectRequest",
-    "ConnectionClosed",
-    "ErrorCodes",
-    "HboneError",
-    "HeaderListTooLarge",
-    "InvalidAuthority",
-    "InvalidHeader",
-    "StreamLimitReached",
-    "UnknownStream",
-]

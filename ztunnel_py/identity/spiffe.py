@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from ztunnel_py.identity.errors import InvalidSpiffeId
 
 URI_PREFIX = "spiffe://"
-DEFAULT_TRUST_DOMAIN = "cluster.local"
 
 # Characters that would make the string mean something else as a URI, or that no Kubernetes
 # or Istio name can contain.
@@ -61,11 +60,7 @@ class Identity:
             raise InvalidSpiffeId(value, f"the second segment is {ns_key!r}, not 'ns'")
         if sa_key != "sa":
             raise InvalidSpiffeId(value, f"the fourth segment is {sa_key!r}, not 'sa'")
-        for what, part in (("trust domain", td), ("namespace", ns), ("service account", sa)):
-            reason = _check_part(what, part)
-            if reason is not None:
-                raise InvalidSpiffeId(value, reason)
-        return cls(td, ns, sa)
+        return cls(td, ns, sa)  # __post_init__ checks the parts; the id it reports is ``value``
 
     def __str__(self) -> str:
         return f"{URI_PREFIX}{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"

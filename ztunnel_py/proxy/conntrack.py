@@ -15,6 +15,7 @@ authorized against; a connection with no copy at all is left alone.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from collections.abc import Callable, Iterator
@@ -98,3 +99,24 @@ class ConnectionTracker:
             return None
         handle.workload = workload
         return evaluate(handle.conn, state.policies_for(workload))
+
+
+@contextlib.contextmanager
+def tracked(
+    tracker: ConnectionTracker | None,
+    conn: ConnectionInfo,
+    workload: Workload,
+    close: Callable[[str], None],
+) -> Iterator[None]:
+    """Re-authorize ``conn`` on every policy change while inside; ``close`` it when denied.
+
+    Without a tracker (tests, or nothing re-checks policies) the connection is not watched.
+    """
+    if tracker is None:
+        yield
+        return
+    handle = tracker.register(conn, workload.uid, close, workload=workload)
+    try:
+        yield
+    finally:
+        tracker.unregister(handle)

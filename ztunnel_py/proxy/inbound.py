@@ -26,8 +26,6 @@ import ssl
 import time
 from typing import cast
 
-from h2.errors import ErrorCodes
-
 from ztunnel_py.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PORT_SOCKS5, Config
 from ztunnel_py.hbone.connection import HboneSettings, Role
 from ztunnel_py.hbone.errors import BadConnectRequest, HboneError, InvalidHeader
@@ -39,9 +37,9 @@ from ztunnel_py.hbone.headers import (
     parse_connect_request,
     response_headers,
 )
-from ztunnel_py.identity.spiffe import Identity
+from ztunnel_py.identity.node import workload_identity
 from ztunnel_py.identity.tls import TlsVerificationError, verify_client
-from ztunnel_py.proxy.conntrack import ConnectionTracker
+from ztunnel_py.proxy.conntrack import ConnectionTracker, tracked
 from ztunnel_py.proxy.errors import (
     BadRequest,
     InboundRefused,
@@ -55,19 +53,22 @@ from ztunnel_py.proxy.seams import (
     CertificateSource,
     ConnectionRecord,
     Direction,
+    NoTelemetry,
     PermitAll,
     SocketAddr,
     SocketFactory,
     TelemetrySink,
     report_splice,
+    setup_failure,
 )
 from ztunnel_py.proxy.splice import HboneSplice
 from ztunnel_py.proxy.tcp import (
+    CONNECT_TIMEOUT_S,
     LISTEN_BACKLOG,
+    TLS_HANDSHAKE_TIMEOUT_S,
     ServerConnections,
-    connect_socket,
+    connect_tcp,
     sockaddr,
-    tcp_side_for,
 )
 from ztunnel_py.proxy.transport import HboneProtocol
 from ztunnel_py.rbac.evaluate import ConnectionInfo
@@ -78,7 +79,6 @@ from ztunnel_py.telemetry.metrics import ResponseFlags
 log = logging.getLogger(__name__)
 
 ILLEGAL_PORTS = frozenset({PORT_OUTBOUND, PORT_INBOUND_PLAINTEXT, PORT_HBONE, PORT_SOCKS5})
-TLS_HANDSHAKE_TIMEOUT_S = 10.0
 # How often accepted connections make us ask for the current certificate (rotation).
 CERTIFICATE_REFRESH_S = 30.0
 
@@ -96,10 +96,6 @@ def workload_baggage(w: Workload) -> Baggage:
     )
 
 
-def workload_identity(w: Workload) -> Identity:
-    return Identity(w.trust_domain, w.namespace, w.service_account)
-
-
 class _InboundConnection(HboneProtocol):
     """Server-side HBONE connection that checks the client certificate first."""
 
@@ -110,7 +106,7 @@ class _InboundConnection(HboneProtocol):
         self.server = server
         self.peer: SocketAddr | None = None
         self.local: SocketAddr | None = None  # our :15008, the access log's dst.addr
-        self.peer_identity: Identity | None = None
+        self.peer_identity: str | None = None  # the verified client's SPIFFE id
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -118,7 +114,7 @@ class _InboundConnection(HboneProtocol):
         try:
             self.peer = sockaddr(peer)
             self.local = sockaddr(transport.get_extra_info("sockname"))
-            self.peer_identity = verify_client(ssl_object, self.server.trust_domain)
+            self.peer_identity = str(verify_client(ssl_object, self.server.trust_domain))
         except (TlsVerificationError, ValueError, TypeError) as e:
             log.warning("inbound HBONE connection from %s refused: %s", peer, e)
             cast(asyncio.Transport, transport).abort()
@@ -146,7 +142,7 @@ class InboundServer:
         telemetry: TelemetrySink | None = None,
         settings: HboneSettings | None = None,
         handshake_timeout_s: float = TLS_HANDSHAKE_TIMEOUT_S,
-        connect_timeout_s: float = 10.0,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
         certificate_refresh_s: float = CERTIFICATE_REFRESH_S,
         conntrack: ConnectionTracker | None = None,
     ) -> None:
@@ -156,7 +152,7 @@ class InboundServer:
         self.sockets = sockets
         self.config = config
         self.authorizer: Authorizer = authorizer or PermitAll()
-        self.telemetry = telemetry
+        self.telemetry: TelemetrySink = telemetry if telemetry is not None else NoTelemetry()
         self.settings = settings or HboneSettings.for_role(Role.SERVER, config)
         self.trust_domain = workload.trust_domain
         self.identity = workload_identity(workload)
@@ -262,7 +258,7 @@ class InboundServer:
             direction=Direction.INBOUND,
             src=proto.peer,
             dst=target,
-            src_identity=str(proto.peer_identity) if proto.peer_identity else None,
+            src_identity=proto.peer_identity,
             dst_identity=str(self.identity),
             dst_workload=self.workload,
             dst_service=request.forwarded.host if request.forwarded else None,
@@ -273,8 +269,6 @@ class InboundServer:
     def _report_refused(
         self, proto: _InboundConnection, record: ConnectionRecord | None, e: InboundRefused
     ) -> None:
-        if self.telemetry is None:
-            return
         if isinstance(e, PolicyDenied) and record is not None:
             self.telemetry.connection_failed(
                 record,
@@ -334,7 +328,7 @@ class InboundServer:
             src_port=proto.peer[1],
             dst_ip=target[0],
             dst_port=target[1],
-            src_identity=str(proto.peer_identity) if proto.peer_identity else None,
+            src_identity=proto.peer_identity,
             dst_network=self.config.network,
         )
         decision = self.authorizer.check(conn)
@@ -353,17 +347,15 @@ class InboundServer:
         assert proto.peer is not None
         source = proto.peer[0] if self.config.enable_orig_src else None
         try:
-            sock = await connect_socket(
+            tcp = await connect_tcp(
                 self.sockets, target, source=source, timeout_s=self.connect_timeout_s
             )
-            tcp = await tcp_side_for(sock)
         except (UpstreamConnectError, OSError) as e:
             log.info("inbound upstream unavailable (503): %s", e)
             if proto.is_open:
                 proto.reject(sid, UpstreamUnavailable.status)
-            if self.telemetry is not None:
-                error = str(e) if isinstance(e, UpstreamConnectError) else f"connection failed: {e}"
-                self.telemetry.connection_failed(record, error=error, flags=ResponseFlags.CONNECT)
+            error, flags = setup_failure(e)
+            self.telemetry.connection_failed(record, error=error, flags=flags)
             return
         splice = HboneSplice(tcp)
         splice.bind(proto, sid)
@@ -377,37 +369,23 @@ class InboundServer:
         except HboneError as e:
             log.debug("inbound stream %d went away before it was accepted: %s", sid, e)
             tcp.reset()
-            if self.telemetry is not None:
-                self.telemetry.connection_failed(
-                    record,
-                    error=f"stream went away before it was accepted: {e}",
-                    flags=ResponseFlags.CONNECT,
-                )
+            self.telemetry.connection_failed(
+                record,
+                error=f"stream went away before it was accepted: {e}",
+                flags=ResponseFlags.CONNECT,
+            )
             return
         if splice.done.done():  # reset while we were connecting
-            if self.telemetry is not None:
-                error = splice.done.result().error or "stream closed before it was spliced"
-                self.telemetry.connection_failed(record, error=error, flags=ResponseFlags.CONNECT)
+            error = splice.done.result().error or "stream closed before it was spliced"
+            self.telemetry.connection_failed(record, error=error, flags=ResponseFlags.CONNECT)
             return
         splice.start()
-        if self.telemetry is not None:
-            report_splice(self.telemetry, record, splice, reads_source=False)
+        report_splice(self.telemetry, record, splice, reads_source=False)
         # Re-checked on every policy change; a denial aborts the splice (RST both ways).
-        handle = (
-            self.conntrack.register(
-                authorized, self.workload.uid, splice.abort, workload=self.workload
-            )
-            if self.conntrack is not None
-            else None
-        )
-        try:
-            with self.tracker.tracking(splice):
-                result = await splice.done
-        finally:
-            if handle is not None and self.conntrack is not None:
-                self.conntrack.unregister(handle)
+        with (
+            tracked(self.conntrack, authorized, self.workload, splice.abort),
+            self.tracker.tracking(splice),
+        ):
+            result = await splice.done
         if result.error is not None:
             log.debug("inbound stream %d closed: %s", sid, result.error)
-
-
-__all__ = ["ILLEGAL_PORTS", "ErrorCodes", "InboundServer"]

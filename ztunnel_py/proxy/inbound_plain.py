@@ -12,27 +12,31 @@ import logging
 import socket
 
 from ztunnel_py.config import Config
-from ztunnel_py.proxy.conntrack import ConnectionTracker
+from ztunnel_py.identity.node import workload_identity
+from ztunnel_py.proxy.conntrack import ConnectionTracker, tracked
 from ztunnel_py.proxy.errors import UpstreamConnectError
-from ztunnel_py.proxy.inbound import ILLEGAL_PORTS, workload_identity
+from ztunnel_py.proxy.inbound import ILLEGAL_PORTS
 from ztunnel_py.proxy.seams import (
     Authorizer,
     ConnectionRecord,
     Direction,
+    NoTelemetry,
     OriginalDestination,
     PermitAll,
     SocketAddr,
     SocketFactory,
     TelemetrySink,
     report_splice,
+    setup_failure,
 )
-from ztunnel_py.proxy.splice import TcpSide, TcpSplice
+from ztunnel_py.proxy.splice import TcpSplice
 from ztunnel_py.proxy.tcp import (
+    CONNECT_TIMEOUT_S,
     LISTEN_BACKLOG,
+    AcceptedSide,
     ServerConnections,
-    connect_socket,
+    connect_tcp,
     sockaddr,
-    tcp_side_for,
 )
 from ztunnel_py.rbac.evaluate import ConnectionInfo
 from ztunnel_py.state.model import Workload
@@ -48,16 +52,6 @@ class LocalAddress:
         return sockaddr(sock.getsockname())
 
 
-class _Accepted(TcpSide):
-    def __init__(self, server: InboundPlaintextServer) -> None:
-        super().__init__()
-        self.server = server
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.server.tracker.spawn(self.server._handle(self))
-
-
 class InboundPlaintextServer:
     """The :15006 listener of one pod."""
 
@@ -70,7 +64,7 @@ class InboundPlaintextServer:
         original_destination: OriginalDestination | None = None,
         authorizer: Authorizer | None = None,
         telemetry: TelemetrySink | None = None,
-        connect_timeout_s: float = 10.0,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
         conntrack: ConnectionTracker | None = None,
     ) -> None:
         self.workload = workload
@@ -78,7 +72,8 @@ class InboundPlaintextServer:
         self.config = config
         self.original_destination: OriginalDestination = original_destination or LocalAddress()
         self.authorizer: Authorizer = authorizer or PermitAll()
-        self.telemetry = telemetry
+        self.telemetry: TelemetrySink = telemetry if telemetry is not None else NoTelemetry()
+        self.identity = workload_identity(workload)
         self.connect_timeout_s = connect_timeout_s
         self.conntrack = conntrack
         self.tracker = ServerConnections("inbound_plaintext")
@@ -87,7 +82,7 @@ class InboundPlaintextServer:
     async def start(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Accepted(self), sock=listener, backlog=LISTEN_BACKLOG
+            lambda: AcceptedSide(self.tracker, self._handle), sock=listener, backlog=LISTEN_BACKLOG
         )
 
     async def stop(self, deadline_s: float = 5.0) -> None:
@@ -95,7 +90,7 @@ class InboundPlaintextServer:
             self._server.close()
         await self.tracker.drain(deadline_s)
 
-    async def _handle(self, down: _Accepted) -> None:
+    async def _handle(self, down: AcceptedSide) -> None:
         transport = down.transport
         assert transport is not None
         try:
@@ -108,13 +103,12 @@ class InboundPlaintextServer:
         if dst[1] in ILLEGAL_PORTS:
             log.warning("inbound plaintext to the proxy's own port %d refused", dst[1])
             down.reset()
-            if self.telemetry is not None:
-                self.telemetry.connection_rejected(
-                    direction=Direction.INBOUND,
-                    src=src,
-                    dst=dst,
-                    error=f"port {dst[1]} is the proxy's own port; refusing a call to itself",
-                )
+            self.telemetry.connection_rejected(
+                direction=Direction.INBOUND,
+                src=src,
+                dst=dst,
+                error=f"port {dst[1]} is the proxy's own port; refusing a call to itself",
+            )
             return
         conn = ConnectionInfo(
             src_ip=src[0],
@@ -128,7 +122,7 @@ class InboundPlaintextServer:
             direction=Direction.INBOUND,
             src=src,
             dst=dst,
-            dst_identity=str(workload_identity(self.workload)),
+            dst_identity=str(self.identity),
             dst_workload=self.workload,
             protocol="TCP",
         )
@@ -136,38 +130,28 @@ class InboundPlaintextServer:
         if not decision.allowed:
             log.info("inbound plaintext connection denied: %s: %s", conn, decision.reason)
             down.reset()
-            if self.telemetry is not None:
-                self.telemetry.connection_failed(
-                    record,
-                    error=f"connection closed due to policy rejection: {conn}: {decision.reason}",
-                    flags=ResponseFlags.DENY,
-                )
+            self.telemetry.connection_failed(
+                record,
+                error=f"connection closed due to policy rejection: {conn}: {decision.reason}",
+                flags=ResponseFlags.DENY,
+            )
             return
         source = src[0] if self.config.enable_orig_src else None
         try:
-            sock = await connect_socket(
+            up = await connect_tcp(
                 self.sockets, dst, source=source, timeout_s=self.connect_timeout_s
             )
-            up = await tcp_side_for(sock)
         except (UpstreamConnectError, OSError) as e:
             log.info("inbound plaintext upstream failed: %s", e)
             down.reset()
-            if self.telemetry is not None:
-                error = str(e) if isinstance(e, UpstreamConnectError) else f"connection failed: {e}"
-                self.telemetry.connection_failed(record, error=error, flags=ResponseFlags.CONNECT)
+            error, flags = setup_failure(e)
+            self.telemetry.connection_failed(record, error=error, flags=flags)
             return
         splice = TcpSplice(down, up)
         splice.start()
-        if self.telemetry is not None:
-            report_splice(self.telemetry, record, splice, reads_source=True)
-        handle = (
-            self.conntrack.register(conn, self.workload.uid, splice.abort, workload=self.workload)
-            if self.conntrack is not None
-            else None
-        )
-        try:
-            with self.tracker.tracking(splice):
-                await splice.done
-        finally:
-            if handle is not None and self.conntrack is not None:
-                self.conntrack.unregister(handle)
+        report_splice(self.telemetry, record, splice, reads_source=True)
+        with (
+            tracked(self.conntrack, conn, self.workload, splice.abort),
+            self.tracker.tracking(splice),
+        ):
+            await splice.done

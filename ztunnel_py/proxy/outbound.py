@@ -10,7 +10,6 @@ connected is reset, so the application sees a refused connection rather than a h
 from __future__ import annotations
 
 import asyncio
-import http
 import logging
 import random
 import socket
@@ -21,9 +20,10 @@ from ztunnel_py.hbone.connection import HboneSettings, Role
 from ztunnel_py.hbone.errors import HboneError
 from ztunnel_py.hbone.headers import Forwarded, new_traceparent, request_headers
 from ztunnel_py.identity.errors import IdentityError
+from ztunnel_py.identity.node import workload_identity
 from ztunnel_py.identity.tls import NO_SNI, TlsVerificationError, handshake_error, verify_server
 from ztunnel_py.proxy.errors import UpstreamConnectError
-from ztunnel_py.proxy.inbound import workload_baggage, workload_identity
+from ztunnel_py.proxy.inbound import workload_baggage
 from ztunnel_py.proxy.pool import HbonePool, WorkloadKey
 from ztunnel_py.proxy.routing import Route, RouteKind, RoutingError, route_outbound
 from ztunnel_py.proxy.seams import (
@@ -31,29 +31,30 @@ from ztunnel_py.proxy.seams import (
     ConnectionRecord,
     Demand,
     Direction,
+    NoTelemetry,
     OriginalDestination,
     SocketAddr,
     SocketFactory,
     TelemetrySink,
     report_splice,
+    setup_failure,
 )
-from ztunnel_py.proxy.splice import HboneSplice, TcpSide, TcpSplice, TunnelFailed, TunnelRefused
+from ztunnel_py.proxy.splice import HboneSplice, TcpSplice, TunnelFailed, TunnelRefused
 from ztunnel_py.proxy.tcp import (
+    CONNECT_TIMEOUT_S,
     LISTEN_BACKLOG,
+    TLS_HANDSHAKE_TIMEOUT_S,
+    AcceptedSide,
     ServerConnections,
     connect_socket,
+    connect_tcp,
     sockaddr,
-    tcp_side_for,
 )
 from ztunnel_py.proxy.transport import HboneProtocol
 from ztunnel_py.state.model import NetworkAddress, Workload
 from ztunnel_py.state.store import ProxyState
-from ztunnel_py.telemetry.metrics import ResponseFlags
 
 log = logging.getLogger(__name__)
-
-HBONE_CONNECT_TIMEOUT_S = 10.0
-TLS_HANDSHAKE_TIMEOUT_S = 10.0
 
 
 class HboneConnector:
@@ -65,7 +66,7 @@ class HboneConnector:
         certificates: CertificateSource,
         sockets: SocketFactory,
         settings: HboneSettings,
-        connect_timeout_s: float = HBONE_CONNECT_TIMEOUT_S,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
         handshake_timeout_s: float = TLS_HANDSHAKE_TIMEOUT_S,
     ) -> None:
         self.certificates = certificates
@@ -110,16 +111,6 @@ class HboneConnector:
         return proto
 
 
-class _Downstream(TcpSide):
-    def __init__(self, server: OutboundServer) -> None:
-        super().__init__()
-        self.server = server
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.server.tracker.spawn(self.server._handle(self))
-
-
 class OutboundServer:
     """The :15001 listener of one pod."""
 
@@ -134,7 +125,7 @@ class OutboundServer:
         config: Config,
         telemetry: TelemetrySink | None = None,
         rng: random.Random | None = None,
-        connect_timeout_s: float = 10.0,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
         demand: Demand | None = None,
     ) -> None:
         """``demand``: with ``XDS_ON_DEMAND``, fetch an address istiod has not sent yet."""
@@ -145,7 +136,7 @@ class OutboundServer:
         self.sockets = sockets
         self.original_destination = original_destination
         self.config = config
-        self.telemetry = telemetry
+        self.telemetry: TelemetrySink = telemetry if telemetry is not None else NoTelemetry()
         self.rng = rng or random.Random()
         self.connect_timeout_s = connect_timeout_s
         self.identity = workload_identity(workload)
@@ -156,7 +147,7 @@ class OutboundServer:
     async def start(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Downstream(self), sock=listener, backlog=LISTEN_BACKLOG
+            lambda: AcceptedSide(self.tracker, self._handle), sock=listener, backlog=LISTEN_BACKLOG
         )
 
     async def stop(self, deadline_s: float = 5.0) -> None:
@@ -164,7 +155,7 @@ class OutboundServer:
             self._server.close()
         await self.tracker.drain(deadline_s)
 
-    async def _handle(self, down: _Downstream) -> None:
+    async def _handle(self, down: AcceptedSide) -> None:
         transport = down.transport
         assert transport is not None
         sock = transport.get_extra_info("socket")
@@ -189,10 +180,9 @@ class OutboundServer:
         except RoutingError as e:
             log.warning("outbound connection to %s:%s refused: %s", dst[0], dst[1], e)
             down.reset()
-            if self.telemetry is not None:
-                self.telemetry.connection_rejected(
-                    direction=Direction.OUTBOUND, src=src, dst=dst, error=str(e)
-                )
+            self.telemetry.connection_rejected(
+                direction=Direction.OUTBOUND, src=src, dst=dst, error=str(e)
+            )
             return
         if route.kind is RouteKind.HBONE:
             await self._proxy_hbone(down, src, dst, route)
@@ -216,7 +206,7 @@ class OutboundServer:
         )
 
     async def _proxy_hbone(
-        self, down: _Downstream, src: SocketAddr, dst: SocketAddr, route: Route
+        self, down: AcceptedSide, src: SocketAddr, dst: SocketAddr, route: Route
     ) -> None:
         assert route.authority is not None
         key = WorkloadKey(
@@ -238,7 +228,7 @@ class OutboundServer:
         except (UpstreamConnectError, IdentityError, HboneError, OSError) as e:
             log.warning("outbound HBONE to %s via %s failed: %s", route.authority, key.dst, e)
             down.reset()
-            self._failed(record, *_setup_failure(e))
+            self._failed(record, e)
             return
         splice.bind(conn, sid)
         try:
@@ -246,36 +236,32 @@ class OutboundServer:
         except (TunnelRefused, TunnelFailed) as e:
             log.warning("outbound HBONE to %s failed: %s", route.authority, e)
             down.reset()
-            self._failed(record, *_setup_failure(e))
+            self._failed(record, e)
             return
         splice.start()
         await self._run(splice, record)
 
     async def _proxy_tcp(
-        self, down: _Downstream, src: SocketAddr, dst: SocketAddr, route: Route
+        self, down: AcceptedSide, src: SocketAddr, dst: SocketAddr, route: Route
     ) -> None:
         record = self._record(src, dst, route)
         try:
-            sock = await connect_socket(
-                self.sockets, route.next_hop, timeout_s=self.connect_timeout_s
-            )
-            up = await tcp_side_for(sock)
+            up = await connect_tcp(self.sockets, route.next_hop, timeout_s=self.connect_timeout_s)
         except (UpstreamConnectError, OSError) as e:
             log.warning("outbound %s to %s failed: %s", route.kind.value, route.next_hop, e)
             down.reset()
-            self._failed(record, *_setup_failure(e))
+            self._failed(record, e)
             return
         splice = TcpSplice(down, up)
         splice.start()
         await self._run(splice, record)
 
-    def _failed(self, record: ConnectionRecord, error: str, flags: ResponseFlags) -> None:
-        if self.telemetry is not None:
-            self.telemetry.connection_failed(record, error=error, flags=flags)
+    def _failed(self, record: ConnectionRecord, e: Exception) -> None:
+        error, flags = setup_failure(e)
+        self.telemetry.connection_failed(record, error=error, flags=flags)
 
     async def _run(self, splice: HboneSplice | TcpSplice, record: ConnectionRecord) -> None:
-        if self.telemetry is not None:
-            report_splice(self.telemetry, record, splice, reads_source=True)
+        report_splice(self.telemetry, record, splice, reads_source=True)
         with self.tracker.tracking(splice):
             await splice.done
 
@@ -296,21 +282,3 @@ def pod_source(src: SocketAddr, workload: Workload) -> SocketAddr:
         if candidate.version == ip.version:
             return candidate, port
     return src
-
-
-def _setup_failure(e: Exception) -> tuple[str, ResponseFlags]:
-    """The access log error and response flag of a connection that never got spliced."""
-    if isinstance(e, TunnelRefused):
-        try:
-            status = f"{e.status} {http.HTTPStatus(e.status).phrase}"
-        except ValueError:
-            status = str(e.status)
-        flags = ResponseFlags.DENY if e.status == 401 else ResponseFlags.CONNECT
-        return f"http status: {status}", flags
-    if isinstance(e, TlsVerificationError):
-        return f"tls error: {e}", ResponseFlags.TLS_FAILURE
-    if isinstance(e, IdentityError):
-        return f"identity error: {e}", ResponseFlags.IDENTITY_ERROR
-    if isinstance(e, OSError):
-        return f"connection failed: {e}", ResponseFlags.CONNECT
-    return str(e), ResponseFlags.CONNECT  # our own errors already say what failed

@@ -32,6 +32,7 @@ from ztunnel_py.config import PORT_HBONE
 from ztunnel_py.errors import ZtunnelError
 from ztunnel_py.hbone.headers import format_authority
 from ztunnel_py.identity.errors import InvalidSpiffeId
+from ztunnel_py.identity.node import workload_identity
 from ztunnel_py.identity.spiffe import Identity
 from ztunnel_py.state.model import (
     Endpoint,
@@ -134,7 +135,9 @@ def route_outbound(
     service = address if isinstance(address, Service) else None
 
     if service is not None:
-        waypoint = _pick_service_waypoint(service)
+        # Only the primary waypoint: weighted waypoints are not in our model, and the primary
+        # is what ztunnel falls back to as well.
+        waypoint = service.waypoint
         if waypoint is not None:
             via = _resolve_waypoint(state, waypoint, source, target, rng)
             return _waypoint_route(via, source, target, service, hbone_port)
@@ -180,12 +183,6 @@ def route_outbound(
 
 
 # --------------------------------------------------------------------------- waypoints
-
-
-def _pick_service_waypoint(service: Service) -> GatewayAddress | None:
-    # Weighted waypoints are not in our model yet; the primary waypoint is what ztunnel
-    # falls back to as well.
-    return service.waypoint
 
 
 def _waypoint_route(
@@ -417,7 +414,7 @@ def _identities(workload: Workload, service: Service | None) -> tuple[Identity, 
             ids.append(Identity.parse(san))
         except InvalidSpiffeId:
             continue  # ztunnel ignores SANs that are not SPIFFE ids
-    own = Identity(workload.trust_domain, workload.namespace, workload.service_account)
+    own = workload_identity(workload)
     if own not in ids:
         ids.append(own)
     return tuple(ids)

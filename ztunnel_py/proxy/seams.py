@@ -1,13 +1,15 @@
 """The seams the proxy servers are built around (``typing.Protocol``s plus simple defaults).
 
 The servers never reach for certificates, policy, original destinations, sockets or metrics
-themselves: the composition root hands them these objects. Tests hand them fakes.
+themselves: the composition root hands them these objects. Tests hand them fakes. The servers
+report to the telemetry seam through ``report_splice`` and ``setup_failure``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import http
 import logging
 import socket
 import ssl
@@ -16,10 +18,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ztunnel_py.identity.certificate import WorkloadCertificate
+from ztunnel_py.identity.errors import IdentityError
 from ztunnel_py.identity.spiffe import Identity
-from ztunnel_py.identity.tls import client_context, server_context
+from ztunnel_py.identity.tls import TlsVerificationError, client_context, server_context
 from ztunnel_py.proxy.conntrack import POLICY_CHANGE_ERROR
-from ztunnel_py.proxy.splice import SpliceResult
+from ztunnel_py.proxy.splice import SpliceResult, TunnelRefused
 from ztunnel_py.rbac.evaluate import ConnectionInfo, Decision, evaluate_for, log_decision
 from ztunnel_py.state.model import IPAddress, Workload
 from ztunnel_py.state.store import ProxyState
@@ -181,6 +184,8 @@ class TelemetrySink(Protocol):
 
 
 class NoTelemetry:
+    """The sink of a server built without one: nothing is reported."""
+
     def connection_opened(self, record: ConnectionRecord, progress: Progress | None = None) -> None:
         pass
 
@@ -254,3 +259,21 @@ def report_splice(
 
     telemetry.connection_opened(record, progress)
     splice.done.add_done_callback(closed)
+
+
+def setup_failure(e: Exception) -> tuple[str, ResponseFlags]:
+    """The access log error and response flag of a connection that never got spliced."""
+    if isinstance(e, TunnelRefused):
+        try:
+            status = f"{e.status} {http.HTTPStatus(e.status).phrase}"
+        except ValueError:
+            status = str(e.status)
+        flags = ResponseFlags.DENY if e.status == 401 else ResponseFlags.CONNECT
+        return f"http status: {status}", flags
+    if isinstance(e, TlsVerificationError):
+        return f"tls error: {e}", ResponseFlags.TLS_FAILURE
+    if isinstance(e, IdentityError):
+        return f"identity error: {e}", ResponseFlags.IDENTITY_ERROR
+    if isinstance(e, OSError):
+        return f"connection failed: {e}", ResponseFlags.CONNECT
+    return str(e), ResponseFlags.CONNECT  # our own errors already say what failed

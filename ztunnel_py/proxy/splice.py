@@ -279,8 +279,7 @@ class HboneSplice:
     def tunnel_rejected(self, status: int, reason: str) -> None:
         if not self.established.done():
             self.established.set_exception(TunnelRefused(status))
-        if not self.done.done():
-            self.done.set_result(SpliceResult(self.bytes_in, self.bytes_out, reason))
+        self._finish(reason)
 
     def hbone_data(self, data: bytes, flow_controlled_length: int) -> None:
         tcp = self.tcp
@@ -350,11 +349,12 @@ class TcpSplice:
         return self.b if side is self.a else self.a
 
     def tcp_data(self, side: TcpSide, data: bytes) -> None:
-        other = self._other(side)
         if side is self.a:
             self.bytes_in += len(data)
+            other = self.b
         else:
             self.bytes_out += len(data)
+            other = self.a
         other.write(data)
         if other.write_paused:
             side.pause(_PAUSE_PEER_WRITE)

@@ -7,7 +7,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from ztunnel_py.hbone.headers import format_authority
@@ -19,6 +19,7 @@ from ztunnel_py.state.model import IPAddress
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
 # asyncio re-listens a socket passed to create_server, with a backlog of 100 by default.
 LISTEN_BACKLOG = 4096
 
@@ -66,8 +67,15 @@ async def connect_socket(
     return sock
 
 
-async def tcp_side_for(sock: socket.socket) -> TcpSide:
-    """Wrap a connected socket in a (paused) ``TcpSide``."""
+async def connect_tcp(
+    sockets: SocketFactory,
+    target: SocketAddr,
+    *,
+    source: IPAddress | None = None,
+    timeout_s: float = CONNECT_TIMEOUT_S,
+) -> TcpSide:
+    """A (paused) ``TcpSide`` connected to ``target``; ``UpstreamConnectError`` or ``OSError``."""
+    sock = await connect_socket(sockets, target, source=source, timeout_s=timeout_s)
     side = TcpSide()
     loop = asyncio.get_running_loop()
     try:
@@ -79,6 +87,23 @@ async def tcp_side_for(sock: socket.socket) -> TcpSide:
 
 
 Splice = HboneSplice | TcpSplice
+
+
+class AcceptedSide(TcpSide):
+    """A connection accepted by a plain TCP listener, served by ``handler`` in its own task."""
+
+    def __init__(
+        self,
+        connections: ServerConnections,
+        handler: Callable[[AcceptedSide], Coroutine[Any, Any, None]],
+    ) -> None:
+        super().__init__()
+        self._connections = connections
+        self._handler = handler
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._connections.spawn(self._handler(self))
 
 
 class ServerConnections:

@@ -20,37 +20,31 @@ never matches.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ztunnel_py.rbac.model import Action, Authorization, Match, StringMatch
+from ztunnel_py.identity.errors import InvalidSpiffeId
+from ztunnel_py.identity.spiffe import URI_PREFIX, Identity
+from ztunnel_py.rbac.model import Action, Authorization, Match, ServiceAccountMatch, StringMatch
 from ztunnel_py.state.model import IPAddress
 
 if TYPE_CHECKING:
     from ztunnel_py.state.model import Workload
     from ztunnel_py.state.store import ProxyState
 
-SPIFFE_PREFIX = "spiffe://"
 
-
-@dataclass(frozen=True, slots=True)
-class SpiffeId:
-    trust_domain: str
-    namespace: str
-    service_account: str
-
-
-def parse_spiffe_id(uri: str) -> SpiffeId | None:
-    """``spiffe://<td>/ns/<ns>/sa/<sa>`` -> its parts; ``None`` for anything else."""
-    if not uri.startswith(SPIFFE_PREFIX):
+# Peers repeat (and conntrack re-evaluates every live connection on each policy change), so a
+# verified identity is parsed once rather than once per connection.
+@functools.lru_cache(maxsize=1024)
+def _parse_identity(uri: str) -> Identity | None:
+    try:
+        return Identity.parse(uri)
+    except InvalidSpiffeId:
         return None
-    parts = uri[len(SPIFFE_PREFIX) :].split("/")
-    if len(parts) != 5 or parts[1] != "ns" or parts[3] != "sa":
-        return None
-    return SpiffeId(parts[0], parts[2], parts[4])
 
 
 def canonical_ip(ip: IPAddress) -> IPAddress:
@@ -112,24 +106,32 @@ class Decision:
 class _Peer:
     """Per-connection values every match reads, computed once per evaluation."""
 
-    __slots__ = ("dst_ip", "dst_port", "namespace", "principal", "spiffe", "src_ip")
+    __slots__ = ("dst_ip", "dst_port", "identity", "namespace", "principal", "src_ip")
 
     def __init__(self, conn: ConnectionInfo) -> None:
         self.src_ip = canonical_ip(conn.src_ip)
         self.dst_ip = canonical_ip(conn.dst_ip)
         self.dst_port = conn.dst_port
         # Istio writes principals without the scheme; an identity without it never matches.
-        if conn.src_identity is not None and conn.src_identity.startswith(SPIFFE_PREFIX):
-            self.principal: str | None = conn.src_identity[len(SPIFFE_PREFIX) :]
+        if conn.src_identity is not None and conn.src_identity.startswith(URI_PREFIX):
+            self.principal: str | None = conn.src_identity[len(URI_PREFIX) :]
         else:
             self.principal = None
-        self.spiffe = parse_spiffe_id(conn.src_identity) if conn.src_identity else None
+        self.identity = _parse_identity(conn.src_identity) if conn.src_identity else None
         # The namespace comes from the identity, never from a workload lookup.
-        self.namespace = self.spiffe.namespace if self.spiffe is not None else ""
+        self.namespace = self.identity.namespace if self.identity is not None else ""
 
 
 def _principal_matches(m: StringMatch, peer: _Peer) -> bool:
     return peer.principal is not None and m.matches(peer.principal)
+
+
+def _service_account_matches(accounts: Iterable[ServiceAccountMatch], peer: _Peer) -> bool:
+    identity = peer.identity
+    return identity is not None and any(
+        sa.namespace == identity.namespace and sa.service_account == identity.service_account
+        for sa in accounts
+    )
 
 
 def _match_matches(m: Match, peer: _Peer) -> bool:
@@ -146,23 +148,9 @@ def _match_matches(m: Match, peer: _Peer) -> bool:
         return False
     if m.not_destination_ports and peer.dst_port in m.not_destination_ports:
         return False
-    spiffe = peer.spiffe
-    if m.service_accounts and not (
-        spiffe is not None
-        and any(
-            sa.namespace == spiffe.namespace and sa.service_account == spiffe.service_account
-            for sa in m.service_accounts
-        )
-    ):
+    if m.service_accounts and not _service_account_matches(m.service_accounts, peer):
         return False
-    if (
-        m.not_service_accounts
-        and spiffe is not None
-        and any(
-            sa.namespace == spiffe.namespace and sa.service_account == spiffe.service_account
-            for sa in m.not_service_accounts
-        )
-    ):
+    if m.not_service_accounts and _service_account_matches(m.not_service_accounts, peer):
         return False
     if m.principals and not any(_principal_matches(p, peer) for p in m.principals):
         return False

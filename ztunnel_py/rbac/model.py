@@ -47,17 +47,6 @@ class StringMatch:
             return candidate.endswith(self.value)
         return candidate != ""  # presence: any non-empty value
 
-    @classmethod
-    def from_pattern(cls, pattern: str) -> StringMatch:
-        """istiod's conversion of AuthorizationPolicy strings: ``*``, ``*x``, ``x*``, ``x``."""
-        if pattern == "*":
-            return cls(StringMatchKind.PRESENCE)
-        if pattern.startswith("*"):
-            return cls(StringMatchKind.SUFFIX, pattern[1:])
-        if pattern.endswith("*"):
-            return cls(StringMatchKind.PREFIX, pattern[:-1])
-        return cls(StringMatchKind.EXACT, pattern)
-
 
 @dataclass(frozen=True, slots=True)
 class ServiceAccountMatch:
@@ -84,18 +73,6 @@ class Match:
     def is_empty(self) -> bool:
         """An empty match is skipped by ztunnel: it never matches (it is not match-all)."""
         return not any(getattr(self, name) for name in self.__slots__)
-
-    @property
-    def uses_identity(self) -> bool:
-        """True when the match needs the peer's mTLS identity (not decidable in the kernel)."""
-        return bool(
-            self.namespaces
-            or self.not_namespaces
-            or self.service_accounts
-            or self.not_service_accounts
-            or self.principals
-            or self.not_principals
-        )
 
 
 Clause = tuple[Match, ...]

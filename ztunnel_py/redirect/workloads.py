@@ -33,6 +33,7 @@ from typing import Any, NoReturn, Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ztunnel_py.config import (
+    DEFAULT_PACKET_MARK,
     PORT_HBONE,
     PORT_INBOUND_PLAINTEXT,
     PORT_OUTBOUND,
@@ -68,7 +69,7 @@ class PodState(enum.Enum):
 class ListenerOptions:
     """How in-pod listeners are made (from ``Config`` in production)."""
 
-    mark: int | None = 0x539
+    mark: int | None = DEFAULT_PACKET_MARK
     reuse_port: bool = True
     ipv6: bool = True
     transparent: bool = True
@@ -345,13 +346,6 @@ class WorkloadManager:
         """Pods whose proxy failed to start, with the reason (they block readiness in ztunnel)."""
         return {uid: rec.failure for uid, rec in self._pods.items() if rec.failure}
 
-    def pending_reasons(self) -> dict[str, str]:
-        out = {}
-        for uid, rec in self._pods.items():
-            if rec.state is PodState.PENDING:
-                out[uid] = rec.failure or _waiting_for_xds(rec.pod.info)
-        return out
-
     def dump(self) -> dict[str, Any]:
         """``/config_dump`` ``workloadState``: uid -> {info, state}, as ztunnel writes it."""
         return {
@@ -461,8 +455,7 @@ class WorkloadManager:
             service_account=pod.info.service_account,
         )
         if workload is None:
-            if rec.failure:
-                rec.failure = ""
+            rec.failure = ""
             log.info("pod %s is pending: %s", pod.uid, _waiting_for_xds(pod.info))
             if self.demand_workload is not None:
                 self.demand_workload(pod.info)  # on-demand xDS: ask istiod for it
@@ -556,75 +549,3 @@ def _describe(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return f"{e.strerror} (errno {e.errno})"
     return str(e)
-
-
-# --------------------------------------------------------------------------- echo factory
-
-
-class _EchoHandle:
-    def __init__(self) -> None:
-        self.servers: list[asyncio.Server] = []
-        self.conns: set[asyncio.StreamWriter] = set()
-        self.idle = asyncio.Event()
-        self.idle.set()
-        self.stopped = False
-
-    def track(self, writer: asyncio.StreamWriter) -> None:
-        self.conns.add(writer)
-        self.idle.clear()
-
-    def untrack(self, writer: asyncio.StreamWriter) -> None:
-        self.conns.discard(writer)
-        if not self.conns:
-            self.idle.set()
-
-    async def stop(self, deadline_s: float) -> None:
-        for server in self.servers:
-            server.close()  # listeners first, so a second daemon's listeners take new connections
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.idle.wait(), deadline_s)
-        for writer in list(self.conns):
-            writer.transport.abort()
-        self.stopped = True
-
-
-class EchoPodProxyFactory:
-    """A stand-in proxy: every listener echoes bytes back, after an optional ``greeting``.
-
-    For tests and bring-up of the redirection alone (no mTLS, no policy). ``started`` lists the
-    pods it served, in order.
-    """
-
-    def __init__(self, greeting: bytes = b"") -> None:
-        self.greeting = greeting
-        self.started: list[EnrolledPod] = []
-        self.handles: dict[str, _EchoHandle] = {}
-        self.fail_next: int = 0  # make the next N starts fail (to exercise the retry path)
-
-    async def start(self, pod: EnrolledPod, sockets: PodListeners) -> PodProxyHandle:
-        if self.fail_next > 0:
-            self.fail_next -= 1
-            raise EnrollmentError("echo factory told to fail")
-        handle = _EchoHandle()
-
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            handle.track(writer)
-            try:
-                if self.greeting:
-                    writer.write(self.greeting)
-                while data := await reader.read(65536):
-                    writer.write(data)
-                    await writer.drain()
-            except ConnectionError:
-                pass
-            finally:
-                handle.untrack(writer)
-                writer.close()
-
-        handle.servers = [
-            await asyncio.start_server(serve, sock=s, backlog=LISTEN_BACKLOG)
-            for s in sockets.sockets()
-        ]
-        self.started.append(pod)
-        self.handles[pod.uid] = handle
-        return handle

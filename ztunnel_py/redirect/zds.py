@@ -23,11 +23,12 @@ from typing import Protocol
 
 from ztunnel_py.config import WorkloadInfo
 from ztunnel_py.errors import ZtunnelError
+from ztunnel_py.redirect.netns import CLONE_NEWNET
 from ztunnel_py.redirect.zds_protocol import (
     MAX_MESSAGE_SIZE,
     AddPod,
     Backoff,
-    EnrollPod,
+    PodAction,
     RemovePod,
     ZdsMessageError,
     ZdsSession,
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 # Room for this many fds, so an agent passing several is reported instead of truncated.
 MAX_FDS = 8
 _NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3)
-_CLONE_NEWNET = 0x40000000
 
 
 @dataclass(slots=True)
@@ -148,7 +148,7 @@ def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
 def is_netns_fd(fd: int) -> bool:
     """Whether ``fd`` refers to a network namespace (NS_GET_NSTYPE, Linux 4.11+)."""
     try:
-        return fcntl.ioctl(fd, _NS_GET_NSTYPE) == _CLONE_NEWNET
+        return fcntl.ioctl(fd, _NS_GET_NSTYPE) == CLONE_NEWNET
     except OSError:
         return False
 
@@ -277,7 +277,7 @@ class ZdsClient:
             return self.session.unreadable(str(e))
         return self.session.receive(request)
 
-    async def _act(self, action: EnrollPod | RemovePod) -> str:
+    async def _act(self, action: PodAction) -> str:
         """Run one action; the NACK text if it failed, else empty."""
         if isinstance(action, RemovePod):
             log.info(

@@ -221,7 +221,6 @@ class ZdsSession:
         self._pods: dict[str, WorkloadInfo] = {}
         self._named: set[str] = set()
         self.phase = Phase.DISCONNECTED
-        self.snapshots_received = 0
 
     @property
     def ready(self) -> bool:
@@ -271,7 +270,6 @@ class ZdsSession:
                     del self._pods[uid]
                 self._named.clear()
                 self.phase = Phase.LIVE
-                self.snapshots_received += 1
                 return ZdsStep(actions=tuple(RemovePod(uid) for uid in gone))
         raise TypeError(f"not a ZDS request: {request!r}")
 

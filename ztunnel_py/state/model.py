@@ -19,6 +19,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 DEFAULT_SERVICE_ACCOUNT = "default"
 DEFAULT_CLUSTER_ID = "Kubernetes"
+DEFAULT_WORKLOAD_TYPE = "deployment"
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
@@ -163,7 +164,7 @@ class Workload:
     node: str = ""
     canonical_name: str = ""
     canonical_revision: str = ""
-    workload_type: str = "deployment"
+    workload_type: str = DEFAULT_WORKLOAD_TYPE
     workload_name: str = ""
     native_tunnel: bool = False
     application_tunnel: ApplicationTunnel | None = None

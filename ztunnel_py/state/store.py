@@ -50,6 +50,18 @@ class UpdateBatch:
     removed_policies: tuple[str, ...] = ()
     replace: bool = False
 
+    @property
+    def is_empty(self) -> bool:
+        """Nothing to apply (a replacing batch never is: it removes what it does not name)."""
+        return not (
+            self.workloads
+            or self.services
+            or self.policies
+            or self.removed_addresses
+            or self.removed_policies
+            or self.replace
+        )
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ChangeSet:

@@ -20,16 +20,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from ztunnel_py.state.model import IPAddress, Workload
+from ztunnel_py.state.model import Workload
 from ztunnel_py.telemetry.metrics import ConnectionLabels, Reporter
 
 ACCESS_TARGET = "access"
 _LOGGER = logging.getLogger(ACCESS_TARGET)
-
-
-def socket_addr(ip: IPAddress, port: int) -> str:
-    """``10.0.0.1:80`` or ``[fd00::1]:80``."""
-    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 
 def duration_text(seconds: float) -> str:

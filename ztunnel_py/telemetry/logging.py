@@ -92,14 +92,19 @@ class LevelController:
         return ",".join(parts)
 
 
+def _timestamp(record: logging.LogRecord) -> str:
+    """``2024-01-02T03:04:05.123456Z``, as ztunnel's tracing writes it."""
+    ts = datetime.datetime.fromtimestamp(record.created, tz=datetime.UTC)
+    return ts.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        ts = datetime.datetime.fromtimestamp(record.created, tz=datetime.UTC)
         fields: Mapping[str, Any] = getattr(record, "fields", None) or {}
         kv = " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
         line = (
-            f"{ts.isoformat(timespec='microseconds').replace('+00:00', 'Z')}"
-            f"  {_NAMES.get(record.levelno, record.levelname).upper():5} {record.name}:"
+            f"{_timestamp(record)}  {_NAMES.get(record.levelno, record.levelname).upper():5}"
+            f" {record.name}:"
             f" {record.getMessage()}"
         )
         if kv:
@@ -116,10 +121,9 @@ def _text_value(value: Any) -> str:
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        ts = datetime.datetime.fromtimestamp(record.created, tz=datetime.UTC)
         obj: dict[str, Any] = {
             "level": _NAMES.get(record.levelno, record.levelname.lower()),
-            "time": ts.isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            "time": _timestamp(record),
             "scope": record.name,
             "message": record.getMessage(),
         }

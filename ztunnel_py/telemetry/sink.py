@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from ztunnel_py.hbone.headers import format_authority
 from ztunnel_py.proxy.seams import ConnectionRecord, Direction, Progress, SocketAddr
 from ztunnel_py.state.model import Service, Workload
 from ztunnel_py.state.store import ProxyState
@@ -39,7 +40,6 @@ from ztunnel_py.telemetry.access_log import (
     log_connection_complete,
     log_connection_failed,
     log_connection_opened,
-    socket_addr,
 )
 from ztunnel_py.telemetry.metrics import (
     ConnectionLabels,
@@ -121,8 +121,8 @@ class ProxyTelemetry:
         self, *, direction: Direction, src: SocketAddr, dst: SocketAddr, error: str
     ) -> None:
         log_connection_failed(
-            src_addr=socket_addr(*src),
-            dst_addr=socket_addr(*dst),
+            src_addr=format_authority(*src),
+            dst_addr=format_authority(*dst),
             reporter=_reporter(direction),
             error=error,
             logger=self._logger,
@@ -168,8 +168,8 @@ class ProxyTelemetry:
         recorder.opened()
         context = AccessLogContext.build(
             labels,
-            src_addr=socket_addr(*record.src),
-            dst_addr=socket_addr(*(record.dst_addr or record.dst)),
+            src_addr=format_authority(*record.src),
+            dst_addr=format_authority(*(record.dst_addr or record.dst)),
             hbone_addr=record.hbone_addr,
             source=source,
             destination=destination,
@@ -197,11 +197,11 @@ class ProxyTelemetry:
         if destination is None:
             return None
         current = self._state.workload(destination.uid) or destination
-        backed: list[tuple[Service, dict[int, int]]] = []
+        backed: list[tuple[Service, Mapping[int, int]]] = []
         for key, ports in current.services.items():
             svc = self._state.service(key)
             if svc is not None:
-                backed.append((svc, dict(ports)))
+                backed.append((svc, ports))
         if record.dst_service:
             for svc, _ in backed:
                 if svc.hostname == record.dst_service:

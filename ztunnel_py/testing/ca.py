@@ -77,7 +77,6 @@ class FakeCa(ca_pb2_grpc.IstioCertificateServiceServicer):
     required_token: str | None = None
     requests: list[RecordedRequest] = field(default_factory=list)
     issued: list[x509.Certificate] = field(default_factory=list)
-    _changed: asyncio.Event | None = field(default=None, repr=False)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(self, server)
@@ -85,15 +84,6 @@ class FakeCa(ca_pb2_grpc.IstioCertificateServiceServicer):
     @property
     def root_pem(self) -> bytes:
         return self.authority.root_pem
-
-    async def wait_for_requests(self, count: int) -> list[RecordedRequest]:
-        """Wait until at least ``count`` requests arrived (the test's timeout bounds it)."""
-        while len(self.requests) < count:
-            if self._changed is None:
-                self._changed = asyncio.Event()
-            self._changed.clear()
-            await self._changed.wait()
-        return self.requests
 
     async def CreateCertificate(
         self,
@@ -111,8 +101,6 @@ class FakeCa(ca_pb2_grpc.IstioCertificateServiceServicer):
             headers=headers,
         )
         self.requests.append(recorded)
-        if self._changed is not None:
-            self._changed.set()
 
         wanted = None if self.required_token is None else f"Bearer {self.required_token}"
         if wanted is not None and headers.get("authorization") != wanted:

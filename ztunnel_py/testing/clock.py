@@ -30,10 +30,6 @@ class FakeClock:
         """Seconds since the Unix epoch, moving together with ``monotonic()``."""
         return self._mono + self._wall_offset
 
-    def set_wall(self, wall: float) -> None:
-        """Step the wall clock (as NTP would) without moving monotonic time."""
-        self._wall_offset = wall - self._mono
-
     async def sleep(self, seconds: float) -> None:
         await self.sleep_until(self._mono + seconds)
 

@@ -165,10 +165,6 @@ class FakeCniAgent:
         async with self._changed:
             await self._changed.wait_for(lambda: self.snapshots_acked >= count)
 
-    async def wait_connections(self, count: int) -> None:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.connections_seen >= count)
-
     async def wait_disconnected(self) -> None:
         async with self._changed:
             await self._changed.wait_for(lambda: not any(c.alive for c in self._conns))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,15 +22,10 @@ from typing import Any
 
 import yaml
 
+from ztunnel_py.testing.daemon import free_port as free_port
 from ztunnel_py.testing.pki import CertificateAuthority
 
-_T = "type.googleapis.com/envoy."  # prefix of every typed_config @type
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+TYPE_PREFIX = "type.googleapis.com/envoy."  # prefix of every typed_config @type
 
 
 def envoy_binary() -> str | None:
@@ -53,7 +47,7 @@ def write_certs(ca: CertificateAuthority, spiffe_id: str, directory: Path, stem:
     return CertFiles(cert, key, root)
 
 
-def _tls_context(certs: CertFiles, peer_sans: list[str]) -> dict[str, Any]:
+def tls_context(certs: CertFiles, peer_sans: list[str]) -> dict[str, Any]:
     return {
         "tls_params": {
             "tls_minimum_protocol_version": "TLSv1_3",
@@ -75,29 +69,25 @@ def _tls_context(certs: CertFiles, peer_sans: list[str]) -> dict[str, Any]:
     }
 
 
-def _static_cluster(name: str, host: str, port: int) -> dict[str, Any]:
+def static_cluster(name: str, host: str, port: int) -> dict[str, Any]:
+    endpoint = {"address": {"socket_address": {"address": host, "port_value": port}}}
     return {
         "name": name,
         "connect_timeout": "5s",
         "type": "STATIC",
         "load_assignment": {
             "cluster_name": name,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {"socket_address": {"address": host, "port_value": port}}
-                            }
-                        }
-                    ]
-                }
-            ],
+            "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}],
         },
     }
 
 
-def _admin(port: int) -> dict[str, Any]:
+def h2_windows() -> dict[str, Any]:
+    """ztunnel's HTTP/2 windows, so Envoy and ztunnel-py are compared like for like."""
+    return {"initial_stream_window_size": 4 << 20, "initial_connection_window_size": 16 << 20}
+
+
+def admin_address(port: int) -> dict[str, Any]:
     return {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}
 
 
@@ -111,23 +101,18 @@ def hbone_originator(
     admin_port: int,
     extra_headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    cluster = _static_cluster("hbone", *upstream)
+    cluster = static_cluster("hbone", *upstream)
     cluster["typed_extension_protocol_options"] = {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-            "@type": _T + "extensions.upstreams.http.v3.HttpProtocolOptions",
-            "explicit_http_config": {
-                "http2_protocol_options": {
-                    "initial_stream_window_size": 4 * 1024 * 1024,
-                    "initial_connection_window_size": 16 * 1024 * 1024,
-                }
-            },
+            "@type": TYPE_PREFIX + "extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": h2_windows()},
         }
     }
     cluster["transport_socket"] = {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
-            "@type": _T + "extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            "common_tls_context": _tls_context(certs, server_sans),
+            "@type": TYPE_PREFIX + "extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": tls_context(certs, server_sans),
         },
     }
     tunneling: dict[str, Any] = {"hostname": authority}
@@ -136,7 +121,7 @@ def hbone_originator(
             {"header": {"key": k, "value": v}} for k, v in extra_headers.items()
         ]
     return {
-        "admin": _admin(admin_port),
+        "admin": admin_address(admin_port),
         "static_resources": {
             "listeners": [
                 {
@@ -148,7 +133,7 @@ def hbone_originator(
                                 {
                                     "name": "envoy.filters.network.tcp_proxy",
                                     "typed_config": {
-                                        "@type": _T
+                                        "@type": TYPE_PREFIX
                                         + "extensions.filters.network.tcp_proxy.v3.TcpProxy",
                                         "stat_prefix": "hbone_out",
                                         "cluster": "hbone",
@@ -174,14 +159,11 @@ def connect_terminator(
     admin_port: int,
 ) -> dict[str, Any]:
     hcm = {
-        "@type": _T + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "@type": TYPE_PREFIX
+        + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "waypoint",
         "codec_type": "HTTP2",
-        "http2_protocol_options": {
-            "allow_connect": True,
-            "initial_stream_window_size": 4 * 1024 * 1024,
-            "initial_connection_window_size": 16 * 1024 * 1024,
-        },
+        "http2_protocol_options": {"allow_connect": True, **h2_windows()},
         "upgrade_configs": [{"upgrade_type": "CONNECT"}],
         "route_config": {
             "name": "local",
@@ -206,12 +188,12 @@ def connect_terminator(
         "http_filters": [
             {
                 "name": "envoy.filters.http.router",
-                "typed_config": {"@type": _T + "extensions.filters.http.router.v3.Router"},
+                "typed_config": {"@type": TYPE_PREFIX + "extensions.filters.http.router.v3.Router"},
             }
         ],
     }
     return {
-        "admin": _admin(admin_port),
+        "admin": admin_address(admin_port),
         "static_resources": {
             "listeners": [
                 {
@@ -222,10 +204,10 @@ def connect_terminator(
                             "transport_socket": {
                                 "name": "envoy.transport_sockets.tls",
                                 "typed_config": {
-                                    "@type": _T
+                                    "@type": TYPE_PREFIX
                                     + "extensions.transport_sockets.tls.v3.DownstreamTlsContext",
                                     "require_client_certificate": True,
-                                    "common_tls_context": _tls_context(certs, client_sans),
+                                    "common_tls_context": tls_context(certs, client_sans),
                                 },
                             },
                             "filters": [
@@ -238,7 +220,7 @@ def connect_terminator(
                     ],
                 }
             ],
-            "clusters": [_static_cluster("app", *app)],
+            "clusters": [static_cluster("app", *app)],
         },
     }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from ztunnel_py.hbone.connection import HboneConnection, HboneSettings, Role
 from ztunnel_py.hbone.events import DataReceived, HboneEvent
 
@@ -57,7 +59,10 @@ def ack_all(conn: HboneConnection, events: list[HboneEvent]) -> None:
             conn.acknowledge(e.stream_id, e.flow_controlled_length)
 
 
-def of_type(events: list[HboneEvent], kind: type) -> list:  # type: ignore[type-arg]
+E = TypeVar("E", bound=HboneEvent)
+
+
+def of_type(events: list[HboneEvent], kind: type[E]) -> list[E]:
     return [e for e in events if isinstance(e, kind)]
 
 

@@ -407,10 +407,6 @@ class FakeIstiod(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: igno
     def version(self, type_url: str, name: str) -> str:
         return self._resources[type_url][name].version
 
-    @property
-    def active_streams(self) -> int:
-        return len(self._streams)
-
     def push(
         self,
         batch: UpdateBatch,
@@ -448,32 +444,10 @@ class FakeIstiod(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: igno
         self._resources[ADDRESS_TYPE][stored.name] = stored
         self._fan_out(ADDRESS_TYPE, [stored.name], [])
 
-    def push_raw(
-        self,
-        type_url: str,
-        name: str,
-        payload: Message | bytes,
-        *,
-        version: str | None = None,
-        aliases: tuple[str, ...] = (),
-    ) -> None:
-        """Any resource, including a malformed one (an invalid message, or raw bytes)."""
-        self._resources[type_url][name] = self._raw(type_url, name, payload, version, aliases)
-        self._fan_out(type_url, [name], [])
-
     @staticmethod
-    def _raw(
-        type_url: str,
-        name: str,
-        payload: Message | bytes,
-        version: str | None = None,
-        aliases: tuple[str, ...] = (),
-    ) -> StoredResource:
+    def _raw(type_url: str, name: str, payload: Message | bytes) -> StoredResource:
         data = payload if isinstance(payload, bytes) else _serialize(payload)
-        type_name = type_url.removeprefix(TYPE_PREFIX)
-        return StoredResource(
-            name, version if version is not None else _version(data), type_name, data, aliases
-        )
+        return StoredResource(name, _version(data), type_url.removeprefix(TYPE_PREFIX), data)
 
     def remove(self, type_url: str, *names: str) -> None:
         dropped = [n for n in names if self._drop(type_url, n)]

@@ -126,16 +126,6 @@ class CertificateAuthority:
         builder = _ca_builder(name, name, key.public_key(), start, end, issuer_key=key)
         return cls(cert=builder.sign(key, hashes.SHA256()), key=key)
 
-    @classmethod
-    def from_pem(
-        cls, cert_pem: bytes, key_pem: bytes, parents_pem: bytes = b""
-    ) -> CertificateAuthority:
-        key = serialization.load_pem_private_key(key_pem, password=None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-            raise ValueError("CA key must be ECDSA or RSA")
-        parents = tuple(x509.load_pem_x509_certificates(parents_pem)) if parents_pem else ()
-        return cls(cert=x509.load_pem_x509_certificate(cert_pem), key=key, parents=parents)
-
     def intermediate(
         self,
         common_name: str = "ztunnel-py test intermediate",

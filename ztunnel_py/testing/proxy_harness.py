@@ -34,7 +34,7 @@ from ztunnel_py.proxy.outbound import HboneConnector, OutboundServer
 from ztunnel_py.proxy.pool import HbonePool
 from ztunnel_py.proxy.seams import Authorizer, FetchedCertificates, SocketAddr, TelemetrySink
 from ztunnel_py.proxy.sockopt import PodSocketFactory
-from ztunnel_py.state.model import InboundProtocol, IPAddress, NetworkAddress, Service, Workload
+from ztunnel_py.state.model import InboundProtocol, IPAddress, Service, Workload
 from ztunnel_py.state.store import ProxyState, UpdateBatch
 from ztunnel_py.testing.pki import CertificateAuthority
 
@@ -335,6 +335,3 @@ async def raw_hbone(
 
 def connect_request(authority: str, method: str = "CONNECT") -> list[tuple[str, str]]:
     return [(":method", method), (":authority", authority)]
-
-
-__all__ = ["NetworkAddress"]

@@ -210,7 +210,7 @@ class XdsClient:
         batch, reply = self._session.on_response(resp)
         outcome = self._session.last_outcome
         assert outcome is not None
-        if _has_changes(batch):
+        if not batch.is_empty:
             self._apply(batch)
         for key in outcome.satisfied:
             for fut in self._waiters.get(key, ()):
@@ -314,13 +314,3 @@ async def _drain(
 ) -> AsyncIterator[DeltaDiscoveryRequest]:
     while True:
         yield await queue.get()
-
-
-def _has_changes(batch: UpdateBatch) -> bool:
-    return bool(
-        batch.workloads
-        or batch.services
-        or batch.policies
-        or batch.removed_addresses
-        or batch.removed_policies
-    )

@@ -28,6 +28,10 @@ from ztunnel_py.rbac.model import (
     StringMatchKind,
 )
 from ztunnel_py.state.model import (
+    DEFAULT_CLUSTER_ID,
+    DEFAULT_SERVICE_ACCOUNT,
+    DEFAULT_TRUST_DOMAIN,
+    DEFAULT_WORKLOAD_TYPE,
     ApplicationTunnel,
     AppTunnelProtocol,
     GatewayAddress,
@@ -228,7 +232,7 @@ def _port_map(node: _Node) -> Mapping[int, int]:
     return frozen_map(ports)
 
 
-def parse_workload(node: _Node, *, cluster_id: str = "Kubernetes") -> Workload:
+def parse_workload(node: _Node, *, cluster_id: str = DEFAULT_CLUSTER_ID) -> Workload:
     f = node.mapping(_WORKLOAD_FIELDS, {"namespace"})
     namespace = f["namespace"].string()
     name = f["name"].string() if "name" in f else ""
@@ -271,14 +275,14 @@ def parse_workload(node: _Node, *, cluster_id: str = "Kubernetes") -> Workload:
         hostname=hostname,
         network=opt("network", _Node.string, ""),
         protocol=opt("protocol", lambda n: n.enum(InboundProtocol), InboundProtocol.TCP),
-        trust_domain=opt("trustDomain", _Node.string, "") or "cluster.local",
-        service_account=opt("serviceAccount", _Node.string, "") or "default",
+        trust_domain=opt("trustDomain", _Node.string, "") or DEFAULT_TRUST_DOMAIN,
+        service_account=opt("serviceAccount", _Node.string, "") or DEFAULT_SERVICE_ACCOUNT,
         waypoint=opt("waypoint", _gateway, None),
         network_gateway=opt("networkGateway", _gateway, None),
         node=opt("node", _Node.string, ""),
         canonical_name=opt("canonicalName", _Node.string, ""),
         canonical_revision=opt("canonicalRevision", _Node.string, ""),
-        workload_type=opt("workloadType", _Node.string, "") or "deployment",
+        workload_type=opt("workloadType", _Node.string, "") or DEFAULT_WORKLOAD_TYPE,
         workload_name=opt("workloadName", _Node.string, ""),
         native_tunnel=opt("nativeTunnel", _Node.boolean, False),
         application_tunnel=app_tunnel,
@@ -395,7 +399,7 @@ def parse_policy(node: _Node) -> Authorization:
 
 
 def parse_local_config(
-    text: str, *, source: str = "LOCAL_XDS", cluster_id: str = "Kubernetes"
+    text: str, *, source: str = "LOCAL_XDS", cluster_id: str = DEFAULT_CLUSTER_ID
 ) -> UpdateBatch:
     """Parse a whole local-config document into a replacing ``UpdateBatch``."""
     try:
@@ -440,7 +444,7 @@ def _check_unique(section: str, keys: list[str], what: str) -> None:
         seen[key] = i
 
 
-def load_local_config_file(path: Path, *, cluster_id: str = "Kubernetes") -> UpdateBatch:
+def load_local_config_file(path: Path, *, cluster_id: str = DEFAULT_CLUSTER_ID) -> UpdateBatch:
     try:
         text = path.read_text()
     except OSError as e:

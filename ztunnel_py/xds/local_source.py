@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ztunnel_py.errors import LocalConfigError
+from ztunnel_py.state.model import DEFAULT_CLUSTER_ID
 from ztunnel_py.state.store import ChangeSet, UpdateBatch
 from ztunnel_py.xds.local import load_local_config_file, parse_local_config
 
@@ -28,7 +29,7 @@ class LocalConfigSource:
         *,
         path: Path | None = None,
         inline: str | None = None,
-        cluster_id: str = "Kubernetes",
+        cluster_id: str = DEFAULT_CLUSTER_ID,
     ) -> None:
         if (path is None) == (inline is None):
             raise ValueError("exactly one of path or inline")

@@ -11,13 +11,14 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from ztunnel_py.identity.certificate import WorkloadCertificate
 from ztunnel_py.identity.tls import NO_SNI, client_context
 from ztunnel_py.proxy.inbound_plain import InboundPlaintextServer
-from ztunnel_py.proxy.seams import ConnectionRecord, Direction, Progress, SocketAddr
+from ztunnel_py.proxy.seams import ConnectionRecord, Direction, NoTelemetry, Progress
 from ztunnel_py.proxy.sockopt import PodSocketFactory
 from ztunnel_py.rbac.evaluate import ConnectionInfo, Decision
 from ztunnel_py.telemetry.metrics import ResponseFlags
 from ztunnel_py.testing.proxy_harness import (
     CLIENT_ID,
     SERVER_ID,
+    FixedDestination,
     Mesh,
     connect_request,
     echo_app,
@@ -29,7 +30,7 @@ from ztunnel_py.testing.proxy_harness import (
 )
 
 
-class Recorder:
+class Recorder(NoTelemetry):
     def __init__(self) -> None:
         self.opened: list[ConnectionRecord] = []
         self.closed: list[tuple[ConnectionRecord, int, int, str | None]] = []
@@ -47,26 +48,6 @@ class Recorder:
         flags: ResponseFlags | None = None,
     ) -> None:
         self.closed.append((record, bytes_sent, bytes_received, error))
-
-    def connection_failed(
-        self, record: ConnectionRecord, *, error: str, flags: ResponseFlags
-    ) -> None:
-        pass
-
-    def connection_rejected(
-        self, *, direction: Direction, src: SocketAddr, dst: SocketAddr, error: str
-    ) -> None:
-        pass
-
-
-class ToApp:
-    """Plaintext original destination: the app's address (what TPROXY would preserve)."""
-
-    def __init__(self, target: SocketAddr) -> None:
-        self.target = target
-
-    def original_destination(self, sock: object) -> SocketAddr:
-        return self.target
 
 
 class OnlyFrom:
@@ -91,7 +72,7 @@ async def test_inbound_plaintext_allows_and_denies_without_identity() -> None:
                 workload=mesh.server,
                 sockets=PodSocketFactory(make_config(), mark=False),
                 config=make_config(),
-                original_destination=ToApp(target),
+                original_destination=FixedDestination(target),  # the app, as TPROXY keeps it
                 authorizer=authorizer,
                 telemetry=recorder,
             )

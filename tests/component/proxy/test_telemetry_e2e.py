@@ -21,7 +21,6 @@ from prometheus_client import CollectorRegistry
 
 from ztunnel_py.proxy.conntrack import POLICY_CHANGE_ERROR, ConnectionTracker
 from ztunnel_py.proxy.inbound_plain import InboundPlaintextServer
-from ztunnel_py.proxy.seams import SocketAddr
 from ztunnel_py.proxy.sockopt import PodSocketFactory
 from ztunnel_py.rbac.evaluate import ConnectionInfo, Decision
 from ztunnel_py.state.store import ProxyState
@@ -32,6 +31,7 @@ from ztunnel_py.telemetry.sink import ProxyTelemetry
 from ztunnel_py.testing.proxy_harness import (
     CLIENT_ID,
     SERVER_ID,
+    FixedDestination,
     Mesh,
     echo_app,
     listen,
@@ -310,14 +310,6 @@ async def test_policy_change_close_is_deny(access_log: io.StringIO) -> None:
         await mesh.stop()
 
 
-class ToApp:
-    def __init__(self, target: SocketAddr) -> None:
-        self.target = target
-
-    def original_destination(self, sock: object) -> SocketAddr:
-        return self.target
-
-
 @pytest.mark.asyncio
 async def test_plaintext_deny_and_allow(access_log: io.StringIO) -> None:
     both = Both()
@@ -330,7 +322,7 @@ async def test_plaintext_deny_and_allow(access_log: io.StringIO) -> None:
                 workload=mesh.server,
                 sockets=PodSocketFactory(make_config(), mark=False),
                 config=make_config(),
-                original_destination=ToApp((mesh.server_ip, port)),
+                original_destination=FixedDestination((mesh.server_ip, port)),
                 authorizer=authorizer,
                 telemetry=node.sink,
             )

@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from ztunnel_py.state.model import NetworkAddress, Workload
 from ztunnel_py.state.store import ChangeSet, ProxyState, UpdateBatch
 from ztunnel_py.testing.istiod import FakeIstiod
 from ztunnel_py.testing.pki import CertificateAuthority
+from ztunnel_py.testing.poll import wait_until_async
 from ztunnel_py.xds._pb import workload_pb2 as wl
 from ztunnel_py.xds.client import XdsClient, XdsMetrics
 from ztunnel_py.xds.delta import ADDRESS_TYPE, AUTHORIZATION_TYPE
@@ -28,21 +29,6 @@ from ztunnel_py.xds.delta import ADDRESS_TYPE, AUTHORIZATION_TYPE
 ROOT = Path(__file__).resolve().parents[3]
 LOCALHOST_YAML = (ROOT / "examples/localhost.yaml").read_text()
 GUARD_S = 20.0  # a hang guard, not a performance expectation
-
-
-async def eventually(check: Callable[[], object], what: str) -> None:
-    """Poll ``check`` (truthy or not raising) until it holds; fail naming ``what`` on a hang."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + GUARD_S
-    while True:
-        try:
-            if check():
-                return
-        except AssertionError:
-            pass
-        if loop.time() > deadline:
-            pytest.fail(f"timed out waiting for: {what}")
-        await asyncio.sleep(0.01)
 
 
 @dataclass
@@ -87,7 +73,7 @@ class Harness:
         return self.client
 
     async def ready(self) -> XdsClient:
-        await eventually(lambda: self.ready_calls == 1, "client readiness")
+        await wait_until_async(lambda: self.ready_calls == 1, "client readiness")
         assert self.client is not None
         return self.client
 
@@ -118,7 +104,6 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
 
 LOCAL_UID = "cluster1//v1/Pod/default/local"
 TCP_UID = "cluster1//v1/Pod/default/local-tcp"
-ALL_ADDRESSES = {LOCAL_UID, TCP_UID, "default/example.com", "default/example2.com"}
 
 
 def new_workload(i: int, ip: str | None = None) -> Workload:
@@ -171,14 +156,14 @@ async def test_incremental_add_change_and_remove(harness: Harness) -> None:
     await harness.ready()
     state = harness.state
     harness.istiod.push(UpdateBatch(workloads=(new_workload(1),)))
-    await eventually(
+    await wait_until_async(
         lambda: state.workload("cluster1//v1/Pod/default/extra-1"), "the added workload"
     )
     assert "cluster1//v1/Pod/default/extra-1" in state.endpoints("default/example.com")
 
     harness.istiod.push(UpdateBatch(workloads=(new_workload(1, ip="127.0.2.1"),)))
     moved = NetworkAddress("", ipaddress.ip_address("127.0.2.1"))
-    await eventually(lambda: state.workload_by_address(moved), "the changed workload")
+    await wait_until_async(lambda: state.workload_by_address(moved), "the changed workload")
     assert state.workload_by_address(NetworkAddress("", ipaddress.ip_address("127.0.1.1"))) is None
 
     harness.istiod.push(
@@ -187,10 +172,10 @@ async def test_incremental_add_change_and_remove(harness: Harness) -> None:
             removed_policies=("default/deny-9999",),
         )
     )
-    await eventually(
+    await wait_until_async(
         lambda: state.workload("cluster1//v1/Pod/default/extra-1") is None, "the removal"
     )
-    await eventually(lambda: state.policy("default/deny-9999") is None, "the policy removal")
+    await wait_until_async(lambda: state.policy("default/deny-9999") is None, "the policy removal")
     assert "cluster1//v1/Pod/default/extra-1" not in state.endpoints("default/example.com")
     client = harness.client
     assert client is not None
@@ -263,8 +248,8 @@ async def test_reconnect_echoes_versions_and_receives_only_changes(harness: Harn
         lambda r: r.is_initial and r.stream == 2 and r.type_url == ADDRESS_TYPE
     )
     assert again.initial_versions == before
-    await eventually(lambda: node_of(harness, TCP_UID) == "node-7", "the changed workload")
-    await eventually(
+    await wait_until_async(lambda: node_of(harness, TCP_UID) == "node-7", "the changed workload")
+    await wait_until_async(
         lambda: harness.state.service("default/example2.com") is None, "the removed service"
     )
     (resp,) = [r for r in istiod.responses if r.stream == 2 and r.type_url == ADDRESS_TYPE]
@@ -282,14 +267,16 @@ async def test_backs_off_while_istiod_is_down_and_keeps_state(harness: Harness) 
     harness.start()
     client = await harness.ready()
     await harness.istiod.stop()
-    await eventually(lambda: harness.terminations("ConnectionError") >= 3, "three failed connects")
+    await wait_until_async(
+        lambda: harness.terminations("ConnectionError") >= 3, "three failed connects"
+    )
     assert "cannot connect" in client.dump()["lastError"]
     assert not client.connected
     assert {w.uid for w in harness.state.workloads()} == {LOCAL_UID, TCP_UID}
     assert client.ready
     await harness.istiod.start()
     await harness.istiod.wait_for_streams(2)
-    await eventually(lambda: client.connected, "reconnection")
+    await wait_until_async(lambda: client.connected, "reconnection")
     assert harness.task is not None
     assert not harness.task.done()
 
@@ -307,7 +294,7 @@ async def test_wrong_token_logs_what_to_check_and_recovers(
     def messages() -> list[str]:
         return [r.getMessage() for r in caplog.records]
 
-    await eventually(
+    await wait_until_async(
         lambda: any("PERMISSION_DENIED: authorization failed" in m for m in messages()),
         "istiod's refusal in the log",
     )
@@ -331,7 +318,9 @@ async def test_untrusted_server_certificate_is_a_connection_error(harness: Harne
     other_root = harness.tmp / "other-root.pem"
     other_root.write_bytes(CertificateAuthority.create(common_name="someone else").root_pem)
     client = harness.start(XDS_ROOT_CA=str(other_root))
-    await eventually(lambda: harness.terminations("ConnectionError") >= 2, "refused TLS handshakes")
+    await wait_until_async(
+        lambda: harness.terminations("ConnectionError") >= 2, "refused TLS handshakes"
+    )
     assert not client.ready
     assert harness.istiod.streams_opened == 0
 
@@ -370,7 +359,7 @@ async def test_on_demand_lookups(harness: Harness) -> None:
 
     # Resources fetched on demand stay subscribed: later changes are pushed.
     harness.istiod.push(UpdateBatch(workloads=(dataclasses.replace(found, node="node-5"),)))
-    await eventually(lambda: node_of(harness, LOCAL_UID) == "node-5", "pushed update")
+    await wait_until_async(lambda: node_of(harness, LOCAL_UID) == "node-5", "pushed update")
     # ...and a reconnect re-subscribes them by echoing their versions.
     harness.istiod.rotate()
     (again,) = await harness.istiod.wait_for(

@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -28,13 +27,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from tools.testbed.mesh import CLIENT, Mesh
 from ztunnel_py.redirect.netns import run_in_netns
 from ztunnel_py.testing.daemon import Daemon, http
+from ztunnel_py.testing.poll import HANG_GUARD_S, wait_until
 
 MODES = [
     pytest.param("iptables", id="iptables"),
     pytest.param("ebpf", id="ebpf", marks=pytest.mark.bpf),
 ]
 PROXY_PORTS = {15001, 15006, 15008}
-HANG_GUARD_S = 30.0
 
 
 class MeshMaker(Protocol):
@@ -48,14 +47,6 @@ def mesh_tag(test: str, redirect: str) -> str:
     if not re.fullmatch(r"[a-z]{1,3}", test):
         raise ValueError(f"test tag {test!r}: use 1-3 lower-case letters")
     return f"{test}{redirect[0]}{secrets.token_hex(2)}"
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float = HANG_GUARD_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.05)
 
 
 # ----------------------------------------------------------------------------- in-pod sockets

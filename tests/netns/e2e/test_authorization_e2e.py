@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 
 from tests.netns.e2e.support import (
-    HANG_GUARD_S,
     MODES,
     MeshMaker,
     NetnsServer,
@@ -39,12 +38,12 @@ from tests.netns.e2e.support import (
     netns_cookies,
     only_one,
     start_stream,
-    wait_until,
 )
 from tools.testbed import cgroup2_mount
 from tools.testbed.mesh import ExtraService, Mesh, MeshOptions
 from tools.testbed.plan import PodPlan
 from ztunnel_py.testing.daemon import Daemon
+from ztunnel_py.testing.poll import HANG_GUARD_S, wait_until
 from ztunnel_py.testing.privileged import require
 
 pytestmark = [pytest.mark.root]

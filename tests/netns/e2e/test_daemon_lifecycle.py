@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 
 from tests.netns.e2e.support import (
-    HANG_GUARD_S,
     MODES,
     PROXY_PORTS,
     MeshMaker,
@@ -31,12 +30,12 @@ from tests.netns.e2e.support import (
     netns_cookies,
     proxy_listeners,
     start_stream,
-    wait_until,
     workload_state,
 )
 from tools.testbed.mesh import ExtraService, Mesh
 from ztunnel_py.testing.cni_agent import AgentPod
 from ztunnel_py.testing.daemon import Daemon
+from ztunnel_py.testing.poll import HANG_GUARD_S, wait_until
 
 pytestmark = [pytest.mark.root]
 

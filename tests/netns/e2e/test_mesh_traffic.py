@@ -26,12 +26,12 @@ from tests.netns.e2e.support import (
     netns_cookies,
     proxy_listeners,
     socket_owners,
-    wait_until,
     workload_state,
 )
 from tools.testbed import cgroup2_mount
 from tools.testbed.mesh import ExtraService, Mesh, MeshOptions
 from ztunnel_py.testing.daemon import Daemon
+from ztunnel_py.testing.poll import wait_until
 from ztunnel_py.testing.privileged import require
 
 pytestmark = [pytest.mark.root]

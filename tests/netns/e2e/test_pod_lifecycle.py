@@ -17,10 +17,10 @@ from tests.netns.e2e.support import (
     captured_cookies,
     netns_cookies,
     proxy_listeners,
-    wait_until,
     workload_state,
 )
 from tools.testbed.mesh import ExtraService, Mesh
+from ztunnel_py.testing.poll import wait_until
 
 pytestmark = [pytest.mark.root]
 

@@ -7,8 +7,9 @@ import subprocess
 
 import pytest
 
-from tests.netns.e2e.support import MeshMaker, accepted_on, start_stream, wait_until
+from tests.netns.e2e.support import MeshMaker, accepted_on, start_stream
 from tools.testbed.mesh import ExtraService
+from ztunnel_py.testing.poll import wait_until
 
 pytestmark = pytest.mark.root
 

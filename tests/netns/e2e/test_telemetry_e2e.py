@@ -28,11 +28,11 @@ from tests.netns.e2e.support import (
     mesh_tag,
     only_one,
     start_stream,
-    wait_until,
 )
 from tools.testbed import cgroup2_mount
 from tools.testbed.mesh import ExtraService, Mesh, MeshOptions
 from tools.testbed.plan import PodPlan
+from ztunnel_py.testing.poll import wait_until
 from ztunnel_py.testing.privileged import require
 
 pytestmark = [pytest.mark.root]

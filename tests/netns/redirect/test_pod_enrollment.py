@@ -8,7 +8,7 @@ import ipaddress
 import os
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +18,6 @@ from prometheus_client import CollectorRegistry
 
 from ztunnel_py.config import WorkloadInfo
 from ztunnel_py.redirect.workloads import (
-    EchoPodProxyFactory,
     EnrolledPod,
     EnrollmentError,
     ListenerOptions,
@@ -32,7 +31,9 @@ from ztunnel_py.redirect.zds_protocol import Backoff, encode_keep
 from ztunnel_py.state.model import Workload
 from ztunnel_py.state.store import ProxyState, UpdateBatch
 from ztunnel_py.testing.cni_agent import FakeCniAgent
+from ztunnel_py.testing.echo_pod import EchoPodProxyFactory
 from ztunnel_py.testing.netns import Netns, NetnsPool, sh
+from ztunnel_py.testing.poll import wait_until_async
 
 pytestmark = [pytest.mark.root]
 
@@ -51,16 +52,6 @@ def workload(uid: str, name: str, ip: str) -> Workload:
 
 def info_of(w: Workload) -> WorkloadInfo:
     return WorkloadInfo(namespace=w.namespace, name=w.name, service_account=w.service_account)
-
-
-async def eventually(cond: Callable[[], bool], what: str) -> None:
-    """Wait for ``cond``; the bound only turns a hang into a readable failure."""
-    try:
-        async with asyncio.timeout(30):
-            while not cond():  # noqa: ASYNC110 (the kernel and other tasks own the state)
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        pytest.fail(f"never happened: {what}")
 
 
 def listening_ports(ns: Netns) -> set[int]:
@@ -256,7 +247,7 @@ async def test_ready_only_after_the_snapshot(env: Env) -> None:
         "Spy", (), {"enroll": staticmethod(spy), "remove": daemon.manager.remove}
     )()
     await env.agent.wait_snapshots(1)
-    await eventually(lambda: daemon.client.ready, "client ready")
+    await wait_until_async(lambda: daemon.client.ready, "client ready")
     assert seen_ready_at_enroll == [False]
     assert daemon.ready_changes == [True]
 
@@ -303,7 +294,9 @@ async def test_pod_waits_for_late_xds_then_starts(env: Env) -> None:
     assert daemon.manager.pod_state(w.uid) is PodState.PENDING
 
     daemon.manager.state_changed(daemon.state.apply(UpdateBatch(workloads=(w,))))
-    await eventually(lambda: daemon.manager.pod_state(w.uid) is PodState.UP, "pod up after xDS")
+    await wait_until_async(
+        lambda: daemon.manager.pod_state(w.uid) is PodState.UP, "pod up after xDS"
+    )
     assert [p.uid for p in daemon.factory.started] == [w.uid]
     assert daemon.factory.started[0].workload == w
     assert await echo(ns, 15008, b"late") == b"late"
@@ -325,7 +318,9 @@ async def test_on_demand_mode_asks_for_a_late_workload(env: Env) -> None:
     daemon.manager.demand_workload = demand
     await env.agent.wait_snapshots(1)
     assert await env.agent.add_pod(w.uid, info_of(w), netns_path(ns)) == ""
-    await eventually(lambda: daemon.manager.pod_state(w.uid) is PodState.UP, "pod up on demand")
+    await wait_until_async(
+        lambda: daemon.manager.pod_state(w.uid) is PodState.UP, "pod up on demand"
+    )
     assert asked == [("default", "od", w.service_account)]
 
 
@@ -339,7 +334,7 @@ async def test_failed_start_is_nacked_kept_pending_and_retried(env: Env) -> None
     error = await env.agent.add_pod(w.uid, info_of(w), netns_path(ns))
     assert error is not None and error.startswith("failure to start proxy")
     assert w.uid in daemon.manager.failed()
-    await eventually(lambda: daemon.manager.pod_state(w.uid) is PodState.UP, "retried pod up")
+    await wait_until_async(lambda: daemon.manager.pod_state(w.uid) is PodState.UP, "retried pod up")
     assert daemon.manager.failed() == {}
     assert await echo(ns, 15006, b"again") == b"again"
     assert daemon.client.ready  # a NACK for a proxy failure does not end the connection
@@ -377,7 +372,7 @@ async def test_agent_restart_with_a_snapshot_that_drops_a_pod(env: Env) -> None:
 
     await env.agent.restart(drop=[gone.uid])
     await env.agent.wait_snapshots(2)
-    await eventually(lambda: daemon.client.ready, "ready after the new snapshot")
+    await wait_until_async(lambda: daemon.client.ready, "ready after the new snapshot")
 
     assert set(daemon.manager.pods()) == {keep.uid}
     assert listening_ports(ns_gone).isdisjoint(PORTS)
@@ -414,7 +409,7 @@ async def test_reconnects_keep_pods_and_a_new_daemon_reenrols_all(env: Env) -> N
     # The connection breaks; the same daemon reconnects, the replay is idempotent.
     await env.agent.drop_connections()
     await env.agent.wait_snapshots(2)
-    await eventually(lambda: first.client.ready, "reconnected")
+    await wait_until_async(lambda: first.client.ready, "reconnected")
     assert env.agent.connections_seen == 2
     assert len(first.factory.started) == 3
     assert all(first.manager.pod_state(w.uid) is PodState.UP for w in pods)
@@ -452,7 +447,7 @@ async def test_protocol_errors_nack_and_reconnect_without_leaking_fds(env: Env) 
     error = await env.agent.send_raw(encode_keep(w.uid), what="keep after snapshot")
     assert "keep for pod 'uid-p' received after the snapshot" in error
     await env.agent.wait_snapshots(3)
-    await eventually(lambda: daemon.client.ready, "ready again")
+    await wait_until_async(lambda: daemon.client.ready, "ready again")
 
     assert daemon.manager.pod_state(w.uid) is PodState.UP  # bad input never dropped the pod
     assert len(daemon.factory.started) == 1
@@ -490,7 +485,7 @@ async def test_reuseport_handover_to_a_second_daemon(env: Env, pool: NetnsPool) 
 
     # The old daemon drains: listeners close at once, its live connection may finish.
     draining = asyncio.get_running_loop().create_task(old.manager.shutdown(60.0))
-    await eventually(lambda: old_inodes.isdisjoint(listener_inodes(ns)), "old closed")
+    await wait_until_async(lambda: old_inodes.isdisjoint(listener_inodes(ns)), "old closed")
     assert not draining.done()
     assert await echo(ns, 15008, b"fresh", b"new:") == b"new:fresh"
     writer.write(b"still here")

@@ -11,10 +11,11 @@ import pytest
 
 from tools.testbed import Testbed, TestbedOptions, cgroup2_mount, make_plan
 from tools.testbed.plan import render_local_config
-from ztunnel_py.redirect.workloads import EchoPodProxyFactory, PodState, WorkloadManager
+from ztunnel_py.redirect.workloads import PodState, WorkloadManager
 from ztunnel_py.redirect.zds import ZdsClient
 from ztunnel_py.state.store import ProxyState
 from ztunnel_py.testing.cni_agent import FakeCniAgent
+from ztunnel_py.testing.echo_pod import EchoPodProxyFactory
 from ztunnel_py.testing.privileged import require
 from ztunnel_py.xds.local import parse_local_config
 

@@ -8,6 +8,7 @@ import random
 import pytest
 
 from ztunnel_py.bpf import _types as t
+from ztunnel_py.bpf import reconcile
 from ztunnel_py.bpf.errors import MapFull
 from ztunnel_py.bpf.projection import (
     CHILD_MAPS,
@@ -15,6 +16,7 @@ from ztunnel_py.bpf.projection import (
     deny_key,
     dst_key,
     local_key,
+    mesh_destinations,
     pod_key,
     project,
 )
@@ -233,6 +235,34 @@ def test_reconcile_empty_changeset_does_nothing() -> None:
     sync = MapSync(ProxyState(), Reconciler(maps))
     state = ProxyState()
     assert sync.state_changed(state.apply(UpdateBatch())) is None
+
+
+def test_reconcile_projects_mesh_destinations_again_only_after_address_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    projections = []
+
+    def counting(state: ProxyState, *, network: str = "") -> dict[bytes, bytes]:
+        projections.append(state.generation)
+        return mesh_destinations(state, network=network)
+
+    monkeypatch.setattr(reconcile, "mesh_destinations", counting)
+    maps = fake_maps()
+    state = ProxyState()
+    state.apply(UpdateBatch(workloads=(hbone("a", "10.0.0.5"),)))
+    sync = MapSync(state, Reconciler(maps))
+    sync.enroll(EnrolledPod("pod-a", 7, (ip("10.0.0.5"),), "a"))
+    sync.enroll(EnrolledPod("pod-b", 8, (), None))
+    sync.unenroll("pod-b")
+    deny = Authorization(name="d", namespace="ns", action=Action.DENY, rules=(((Match(),),),))
+    sync.state_changed(state.apply(UpdateBatch(policies=(deny,))))
+    assert projections == [1]  # pods and policies leave the mesh destinations as they were
+
+    sync.state_changed(state.apply(UpdateBatch(workloads=(hbone("b", "10.0.0.6"),))))
+    assert projections == [1, 3]
+    assert dst_key(ip("10.0.0.6"), 0) in maps[t.MAP_DST].entries
+    sync.state_changed(None)  # "unknown": project everything again
+    assert projections == [1, 3, 3]
 
 
 # ------------------------------------------------------------------ random churn

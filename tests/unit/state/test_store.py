@@ -219,3 +219,9 @@ def test_find_workload_by_pod_info() -> None:
     assert state.find_workload(namespace="ns", name="pod-1", service_account="sa") == w
     assert state.find_workload(namespace="ns", name="pod-1", service_account="other") is None
     assert state.workloads_on_node("") == [w]
+
+
+def test_batch_is_empty_only_without_changes_and_without_replace() -> None:
+    assert UpdateBatch().is_empty
+    assert not UpdateBatch(removed_policies=("default/p",)).is_empty
+    assert not UpdateBatch(replace=True).is_empty  # the whole state: it removes everything

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from ztunnel_py.hbone.headers import format_authority
 from ztunnel_py.rbac.evaluate import ConnectionInfo, evaluate, log_decision
 from ztunnel_py.rbac.model import Action, Authorization
 from ztunnel_py.state.model import Service, Workload
@@ -20,7 +21,6 @@ from ztunnel_py.telemetry.access_log import (
     log_connection_complete,
     log_connection_failed,
     log_connection_opened,
-    socket_addr,
 )
 from ztunnel_py.telemetry.metrics import ConnectionLabels, Reporter, SecurityPolicy
 
@@ -75,8 +75,8 @@ def inbound_context(*, mtls: bool = True) -> AccessLogContext:
     )
     return AccessLogContext.build(
         labels,
-        src_addr=socket_addr(ipaddress.ip_address("10.0.0.1"), 40000),
-        dst_addr=socket_addr(ipaddress.ip_address("10.0.0.2"), 8080),
+        src_addr=format_authority(ipaddress.ip_address("10.0.0.1"), 40000),
+        dst_addr=format_authority(ipaddress.ip_address("10.0.0.2"), 8080),
         hbone_addr="10.0.0.2:8080" if mtls else None,
         source=CLIENT,
         destination=SERVER,
@@ -193,8 +193,8 @@ def test_opened_is_debug_only(capture: Capture) -> None:
 
 
 def test_helpers() -> None:
-    assert socket_addr(ipaddress.ip_address("fd00::1"), 80) == "[fd00::1]:80"
-    assert socket_addr(ipaddress.ip_address("10.0.0.1"), 80) == "10.0.0.1:80"
+    assert format_authority(ipaddress.ip_address("fd00::1"), 80) == "[fd00::1]:80"
+    assert format_authority(ipaddress.ip_address("10.0.0.1"), 80) == "10.0.0.1:80"
     assert duration_text(0.0999) == "99ms"
     assert duration_text(-1) == "0ms"
 
