@@ -21,7 +21,7 @@ from typing import Any
 
 import ztunnel_py
 from ztunnel_py import config as config_mod
-from ztunnel_py.errors import ConfigError, LocalConfigError
+from ztunnel_py.errors import ConfigError, LocalConfigError, ZtunnelError
 from ztunnel_py.identity.errors import LocalCaError
 from ztunnel_py.telemetry import logging as zlog
 from ztunnel_py.xds.local import load_local_config_file
@@ -91,6 +91,9 @@ def _run() -> int:
         return EXIT_CONFIG
     except LocalCaError as e:
         log.error("cannot use the local CA: %s", e)
+        return EXIT_CONFIG
+    except ZtunnelError as e:  # e.g. REDIRECT_MODE=ebpf on a kernel or host that cannot
+        log.error("cannot start: %s", e)
         return EXIT_CONFIG
     except OSError as e:
         log.error("cannot start: %s", e)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
+from ztunnel_py.bpf.errors import BpfError  # plain exceptions: no libbpf behind them
 from ztunnel_py.config import Config, ProxyMode, RedirectMode, WorkloadInfo
 from ztunnel_py.errors import UnsupportedFeature, ZtunnelError
 from ztunnel_py.hbone.connection import HboneSettings, Role
@@ -193,10 +194,17 @@ class DataPlane:
                 " (use REDIRECT_MODE=iptables, or wildcard xDS)"
             )
         if self.redirect_mode is RedirectMode.EBPF:
-            loader, enrollment = self._start_bpf()
-            listeners.append(enrollment)
-            original_destination = loader.original_destinations()
-            inbound_original_destination = None  # sk_lookup keeps the original local address
+            try:
+                loader, enrollment = self._start_bpf()
+            except (UnsupportedFeature, BpfError) as e:
+                if self.config.redirect_mode is RedirectMode.EBPF:
+                    raise  # asked for explicitly: the operator must see why it cannot run
+                log.warning("eBPF redirection is not available (%s); using iptables mode", e)
+                self.redirect_mode = RedirectMode.IPTABLES
+            else:
+                listeners.append(enrollment)
+                original_destination = loader.original_destinations()
+                inbound_original_destination = None  # sk_lookup keeps the original address
         starter = PodProxyStarter(
             config=self.config,
             hub=self.hub,

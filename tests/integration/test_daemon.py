@@ -272,3 +272,48 @@ def test_a_local_ca_directory_others_can_read_is_refused(
     assert proc.returncode == 78
     assert str(ca_dir) in proc.stderr
     assert "listening" not in proc.stderr
+
+
+def test_explicit_ebpf_mode_that_cannot_work_stops_the_daemon_and_says_why(
+    tmp_path: Path, local_config: Path
+) -> None:
+    not_a_cgroup = tmp_path / "not-a-cgroup"
+    not_a_cgroup.mkdir()
+    env = {
+        **base_env(tmp_path, local_config),
+        "INPOD_ENABLED": "true",
+        "INPOD_UDS": str(tmp_path / "zds.sock"),
+        "REDIRECT_MODE": "ebpf",
+        "BPF_CGROUP_PATH": str(not_a_cgroup),
+        "BPF_PIN_PATH": str(tmp_path / "pins"),
+        "ADMIN_PORT": str(free_port()),
+        "PATH": "/usr/bin:/bin",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "ztunnel_py", "run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 78
+    assert f"{not_a_cgroup} is not a cgroup v2 directory" in proc.stderr
+
+
+def test_unset_redirect_mode_falls_back_to_iptables_where_ebpf_cannot_work(
+    tmp_path: Path, local_config: Path
+) -> None:
+    not_a_cgroup = tmp_path / "not-a-cgroup"
+    not_a_cgroup.mkdir()
+    env = {
+        **base_env(tmp_path, local_config),
+        "INPOD_ENABLED": "true",
+        "INPOD_UDS": str(tmp_path / "zds.sock"),  # no agent: enrolment just waits
+        "BPF_CGROUP_PATH": str(not_a_cgroup),
+        "BPF_PIN_PATH": str(tmp_path / "pins"),
+    }
+    with run_daemon(env, log_dir=tmp_path) as d:
+        assert d.config_dump()["dataPlane"]["redirectMode"] == "iptables"
+        assert "eBPF redirection is not available" in d.log()
+        assert "using iptables mode" in d.log()
