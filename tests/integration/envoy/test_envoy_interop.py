@@ -30,6 +30,7 @@ from ztunnel_py.testing.privileged import require
 from ztunnel_py.testing.proxy_harness import (
     CLIENT_ID,
     SERVER_ID,
+    Mesh,
     bulk_app,
     echo_app,
     pattern,
@@ -140,6 +141,35 @@ async def test_envoy_refuses_our_inbound_when_the_san_is_unexpected(tmp_path: Pa
         await mesh.stop()
 
 
+async def start_waypoint(
+    mesh: Mesh, tmp_path: Path, app_port: int, *, client_sans: list[str], name: str
+) -> tuple[EnvoyProcess, tuple[str, int]]:
+    """An Envoy terminating CONNECT as a waypoint does, put in front of the server pod."""
+    waypoint_ip = ipaddress.ip_address(f"{mesh.base}.3")
+    envoy_port = free_port(str(waypoint_ip))
+    cfg = connect_terminator(
+        listen=(str(waypoint_ip), envoy_port),
+        app=(str(mesh.server_ip), app_port),
+        certs=write_certs(mesh.pki.ca, WAYPOINT_ID, tmp_path, "waypoint"),
+        client_sans=client_sans,
+        admin_port=free_port(),
+    )
+    envoy = EnvoyProcess(cfg, tmp_path, name)
+    try:
+        await envoy.wait_listening(str(waypoint_ip), envoy_port)
+    except BaseException:
+        envoy.stop()
+        raise
+    server = dataclasses.replace(
+        mesh.server,
+        waypoint=GatewayAddress(
+            destination=NetworkAddress("", waypoint_ip), hbone_mtls_port=envoy_port
+        ),
+    )
+    mesh.state.apply(UpdateBatch(workloads=(server, pod("waypoint", waypoint_ip, "waypoint"))))
+    return envoy, (str(waypoint_ip), envoy_port)
+
+
 @pytest.mark.envoy
 @pytest.mark.asyncio
 async def test_our_outbound_through_an_envoy_waypoint(tmp_path: Path) -> None:
@@ -150,28 +180,9 @@ async def test_our_outbound_through_an_envoy_waypoint(tmp_path: Path) -> None:
     envoy = None
     try:
         echo_port = await mesh.serve_app(echo_app)
-        bulk_port = await mesh.serve_app(bulk_app)
-        waypoint_ip = ipaddress.ip_address(f"{mesh.base}.3")
-        envoy_port = free_port(str(waypoint_ip))
-        certs = write_certs(mesh.pki.ca, WAYPOINT_ID, tmp_path, "waypoint")
-        # The waypoint routes every tunnel to the app; one Envoy per app port keeps it simple.
-        cfg = connect_terminator(
-            listen=(str(waypoint_ip), envoy_port),
-            app=(str(mesh.server_ip), echo_port),
-            certs=certs,
-            client_sans=[str(CLIENT_ID)],
-            admin_port=free_port(),
+        envoy, waypoint = await start_waypoint(
+            mesh, tmp_path, echo_port, client_sans=[str(CLIENT_ID)], name="waypoint"
         )
-        envoy = EnvoyProcess(cfg, tmp_path, "waypoint")
-        await envoy.wait_listening(str(waypoint_ip), envoy_port)
-        waypoint = pod("waypoint", waypoint_ip, "waypoint")
-        server = dataclasses.replace(
-            mesh.server,
-            waypoint=GatewayAddress(
-                destination=NetworkAddress("", waypoint_ip), hbone_mtls_port=envoy_port
-            ),
-        )
-        mesh.state.apply(UpdateBatch(workloads=(server, waypoint)))
         reader, writer = await mesh.dial(echo_port)
         for i in range(20):
             msg = pattern(3000, i)
@@ -187,9 +198,8 @@ async def test_our_outbound_through_an_envoy_waypoint(tmp_path: Path) -> None:
         (conn,) = mesh.pool.connections()
         peer = conn.get_extra_info("peername")
         assert isinstance(peer, tuple)
-        assert peer[:2] == (str(waypoint_ip), envoy_port)
+        assert peer[:2] == waypoint
         assert mesh.inbound.tracker.handled == 0
-        assert bulk_port
     finally:
         if envoy is not None:
             envoy.stop()
@@ -206,25 +216,13 @@ async def test_envoy_waypoint_refuses_a_client_it_does_not_expect(tmp_path: Path
     envoy = None
     try:
         echo_port = await mesh.serve_app(echo_app)
-        waypoint_ip = ipaddress.ip_address(f"{mesh.base}.3")
-        envoy_port = free_port(str(waypoint_ip))
-        certs = write_certs(mesh.pki.ca, WAYPOINT_ID, tmp_path, "waypoint")
-        cfg = connect_terminator(
-            listen=(str(waypoint_ip), envoy_port),
-            app=(str(mesh.server_ip), echo_port),
-            certs=certs,
+        envoy, _ = await start_waypoint(
+            mesh,
+            tmp_path,
+            echo_port,
             client_sans=["spiffe://cluster.local/ns/default/sa/not-the-client"],
-            admin_port=free_port(),
+            name="waypoint-strict",
         )
-        envoy = EnvoyProcess(cfg, tmp_path, "waypoint-strict")
-        await envoy.wait_listening(str(waypoint_ip), envoy_port)
-        server = dataclasses.replace(
-            mesh.server,
-            waypoint=GatewayAddress(
-                destination=NetworkAddress("", waypoint_ip), hbone_mtls_port=envoy_port
-            ),
-        )
-        mesh.state.apply(UpdateBatch(workloads=(server, pod("waypoint", waypoint_ip, "waypoint"))))
         reader, writer = await mesh.dial(echo_port)
         writer.write(b"hello")
         with pytest.raises(ConnectionResetError):
