@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
 import json
 import os
 import re
@@ -39,6 +40,7 @@ DEFAULT_INPOD_UDS = "/var/run/ztunnel/ztunnel.sock"
 DEFAULT_MESH_CONFIG = "./etc/istio/config/mesh"
 DEFAULT_LOCAL_CA_DIR = "/var/lib/ztunnel-py/ca"
 DEFAULT_BPF_PIN_PATH = "/sys/fs/bpf/ztunnel-py"
+DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
 CERT_SYSTEM = "SYSTEM"
 
 _E = TypeVar("_E", bound=enum.Enum)
@@ -80,6 +82,24 @@ class RootCert:
         if self.kind is RootCertKind.SYSTEM:
             return CERT_SYSTEM
         return self.value
+
+
+@dataclass(frozen=True, slots=True)
+class DnsProxyAddress:
+    """ztunnel's ``DNS_PROXY_ADDR``: ``localhost:<port>`` (127.0.0.1, and ::1 with IPv6) or
+    one ``ip:port`` / ``[ipv6]:port``."""
+
+    host: str  # "localhost" or an IP address
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def bind_addresses(self, *, ipv6: bool) -> tuple[tuple[str, int], ...]:
+        if self.host == "localhost":
+            both = (("127.0.0.1", self.port), ("::1", self.port))
+            return both if ipv6 else both[:1]
+        return ((self.host, self.port),)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +161,11 @@ class Config:
     tls12_enabled: bool = False
     enable_response_baggage: bool = True
     authz_policy_info_logging: bool = False
-    dns_capture: bool = False
+    # ztunnel's DNS proxy: on unless ISTIO_META_DNS_CAPTURE is set to something but "true"
+    dns_proxy: bool = True
+    dns_proxy_addr: DnsProxyAddress = field(
+        default_factory=lambda: DnsProxyAddress("localhost", PORT_DNS)
+    )
     # admin surface
     admin_port: int = PORT_ADMIN
     stats_port: int = PORT_STATS
@@ -154,6 +178,7 @@ class Config:
     bpf_pin_path: Path = Path(DEFAULT_BPF_PIN_PATH)
     bpf_cgroup_path: Path | None = None  # None: the kubelet's kubepods cgroup, found at start
     bpf_object_dir: Path | None = None  # None: bpf/out next to the package (a source checkout)
+    dns_resolv_conf: Path = Path(DEFAULT_RESOLV_CONF)  # the DNS proxy's upstream resolvers
 
     @property
     def uses_local_xds(self) -> bool:
@@ -187,6 +212,8 @@ def _jsonable(value: Any) -> Any:
         return str(value)
     if isinstance(value, RootCert):
         return value.describe()
+    if isinstance(value, DnsProxyAddress):
+        return str(value)
     if isinstance(value, WorkloadInfo):
         return f"{value.namespace}/{value.name}/{value.service_account}"
     if isinstance(value, Mapping):
@@ -278,6 +305,25 @@ def parse_root_cert(raw: str) -> RootCert:
     if "-----BEGIN" in raw:
         return RootCert(RootCertKind.INLINE, raw)
     return RootCert(RootCertKind.FILE, raw)
+
+
+def parse_dns_proxy_addr(name: str, raw: str) -> DnsProxyAddress:
+    """ztunnel's ``Address::new``: ``localhost:<port>`` or a socket address."""
+    text = raw.strip()
+    host, sep, port_text = text.rpartition(":")
+    expected = "localhost:<port>, <ip>:<port> or [<ipv6>]:<port>"
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(name, raw, expected)
+    if host != "localhost":
+        bracketed = host.startswith("[") and host.endswith("]")
+        try:
+            ip = ipaddress.ip_address(host[1:-1] if bracketed else host)
+        except ValueError:
+            raise ConfigError(name, raw, expected) from None
+        if (ip.version == 6) != bracketed:
+            raise ConfigError(name, raw, expected)
+        host = str(ip)
+    return DnsProxyAddress(host, int(port_text))
 
 
 def parse_workload_info(name: str, raw: str) -> WorkloadInfo:
@@ -401,12 +447,21 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
     orig_src_raw = get("ENABLE_ORIG_SRC")
     enable_orig_src = None if orig_src_raw is None else parse_bool("ENABLE_ORIG_SRC", orig_src_raw)
 
-    dns_capture_raw = str(proxy_metadata.get("DNS_CAPTURE", "false"))
-    dns_capture = parse_bool("ISTIO_META_DNS_CAPTURE", dns_capture_raw)
+    # As ztunnel: absent means on, any value but "true" (any case) means off.
+    dns_capture_raw = proxy_metadata.get("DNS_CAPTURE")
+    dns_proxy = dns_capture_raw is None or str(dns_capture_raw).lower() == "true"
+    dns_proxy_addr = DnsProxyAddress("localhost", PORT_DNS)
+    if proxy_metadata.get("DNS_PROXY_ADDR") is not None:
+        dns_proxy_addr = parse_dns_proxy_addr(
+            "ISTIO_META_DNS_PROXY_ADDR", str(proxy_metadata["DNS_PROXY_ADDR"])
+        )
     xds_on_demand = boolean("XDS_ON_DEMAND", False)
-    if xds_on_demand and dns_capture:
+    if xds_on_demand and dns_proxy:
         raise ConfigError(
-            "XDS_ON_DEMAND", "true", "false while the DNS proxy is on (ISTIO_META_DNS_CAPTURE=true)"
+            "XDS_ON_DEMAND",
+            env.get("XDS_ON_DEMAND", "true"),
+            "false: DNS proxy does not currently support on-demand mode"
+            " (or turn the DNS proxy off with ISTIO_META_DNS_CAPTURE=false)",
         )
 
     admin_port = integer("ADMIN_PORT", int(pc.get("proxyAdminPort") or PORT_ADMIN), maximum=65535)
@@ -473,7 +528,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         tls12_enabled=boolean("TLS12_ENABLED", False),
         enable_response_baggage=boolean("ENABLE_RESPONSE_BAGGAGE", True),
         authz_policy_info_logging=boolean("AUTHZ_POLICY_INFO_LOGGING", False),
-        dns_capture=dns_capture,
+        dns_proxy=dns_proxy,
+        dns_proxy_addr=dns_proxy_addr,
         admin_port=admin_port,
         stats_port=stats_port,
         readiness_port=integer("READINESS_PORT", PORT_READINESS, maximum=65535),
@@ -488,6 +544,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         bpf_pin_path=Path(get("BPF_PIN_PATH", DEFAULT_BPF_PIN_PATH) or DEFAULT_BPF_PIN_PATH),
         bpf_cgroup_path=Path(env["BPF_CGROUP_PATH"]) if env.get("BPF_CGROUP_PATH") else None,
         bpf_object_dir=Path(env["BPF_OBJECT_DIR"]) if env.get("BPF_OBJECT_DIR") else None,
+        dns_resolv_conf=Path(get("DNS_RESOLV_CONF") or DEFAULT_RESOLV_CONF),
     )
 
 

@@ -22,6 +22,9 @@ from prometheus_client import CollectorRegistry
 
 from ztunnel_py.bpf.errors import BpfError  # plain exceptions: no libbpf behind them
 from ztunnel_py.config import Config, ProxyMode, RedirectMode, WorkloadInfo
+from ztunnel_py.dns.proxy import DnsProxyStarter, read_resolv_conf
+from ztunnel_py.dns.server import DnsServer
+from ztunnel_py.dns.telemetry import DnsMetrics
 from ztunnel_py.errors import UnsupportedFeature, ZtunnelError
 from ztunnel_py.hbone.connection import HboneSettings, Role
 from ztunnel_py.proxy.conntrack import ConnectionTracker
@@ -61,8 +64,11 @@ DEDICATED_UID = "dedicated"
 class _PodHandle:
     proxy: PodProxy
     pool: HbonePool
+    dns: DnsServer | None = None
 
     async def stop(self, deadline_s: float) -> None:
+        if self.dns is not None:
+            await self.dns.stop()
         await self.proxy.stop(deadline_s)
         await self.pool.close()
 
@@ -82,8 +88,10 @@ class PodProxyStarter:
         telemetry: TelemetrySink | None,
         rng: random.Random,
         demand: Demand | None = None,
+        dns: DnsProxyStarter | None = None,
     ) -> None:
         self._config = config
+        self._dns = dns
         self._demand = demand
         self._hub = hub
         self._certificates = certificates
@@ -96,6 +104,25 @@ class PodProxyStarter:
     async def start(self, pod: EnrolledPod, listeners: PodListeners) -> _PodHandle:
         if pod.workload is None:
             raise ZtunnelError(f"pod {pod.uid} has no xDS workload yet")
+        dns = await self._start_dns(pod)
+        try:
+            return await self._start_proxy(pod, listeners, dns)
+        except BaseException:
+            if dns is not None:
+                await dns.stop()
+            raise
+
+    async def _start_dns(self, pod: EnrolledPod) -> DnsServer | None:
+        """The pod's DNS proxy, inside its netns (``ISTIO_META_DNS_CAPTURE`` turns it off)."""
+        if self._dns is None or pod.workload is None:
+            return None
+        state, uid = self._hub.state, pod.workload.uid
+        return await self._dns.start(pod.netns_fd, lambda: state.workload(uid))
+
+    async def _start_proxy(
+        self, pod: EnrolledPod, listeners: PodListeners, dns: DnsServer | None
+    ) -> _PodHandle:
+        assert pod.workload is not None
         config = self._config
         sockets = PodSocketFactory(config, pod.netns_fd)
         pool = HbonePool(
@@ -125,7 +152,7 @@ class PodProxyStarter:
             conntrack=self._conntrack,
             demand=self._demand,
         )
-        return _PodHandle(proxy, pool)
+        return _PodHandle(proxy, pool, dns)
 
 
 class DataPlane:
@@ -177,11 +204,7 @@ class DataPlane:
                 " (set PROXY_MODE=dedicated with PROXY_WORKLOAD_INFO to proxy this namespace)"
             )
             return
-        if self.config.dns_capture:
-            log.warning(
-                "ISTIO_META_DNS_CAPTURE=true, but ztunnel-py has no DNS proxy:"
-                " pods keep resolving through their own resolvers"
-            )
+        dns = self._dns_starter()
         listeners: list[EnrollmentListener] = []
         # iptables REDIRECT: SO_ORIGINAL_DST on both capture ports.
         original_destination: OriginalDestination = SoOriginalDst()
@@ -215,6 +238,7 @@ class DataPlane:
             telemetry=self._telemetry,
             rng=self._rng,
             demand=self.demand,
+            dns=dns,
         )
         self.manager = WorkloadManager.from_config(
             self.config, self.hub.state, starter, self.registry, listeners=listeners
@@ -228,6 +252,27 @@ class DataPlane:
             self.readiness.block(READY_WORKLOADS, "waiting for the istio-cni node agent")
             self.zds = ZdsClient(self.config.inpod_uds, self.manager, on_ready=self._zds_ready)
             self.spawn("zds", self.zds.run())
+
+    def _dns_starter(self) -> DnsProxyStarter | None:
+        if not self.config.dns_proxy:
+            log.info(
+                "DNS proxy off (ISTIO_META_DNS_CAPTURE=false): if istio-cni still captures DNS"
+                " (ambient.dnsCapture), enrolled pods cannot resolve names"
+            )
+            return None
+        conf = read_resolv_conf(self.config.dns_resolv_conf)
+        log.info(
+            "DNS proxy on %s in every pod, forwarding to %s",
+            self.config.dns_proxy_addr,
+            ", ".join(f"{ip}:{port}" for ip, port in conf.nameservers),
+        )
+        return DnsProxyStarter(
+            self.config,
+            self.hub.state,
+            metrics=DnsMetrics(self.registry),
+            resolv_conf=conf,
+            rng=self._rng,
+        )
 
     def _demand_workload(self, info: WorkloadInfo) -> None:
         """A pod whose workload istiod has not sent (on-demand mode): ask for it by uid."""

@@ -112,7 +112,7 @@ def test_fake_ca_disables_the_ca_address() -> None:
         ({"POD_NAMESPACE": "istio-system"}, "pod_namespace", "istio-system"),
         ({"INSTANCE_IP": "10.1.2.3"}, "instance_ip", "10.1.2.3"),
         ({"SERVICE_ACCOUNT": "ztunnel"}, "service_account", "ztunnel"),
-        ({"XDS_ON_DEMAND": "true"}, "xds_on_demand", True),
+        ({"XDS_ON_DEMAND": "true", "ISTIO_META_DNS_CAPTURE": "false"}, "xds_on_demand", True),
         ({"SECRET_TTL": "12h"}, "secret_ttl_s", 43200),
         ({"SECRET_TTL": "1h30m"}, "secret_ttl_s", 5400),
         (
@@ -162,7 +162,29 @@ def test_fake_ca_disables_the_ca_address() -> None:
         ({"PROXY_CONFIG": "proxyAdminPort: 16000\nstatusPort: 16020"}, "admin_port", 16000),
         ({"PROXY_CONFIG": "proxyAdminPort: 16000\nstatusPort: 16020"}, "stats_port", 16020),
         ({"READINESS_PORT": "16021"}, "readiness_port", 16021),
-        ({"ISTIO_META_DNS_CAPTURE": "true"}, "dns_capture", True),
+        ({}, "dns_proxy", True),
+        ({"ISTIO_META_DNS_CAPTURE": "true"}, "dns_proxy", True),
+        ({"ISTIO_META_DNS_CAPTURE": "TRUE"}, "dns_proxy", True),
+        ({"ISTIO_META_DNS_CAPTURE": "false"}, "dns_proxy", False),
+        ({"ISTIO_META_DNS_CAPTURE": "no"}, "dns_proxy", False),
+        ({"PROXY_CONFIG": "proxyMetadata: {DNS_CAPTURE: false}"}, "dns_proxy", False),
+        ({}, "dns_proxy_addr", c.DnsProxyAddress("localhost", 15053)),
+        (
+            {"ISTIO_META_DNS_PROXY_ADDR": "localhost:16053"},
+            "dns_proxy_addr",
+            c.DnsProxyAddress("localhost", 16053),
+        ),
+        (
+            {"ISTIO_META_DNS_PROXY_ADDR": "10.0.0.1:53"},
+            "dns_proxy_addr",
+            c.DnsProxyAddress("10.0.0.1", 53),
+        ),
+        (
+            {"ISTIO_META_DNS_PROXY_ADDR": "[::1]:15053"},
+            "dns_proxy_addr",
+            c.DnsProxyAddress("::1", 15053),
+        ),
+        ({"DNS_RESOLV_CONF": "/tmp/r.conf"}, "dns_resolv_conf", Path("/tmp/r.conf")),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
@@ -251,8 +273,13 @@ def test_mesh_config_file_default_config(tmp_path: Path) -> None:
         (
             {"XDS_ON_DEMAND": "true", "ISTIO_META_DNS_CAPTURE": "true"},
             "XDS_ON_DEMAND",
-            "DNS proxy",
+            "DNS proxy does not currently support on-demand mode",
         ),
+        ({"XDS_ON_DEMAND": "true"}, "XDS_ON_DEMAND", "ISTIO_META_DNS_CAPTURE=false"),
+        ({"ISTIO_META_DNS_PROXY_ADDR": "15053"}, "ISTIO_META_DNS_PROXY_ADDR", "localhost:<port>"),
+        ({"ISTIO_META_DNS_PROXY_ADDR": "host:53"}, "ISTIO_META_DNS_PROXY_ADDR", "<ip>:<port>"),
+        ({"ISTIO_META_DNS_PROXY_ADDR": "::1:53"}, "ISTIO_META_DNS_PROXY_ADDR", "[<ipv6>]"),
+        ({"ISTIO_META_DNS_PROXY_ADDR": "localhost:0"}, "ISTIO_META_DNS_PROXY_ADDR", "<port>"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], name: str, expected_words: str) -> None:

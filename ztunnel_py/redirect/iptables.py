@@ -10,7 +10,10 @@ gets the rules istio-cni installs (its ``default.golden``, REDIRECT variant):
 - nat ``ISTIO_PRERT``: inbound TCP to anything but :15008 and 127.0.0.1, not marked 0x539 and
   not from the kubelet probe address, is REDIRECTed to :15006;
 - nat ``ISTIO_OUTPUT``: outbound TCP not marked 0x539 (and not via lo, not to 127.0.0.1, not on
-  a 0x111 connection) is REDIRECTed to :15001; DNS to :15053 only with DNS capture.
+  a 0x111 connection) is REDIRECTed to :15001; with DNS capture (istio-cni's default), UDP and
+  TCP to port 53 not marked 0x539 go to ztunnel's DNS proxy on :15053 first;
+- raw (DNS capture only): the DNS proxy's own upstream queries and their replies are tracked in
+  conntrack zone 1, so they never collide with the pod's redirected queries.
 
 Install is idempotent (our chains are rewritten whole; the jumps into them are added once);
 remove deletes exactly what install added. Nothing outside the given netns is touched.
@@ -42,8 +45,10 @@ _JUMPS = (
     ("mangle", "OUTPUT", CHAIN_OUTPUT),
     ("nat", "PREROUTING", CHAIN_PRERT),
     ("nat", "OUTPUT", CHAIN_OUTPUT),
+    ("raw", "PREROUTING", CHAIN_PRERT),
+    ("raw", "OUTPUT", CHAIN_OUTPUT),
 )
-_TABLES = ("mangle", "nat")
+_TABLES = ("mangle", "nat", "raw")
 
 
 class IptablesError(ZtunnelError):
@@ -62,7 +67,7 @@ class InpodRules:
     probe_ip4: str = "169.254.7.127"
     probe_ip6: str = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"
     ipv6: bool = True
-    dns_capture: bool = False
+    dns_capture: bool = True  # istio-cni's ambient.dnsCapture default
     outbound_port: int = PORT_OUTBOUND
     inbound_plaintext_port: int = PORT_INBOUND_PLAINTEXT
     hbone_port: int = PORT_HBONE
@@ -70,9 +75,7 @@ class InpodRules:
 
     @classmethod
     def from_config(cls, config: Config) -> InpodRules:
-        return cls(
-            mark=config.packet_mark, ipv6=config.ipv6_enabled, dns_capture=config.dns_capture
-        )
+        return cls(mark=config.packet_mark, ipv6=config.ipv6_enabled, dns_capture=config.dns_proxy)
 
     def chain_rules(self, family: int) -> dict[str, list[str]]:
         """The ``-A`` lines of our chains for ``family`` 4 or 6, per table (pure)."""
@@ -104,7 +107,15 @@ class InpodRules:
             f"-A {CHAIN_OUTPUT} ! -d {lo_addr} -p tcp -m mark ! --mark {mark} "
             f"-j REDIRECT --to-ports {self.outbound_port}",
         ]
-        return {"mangle": mangle, "nat": nat}
+        raw: list[str] = []
+        if self.dns_capture:
+            # ztunnel's upstream queries (marked) and their replies live in conntrack zone 1,
+            # apart from the pod's own queries that nat redirects to the DNS proxy.
+            raw = [
+                f"-A {CHAIN_OUTPUT} -p udp -m mark --mark {mark} -m udp --dport 53 -j CT --zone 1",
+                f"-A {CHAIN_PRERT} -p udp -m mark ! --mark {mark} -m udp --sport 53 -j CT --zone 1",
+            ]
+        return {"mangle": mangle, "nat": nat, "raw": raw}
 
     def families(self) -> tuple[int, ...]:
         return (4, 6) if self.ipv6 else (4,)

@@ -302,6 +302,11 @@ class ProxyState:
                 return svc
         return candidates[0] if candidates else None
 
+    def services_by_hostname(self, hostname: str) -> list[Service]:
+        """Every service with this hostname (one per namespace that defines it), oldest first."""
+        bucket = self._services_by_hostname.get(hostname)
+        return [self._services[k] for k in bucket] if bucket else []
+
     def service_by_hostname(self, hostname: str, *, prefer_namespace: str = "") -> Service | None:
         """ztunnel's hostname lookup: the client's namespace, then a canonical service."""
         bucket = self._services_by_hostname.get(hostname)

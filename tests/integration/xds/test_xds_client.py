@@ -334,7 +334,7 @@ async def test_alternate_hostname_is_verified(harness: Harness) -> None:
 
 @pytest.mark.asyncio
 async def test_on_demand_lookups(harness: Harness) -> None:
-    client = harness.start(XDS_ON_DEMAND="true")
+    client = harness.start(XDS_ON_DEMAND="true", ISTIO_META_DNS_CAPTURE="false")
     await harness.ready()  # Authorization alone makes an on-demand client ready
     state = harness.state
     assert list(state.workloads()) == []

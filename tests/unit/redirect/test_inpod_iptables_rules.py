@@ -15,6 +15,10 @@ COMMIT
 :PREROUTING ACCEPT [0:0]
 :OUTPUT ACCEPT [0:0]
 COMMIT
+*raw
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+COMMIT
 """
 
 INSTALLED_SAVE = """*mangle
@@ -26,6 +30,14 @@ INSTALLED_SAVE = """*mangle
 -A OUTPUT -j ISTIO_OUTPUT
 COMMIT
 *nat
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:ISTIO_OUTPUT - [0:0]
+:ISTIO_PRERT - [0:0]
+-A PREROUTING -j ISTIO_PRERT
+-A OUTPUT -j ISTIO_OUTPUT
+COMMIT
+*raw
 :PREROUTING ACCEPT [0:0]
 :OUTPUT ACCEPT [0:0]
 :ISTIO_OUTPUT - [0:0]
@@ -48,10 +60,19 @@ def test_v4_rules_match_istio_cni() -> None:
         "-A ISTIO_PRERT ! -d 127.0.0.1/32 -p tcp -m tcp ! --dport 15008 "
         "-m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15006",
         "-A ISTIO_OUTPUT -d 169.254.7.127/32 -p tcp -j ACCEPT",
+        # istio-cni's DNS capture (ambient.dnsCapture, on by default)
+        "-A ISTIO_OUTPUT ! -o lo -p udp -m udp --dport 53 -m mark ! --mark 0x539/0xfff "
+        "-j REDIRECT --to-ports 15053",
+        "-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m tcp --dport 53 -m mark ! --mark 0x539/0xfff "
+        "-j REDIRECT --to-ports 15053",
         "-A ISTIO_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT",
         "-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -j ACCEPT",
         "-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff "
         "-j REDIRECT --to-ports 15001",
+    ]
+    assert rules["raw"] == [
+        "-A ISTIO_OUTPUT -p udp -m mark --mark 0x539/0xfff -m udp --dport 53 -j CT --zone 1",
+        "-A ISTIO_PRERT -p udp -m mark ! --mark 0x539/0xfff -m udp --sport 53 -j CT --zone 1",
     ]
 
 
@@ -63,7 +84,7 @@ def test_v6_rules_use_v6_loopback_and_probe_address() -> None:
 
 
 def test_dns_redirect_only_with_dns_capture() -> None:
-    assert not any("15053" in r for r in InpodRules().chain_rules(4)["nat"])
+    assert not any("15053" in r for r in InpodRules(dns_capture=False).chain_rules(4)["nat"])
     nat = InpodRules(dns_capture=True).chain_rules(4)["nat"]
     dns = [r for r in nat if "--to-ports 15053" in r]
     assert len(dns) == 2
@@ -78,20 +99,20 @@ def test_packet_mark_follows_config() -> None:
 
 def test_install_adds_jumps_once() -> None:
     fresh = install_script(InpodRules(), 4, EMPTY_SAVE)
-    assert fresh.count("-A PREROUTING -j ISTIO_PRERT") == 2  # mangle and nat
-    assert fresh.count("-A OUTPUT -j ISTIO_OUTPUT") == 2
+    assert fresh.count("-A PREROUTING -j ISTIO_PRERT") == 3  # mangle, nat and raw
+    assert fresh.count("-A OUTPUT -j ISTIO_OUTPUT") == 3
     again = install_script(InpodRules(), 4, INSTALLED_SAVE)
     assert "-A PREROUTING" not in again and "-A OUTPUT" not in again
     # Our chains are redeclared (which flushes them) and refilled every time.
-    assert again.count(":ISTIO_PRERT - [0:0]") == 2
+    assert again.count(":ISTIO_PRERT - [0:0]") == 3
     assert "REDIRECT --to-ports 15001" in again
 
 
 def test_remove_deletes_jumps_then_chains_and_nothing_when_absent() -> None:
     script = remove_script(INSTALLED_SAVE)
     lines = script.splitlines()
-    assert lines.count("-D PREROUTING -j ISTIO_PRERT") == 2
-    assert lines.count("-X ISTIO_OUTPUT") == 2
+    assert lines.count("-D PREROUTING -j ISTIO_PRERT") == 3
+    assert lines.count("-X ISTIO_OUTPUT") == 3
     assert lines.index("-D OUTPUT -j ISTIO_OUTPUT") < lines.index("-X ISTIO_OUTPUT")
     assert remove_script(EMPTY_SAVE) == ""
 

@@ -36,6 +36,11 @@ def config(**extra: str) -> Config:
     return from_env({**ENV, **extra})
 
 
+def on_demand_config() -> Config:
+    # ztunnel refuses on-demand xDS while its DNS proxy is on.
+    return config(XDS_ON_DEMAND="true", ISTIO_META_DNS_CAPTURE="false")
+
+
 def packed(msg: Message) -> any_pb2.Any:
     out = any_pb2.Any()
     out.Pack(msg)
@@ -121,7 +126,7 @@ def test_wildcard_initial_requests_address_then_authorization_with_node() -> Non
 
 
 def test_on_demand_initial_address_request_subscribes_to_nothing() -> None:
-    session = DeltaSession(config(XDS_ON_DEMAND="true"))
+    session = DeltaSession(on_demand_config())
     address, authorization = session.initial_requests()
     assert list(address.resource_names_subscribe) == ["*"]
     assert list(address.resource_names_unsubscribe) == ["*"]
@@ -272,7 +277,7 @@ def test_ready_after_an_ack_of_every_wildcard_type_and_not_after_a_nack() -> Non
 
 
 def test_on_demand_mode_is_ready_after_authorization_alone() -> None:
-    session = DeltaSession(config(XDS_ON_DEMAND="true"))
+    session = DeltaSession(on_demand_config())
     session.on_response(response(AUTHORIZATION_TYPE))
     assert session.ready
 
@@ -297,7 +302,7 @@ def test_reconnect_echoes_held_versions_per_type() -> None:
 
 
 def test_subscribe_builds_a_request_and_is_satisfied_by_an_alias() -> None:
-    session = DeltaSession(config(XDS_ON_DEMAND="true"))
+    session = DeltaSession(on_demand_config())
     req = session.subscribe("/10.0.0.1")
     assert req.type_url == ADDRESS_TYPE
     assert list(req.resource_names_subscribe) == ["/10.0.0.1"]
@@ -317,7 +322,7 @@ def test_subscribe_builds_a_request_and_is_satisfied_by_an_alias() -> None:
 
 
 def test_subscribe_is_satisfied_by_name_or_by_removal() -> None:
-    session = DeltaSession(config(XDS_ON_DEMAND="true"))
+    session = DeltaSession(on_demand_config())
     session.subscribe("cluster1//v1/Pod/ns1/pod-3")
     session.subscribe("ns1/gone.example")
     session.on_response(response(ADDRESS_TYPE, wl_resource(3)))
@@ -328,7 +333,7 @@ def test_subscribe_is_satisfied_by_name_or_by_removal() -> None:
 
 def test_a_rejected_resource_still_answers_its_waiter() -> None:
     # ztunnel notifies waiters for every named resource; the caller then finds nothing.
-    session = DeltaSession(config(XDS_ON_DEMAND="true"))
+    session = DeltaSession(on_demand_config())
     session.subscribe("cluster1//v1/Pod/ns1/pod-3")
     session.on_response(response(ADDRESS_TYPE, wl_resource(3, status=9)))
     assert session.pending == frozenset()
@@ -336,7 +341,7 @@ def test_a_rejected_resource_still_answers_its_waiter() -> None:
 
 
 def test_forget_pending_keeps_the_subscription() -> None:
-    session = DeltaSession(config(XDS_ON_DEMAND="true"))
+    session = DeltaSession(on_demand_config())
     session.subscribe("/10.0.0.1")
     session.forget_pending("/10.0.0.1")
     assert session.pending == frozenset()
