@@ -51,19 +51,21 @@ class ExtraService:
     """A service beyond the testbed's own, e.g. one whose only endpoints sit on one node."""
 
     name: str
-    vip: str
+    vip: str  # "" for a headless service
     endpoints: tuple[str, ...]  # pod names
     ports: Mapping[int, int] = field(
         default_factory=lambda: {SERVICE_HTTP_PORT: HTTP_PORT, ECHO_PORT: ECHO_PORT}
     )
+    namespace: str = NAMESPACE
+    host: str = ""  # a ServiceEntry's host; default: the Kubernetes service name
 
     @property
     def hostname(self) -> str:
-        return f"{self.name}.{NAMESPACE}.svc.cluster.local"
+        return self.host or f"{self.name}.{self.namespace}.svc.cluster.local"
 
     @property
     def key(self) -> str:
-        return f"{NAMESPACE}/{self.hostname}"
+        return f"{self.namespace}/{self.hostname}"
 
 
 @dataclass
@@ -234,9 +236,9 @@ class Mesh:
             doc["services"].append(
                 {
                     "name": svc.name,
-                    "namespace": NAMESPACE,
+                    "namespace": svc.namespace,
                     "hostname": svc.hostname,
-                    "vips": [f"/{svc.vip}"],
+                    "vips": [f"/{svc.vip}"] if svc.vip else [],
                     "ports": dict(svc.ports),
                     "subjectAltNames": sorted({self.pod(p).identity for p in svc.endpoints}),
                 }
