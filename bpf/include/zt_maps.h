@@ -25,6 +25,7 @@
 #define ZT_PORT_INBOUND_PLAINTEXT 15006
 #define ZT_PORT_HBONE 15008
 #define ZT_PORT_DNS 15053
+#define ZT_PORT_DNS_SERVER 53
 
 #define ZT_AF_INET 2
 #define ZT_AF_INET6 10
@@ -38,12 +39,14 @@
 /* zt_dst.kind and zt_orig_dst.kind: why a destination is captured. */
 #define ZT_DST_WORKLOAD 1
 #define ZT_DST_SERVICE 2
+#define ZT_DST_DNS 3 /* zt_sk_orig only: a DNS socket sent to the pod's :15053 */
 
 /* zt_sk_orig.flags */
 #define ZT_ORIG_PUBLISHED 0x1 /* an entry for this socket is in zt_orig_dst */
 
 /* zt_cfg.flags */
 #define ZT_CFG_VALID 0x1 /* written by the loader; a zeroed entry means "not configured" */
+#define ZT_CFG_DNS_CAPTURE 0x2 /* enrolled pods' port-53 traffic goes to their DNS proxy */
 
 /* zt_deny.action */
 #define ZT_DENY_DROP 1

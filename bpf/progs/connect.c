@@ -8,6 +8,9 @@
  * else is left alone: non-enrolled sockets, other destinations, the pod's own addresses, and the
  * proxy's own sockets (SO_MARK). The rewrite does not depend on a listener being there: with the
  * daemon down nothing listens on :15001 and the application gets ECONNREFUSED, never plaintext.
+ *
+ * Before that, DNS capture (zt_dns_capture): a TCP or connected UDP socket to port 53 goes to
+ * the pod's DNS proxy on :15053 (dns.c does the same for unconnected UDP sends).
  */
 #include "zt_common.h"
 
@@ -22,17 +25,6 @@ static __always_inline struct zt_dst *zt_mesh_lookup(struct zt_dst_key *key)
 		return dst;
 	key->port = 0;
 	return bpf_map_lookup_elem(&zt_dst, key);
-}
-
-static __always_inline int zt_is_proxy_socket(struct bpf_sock_addr *ctx, const struct zt_cfg *cfg)
-{
-	int mark = 0;
-
-	if (!cfg->mark_mask)
-		return 0;
-	if (bpf_getsockopt(ctx, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)))
-		return 0;
-	return ((__u32)mark & cfg->mark_mask) == (cfg->mark & cfg->mark_mask);
 }
 
 /* Returns 1 when the caller must rewrite the destination to the pod's :15001. */
@@ -104,6 +96,11 @@ int zt_connect4(struct bpf_sock_addr *ctx)
 
 	zt_ip4_mapped(key.addr, ctx->user_ip4);
 	key.port = (__u16)ctx->user_port; /* network order in the low 16 bits */
+	if (zt_dns_capture(ctx, key.addr, ZT_AF_INET, zt_ip4_is_loopback(ctx->user_ip4))) {
+		ctx->user_ip4 = bpf_htonl(0x7f000001);
+		ctx->user_port = bpf_htons(ZT_PORT_DNS);
+		return 1;
+	}
 	if (zt_outbound(ctx, &key, ZT_AF_INET)) {
 		ctx->user_ip4 = bpf_htonl(0x7f000001);
 		ctx->user_port = bpf_htons(ZT_PORT_OUTBOUND);
@@ -123,6 +120,11 @@ int zt_connect6(struct bpf_sock_addr *ctx)
 
 	zt_ip6_bytes(key.addr, w0, w1, w2, w3);
 	key.port = (__u16)ctx->user_port;
+	if (zt_dns_capture(ctx, key.addr, mapped ? ZT_AF_INET : ZT_AF_INET6,
+			   zt_ip6_is_loopback(w0, w1, w2, w3))) {
+		zt_dns_proxy6(ctx, mapped);
+		return 1;
+	}
 	if (zt_outbound(ctx, &key, mapped ? ZT_AF_INET : ZT_AF_INET6)) {
 		/* An IPv6 socket dialling an IPv4-mapped address stays on IPv4: ::ffff:127.0.0.1. */
 		ctx->user_ip6[0] = 0;

@@ -3,7 +3,8 @@
  * cgroup/getpeername4, cgroup/getpeername6: the application sees the address it dialled.
  *
  * Only a socket that connect.c redirected (its storage holds the original) and whose peer is
- * still the pod's loopback :15001 is rewritten, so a stale record never lies about a peer.
+ * still the pod's loopback :15001 (or :15053 for a captured DNS socket, TCP or connected UDP)
+ * is rewritten, so a stale record never lies about a peer.
  */
 #include "zt_common.h"
 
@@ -12,12 +13,18 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 static __always_inline struct zt_sk_orig *zt_redirected(struct bpf_sock_addr *ctx)
 {
 	struct bpf_sock *sk = ctx->sk;
+	struct zt_sk_orig *orig;
 
-	if (!sk || ctx->protocol != IPPROTO_TCP)
+	if (!sk)
 		return 0;
-	if (ctx->user_port != bpf_htons(ZT_PORT_OUTBOUND))
+	if (ctx->user_port == bpf_htons(ZT_PORT_DNS)) {
+		orig = bpf_sk_storage_get(&zt_sk_orig, sk, 0, 0);
+		return orig && orig->kind == ZT_DST_DNS ? orig : 0;
+	}
+	if (ctx->protocol != IPPROTO_TCP || ctx->user_port != bpf_htons(ZT_PORT_OUTBOUND))
 		return 0;
-	return bpf_sk_storage_get(&zt_sk_orig, sk, 0, 0);
+	orig = bpf_sk_storage_get(&zt_sk_orig, sk, 0, 0);
+	return orig && orig->kind != ZT_DST_DNS ? orig : 0;
 }
 
 SEC("cgroup/getpeername4")

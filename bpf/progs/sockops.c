@@ -21,7 +21,7 @@ static __always_inline void zt_publish(struct bpf_sock_ops *skops)
 	if (!sk)
 		return;
 	orig = bpf_sk_storage_get(&zt_sk_orig, sk, 0, 0);
-	if (!orig)
+	if (!orig || orig->kind == ZT_DST_DNS) /* the DNS proxy needs no original destination */
 		return;
 	key.netns_cookie = bpf_get_netns_cookie(skops);
 	key.port = bpf_htons((__u16)skops->local_port); /* local_port is in host order */

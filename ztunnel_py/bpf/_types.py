@@ -14,6 +14,7 @@ from dataclasses import dataclass
 ZT_ABI_VERSION = 1
 ZT_AF_INET = 2
 ZT_AF_INET6 = 10
+ZT_CFG_DNS_CAPTURE = 2
 ZT_CFG_VALID = 1
 ZT_CNT_IN_ASSIGN_FAILED = 11
 ZT_CNT_IN_DROPPED_DENY = 9
@@ -30,6 +31,7 @@ ZT_CNT_OUT_PASSTHROUGH = 1
 ZT_CNT_OUT_PROXY_SKIPPED = 2
 ZT_CNT_OUT_REDIRECTED = 0
 ZT_DENY_DROP = 1
+ZT_DST_DNS = 3
 ZT_DST_SERVICE = 2
 ZT_DST_WORKLOAD = 1
 ZT_LOOPBACK_IFINDEX = 1
@@ -42,6 +44,7 @@ ZT_ORIG_PUBLISHED = 1
 ZT_POD_CAPTURE_INBOUND = 2
 ZT_POD_CAPTURE_OUTBOUND = 1
 ZT_PORT_DNS = 15053
+ZT_PORT_DNS_SERVER = 53
 ZT_PORT_HBONE = 15008
 ZT_PORT_INBOUND_PLAINTEXT = 15006
 ZT_PORT_OUTBOUND = 15001
@@ -456,6 +459,10 @@ PROG_CONNECT4 = "zt_connect4"
 PROG_CONNECT6 = "zt_connect6"
 PROG_GETPEERNAME4 = "zt_getpeername4"
 PROG_GETPEERNAME6 = "zt_getpeername6"
+PROG_RECVMSG4 = "zt_recvmsg4"
+PROG_RECVMSG6 = "zt_recvmsg6"
+PROG_SENDMSG4 = "zt_sendmsg4"
+PROG_SENDMSG6 = "zt_sendmsg6"
 PROG_SK_LOOKUP = "zt_sk_lookup"
 PROG_SOCKOPS = "zt_sockops"
 
@@ -464,11 +471,16 @@ PROG_SPECS: dict[str, ProgSpec] = {
     "zt_connect6": ProgSpec("zt_connect6", "cgroup/connect6", "connect.o"),
     "zt_getpeername4": ProgSpec("zt_getpeername4", "cgroup/getpeername4", "getpeername.o"),
     "zt_getpeername6": ProgSpec("zt_getpeername6", "cgroup/getpeername6", "getpeername.o"),
+    "zt_recvmsg4": ProgSpec("zt_recvmsg4", "cgroup/recvmsg4", "dns.o"),
+    "zt_recvmsg6": ProgSpec("zt_recvmsg6", "cgroup/recvmsg6", "dns.o"),
+    "zt_sendmsg4": ProgSpec("zt_sendmsg4", "cgroup/sendmsg4", "dns.o"),
+    "zt_sendmsg6": ProgSpec("zt_sendmsg6", "cgroup/sendmsg6", "dns.o"),
     "zt_sk_lookup": ProgSpec("zt_sk_lookup", "sk_lookup", "sk_lookup.o"),
     "zt_sockops": ProgSpec("zt_sockops", "sockops", "sockops.o"),
 }
 OBJECT_FILES = (
     "connect.o",
+    "dns.o",
     "getpeername.o",
     "sk_lookup.o",
     "sockops.o",

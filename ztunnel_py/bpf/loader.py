@@ -3,7 +3,8 @@
 Pinned layout under ``Config.bpf_pin_path`` (directories mode 0700, on bpffs):
 
     maps/zt_*                       every map, pinned by name by libbpf (shared by all objects)
-    links/cgroup/<program>          connect4/6, getpeername4/6, sock_ops on the pods' parent cgroup
+    links/cgroup/<program>          connect4/6, getpeername4/6, sock_ops, sendmsg4/6 and
+                                    recvmsg4/6 (DNS capture) on the pods' parent cgroup
     links/pods/<pod uid>/sk_lookup  one sk_lookup link per enrolled pod netns
 
 A restarted daemon finds the pins: ``zt_version`` must carry this build's ABI (else
@@ -62,6 +63,10 @@ CGROUP_PROGRAMS: dict[str, int] = {
     t.PROG_GETPEERNAME4: libbpf.BPF_CGROUP_INET4_GETPEERNAME,
     t.PROG_GETPEERNAME6: libbpf.BPF_CGROUP_INET6_GETPEERNAME,
     t.PROG_SOCKOPS: libbpf.BPF_CGROUP_SOCK_OPS,
+    t.PROG_SENDMSG4: libbpf.BPF_CGROUP_UDP4_SENDMSG,
+    t.PROG_SENDMSG6: libbpf.BPF_CGROUP_UDP6_SENDMSG,
+    t.PROG_RECVMSG4: libbpf.BPF_CGROUP_UDP4_RECVMSG,
+    t.PROG_RECVMSG6: libbpf.BPF_CGROUP_UDP6_RECVMSG,
 }
 COUNTER_NAMES: dict[int, str] = {
     value: name.removeprefix("ZT_CNT_").lower()
@@ -328,8 +333,10 @@ class BpfLoader:
         mark_mask: int = DEFAULT_MARK_MASK,
         probe_ip4: ipaddress.IPv4Address | None = PROBE_IP4,
         probe_ip6: ipaddress.IPv6Address | None = PROBE_IP6,
+        dns_capture: bool = True,
     ) -> None:
         self.pin_path = pin_path
+        self.dns_capture = dns_capture
         self.cgroup_path = cgroup_path
         self.object_dir = object_dir
         self.packet_mark = packet_mark
@@ -346,6 +353,7 @@ class BpfLoader:
             cgroup_path=cgroup_path,
             object_dir=config.bpf_object_dir or DEFAULT_OBJECT_DIR,
             packet_mark=config.packet_mark,
+            dns_capture=config.dns_proxy,
         )
 
     # ------------------------------------------------------------------ paths
@@ -473,7 +481,7 @@ class BpfLoader:
     def _write_version_and_config(self) -> None:
         zero = struct.pack("=I", 0)
         cfg = t.ZtCfg(
-            flags=t.ZT_CFG_VALID,
+            flags=t.ZT_CFG_VALID | (t.ZT_CFG_DNS_CAPTURE if self.dns_capture else 0),
             mark=self.packet_mark,
             mark_mask=self.mark_mask,
             probe_ip4=int.from_bytes(self.probe_ip4.packed, sys.byteorder) if self.probe_ip4 else 0,
