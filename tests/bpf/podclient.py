@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import sys
+from typing import Any
 
 CLONE_NEWNET = 0x40000000
 
@@ -31,6 +32,9 @@ def main() -> None:
 
     family = socket.AF_INET6 if req["family"] == 6 else socket.AF_INET
     out: dict[str, object] = {}
+    if req.get("udp"):
+        print(json.dumps(datagram(req, family)), flush=True)
+        return
     with socket.socket(family, socket.SOCK_STREAM) as s:
         if req.get("mark"):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, req["mark"])
@@ -50,6 +54,34 @@ def main() -> None:
             out["result"] = "error"
             out["error"] = f"{type(e).__name__}: {e}"
     print(json.dumps(out), flush=True)
+
+
+def datagram(req: dict[str, Any], family: int) -> dict[str, object]:
+    """One UDP request and its answer; ``connected``: connect() first, then send()."""
+    out: dict[str, object] = {}
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        if req.get("mark"):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, req["mark"])
+        s.settimeout(float(req.get("timeout", 3.0)))
+        dst = (req["host"], req["port"])
+        payload = str(req.get("send", "ping")).encode()
+        try:
+            if req.get("connected"):
+                s.connect(dst)
+                out["peer"] = list(s.getpeername()[:2])
+                s.send(payload)
+            else:
+                s.sendto(payload, dst)
+            data, source = s.recvfrom(256)
+            out["result"] = "answered"
+            out["received"] = data.decode()
+            out["source"] = list(source[:2])
+        except TimeoutError:
+            out["result"] = "timeout"
+        except OSError as e:
+            out["result"] = "error"
+            out["error"] = f"{type(e).__name__}: {e}"
+    return out
 
 
 if __name__ == "__main__":

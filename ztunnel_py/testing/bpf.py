@@ -153,9 +153,12 @@ class PodEnv:
 
     # ------------------------------------------------------------------ setup
 
-    def start_loader(self) -> BpfLoader:
+    def start_loader(self, *, dns_capture: bool = True) -> BpfLoader:
         self.loader = BpfLoader(
-            pin_path=self.pin_path, cgroup_path=self.cgroup_parent, object_dir=self.object_dir
+            pin_path=self.pin_path,
+            cgroup_path=self.cgroup_parent,
+            object_dir=self.object_dir,
+            dns_capture=dns_capture,
         )
         self.loader.start()
         self.sync = MapSync(self.state, Reconciler(self.loader.maps))
@@ -186,9 +189,24 @@ class PodEnv:
 
     # ------------------------------------------------------------------ traffic
 
-    def app(self, host: str, port: int, *, family: int = 4, mark: int = 0) -> subprocess.Popen[str]:
-        """Start the pod's application connecting to ``host:port`` (``client_script``)."""
+    def app(
+        self,
+        host: str,
+        port: int,
+        *,
+        family: int = 4,
+        mark: int = 0,
+        udp: bool = False,
+        connected: bool = False,
+        send: str = "ping",
+    ) -> subprocess.Popen[str]:
+        """Start the pod's application connecting to ``host:port`` (``client_script``); with
+        ``udp``, it sends one datagram (after ``connect()`` when ``connected``) and waits for
+        the answer."""
         request = {
+            "udp": udp,
+            "connected": connected,
+            "send": send,
             "cgroup": str(self.cgroup_parent / "pod"),
             "netns": str(NETNS_DIR / self.pod.name),
             "family": family,

@@ -25,6 +25,7 @@ from tests.netns.e2e.support import MODES, Scrape, log_mark, log_records, mesh_t
 from tools.testbed import cgroup2_mount
 from tools.testbed.mesh import ExtraService, Mesh, MeshOptions
 from tools.testbed.resolver import RESOLVER_IP, UpstreamResolver, write_resolv_conf
+from ztunnel_py.redirect import iptables
 from ztunnel_py.testing.privileged import require
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -233,3 +234,22 @@ def test_metrics_and_access_log(dns_mesh: DnsMesh) -> None:
     assert by_domain["app-0."]["src.namespace"] == "default"
     assert by_domain["app-0."]["query"] == "A" and by_domain["app-0."]["endpoints"] == 1
     assert by_domain["www.example.test."]["result"] == "forwarded"
+
+
+def test_istio_cni_dns_rules_and_bpf_capture_together(dns_mesh: DnsMesh) -> None:
+    """istio-cni installs its DNS rules whatever the redirect mode: with them in the pod too,
+    every query still reaches the proxy exactly once (eBPF mode: kernel capture first)."""
+    pod = "pod-0-1"
+    netns = dns_mesh.mesh.pod(pod).netns_path
+    ebpf = dns_mesh.mesh.options.redirect == "ebpf"
+    iptables.install(netns)  # already there in iptables mode: install is idempotent
+    try:
+        assert iptables.is_installed(netns)
+        for tcp in (False, True):
+            assert dns_mesh.addresses("shared.other.", pod=pod, tcp=tcp) == ["10.96.0.121"]
+            assert dns_mesh.addresses("www.example.test.", pod=pod, tcp=tcp) == ["192.0.2.200"]
+            via_upstream = dns_mesh.ask("app-0.", pod=pod, server=RESOLVER_IP, tcp=tcp)
+            assert via_upstream["aa"] and via_upstream["answers"][0][2] == "10.96.0.10"
+    finally:
+        if ebpf:
+            iptables.remove(netns)
