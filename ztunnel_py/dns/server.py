@@ -110,6 +110,10 @@ class DnsServer:
         self._transports.clear()
         self._servers.clear()
 
+    @property
+    def tcp_clients(self) -> int:
+        return len(self._tcp_writers)
+
     # ------------------------------------------------------------------ one query
 
     def allowed(self, peer_ip: str) -> bool:
