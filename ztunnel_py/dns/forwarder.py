@@ -1,11 +1,12 @@
 """Forwarding to the upstream resolvers of the node's resolv.conf, as a stub resolver does.
 
-Each query goes out with a fresh random id from a fresh socket (a random source port), made by
-the caller's ``SocketMaker``: inside the pod's netns and marked 0x539, so neither iptables nor
-the BPF programs ever capture it again. Each server gets the query over UDP; a truncated (TC)
-answer is asked again over TCP from the same server; no answer within ``timeout`` (or a
-SERVFAIL/REFUSED) moves on to the next server, for ``attempts`` rounds. Answers must match the
-query (id, question) to count, so stray or spoofed datagrams are ignored.
+Each query goes out as the client sent it, but with a fresh random id, from a fresh socket (a
+random source port) made by the caller's ``SocketMaker``: inside the pod's netns and marked
+0x539, so neither iptables nor the BPF programs ever capture it again. Each server gets the
+query over UDP; a truncated (TC) answer is asked again over TCP from the same server; no
+answer within ``timeout`` (or a SERVFAIL/REFUSED) moves on to the next server, for
+``attempts`` rounds. Answers must match the query (id, question) to count, so stray or
+spoofed datagrams are ignored.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import random
 import socket
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import dns.exception
 import dns.flags
@@ -49,16 +51,19 @@ class UpstreamForwarder:
         self._make_socket = make_socket
         self._rng = rng or random.SystemRandom()
 
-    async def forward(self, query: dns.message.Message) -> dns.message.Message:
-        upstream = _copy_with_id(query, self._rng.randrange(1 << 16))
-        wire = upstream.to_wire()
+    async def forward(self, query: dns.message.Message, wire: bytes) -> Answer:
+        """Ask the upstream servers ``query`` (the client's ``wire``, sent as it came but for
+        a fresh id); the first usable answer, or ``ForwardError``."""
+        ident = self._rng.randrange(1 << 16)
+        upstream = _Expected(ident, query)
+        wire = struct.pack("!H", ident) + wire[2:]
         problem = "no upstream resolver"
         for _ in range(self.conf.attempts):
             for server in self.conf.nameservers:
                 try:
                     async with asyncio.timeout(self.conf.timeout_s):
                         response = await self._udp(server, wire, upstream)
-                        if response.flags & dns.flags.TC:
+                        if response.message.flags & dns.flags.TC:
                             response = await self._tcp(server, wire, upstream)
                 except TimeoutError:
                     problem = f"{_where(server)}: no answer within {self.conf.timeout_s:g}s"
@@ -66,15 +71,14 @@ class UpstreamForwarder:
                 except (OSError, ValueError, dns.exception.DNSException, EOFError) as e:
                     problem = f"{_where(server)}: {e}"
                     continue
-                if response.rcode() in _TRY_NEXT:
-                    problem = f"{_where(server)}: {dns.rcode.to_text(response.rcode())}"
+                rcode = response.message.rcode()
+                if rcode in _TRY_NEXT:
+                    problem = f"{_where(server)}: {dns.rcode.to_text(rcode)}"
                     continue
                 return response
         raise ForwardError(problem)
 
-    async def _udp(
-        self, server: tuple[IPAddress, int], wire: bytes, query: dns.message.Message
-    ) -> dns.message.Message:
+    async def _udp(self, server: tuple[IPAddress, int], wire: bytes, query: _Expected) -> Answer:
         loop = asyncio.get_running_loop()
         sock = self._socket(server, socket.SOCK_DGRAM)
         try:
@@ -83,41 +87,64 @@ class UpstreamForwarder:
             while True:
                 data = await loop.sock_recv(sock, _MAX_UDP_RESPONSE)
                 with contextlib.suppress(dns.exception.DNSException, ValueError):
-                    response = dns.message.from_wire(data, ignore_trailing=True)
-                    if query.is_response(response):
-                        return response
+                    response = _header_and_question(data)
+                    if query.answered_by(response):
+                        return Answer(response, data)
                 log.debug("ignoring a datagram from %s that answers nothing we asked", server[0])
         finally:
             sock.close()
 
-    async def _tcp(
-        self, server: tuple[IPAddress, int], wire: bytes, query: dns.message.Message
-    ) -> dns.message.Message:
+    async def _tcp(self, server: tuple[IPAddress, int], wire: bytes, query: _Expected) -> Answer:
         loop = asyncio.get_running_loop()
         sock = self._socket(server, socket.SOCK_STREAM)
         try:
             await loop.sock_connect(sock, (str(server[0]), server[1]))
             await loop.sock_sendall(sock, struct.pack("!H", len(wire)) + wire)
             (length,) = struct.unpack("!H", await _recv_exactly(loop, sock, 2))
-            response = dns.message.from_wire(await _recv_exactly(loop, sock, length))
+            data = await _recv_exactly(loop, sock, length)
         finally:
             sock.close()
-        if not query.is_response(response):
+        response = _header_and_question(data)
+        if not query.answered_by(response):
             raise ValueError("the TCP answer does not match the query")
-        return response
+        return Answer(response, data)
 
     def _socket(self, server: tuple[IPAddress, int], kind: int) -> socket.socket:
         family = socket.AF_INET6 if server[0].version == 6 else socket.AF_INET
         return self._make_socket(family, kind)
 
 
-def _copy_with_id(query: dns.message.Message, new_id: int) -> dns.message.Message:
-    out = dns.message.Message(id=new_id)
-    out.flags = query.flags & ~(dns.flags.QR | dns.flags.AA | dns.flags.TC | dns.flags.RA)
-    out.question = list(query.question)
-    if query.edns >= 0:
-        out.use_edns(query.edns, query.ednsflags, query.payload, options=list(query.options))
-    return out
+def _header_and_question(wire: bytes) -> dns.message.Message:
+    """Enough of an answer to match it to our query and read its rcode and flags; the records
+    are relayed as they came and parsed only when needed (``Answer.parsed``)."""
+    return dns.message.from_wire(wire, question_only=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An upstream answer: its header and question parsed (``message``), its bytes as they
+    came (relayed without rendering again)."""
+
+    message: dns.message.Message
+    wire: bytes
+
+    def parsed(self) -> dns.message.Message:
+        return dns.message.from_wire(self.wire)
+
+
+@dataclass(frozen=True, slots=True)
+class _Expected:
+    ident: int
+    query: dns.message.Message
+
+    def answered_by(self, response: dns.message.Message) -> bool:
+        """Our id, a response, the same question: anything else is stray or spoofed."""
+        return (
+            response.id == self.ident
+            and bool(response.flags & dns.flags.QR)
+            and response.opcode() == self.query.opcode()
+            and response.question == self.query.question
+        )
 
 
 async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:

@@ -42,6 +42,7 @@ class Query:
     message: dns.message.Message
     qname: dns.name.Name
     rdtype: int
+    wire: bytes  # as the client sent it
 
     @property
     def labels(self) -> Labels:
@@ -89,7 +90,7 @@ def parse_query(wire: bytes) -> Query | Refusal:
             f"{len(message.question)} questions in one query",
         )
     question = message.question[0]
-    return Query(message, question.name, int(question.rdtype))
+    return Query(message, question.name, int(question.rdtype), wire)
 
 
 def _header_error(wire: bytes, rcode: dns.rcode.Rcode) -> bytes | None:
@@ -177,6 +178,13 @@ def render(response: dns.message.Message, query: Query, protocol: str) -> bytes:
         truncated.set_rcode(response.rcode())
         truncated.flags |= dns.flags.TC | (response.flags & dns.flags.AA)
         return truncated.to_wire(max_size=limit)
+
+
+def readdressed(upstream_wire: bytes, query: Query) -> bytes:
+    """The upstream's answer as it came, under the client's id and without AA: like ztunnel,
+    the proxy never passes a forwarded answer off as authoritative."""
+    (flags,) = struct.unpack_from("!H", upstream_wire, 2)
+    return query.wire[:2] + struct.pack("!H", flags & ~dns.flags.AA) + upstream_wire[4:]
 
 
 def answer_count(message: dns.message.Message) -> int:

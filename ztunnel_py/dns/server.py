@@ -34,11 +34,12 @@ from ztunnel_py.dns.messages import (
     error_response,
     mesh_response,
     parse_query,
+    readdressed,
     relay_response,
     render,
 )
 from ztunnel_py.dns.resolver import MeshResolver
-from ztunnel_py.dns.telemetry import DnsMetrics, dns_labels, log_dns_request
+from ztunnel_py.dns.telemetry import DnsMetrics, dns_labels, dns_log_enabled, log_dns_request
 from ztunnel_py.state.model import Workload
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,16 @@ log = logging.getLogger(__name__)
 MAX_INFLIGHT = 100
 MAX_TCP_CONNECTIONS = 32
 TCP_IDLE_TIMEOUT_S = 5.0  # ztunnel's DEFAULT_TCP_REQUEST_TIMEOUT
+ANSWER_CACHE_SIZE = 256  # rendered single-address mesh answers per pod, until the state changes
+
+
+@dataclass(frozen=True, slots=True)
+class _CachedAnswer:
+    reply: bytes
+    query_type: str
+    domain: str
+    result: str
+    endpoints: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +90,8 @@ class DnsServer:
         self._transports: list[asyncio.DatagramTransport] = []
         self._servers: list[asyncio.Server] = []
         self._tcp_writers: set[asyncio.StreamWriter] = set()
+        self._answers: dict[tuple[bytes, str], _CachedAnswer] = {}
+        self._answers_generation = -1
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -131,6 +144,9 @@ class DnsServer:
 
     def answer_locally(self, wire: bytes, protocol: str) -> bytes | _Forward | None:
         """Reply bytes, ``None`` (drop), or a query that must go upstream."""
+        cached = self._cached(wire, protocol)
+        if cached is not None:
+            return cached
         parsed = parse_query(wire)
         if isinstance(parsed, Refusal):
             log.debug("dns: %s", parsed.reason)
@@ -143,15 +159,46 @@ class DnsServer:
         answer = self.resolver.resolve(client, parsed.labels, parsed.rdtype)
         if answer is None:
             return _Forward(parsed, client)
-        self._count_request(parsed, protocol, client)
+        entry = _CachedAnswer(
+            render(mesh_response(parsed, answer), parsed, protocol),
+            parsed.type_text,
+            parsed.domain_text,
+            answer.result,
+            answer.addresses,
+        )
+        if answer.addresses <= 1 and len(self._answers) < ANSWER_CACHE_SIZE:
+            # Several addresses are shuffled per query (as ztunnel does): never cached.
+            self._answers[(wire[2:], protocol)] = entry
+        return self._answered(entry, protocol, client)
+
+    def _cached(self, wire: bytes, protocol: str) -> bytes | None:
+        """A mesh answer rendered before for the very same query bytes (but the id), while
+        the mesh state is unchanged: dnspython's parse and render are most of a query's cost."""
+        generation = self.resolver.state.generation
+        if generation != self._answers_generation:
+            self._answers.clear()
+            self._answers_generation = generation
+            return None
+        entry = self._answers.get((wire[2:], protocol))
+        if entry is None:
+            return None
+        client = self._client()
+        if client is None:
+            return None
+        return wire[:2] + self._answered(entry, protocol, client)[2:]
+
+    def _answered(self, entry: _CachedAnswer, protocol: str, client: Workload) -> bytes:
+        if self.metrics is not None:
+            labels = dns_labels(entry.query_type, protocol, client)
+            self.metrics.requests.labels(*labels).inc()
         log_dns_request(
             source=client,
-            query_type=parsed.type_text,
-            domain=parsed.domain_text,
-            result=answer.result,
-            endpoints=answer.addresses,
+            query_type=entry.query_type,
+            domain=entry.domain,
+            result=entry.result,
+            endpoints=entry.endpoints,
         )
-        return render(mesh_response(parsed, answer), parsed, protocol)
+        return entry.reply
 
     def reserve(self) -> bool:
         """Take one of the ``max_inflight`` forwarding slots (``forward`` gives it back)."""
@@ -170,7 +217,7 @@ class DnsServer:
         loop = asyncio.get_running_loop()
         start = loop.time()
         try:
-            upstream = await self.forwarder.forward(query.message)
+            upstream = await self.forwarder.forward(query.message, query.wire)
         except ForwardError as e:
             if self.metrics is not None:
                 self.metrics.upstream_failures.labels(*labels).inc()
@@ -188,9 +235,11 @@ class DnsServer:
                 query_type=query.type_text,
                 domain=query.domain_text,
                 result="forwarded",
-                endpoints=answer_count(upstream),
+                endpoints=answer_count(upstream.parsed()) if dns_log_enabled() else 0,
             )
-            response = relay_response(query, upstream)
+            if protocol == Protocol.TCP or len(upstream.wire) <= query.udp_payload():
+                return readdressed(upstream.wire, query)
+            response = relay_response(query, upstream.parsed())  # too big for UDP: TC
         finally:
             self.inflight -= 1
             if self.metrics is not None:

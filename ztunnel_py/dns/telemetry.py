@@ -72,6 +72,10 @@ def dns_labels(query_type: str | None, protocol: str, source: Workload | None) -
     )
 
 
+def dns_log_enabled(logger: logging.Logger = _LOGGER) -> bool:
+    return logger.isEnabledFor(logging.DEBUG)
+
+
 def log_dns_request(
     *,
     source: Workload | None,

@@ -230,3 +230,22 @@ def test_only_the_client_may_ask() -> None:
     assert server.allowed("10.244.0.10")  # the pod's own address (iptables REDIRECT keeps it)
     assert not server.allowed("10.244.0.11")  # anybody else: never an open resolver
     assert not server.allowed("not-an-ip")
+
+
+@pytest.mark.asyncio
+async def test_repeated_mesh_answers_follow_state_changes(make_harness) -> None:
+    h = await make_harness()
+    first = await h.udp_query("web.ns1.")
+    again = await h.udp_query("web.ns1.")
+    assert first is not None and again is not None and first.id != again.id
+    assert again.answer == first.answer
+    # The VIP moves: the next answer says so (answers are reused only while nothing changed).
+    moved = Service(
+        name="web",
+        namespace="ns1",
+        hostname="web.ns1.svc.cluster.local",
+        vips=(NetworkAddress("", ipaddress.ip_address("10.96.0.8")),),
+    )
+    h.server.resolver.state.apply(UpdateBatch(services=(moved,)))
+    after = await h.udp_query("web.ns1.")
+    assert after is not None and [r.address for r in after.answer[0]] == ["10.96.0.8"]

@@ -18,6 +18,7 @@ from ztunnel_py.dns.messages import (
     error_response,
     mesh_response,
     parse_query,
+    readdressed,
     relay_response,
     render,
 )
@@ -185,3 +186,11 @@ def test_resolv_conf_defaults() -> None:
 def test_query_type_text_for_unknown_types() -> None:
     q = parsed(query("a.", dns.rdatatype.to_text(dns.rdatatype.RdataType.make(65280))))
     assert q.type_text == "TYPE65280"
+
+
+def test_readdressed_answer_has_the_clients_id_and_no_aa() -> None:
+    q = parsed(query("www.example.test.", id=9))
+    upstream = dns.message.make_response(dns.message.make_query("www.example.test.", "A", id=4))
+    upstream.flags |= dns.flags.AA
+    reply = dns.message.from_wire(readdressed(upstream.to_wire(), q))
+    assert reply.id == 9 and not reply.flags & dns.flags.AA and reply.flags & dns.flags.QR
