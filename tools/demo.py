@@ -4,7 +4,9 @@ Two nodes and four pods as network namespaces, one ztunnel-py per node with the 
 plane, a fake istio-cni agent per node handing the pods over (the real agent needs Kubernetes).
 A pod on node-0 calls a service whose endpoints are all on node-1: the kernel (eBPF by default)
 sends the connection to the pod's ztunnel-py, which carries it over mTLS (HBONE) to node-1's.
-Then a policy allows only one caller, and the other is refused.
+The pod first resolves the service's name through its DNS proxy (:15053 in the pod, reached
+by the same redirection); other names go on to an upstream resolver (dnsmasq, playing the
+cluster's DNS). Then a policy allows only one caller, and the other is refused.
 
     python -m tools.demo                    # eBPF redirection (the default)
     python -m tools.demo --redirect iptables
@@ -14,6 +16,7 @@ Then a policy allows only one caller, and the other is refused.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import signal
 import sys
@@ -26,6 +29,7 @@ import yaml
 
 from tools.testbed.mesh import Mesh, MeshOptions
 from tools.testbed.plan import local_config
+from tools.testbed.resolver import RESOLVER_IP, UpstreamResolver, write_resolv_conf
 from ztunnel_py.testing.daemon import Daemon, http
 
 SERVICE = "reviews"
@@ -33,6 +37,8 @@ SERVICE_VIP = "10.96.0.50"
 SERVER_PODS = ("pod-1-0", "pod-1-1")  # both on node-1
 ALLOWED, REFUSED = "pod-0-0", "pod-0-1"  # both on node-0, service accounts app-0 and app-1
 POLICY = "default/reviews-callers"
+KUBE_DNS = "10.96.0.53"  # where a pod's resolv.conf points; the capture takes it to :15053
+DNS_CLIENT = Path(__file__).parent / "testbed" / "dnsclient.py"
 
 
 def say(text: str = "") -> None:
@@ -99,13 +105,27 @@ def call(mesh: Mesh, pod: str) -> dict[str, Any]:
     return mesh.client(pod, "http", SERVICE_VIP, 80)
 
 
+def resolve(mesh: Mesh, pod: str, name: str) -> str:
+    proc = mesh.bed.run(pod, [sys.executable, str(DNS_CLIENT), "query", KUBE_DNS, name, "A"])
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    reply = json.loads(lines[-1]) if lines else {"error": proc.stderr.strip()}
+    if "rcode" not in reply:
+        return f"no answer ({reply.get('error')})"
+    answers = ", ".join(a[2] for a in reply["answers"]) or "-"
+    source = "ztunnel-py, from the mesh" if reply["aa"] else "forwarded upstream"
+    return f"{reply['rcode']} {answers}  ({source})"
+
+
 def run(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="ztunnel-py-demo-"))
-    options = MeshOptions(tag="demo", redirect=args.redirect)
+    resolv = write_resolv_conf(work / "resolv.conf", [RESOLVER_IP])
+    options = MeshOptions(tag="demo", redirect=args.redirect, env={"DNS_RESOLV_CONF": str(resolv)})
     say(f"== building a 2-node mesh ({args.redirect} redirection), work dir {work}")
     mesh = Mesh(options, work)
+    resolver = UpstreamResolver(mesh.plan, work / "resolver", {"www.example.test": ["192.0.2.80"]})
     mesh.up()
     try:
+        resolver.up()
         apply(mesh, mesh_config(mesh, with_policy=False))
         node0, node1 = mesh.daemons["node-0"], mesh.daemons["node-1"]
         for node in mesh.plan.nodes:
@@ -118,6 +138,10 @@ def run(args: argparse.Namespace) -> int:
             f"   service {SERVICE}.default.svc.cluster.local  VIP {SERVICE_VIP}:80"
             f" -> {', '.join(SERVER_PODS)}"
         )
+
+        say(f"\n== {ALLOWED} (node-0) asks DNS ({KUBE_DNS}:53, captured to its :15053)")
+        for name in (f"{SERVICE}.default.svc.cluster.local", SERVICE, "www.example.test"):
+            say(f"   {name:38} -> {resolve(mesh, ALLOWED, name + '.')}")
 
         say(f"\n== {ALLOWED} (node-0) calls http://{SERVICE_VIP}/ three times")
         marks = (len(node0.log()), len(node1.log()))
@@ -197,6 +221,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         say("\n== tearing down")
+        resolver.down()
         mesh.down()
 
 
