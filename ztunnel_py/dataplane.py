@@ -22,13 +22,15 @@ from prometheus_client import CollectorRegistry
 
 from ztunnel_py.bpf.errors import BpfError  # plain exceptions: no libbpf behind them
 from ztunnel_py.config import Config, ProxyMode, RedirectMode, WorkloadInfo
-from ztunnel_py.dns.proxy import DnsProxyStarter, read_resolv_conf
+from ztunnel_py.dns.ondemand import OnDemandDnsMetrics, OnDemandResolver
+from ztunnel_py.dns.proxy import DnsProxyStarter, pod_forwarder, read_resolv_conf
+from ztunnel_py.dns.resolvconf import ResolvConf
 from ztunnel_py.dns.server import DnsServer
 from ztunnel_py.dns.telemetry import DnsMetrics
 from ztunnel_py.errors import UnsupportedFeature, ZtunnelError
 from ztunnel_py.proxy.certificates import CertificateSource
 from ztunnel_py.proxy.conntrack import ConnectionTracker
-from ztunnel_py.proxy.inputs import Demand, PodInputs, ProxyInputs
+from ztunnel_py.proxy.inputs import Demand, HostnameResolver, PodInputs, ProxyInputs
 from ztunnel_py.proxy.pod import PodProxy, pod_pool, start_pod_proxy
 from ztunnel_py.proxy.pool import HbonePool
 from ztunnel_py.proxy.sockets import OriginalDestination
@@ -69,9 +71,16 @@ class PodProxyStarter:
     """The workload manager's ``PodProxyFactory``: one proxy (and HBONE pool) per pod, and
     the pod's DNS proxy when it is on."""
 
-    def __init__(self, inputs: ProxyInputs, *, dns: DnsProxyStarter | None = None) -> None:
+    def __init__(
+        self,
+        inputs: ProxyInputs,
+        *,
+        dns: DnsProxyStarter | None = None,
+        hostnames: Callable[[int], HostnameResolver] | None = None,
+    ) -> None:
         self._inputs = inputs
         self._dns = dns
+        self._hostnames = hostnames  # on-demand DNS, per pod netns
 
     async def start(self, pod: EnrolledPod, listeners: PodListeners) -> _PodHandle:
         if pod.workload is None:
@@ -102,6 +111,7 @@ class PodProxyStarter:
             sockets=sockets,
             pool=pool,
             authorizer=inputs.authorizer_for(workload),
+            hostnames=self._hostnames(pod.netns_fd) if self._hostnames else None,
         )
         proxy = await start_pod_proxy(inputs, pod_inputs, listeners.sockets())
         return _PodHandle(proxy, pool, dns)
@@ -156,7 +166,8 @@ class DataPlane:
                 " (set PROXY_MODE=dedicated with PROXY_WORKLOAD_INFO to proxy this namespace)"
             )
             return
-        dns = self._dns_starter()
+        resolv_conf = read_resolv_conf(self.config.dns_resolv_conf)
+        dns = self._dns_starter(resolv_conf)
         listeners: list[EnrollmentListener] = []
         # iptables REDIRECT: SO_ORIGINAL_DST on both capture ports.
         original_destination: OriginalDestination = SoOriginalDst()
@@ -191,7 +202,7 @@ class DataPlane:
             rng=self._rng,
             demand=self.demand,
         )
-        starter = PodProxyStarter(inputs, dns=dns)
+        starter = PodProxyStarter(inputs, dns=dns, hostnames=self._on_demand_dns(resolv_conf))
         self.manager = WorkloadManager.from_config(
             self.config, self.hub.state, starter, self.registry, listeners=listeners
         )
@@ -205,14 +216,28 @@ class DataPlane:
             self.zds = ZdsClient(self.config.inpod_uds, self.manager, on_ready=self._zds_ready)
             self.spawn("zds", self.zds.run())
 
-    def _dns_starter(self) -> DnsProxyStarter | None:
+    def _on_demand_dns(self, conf: ResolvConf) -> Callable[[int], HostnameResolver]:
+        """ztunnel's on-demand DNS for hostname-only workloads, asked from each pod."""
+        metrics = OnDemandDnsMetrics(self.registry)
+        config, rng = self.config, self._rng
+
+        def for_pod(netns_fd: int) -> HostnameResolver:
+            return OnDemandResolver(
+                pod_forwarder(config, conf, netns_fd),
+                metrics=metrics,
+                ipv6_enabled=config.ipv6_enabled,
+                rng=rng,
+            )
+
+        return for_pod
+
+    def _dns_starter(self, conf: ResolvConf) -> DnsProxyStarter | None:
         if not self.config.dns_proxy:
             log.info(
                 "DNS proxy off (ISTIO_META_DNS_CAPTURE=false): if istio-cni still captures DNS"
                 " (ambient.dnsCapture), enrolled pods cannot resolve names"
             )
             return None
-        conf = read_resolv_conf(self.config.dns_resolv_conf)
         log.info(
             "DNS proxy on %s in every pod, forwarding to %s",
             self.config.dns_proxy_addr,

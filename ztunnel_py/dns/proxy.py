@@ -103,6 +103,23 @@ def _bound(
     return sock
 
 
+def pod_forwarder(config: Config, conf: ResolvConf, netns_fd: int | None) -> UpstreamForwarder:
+    """Forwarding to ``conf``'s servers from sockets made in the pod's netns, marked."""
+    mark = config.packet_mark
+
+    def upstream_socket(family: int, kind: int) -> socket.socket:
+        sock = socket_in_netns(netns_fd, family, kind)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    return UpstreamForwarder(conf, upstream_socket)
+
+
 class DnsProxyStarter:
     """Starts the DNS proxy of each pod (or of the dedicated workload) from ``Config``."""
 
@@ -140,22 +157,10 @@ class DnsProxyStarter:
             mark=config.packet_mark,
             reuse_port=config.inpod_port_reuse,
         )
-        mark = config.packet_mark
-
-        def upstream_socket(family: int, kind: int) -> socket.socket:
-            sock = socket_in_netns(netns_fd, family, kind)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-                sock.setblocking(False)
-            except BaseException:
-                sock.close()
-                raise
-            return sock
-
         server = DnsServer(
             resolver=self.resolver,
             client=client,
-            forwarder=UpstreamForwarder(self.resolv_conf, upstream_socket),
+            forwarder=pod_forwarder(config, self.resolv_conf, netns_fd),
             metrics=self.metrics,
         )
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ztunnel_py.config import Config
 from ztunnel_py.proxy.authorization import Authorizer, PermitAll, PolicyAuthorizer
@@ -18,13 +18,22 @@ from ztunnel_py.proxy.certificates import CertificateSource
 from ztunnel_py.proxy.conntrack import ConnectionTracker
 from ztunnel_py.proxy.pool import HbonePool
 from ztunnel_py.proxy.sockets import OriginalDestination, SocketFactory
-from ztunnel_py.state.model import Workload
+from ztunnel_py.state.model import IPAddress, Workload
 from ztunnel_py.state.store import ProxyState
 from ztunnel_py.telemetry.connections import NoTelemetry, TelemetrySink
 
 # ``XDS_ON_DEMAND``: ask istiod for one resource (``network/ip`` or a workload uid) and wait
 # until it answered (or gave up); the state store then holds it if it exists.
 Demand = Callable[[str], Coroutine[Any, Any, None]]
+
+
+class HostnameResolver(Protocol):
+    """On-demand DNS for hostname-only workloads (ServiceEntry ``resolution: DNS``)."""
+
+    async def resolve(self, hostname: str, *, prefer_version: int, source: Workload) -> IPAddress:
+        """One address of ``hostname``, of IP version ``prefer_version`` when it has one.
+        Raises ``LookupError`` (with the reason) when it has none."""
+        ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,3 +73,4 @@ class PodInputs:
     sockets: SocketFactory
     pool: HbonePool
     authorizer: Authorizer = field(default_factory=PermitAll)
+    hostnames: HostnameResolver | None = None  # on-demand DNS, looked up from the pod

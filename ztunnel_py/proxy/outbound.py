@@ -115,6 +115,7 @@ class OutboundServer(ProxyServer):
         self.rng = inputs.rng
         self.connect_timeout_s = connect_timeout_s
         self.baggage = workload_baggage(pod.workload)
+        self.hostnames = pod.hostnames
 
     async def _handle(self, down: AcceptedSide) -> None:
         transport = down.transport
@@ -145,10 +146,42 @@ class OutboundServer(ProxyServer):
                 direction=Direction.OUTBOUND, src=src, dst=dst, error=str(e)
             )
             return
+        if route.resolve_hostname:
+            resolved = await self._resolve(route, src, dst, workload)
+            if resolved is None:
+                down.reset()
+                return
+            route = resolved
         if route.kind is RouteKind.HBONE:
             await self._proxy_hbone(down, src, dst, route)
         else:
             await self._proxy_tcp(down, src, dst, route)
+
+    async def _resolve(
+        self, route: Route, src: SocketAddr, dst: SocketAddr, workload: Workload
+    ) -> Route | None:
+        """ztunnel's on-demand DNS: a hostname-only workload's address, looked up now."""
+        error = "no resolver for hostname workloads"
+        if self.hostnames is not None:
+            try:
+                ip = await self.hostnames.resolve(
+                    route.resolve_hostname, prefer_version=dst[0].version, source=workload
+                )
+            except LookupError as e:
+                error = str(e)
+            else:
+                return route.resolved(ip)
+        log.warning(
+            "outbound connection to %s:%s refused: dns lookup of %s failed: %s",
+            dst[0],
+            dst[1],
+            route.resolve_hostname,
+            error,
+        )
+        self.telemetry.connection_rejected(
+            direction=Direction.OUTBOUND, src=src, dst=dst, error=f"dns lookup failed: {error}"
+        )
+        return None
 
     def _record(self, src: SocketAddr, dst: SocketAddr, route: Route) -> ConnectionRecord:
         dest = route.destination_workload

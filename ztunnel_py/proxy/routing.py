@@ -16,6 +16,8 @@ The steps (reference 4.3):
 4. A workload-addressed destination with a waypoint goes to that waypoint, unless the source
    is that waypoint.
 5. HBONE workloads get HBONE to ``<ip>:15008``; others plain TCP; unknown IPs pass through.
+   A workload with only a hostname (ServiceEntry ``resolution: DNS``) gets a route marked
+   ``resolve_hostname``: the adapter looks the name up on demand (ztunnel's on-demand DNS).
 
 Endpoints on another network need double HBONE through an east-west gateway, which is not
 implemented: such routes raise ``CrossNetworkUnsupported``.
@@ -23,10 +25,13 @@ implemented: such routes raise ``CrossNetworkUnsupported``.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import ipaddress
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import overload
 
 from ztunnel_py.config import PORT_HBONE
 from ztunnel_py.errors import ZtunnelError
@@ -73,6 +78,22 @@ class Route:
     #: The service the client addressed, if any (``forwarded: ...;host=``, telemetry).
     destination_service: Service | None = None
     via_waypoint: bool = False
+    #: A hostname-only workload (a ServiceEntry with ``resolution: DNS``): its address is
+    #: looked up on demand, then ``resolved`` gives the route to use.
+    resolve_hostname: str = ""
+    #: The port behind the next hop (the ``:authority`` port once the hostname is resolved).
+    target_port: int = 0
+
+    def resolved(self, ip: IPAddress) -> Route:
+        """The route once ``resolve_hostname`` has been looked up and ``ip`` chosen."""
+        return dataclasses.replace(
+            self,
+            next_hop=(ip, self.next_hop[1]),
+            authority=(
+                format_authority(ip, self.target_port) if self.kind is RouteKind.HBONE else None
+            ),
+            resolve_hostname="",
+        )
 
 
 class RoutingError(ZtunnelError):
@@ -164,7 +185,11 @@ def route_outbound(
         via = _resolve_waypoint(state, workload.waypoint, source, target, rng)
         return _waypoint_route(via, source, target, None, hbone_port)
 
-    ip = _pick_ip(workload, target_ip)
+    ip = _pick_ip(workload, target_ip, resolvable=True)
+    # A hostname-only workload: the adapter resolves it on demand (``Route.resolved``).
+    hostname = ""
+    if ip is None:
+        hostname, ip = workload.hostname, _UNRESOLVED
     if workload.protocol is InboundProtocol.HBONE:
         return Route(
             kind=RouteKind.HBONE,
@@ -173,12 +198,16 @@ def route_outbound(
             identities=_identities(workload, upstream.service),
             destination_workload=workload,
             destination_service=upstream.service,
+            resolve_hostname=hostname,
+            target_port=upstream.port,
         )
     return Route(
         kind=RouteKind.TCP,
         next_hop=(ip, upstream.port),
         destination_workload=workload,
         destination_service=upstream.service,
+        resolve_hostname=hostname,
+        target_port=upstream.port,
     )
 
 
@@ -317,8 +346,8 @@ def _load_balance(
             continue
         if workload.status is not HealthStatus.HEALTHY and not allow_unhealthy:
             continue
-        if not workload.workload_ips:
-            continue  # reachable only through a network gateway (not supported) or DNS
+        if not workload.workload_ips and not workload.hostname:
+            continue  # reachable only through a network gateway (not supported)
         if waypoint:
             if target_port is None and workload.application_tunnel is None:
                 continue
@@ -396,10 +425,22 @@ def _weighted_choice(
 # --------------------------------------------------------------------------- helpers
 
 
-def _pick_ip(workload: Workload, target_ip: IPAddress) -> IPAddress:
-    """A workload IP of the target's family when there is one (ztunnel's family matching)."""
+_UNRESOLVED = ipaddress.IPv4Address(0)  # the next hop of a route still to be resolved
+
+
+@overload
+def _pick_ip(workload: Workload, target_ip: IPAddress) -> IPAddress: ...
+@overload
+def _pick_ip(workload: Workload, target_ip: IPAddress, *, resolvable: bool) -> IPAddress | None: ...
+def _pick_ip(
+    workload: Workload, target_ip: IPAddress, *, resolvable: bool = False
+) -> IPAddress | None:
+    """A workload IP of the target's family when there is one (ztunnel's family matching);
+    ``None`` for a hostname-only workload when the caller can resolve it on demand."""
     if not workload.workload_ips:
-        raise NoValidDestination(workload, "it has no IP address (hostname workloads need DNS)")
+        if resolvable and workload.hostname:
+            return None
+        raise NoValidDestination(workload, "it has no IP address")
     for ip in workload.workload_ips:
         if ip.version == target_ip.version:
             return ip

@@ -18,9 +18,11 @@ import dns.rcode
 import dns.rrset
 import pytest
 import pytest_asyncio
+from prometheus_client import CollectorRegistry
 
 from ztunnel_py.config import DnsProxyAddress
 from ztunnel_py.dns.forwarder import UpstreamForwarder
+from ztunnel_py.dns.ondemand import OnDemandDnsMetrics, OnDemandResolver
 from ztunnel_py.dns.proxy import bind_dns_sockets
 from ztunnel_py.dns.resolvconf import ResolvConf
 from ztunnel_py.dns.resolver import MeshResolver
@@ -249,3 +251,25 @@ async def test_repeated_mesh_answers_follow_state_changes(make_harness) -> None:
     h.server.resolver.state.apply(UpdateBatch(services=(moved,)))
     after = await h.udp_query("web.ns1.")
     assert after is not None and [r.address for r in after.answer[0]] == ["10.96.0.8"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mode", ["answer", "silent"])
+async def test_on_demand_dns_for_hostname_workloads(make_harness, mode: str) -> None:
+    h = await make_harness(mode)
+    registry = CollectorRegistry()
+    resolver = OnDemandResolver(h.server.forwarder, metrics=OnDemandDnsMetrics(registry))
+    if mode == "answer":
+        ip = await resolver.resolve("ext.example.test", prefer_version=6, source=CLIENT)
+        assert ip == ipaddress.ip_address("192.0.2.1")  # no IPv6 address: the IPv4 one
+    else:
+        with pytest.raises(LookupError, match="ext.example.test has no address"):
+            await resolver.resolve("ext.example.test", prefer_version=4, source=CLIENT)
+    labels = {"hostname": "ext.example.test", "source_workload_namespace": "ns1"}
+    samples = [
+        s
+        for family in registry.collect()
+        for s in family.samples
+        if s.name == "istio_on_demand_dns_total" and labels.items() <= s.labels.items()
+    ]
+    assert [s.value for s in samples] == [1.0]

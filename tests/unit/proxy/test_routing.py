@@ -519,9 +519,9 @@ CASES = [
         error=NoHealthyUpstream,
     ),
     Case(
-        "workload without an address cannot be reached",
+        "workload without an address or a hostname cannot be reached",
         "10.96.0.1:80",
-        [wl("noip", None, services=member("echo"), hostname="vm.example")],
+        [wl("noip", None, services=member("echo"))],
         [svc("echo", "10.96.0.1")],
         error=NoHealthyUpstream,
     ),
@@ -603,3 +603,40 @@ def test_unaddressable_workload_by_ip_is_invalid() -> None:
     state.apply(UpdateBatch(workloads=(target, wp)))
     with pytest.raises(NoValidDestination):
         route_outbound(state, SOURCE, ip("10.0.0.1"), (ip("10.0.0.2"), 80), rng=random.Random(0))
+
+
+@pytest.mark.parametrize("protocol", [InboundProtocol.TCP, InboundProtocol.HBONE])
+def test_hostname_workload_is_resolved_on_demand(protocol: InboundProtocol) -> None:
+    """A ServiceEntry with ``resolution: DNS``: its endpoint has a hostname and no IP."""
+    state = ProxyState()
+    vm = wl(
+        "vm", None, services=member("ext", {443: 8443}), hostname="vm.example", protocol=protocol
+    )
+    state.apply(
+        UpdateBatch(
+            workloads=(SOURCE, vm), services=(svc("ext", "240.240.0.1", ports={443: 8443}),)
+        )
+    )
+    route = route_outbound(
+        state, SOURCE, ip("10.0.0.1"), (ip("240.240.0.1"), 443), rng=random.Random(0)
+    )
+    assert route.resolve_hostname == "vm.example"
+    assert route.destination_workload == vm
+    resolved = route.resolved(ip("192.0.2.9"))
+    assert resolved.resolve_hostname == ""
+    if protocol is InboundProtocol.HBONE:
+        assert resolved.next_hop == (ip("192.0.2.9"), 15008)
+        assert resolved.authority == "192.0.2.9:8443"
+    else:
+        assert resolved.next_hop == (ip("192.0.2.9"), 8443)
+        assert resolved.authority is None
+
+
+def test_routes_to_addressed_workloads_need_no_resolution() -> None:
+    state = ProxyState()
+    server = wl("server", "10.0.0.2")
+    state.apply(UpdateBatch(workloads=(SOURCE, server)))
+    route = route_outbound(
+        state, SOURCE, ip("10.0.0.1"), (ip("10.0.0.2"), 80), rng=random.Random(0)
+    )
+    assert route.resolve_hostname == ""
