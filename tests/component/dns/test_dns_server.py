@@ -263,7 +263,7 @@ async def test_on_demand_dns_for_hostname_workloads(make_harness, mode: str) -> 
         ip = await resolver.resolve("ext.example.test", prefer_version=6, source=CLIENT)
         assert ip == ipaddress.ip_address("192.0.2.1")  # no IPv6 address: the IPv4 one
     else:
-        with pytest.raises(LookupError, match="ext.example.test has no address"):
+        with pytest.raises(LookupError, match=r"ext\.example\.test has no address"):
             await resolver.resolve("ext.example.test", prefer_version=4, source=CLIENT)
     labels = {"hostname": "ext.example.test", "source_workload_namespace": "ns1"}
     samples = [
