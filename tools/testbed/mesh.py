@@ -77,6 +77,7 @@ class MeshOptions:
     app: str = "python"  # the testbed's app server (python | nginx)
     policies: Sequence[Mapping[str, Any]] = ()  # local-config policies to add
     services: Sequence[ExtraService] = ()  # services to add to the testbed's
+    workloads: Sequence[Mapping[str, Any]] = ()  # local-config workloads beyond the pods
     env: Mapping[str, str] = field(default_factory=dict)  # extra daemon environment
     # Pods left out of the mesh, like pods of a namespace without the ambient label: not in
     # the local config, never enrolled, no in-pod rules. Traffic to them is non-mesh traffic.
@@ -245,6 +246,7 @@ class Mesh:
             )
             for pod_name in svc.endpoints:
                 by_name[pod_name]["services"][svc.key] = dict(svc.ports)
+        doc["workloads"] += [dict(w) for w in self.options.workloads]
         tmp = self.config_path.with_suffix(".tmp")
         tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
         os.replace(tmp, self.config_path)

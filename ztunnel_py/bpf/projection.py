@@ -122,6 +122,8 @@ def project(
 def workload_needs_proxy(workload: Workload) -> bool:
     return (
         workload.protocol is InboundProtocol.HBONE
+        # hostname only (ServiceEntry resolution: DNS): the proxy looks the address up
+        or (not workload.workload_ips and bool(workload.hostname))
         or workload.native_tunnel
         or workload.waypoint is not None
         or workload.network_gateway is not None

@@ -40,7 +40,17 @@ SERVICES = (
     ExtraService("db", "", ("pod-0-1", "pod-1-1")),  # headless
     ExtraService("partner", "240.240.0.7", ("pod-1-1",), host="api.partner.example"),
     ExtraService("wild", "240.240.0.8", ("pod-1-0",), host="*.wild.example"),
+    # a ServiceEntry with resolution DNS: its endpoint is a hostname that dnsmasq resolves
+    ExtraService("ext", "240.240.0.9", (), host="ext.example.test", ports={80: 8080}),
 )
+HOSTNAME_WORKLOAD = {
+    "uid": "se-ext",
+    "name": "ext",
+    "namespace": "default",
+    "hostname": "ext.example.test",
+    "protocol": "TCP",
+    "services": {"default/ext.example.test": {80: 8080}},
+}
 
 
 class DnsMesh:
@@ -91,13 +101,18 @@ def dns_mesh(
         tag=mesh_tag("dns", redirect),
         redirect=redirect,
         services=SERVICES,
+        workloads=(HOSTNAME_WORKLOAD,),
         env={"DNS_RESOLV_CONF": str(resolv), "LOG_FORMAT": "json", "RUST_LOG": "info,dns=debug"},
     )
     mesh = Mesh(options, work / "mesh")
     resolver = UpstreamResolver(
         mesh.plan,
         work / "resolver",
-        {"www.example.test": ["192.0.2.200"], "big.example.test": BIG},
+        {
+            "www.example.test": ["192.0.2.200"],
+            "big.example.test": BIG,
+            "ext.example.test": [mesh.plan.pod("pod-1-1").ip],
+        },
         udp_max=512,
     )
     try:
@@ -253,3 +268,14 @@ def test_istio_cni_dns_rules_and_bpf_capture_together(dns_mesh: DnsMesh) -> None
     finally:
         if ebpf:
             iptables.remove(netns)
+
+
+def test_hostname_service_entry_is_resolved_on_demand(dns_mesh: DnsMesh) -> None:
+    """ServiceEntry ``resolution: DNS``: the VIP's endpoint is a hostname, looked up when the
+    connection is made (ztunnel's on-demand DNS), here to pod-1-1's app server."""
+    reply = dns_mesh.mesh.client(CLIENT, "http", "240.240.0.9", 80)
+    assert reply.get("result") == "ok", reply
+    assert reply["body"].strip() == "pod-1-1"
+    scrape = Scrape(dns_mesh.mesh.daemons["node-0"])
+    assert scrape.total("istio_on_demand_dns_total", hostname="ext.example.test") >= 1
+    assert scrape.total("istio_on_demand_dns_total", source_canonical_service="app-0") >= 1

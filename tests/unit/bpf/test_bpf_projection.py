@@ -134,6 +134,13 @@ def test_projection_service_of_plain_tcp_endpoints_stays_in_the_kernel() -> None
     assert captured(state) == set()
 
 
+def test_projection_service_of_hostname_endpoints_goes_to_the_proxy() -> None:
+    # A ServiceEntry with resolution DNS: only the proxy can turn its VIP into an address.
+    svc = service("ext", "240.240.0.9")
+    state = state_of(svc, member(workload("c", hbone=False, hostname="ext.example.test"), svc))
+    assert captured(state) == {("240.240.0.9", 80)}
+
+
 def test_projection_service_without_endpoints_is_not_captured() -> None:
     assert captured(state_of(service("empty", "10.96.0.12"))) == set()
 
