@@ -70,6 +70,32 @@ static __always_inline int zt_is_proxy_port(__u32 port_host_order)
 	       port_host_order == ZT_PORT_HBONE || port_host_order == ZT_PORT_DNS;
 }
 
+/* Shows a socket's stored original destination as its peer (getpeername, recvmsg). */
+static __always_inline void zt_show_orig4(struct bpf_sock_addr *ctx, const struct zt_sk_orig *orig)
+{
+	__u32 ip4;
+
+	__builtin_memcpy(&ip4, &orig->addr[12], sizeof(ip4));
+	ctx->user_ip4 = ip4;
+	ctx->user_port = orig->port;
+}
+
+/* The same for an IPv6 socket: the original is stored IPv4-mapped already, as it shows it. */
+static __always_inline void zt_show_orig6(struct bpf_sock_addr *ctx, const struct zt_sk_orig *orig)
+{
+	__u32 word;
+
+	__builtin_memcpy(&word, &orig->addr[0], 4);
+	ctx->user_ip6[0] = word;
+	__builtin_memcpy(&word, &orig->addr[4], 4);
+	ctx->user_ip6[1] = word;
+	__builtin_memcpy(&word, &orig->addr[8], 4);
+	ctx->user_ip6[2] = word;
+	__builtin_memcpy(&word, &orig->addr[12], 4);
+	ctx->user_ip6[3] = word;
+	ctx->user_port = orig->port;
+}
+
 /* Whether the socket is one of the proxy's own (it carries the daemon's SO_MARK). */
 static __always_inline int zt_is_proxy_socket(struct bpf_sock_addr *ctx, const struct zt_cfg *cfg)
 {

@@ -31,16 +31,13 @@ SEC("cgroup/getpeername4")
 int zt_getpeername4(struct bpf_sock_addr *ctx)
 {
 	struct zt_sk_orig *orig;
-	__u32 ip4;
 
 	if (ctx->user_ip4 != bpf_htonl(0x7f000001))
 		return 1;
 	orig = zt_redirected(ctx);
 	if (!orig || orig->family != ZT_AF_INET)
 		return 1;
-	__builtin_memcpy(&ip4, &orig->addr[12], sizeof(ip4));
-	ctx->user_ip4 = ip4;
-	ctx->user_port = orig->port;
+	zt_show_orig4(ctx, orig);
 	return 1;
 }
 
@@ -52,7 +49,6 @@ int zt_getpeername6(struct bpf_sock_addr *ctx)
 	__u32 w2 = ctx->user_ip6[2];
 	__u32 w3 = ctx->user_ip6[3];
 	struct zt_sk_orig *orig;
-	__u32 word;
 	int to_v4_loopback = zt_is_v4_mapped(w0, w1, w2) && w3 == bpf_htonl(0x7f000001);
 	int to_v6_loopback = w0 == 0 && w1 == 0 && w2 == 0 && w3 == bpf_htonl(1);
 
@@ -61,15 +57,6 @@ int zt_getpeername6(struct bpf_sock_addr *ctx)
 	orig = zt_redirected(ctx);
 	if (!orig)
 		return 1;
-	/* The original is stored IPv4-mapped already, which is what an IPv6 socket shows. */
-	__builtin_memcpy(&word, &orig->addr[0], 4);
-	ctx->user_ip6[0] = word;
-	__builtin_memcpy(&word, &orig->addr[4], 4);
-	ctx->user_ip6[1] = word;
-	__builtin_memcpy(&word, &orig->addr[8], 4);
-	ctx->user_ip6[2] = word;
-	__builtin_memcpy(&word, &orig->addr[12], 4);
-	ctx->user_ip6[3] = word;
-	ctx->user_port = orig->port;
+	zt_show_orig6(ctx, orig);
 	return 1;
 }
