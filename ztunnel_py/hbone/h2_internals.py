@@ -4,9 +4,9 @@ h2's own DATA path costs several times the CPU of ours (a short micro-benchmark,
 through an in-memory pair, moved 400-500 MB/s ours against 70-160 MB/s h2's), so received
 DATA frames of an established tunnel skip h2's frame parser and our sent DATA frames skip
 ``send_data``. h2 must still see the flow-control windows move, which it only allows through
-these private attributes. The h2
-versions they are known to hold in are pinned in ``pyproject.toml``;
-``tests/unit/hbone/test_h2_internals.py`` fails the day a release changes them.
+these private attributes. The h2 versions they are known to hold in are pinned in
+``pyproject.toml``; ``tests/unit/hbone/test_h2_internals.py`` fails the day a release changes
+them.
 """
 
 from __future__ import annotations
