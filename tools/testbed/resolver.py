@@ -118,7 +118,7 @@ class UpstreamResolver:
 
     def _answers(self) -> bool:
         """Whether dnsmasq answers yet (asked from inside its own namespace)."""
-        from ztunnel_py.redirect.netns import run_in_netns
+        from ztunnel_py.netns import run_in_netns
 
         fd = open(f"/run/netns/{self.netns}", "rb")  # noqa: SIM115 (closed below)
         try:

@@ -24,7 +24,7 @@ from ztunnel_py.dns.resolvconf import ResolvConf, parse_resolv_conf
 from ztunnel_py.dns.resolver import MeshResolver
 from ztunnel_py.dns.server import DnsServer
 from ztunnel_py.dns.telemetry import DnsMetrics
-from ztunnel_py.redirect.netns import run_in_netns, socket_in_netns
+from ztunnel_py.netns import run_in_netns, socket_in_netns
 from ztunnel_py.state.model import Workload
 from ztunnel_py.state.store import ProxyState
 
