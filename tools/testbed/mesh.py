@@ -79,6 +79,13 @@ class MeshOptions:
     # Pods left out of the mesh, like pods of a namespace without the ambient label: not in
     # the local config, never enrolled, no in-pod rules. Traffic to them is non-mesh traffic.
     outside: Sequence[str] = ()
+    # istio-cni's in-pod iptables rules in every mesh pod: always in iptables mode; in eBPF
+    # mode only when asked (a stock istio-cni installs them whatever the node proxy does).
+    inpod_rules: bool = False
+
+    @property
+    def iptables_rules(self) -> bool:
+        return self.redirect == "iptables" or self.inpod_rules
 
 
 class Mesh:
@@ -94,7 +101,7 @@ class Mesh:
         self.bed = Testbed(
             self.plan,
             TestbedOptions(
-                iptables=options.redirect == "iptables",
+                iptables=options.iptables_rules,
                 app=options.app,
                 config_path=str(self.config_path),
             ),
@@ -110,7 +117,7 @@ class Mesh:
     def up(self) -> None:
         try:
             self.bed.up()
-            if self.options.redirect == "iptables":
+            if self.options.iptables_rules:
                 for name in self.options.outside:
                     iptables.remove(self.pod(name).netns_path)
             self.write_config(self.options.policies)
