@@ -20,8 +20,8 @@ from __future__ import annotations
 import errno
 import socket
 
-from ztunnel_py.proxy.seams import OriginalDestination, SocketAddr
-from ztunnel_py.proxy.sockopt import OriginalDestinationError, SoOriginalDst
+from ztunnel_py.proxy.sockets import OriginalDestination
+from ztunnel_py.proxy.sockopt import OriginalDestinationError, SocketAddr, SoOriginalDst
 from ztunnel_py.proxy.tcp import sockaddr
 
 

@@ -14,8 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from ztunnel_py.proxy.coexist import KernelMapThenConntrack, LocalAddressUnlessRedirected
-from ztunnel_py.proxy.seams import SocketAddr
-from ztunnel_py.proxy.sockopt import OriginalDestinationError
+from ztunnel_py.proxy.sockopt import OriginalDestinationError, SocketAddr
 
 ELSEWHERE: SocketAddr = (ipaddress.ip_address("192.0.2.7"), 443)
 MESH_DST: SocketAddr = (ipaddress.ip_address("10.96.0.1"), 80)
