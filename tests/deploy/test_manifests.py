@@ -134,3 +134,10 @@ def test_plain_ebpf_manifest_adds_the_bpf_capability() -> None:
     _, container = daemonset_pod(docs)
     assert container["securityContext"]["capabilities"]["add"] == [*CHART_CAPS, "BPF"]
     assert daemonset_pod(render(EBPF_VALUES))[1]["volumeMounts"] == container["volumeMounts"]
+
+
+def test_the_documented_swap_back_renders_the_stock_chart() -> None:
+    # docs/kubernetes.md, "Swap back": these --set values undo both overlays.
+    swap_back = ["image=ztunnel", "imagePullPolicy=null", "env=null", "volumes=null",
+                 "volumeMounts=null"]  # fmt: skip
+    assert render(EBPF_VALUES, set_values=swap_back) == render()
