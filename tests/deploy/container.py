@@ -11,6 +11,7 @@ import contextlib
 import http.client
 import json
 import os
+import shutil
 import socket
 import subprocess
 from collections.abc import Iterator, Sequence
@@ -30,7 +31,10 @@ READINESS_PORT, ADMIN_PORT, STATS_PORT = 15021, 15000, 15020
 
 def built_image() -> str:
     """Build (or find in podman's layer cache) the image of this tree; its name."""
-    require(_has("podman") and _has("debootstrap"), "podman and debootstrap (run tools/setup.sh)")
+    require(
+        shutil.which("podman") is not None and shutil.which("debootstrap") is not None,
+        "podman and debootstrap (run tools/setup.sh)",
+    )
     out = subprocess.run(
         [str(ROOT / "tools" / "image" / "build.sh")],
         capture_output=True,
@@ -40,12 +44,6 @@ def built_image() -> str:
     )
     assert out.returncode == 0, f"tools/image/build.sh failed:\n{out.stderr[-4000:]}"
     return out.stdout.strip().splitlines()[-1]
-
-
-def _has(tool: str) -> bool:
-    return any(
-        os.access(os.path.join(d, tool), os.X_OK) for d in os.environ.get("PATH", "").split(":")
-    )
 
 
 @dataclass

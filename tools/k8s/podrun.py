@@ -10,7 +10,6 @@ reproduce is an error, so a chart change cannot be silently ignored.
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,7 +123,3 @@ def podman_run_argv(docs: Sequence[Mapping[str, Any]], *, name: str, node: Node)
     argv.append(container["image"])
     argv += [*container.get("command", [])[1:], *container.get("args", [])]
     return argv
-
-
-def describe(argv: Sequence[str]) -> str:
-    return shlex.join(argv)
