@@ -5,7 +5,8 @@ local control plane's config and CA instead of istiod's, this test's BPF pin and
 the DaemonSet's container runs under podman with its env, args, mounts, capabilities, user and
 read-only root (tools/k8s/podrun.py). node-0's daemon is that container; node-1's is a plain
 process; the fake istio-cni agent hands node-0's pods to the container over ZDS through the
-chart's hostPath /var/run/ztunnel.
+chart's hostPath /var/run/ztunnel. Every mesh pod carries istio-cni's in-pod iptables rules, in
+eBPF mode too, as a stock istio-cni leaves them.
 
 - in both redirect modes it gets ready and carries traffic out of and into node-0's pods;
 - killed (SIGKILL) and started again: while it is down nothing reaches the destination in
@@ -66,6 +67,7 @@ class ContainerNode:
             MeshOptions(
                 tag=mesh_tag("ct", mode),
                 redirect=mode,
+                inpod_rules=True,  # a stock istio-cni installs them in eBPF mode too
                 services=(ON_NODE_1, ON_NODE_0),
                 external=(NODE,),
                 agent_sockets={NODE: str(self.zds_dir / "ztunnel.sock")},
