@@ -20,7 +20,7 @@ from ztunnel_py.bpf.errors import BpfError
 from ztunnel_py.bpf.loader import BpfLoader
 from ztunnel_py.bpf.projection import EnrolledPod
 from ztunnel_py.bpf.reconcile import MapSync, ReconcileError
-from ztunnel_py.redirect.netns import cookie_of_netns
+from ztunnel_py.netns import cookie_of_netns
 from ztunnel_py.state.model import IPAddress, Workload
 from ztunnel_py.state.store import ChangeSet
 

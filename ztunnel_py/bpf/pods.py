@@ -21,7 +21,7 @@ from ztunnel_py.bpf import libbpf
 from ztunnel_py.bpf.libbpf import BpfLink
 from ztunnel_py.bpf.mounts import mkdir_private, rmdir_if_empty
 from ztunnel_py.bpf.objects import ObjectFiles
-from ztunnel_py.redirect.netns import cookie_of_netns
+from ztunnel_py.netns import cookie_of_netns
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from ztunnel_py.bpf import libbpf
 from ztunnel_py.bpf.errors import LibbpfError
 from ztunnel_py.errors import UnsupportedFeature
-from ztunnel_py.redirect.netns import SO_NETNS_COOKIE
+from ztunnel_py.netns import SO_NETNS_COOKIE
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from ztunnel_py.config import (
     Config,
 )
 from ztunnel_py.errors import ZtunnelError
-from ztunnel_py.redirect.netns import run_in_netns
+from ztunnel_py.netns import run_in_netns
 
 LISTEN_BACKLOG = 1024
 _IP_TRANSPARENT = 19

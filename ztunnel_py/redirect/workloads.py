@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ztunnel_py.config import Config, WorkloadInfo
 from ztunnel_py.errors import ZtunnelError
+from ztunnel_py.netns import netns_cookie, netns_inode
 from ztunnel_py.redirect.listeners import (
     EnrollmentError,
     ListenerFactory,
@@ -37,7 +38,6 @@ from ztunnel_py.redirect.listeners import (
     PodListeners,
     create_pod_listeners,
 )
-from ztunnel_py.redirect.netns import netns_cookie, netns_inode
 from ztunnel_py.state.model import IPAddress, Workload
 from ztunnel_py.state.store import ChangeSet, ProxyState
 

@@ -27,10 +27,12 @@ from collections.abc import Iterable, Mapping
 from typing import TypeVar
 
 from ztunnel_py.errors import ConversionError
+from ztunnel_py.ip import IPNetwork
+from ztunnel_py.protos import authorization_pb2 as az_pb
+from ztunnel_py.protos import workload_pb2 as wl_pb
 from ztunnel_py.rbac.model import (
     Action,
     Authorization,
-    IPNetwork,
     Match,
     Scope,
     ServiceAccountMatch,
@@ -63,8 +65,6 @@ from ztunnel_py.state.model import (
     Workload,
     frozen_map,
 )
-from ztunnel_py.xds._pb import authorization_pb2 as az_pb
-from ztunnel_py.xds._pb import workload_pb2 as wl_pb
 
 __all__ = [
     "address_from_pb",

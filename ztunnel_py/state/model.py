@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TypeVar
 
-from ztunnel_py.rbac.model import IPNetwork
+# The model's address vocabulary, re-exported: most of the package imports it from here.
+from ztunnel_py.ip import IPAddress as IPAddress
+from ztunnel_py.ip import IPNetwork
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 #: An IP and a port, as the proxy and telemetry pass them around.
 SocketAddr = tuple[IPAddress, int]
 

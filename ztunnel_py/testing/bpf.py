@@ -41,8 +41,8 @@ from ztunnel_py.bpf.loader import BpfLoader
 from ztunnel_py.bpf.mounts import cgroup2_mounts
 from ztunnel_py.bpf.projection import EnrolledPod
 from ztunnel_py.bpf.reconcile import MapSync, Reconciler
+from ztunnel_py.netns import cookie_of_netns
 from ztunnel_py.rbac.model import Action, Authorization, Match, Scope
-from ztunnel_py.redirect.netns import cookie_of_netns
 from ztunnel_py.state.model import (
     InboundProtocol,
     NetworkAddress,

@@ -32,7 +32,10 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
-from ztunnel_py.rbac.model import Authorization, IPNetwork, Match, StringMatch, StringMatchKind
+from ztunnel_py.ip import IPNetwork
+from ztunnel_py.protos import authorization_pb2 as az
+from ztunnel_py.protos import workload_pb2 as wl
+from ztunnel_py.rbac.model import Authorization, Match, StringMatch, StringMatchKind
 from ztunnel_py.state.model import (
     AppTunnelProtocol,
     GatewayAddress,
@@ -50,8 +53,6 @@ from ztunnel_py.state.model import (
 )
 from ztunnel_py.state.store import UpdateBatch
 from ztunnel_py.testing.pki import CertificateAuthority, IssuedCert
-from ztunnel_py.xds._pb import authorization_pb2 as az
-from ztunnel_py.xds._pb import workload_pb2 as wl
 from ztunnel_py.xds.handlers import ADDRESS_TYPE, AUTHORIZATION_TYPE
 from ztunnel_py.xds.local import parse_local_config
 

@@ -25,8 +25,8 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter
 
 from ztunnel_py.config import Config
+from ztunnel_py.istiod_auth import AuthError, call_metadata, secure_channel
 from ztunnel_py.state.store import ChangeSet, UpdateBatch
-from ztunnel_py.xds.auth import AuthError, call_metadata, secure_channel
 from ztunnel_py.xds.delta import (
     DeltaDiscoveryRequest,
     DeltaDiscoveryResponse,

@@ -17,11 +17,11 @@ from google.protobuf import struct_pb2
 
 from ztunnel_py.config import Config
 from ztunnel_py.errors import ConversionError
+from ztunnel_py.protos import authorization_pb2, workload_pb2
 from ztunnel_py.rbac.model import Authorization
 from ztunnel_py.state.convert import address_from_pb, authorization_from_pb
 from ztunnel_py.state.model import Service, Workload
 from ztunnel_py.state.store import UpdateBatch
-from ztunnel_py.xds._pb import authorization_pb2, workload_pb2
 from ztunnel_py.xds.delta import DeltaSession, Subscription
 
 ADDRESS_TYPE = "type.googleapis.com/istio.workload.Address"

@@ -8,6 +8,8 @@ import pytest
 from google.protobuf import empty_pb2
 
 from ztunnel_py.errors import ConversionError
+from ztunnel_py.protos import authorization_pb2 as az
+from ztunnel_py.protos import workload_pb2 as wl
 from ztunnel_py.rbac.model import (
     Action,
     Scope,
@@ -37,8 +39,6 @@ from ztunnel_py.state.model import (
     Visibility,
     Workload,
 )
-from ztunnel_py.xds._pb import authorization_pb2 as az
-from ztunnel_py.xds._pb import workload_pb2 as wl
 
 IP4 = bytes([10, 0, 0, 7])
 IP6 = ipaddress.IPv6Address("fd00::7").packed

@@ -13,9 +13,9 @@ from google.protobuf.message import Message
 from ztunnel_py.admin.dump import service_to_dict
 from ztunnel_py.config import Config, from_env
 from ztunnel_py.errors import ConversionError
+from ztunnel_py.protos import authorization_pb2 as az
+from ztunnel_py.protos import workload_pb2 as wl
 from ztunnel_py.state.store import ProxyState, UpdateBatch
-from ztunnel_py.xds._pb import authorization_pb2 as az
-from ztunnel_py.xds._pb import workload_pb2 as wl
 from ztunnel_py.xds.delta import DeltaSession, Signal, Subscription
 from ztunnel_py.xds.handlers import ADDRESS_TYPE, AUTHORIZATION_TYPE, istio_session
 
