@@ -21,7 +21,7 @@ from typing import Any
 
 from tools.k8s.podrun import Node, podman_run_argv
 from tools.k8s.render import ROOT
-from ztunnel_py.redirect.netns import run_in_netns
+from ztunnel_py.netns import run_in_netns
 from ztunnel_py.testing.daemon import HttpReply
 from ztunnel_py.testing.poll import HANG_GUARD_S, wait_until
 from ztunnel_py.testing.privileged import require

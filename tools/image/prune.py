@@ -1,10 +1,10 @@
 """Image build step: drop the generated protobuf modules the daemon never imports.
 
 ``xds-protos`` ships every Envoy API (over 100 MB of ``*_pb2.py``); the daemon uses a handful.
-Import every production module of ztunnel_py (not ``ztunnel_py.testing``), then delete each
-``*_pb2*.py`` under the proto packages that is not in ``sys.modules``, and every package
-directory none of whose modules was imported. An import that was missed fails with a plain
-ModuleNotFoundError naming it.
+Import every module of the installed ztunnel_py (the test fakes are not installed), then
+delete each ``*_pb2*.py`` under the proto packages that is not in ``sys.modules``, and every
+package directory none of whose modules was imported. An import that was missed fails with a
+plain ModuleNotFoundError naming it.
 Run with the image's venv Python, after ``pip install``.
 """
 
@@ -23,7 +23,7 @@ def import_production_modules() -> None:
     import ztunnel_py
 
     for info in pkgutil.walk_packages(ztunnel_py.__path__, "ztunnel_py."):
-        if info.name.startswith("ztunnel_py.testing") or info.name.endswith("__main__"):
+        if info.name.endswith("__main__"):  # importing it would run the daemon
             continue
         importlib.import_module(info.name)
 
