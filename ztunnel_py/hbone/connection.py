@@ -73,6 +73,10 @@ DEFAULT_MAX_FRAME_BYTES = 1 * MiB
 CLIENT_MAX_HEADER_LIST_BYTES = 16 * 1024
 SERVER_MAX_HEADER_LIST_BYTES = 64 * 1024
 SERVER_MAX_CONCURRENT_STREAMS = 200
+# Streams the peer cancels before we answered them ("rapid reset", CVE-2023-44487): each one
+# made us start work (an upstream connect) that the cancel throws away. When they outnumber
+# the streams we accepted by more than this, the connection gets GOAWAY(ENHANCE_YOUR_CALM).
+SERVER_MAX_EARLY_RESETS = 100
 DEFAULT_KEEPALIVE_INTERVAL_S = 10.0
 DEFAULT_KEEPALIVE_TIMEOUT_S = 20.0
 
@@ -101,6 +105,7 @@ class HboneSettings:
     max_frame_size: int = DEFAULT_MAX_FRAME_BYTES
     max_header_list_size: int = CLIENT_MAX_HEADER_LIST_BYTES
     max_concurrent_streams: int = SERVER_MAX_CONCURRENT_STREAMS
+    max_early_resets: int = SERVER_MAX_EARLY_RESETS
     keepalive_interval_s: float = DEFAULT_KEEPALIVE_INTERVAL_S
     keepalive_timeout_s: float = DEFAULT_KEEPALIVE_TIMEOUT_S
 
@@ -199,6 +204,8 @@ class HboneConnection:
         self._out: list[bytes | memoryview] = []
         self._events: list[HboneEvent] = []
         self._inbuf = bytearray()
+        self._early_resets = 0  # server: streams the peer cancelled before our answer
+        self._accepted = 0  # server: streams we answered with 200
         self._preface_left = 0 if client else _CLIENT_PREFACE_LEN
         self._data_sid = 0  # stream of the fast-path DATA payload being received
         self._data_left = 0  # bytes of that payload still to come
@@ -343,6 +350,13 @@ class HboneConnection:
             self._window_changed = False
             self._flush_pending()
 
+    def _calm(self, reason: str) -> None:
+        """GOAWAY(ENHANCE_YOUR_CALM): the peer is abusing the connection."""
+        self._h2.close_connection(
+            error_code=ErrorCodes.ENHANCE_YOUR_CALM, additional_data=reason.encode()
+        )
+        self._terminate(ErrorCodes.ENHANCE_YOUR_CALM, reason, remote=False)
+
     def _take_fast_data(self, sid: int, length: int) -> bool:
         """Whether a DATA frame can skip h2; if so, its windows are consumed here."""
         st = self._streams.get(sid)
@@ -443,10 +457,20 @@ class HboneConnection:
 
     def _on_stream_reset(self, ev: h2.events.StreamReset) -> None:
         st = self._drop(ev.stream_id)
-        if st is not None:
-            self._events.append(
-                StreamReset(stream_id=st.id, error_code=int(ev.error_code or 0), remote=True)
-            )
+        if st is None:
+            return
+        self._events.append(
+            StreamReset(stream_id=st.id, error_code=int(ev.error_code or 0), remote=True)
+        )
+        if not st.responded:
+            self._early_resets += 1
+            limit = self.settings.max_early_resets
+            if self._early_resets - self._accepted > limit:
+                self._calm(
+                    f"peer cancelled {self._early_resets} streams before they were answered"
+                    f" ({self._accepted} accepted; the limit is {limit} more cancelled than"
+                    " accepted)"
+                )
 
     def _on_window_updated(self, _ev: h2.events.Event) -> None:
         self._window_changed = True
@@ -525,6 +549,7 @@ class HboneConnection:
         """Server: answer 200; the tunnel is established."""
         self._respond(stream_id, 200, headers, end=False)
         self._streams[stream_id].responded = True
+        self._accepted += 1
 
     def reject(self, stream_id: int, status: int, headers: Iterable[tuple[str, str]] = ()) -> None:
         """Server: answer ``status`` (400, 401, 503...) and finish the stream."""
