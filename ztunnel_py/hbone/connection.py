@@ -15,6 +15,12 @@ windows. Two things are done here instead, for measured reasons:
   ceiling of ~300 MB/s. Large received frames are also handed out as they arrive instead of
   waiting for the whole frame. Every other frame, and any DATA frame that is not plainly
   valid on an open stream, goes through h2 and gets h2's checks and error handling.
+* **Header blocks** are measured here from the frame headers: h2 buffers HEADERS and
+  CONTINUATION frames until END_HEADERS and applies the header-list limit only when decoding,
+  so a peer could make it hold any amount. A block larger than our advertised
+  ``max_header_list_size`` ends the connection with GOAWAY(ENHANCE_YOUR_CALM) before its
+  payload is read (an HPACK block is never larger than the header list it encodes, give or
+  take padding and priority bytes).
 * **GOAWAY** frames are read here. h2 moves to CLOSED on any GOAWAY, which would abort streams
   that RFC 9113 lets finish (a peer draining gracefully, as Envoy does on shutdown).
   A graceful drain of our own is written here for the same reason.
@@ -83,8 +89,15 @@ DEFAULT_KEEPALIVE_TIMEOUT_S = 20.0
 _H2_DEFAULT_WINDOW = 65535
 _FRAME_HEADER = struct.Struct(">BHBBL")  # length (24 bits as 8+16), type, flags, stream id
 _TYPE_DATA = 0x0
+_TYPE_HEADERS = 0x1
+_TYPE_PUSH_PROMISE = 0x5
 _TYPE_GOAWAY = 0x7
+_TYPE_CONTINUATION = 0x9
+_HEADER_BLOCK_TYPES = (_TYPE_HEADERS, _TYPE_PUSH_PROMISE, _TYPE_CONTINUATION)
 _FLAG_END_STREAM = 0x1
+_FLAG_END_HEADERS = 0x4
+# Padding length, padding and priority fields that a header block's frames may add.
+_HEADER_BLOCK_SLACK = 1 + 255 + 5
 _FLAG_PADDED = 0x8
 _CLIENT_PREFACE_LEN = 24
 _RECV_DATA_STATES = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
@@ -204,6 +217,7 @@ class HboneConnection:
         self._out: list[bytes | memoryview] = []
         self._events: list[HboneEvent] = []
         self._inbuf = bytearray()
+        self._header_block = 0  # bytes of the header block being received (CONTINUATION)
         self._early_resets = 0  # server: streams the peer cancelled before our answer
         self._accepted = 0  # server: streams we answered with 200
         self._preface_left = 0 if client else _CLIENT_PREFACE_LEN
@@ -330,8 +344,21 @@ class HboneConnection:
                     )
                     pos = end
                     break
+                if ftype in _HEADER_BLOCK_TYPES and not self._header_block_fits(length):
+                    if slow_from >= 0:
+                        self._feed_h2(bytes(mv[slow_from:pos]))
+                        slow_from = -1
+                    self._calm(
+                        f"peer sent a header block of more than {self._header_block_limit}"
+                        " bytes (HEADERS and CONTINUATION frames)"
+                    )
+                    pos = end
+                    break
                 if end - pos < 9 + length:
                     break
+                if ftype in _HEADER_BLOCK_TYPES:
+                    block = self._header_block + length
+                    self._header_block = 0 if flags & _FLAG_END_HEADERS else block
                 if ftype == _TYPE_GOAWAY and sid == 0 and length >= 8:
                     if slow_from >= 0:
                         self._feed_h2(bytes(mv[slow_from:pos]))
@@ -349,6 +376,14 @@ class HboneConnection:
         if self._window_changed:
             self._window_changed = False
             self._flush_pending()
+
+    @property
+    def _header_block_limit(self) -> int:
+        return self.settings.max_header_list_size + _HEADER_BLOCK_SLACK
+
+    def _header_block_fits(self, length: int) -> bool:
+        """Whether a header-block frame of ``length`` keeps its block within the limit."""
+        return self._header_block + length <= self._header_block_limit
 
     def _calm(self, reason: str) -> None:
         """GOAWAY(ENHANCE_YOUR_CALM): the peer is abusing the connection."""

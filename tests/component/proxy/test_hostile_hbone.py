@@ -15,7 +15,13 @@ import pytest
 import pytest_asyncio
 from h2.errors import ErrorCodes
 
-from ztunnel_py.testing.hostile import CountingApp, HostileClient
+from ztunnel_py.testing.hostile import (
+    FRAME_CONTINUATION,
+    FRAME_HEADERS,
+    CountingApp,
+    HostileClient,
+    frame,
+)
 from ztunnel_py.testing.poll import wait_until_async
 from ztunnel_py.testing.proxy_harness import Mesh, echo_app, start_mesh
 
@@ -78,4 +84,23 @@ async def test_rapid_reset_gets_goaway_and_leaves_nothing_open(
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [], "a reset stream is not an error of ours"
     assert len(caplog.records) < 20, "one log line per reset stream"
+    await assert_still_serving(mesh)
+
+
+@pytest.mark.asyncio
+async def test_continuation_floods_get_goaway_and_are_not_held(mesh: Mesh) -> None:
+    """Ten connections each start a header block and keep sending CONTINUATION frames."""
+    clients = [await HostileClient.connect(mesh) for _ in range(10)]
+    block = clients[0].h2.encoder.encode([(b":method", b"CONNECT"), (b":authority", b"x:1")])
+    filler = b"\x00" * (16 * 1024)
+    for client in clients:
+        await client.write_raw(frame(FRAME_HEADERS, 0, 1, block))
+    for _ in range(64):  # 1 MiB per connection unless the server stops it
+        for client in clients:
+            await client.write_raw(frame(FRAME_CONTINUATION, 0, 1, filler))
+    for client in clients:
+        await asyncio.wait_for(client.until_closed(), 30)
+        assert client.goaway is not None
+        assert client.goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    await wait_until_async(lambda: mesh.inbound.connections == 0, "the flooding connections")
     await assert_still_serving(mesh)
