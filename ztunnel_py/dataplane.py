@@ -24,6 +24,7 @@ from ztunnel_py.bpf.errors import BpfError  # plain exceptions: no libbpf behind
 from ztunnel_py.config import Config, ProxyMode, RedirectMode, WorkloadInfo
 from ztunnel_py.errors import UnsupportedFeature, ZtunnelError
 from ztunnel_py.hbone.connection import HboneSettings, Role
+from ztunnel_py.identity.mtls_health import MtlsHealth
 from ztunnel_py.proxy.conntrack import ConnectionTracker
 from ztunnel_py.proxy.outbound import HboneConnector
 from ztunnel_py.proxy.pod import PodProxy, start_pod_proxy
@@ -31,6 +32,7 @@ from ztunnel_py.proxy.pool import HbonePool
 from ztunnel_py.proxy.seams import (
     CertificateSource,
     Demand,
+    HandshakeObserver,
     OriginalDestination,
     PolicyAuthorizer,
     TelemetrySink,
@@ -82,6 +84,7 @@ class PodProxyStarter:
         telemetry: TelemetrySink | None,
         rng: random.Random,
         demand: Demand | None = None,
+        health: HandshakeObserver | None = None,
     ) -> None:
         self._config = config
         self._demand = demand
@@ -92,6 +95,7 @@ class PodProxyStarter:
         self._conntrack = conntrack
         self._telemetry = telemetry
         self._rng = rng
+        self._health = health
 
     async def start(self, pod: EnrolledPod, listeners: PodListeners) -> _PodHandle:
         if pod.workload is None:
@@ -103,6 +107,7 @@ class PodProxyStarter:
                 certificates=self._certificates,
                 sockets=sockets,
                 settings=HboneSettings.for_role(Role.CLIENT, config),
+                health=self._health,
             ),
             max_streams_per_connection=config.pool_max_streams_per_connection,
             unused_release_timeout_s=config.pool_unused_release_timeout_s,
@@ -147,6 +152,7 @@ class DataPlane:
         self.readiness = readiness
         self.spawn = spawn
         self.conntrack = ConnectionTracker()
+        self.mtls_health = MtlsHealth(readiness)
         self.redirect_mode: RedirectMode | None = None
         self.bpf: BpfLoader | None = None
         self.bpf_sync: MapSync | None = None
@@ -215,6 +221,7 @@ class DataPlane:
             telemetry=self._telemetry,
             rng=self._rng,
             demand=self.demand,
+            health=self.mtls_health,
         )
         self.manager = WorkloadManager.from_config(
             self.config, self.hub.state, starter, self.registry, listeners=listeners

@@ -25,6 +25,7 @@ certificate.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import fcntl
 import logging
@@ -101,6 +102,7 @@ class LocalCa:
     intermediates: tuple[x509.Certificate, ...]
     roots: tuple[x509.Certificate, ...]
     plugged_in: bool
+    created: bool = False  # this start made the root (first start, or the directory was lost)
 
     @classmethod
     def load_or_create(
@@ -128,9 +130,14 @@ class LocalCa:
         }
         if not present:
             cls._create_root(path, trust_domain=trust_domain, now=now)
-            ca = cls._load(path, now=now, plugged_in=False)
-            log.info(
-                "created a new local CA root",
+            ca = dataclasses.replace(cls._load(path, now=now, plugged_in=False), created=True)
+            # Right on a node's first start; after a lost directory, every peer that trusts
+            # the previous root refuses this node (readiness then goes false: ``mtls``).
+            log.warning(
+                "created a new local CA root in %s: peers that trust the previous root (if this"
+                " node had one) will refuse this node's certificates; restore the directory, or"
+                " plug the mesh's CA files in, to keep one root",
+                path,
                 extra={"fields": {"dir": str(path), "serial": ca.ca_cert.serial_number}},
             )
             return ca

@@ -31,6 +31,7 @@ from ztunnel_py.proxy.seams import (
     ConnectionRecord,
     Demand,
     Direction,
+    HandshakeObserver,
     NoTelemetry,
     OriginalDestination,
     SocketAddr,
@@ -68,12 +69,15 @@ class HboneConnector:
         settings: HboneSettings,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
         handshake_timeout_s: float = TLS_HANDSHAKE_TIMEOUT_S,
+        health: HandshakeObserver | None = None,
     ) -> None:
+        """``health``: told the outcome of every handshake (readiness follows it)."""
         self.certificates = certificates
         self.sockets = sockets
         self.settings = settings
         self.connect_timeout_s = connect_timeout_s
         self.handshake_timeout_s = handshake_timeout_s
+        self.health = health
 
     async def __call__(self, key: WorkloadKey, on_idle: object) -> HboneProtocol:
         ctx = await self.certificates.client_context(key.src_identity)
@@ -97,7 +101,10 @@ class HboneConnector:
             )
         except ssl.SSLError as e:
             sock.close()
-            raise handshake_error(e, role="server") from None
+            error = handshake_error(e, role="server")
+            if self.health is not None:
+                self.health.handshake_failed(error)
+            raise error from None
         except (OSError, TimeoutError) as e:
             sock.close()
             raise UpstreamConnectError(
@@ -108,6 +115,8 @@ class HboneConnector:
         except TlsVerificationError:
             proto.abort("server identity not expected")
             raise
+        if self.health is not None:
+            self.health.handshake_succeeded()  # the chain verified: our roots are the mesh's
         return proto
 
 

@@ -60,6 +60,13 @@ class FetchedCertificates:
         return server_context(await self._fetch(identity), tls12_enabled=self._tls12)
 
 
+class HandshakeObserver(Protocol):
+    """Told how each outbound mTLS handshake went (``identity.mtls_health`` for readiness)."""
+
+    def handshake_succeeded(self) -> None: ...
+    def handshake_failed(self, error: Exception) -> None: ...
+
+
 class Authorizer(Protocol):
     """Inbound L4 authorization (``rbac.evaluate``); called once per connection."""
 
