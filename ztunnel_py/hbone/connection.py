@@ -104,6 +104,17 @@ _RECV_DATA_STATES = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
 _SEND_DATA_STATES = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
 
 
+# h2 remembers how every closed stream ended (to tell a late frame on a reset stream from a
+# protocol error) up to 65,536 per connection: ~120 bytes per stream a long-lived connection
+# ever carried, never given back. A few hundred recent streams are all that late frames need;
+# older ones are still known closed (below the highest stream id) and answered STREAM_CLOSED.
+CLOSED_STREAMS_REMEMBERED = 256
+
+
+class _H2Connection(h2.connection.H2Connection):
+    MAX_CLOSED_STREAMS = CLOSED_STREAMS_REMEMBERED
+
+
 class Role(enum.Enum):
     CLIENT = "client"
     SERVER = "server"
@@ -183,7 +194,7 @@ class HboneConnection:
         self.role = role
         self.settings = settings or HboneSettings.for_role(role)
         client = role is Role.CLIENT
-        self._h2 = h2.connection.H2Connection(
+        self._h2 = _H2Connection(
             h2.config.H2Configuration(
                 client_side=client,
                 header_encoding=None,
