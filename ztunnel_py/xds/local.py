@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ztunnel_py.errors import LocalConfigError
+from ztunnel_py.ip import IPNetwork
 from ztunnel_py.rbac.model import (
     Action,
     Authorization,
-    IPNetwork,
     Match,
     Scope,
     ServiceAccountMatch,

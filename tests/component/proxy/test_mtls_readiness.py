@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from ztunnel_py.hbone.connection import HboneSettings, Role
+from ztunnel_py.hbone.connection import Role
 from ztunnel_py.identity.mtls_health import READY_MTLS, MtlsHealth
 from ztunnel_py.identity.tls import UnknownRoot
+from ztunnel_py.proxy.certificates import FetchedCertificates
 from ztunnel_py.proxy.outbound import HboneConnector
 from ztunnel_py.proxy.pool import WorkloadKey
-from ztunnel_py.proxy.seams import FetchedCertificates
 from ztunnel_py.proxy.sockopt import PodSocketFactory
+from ztunnel_py.proxy.transport import hbone_settings
 from ztunnel_py.readiness import Readiness
 from ztunnel_py.testing.proxy_harness import CLIENT_ID, SERVER_ID, Pki, start_mesh
 
@@ -32,7 +33,7 @@ async def test_unknown_root_to_peers_blocks_readiness_until_a_handshake_succeeds
         return HboneConnector(
             certificates=FetchedCertificates(pki.fetch),
             sockets=PodSocketFactory(mesh.config, mark=False),
-            settings=HboneSettings.for_role(Role.CLIENT, mesh.config),
+            settings=hbone_settings(Role.CLIENT, mesh.config),
             health=health,
         )
 
