@@ -188,9 +188,24 @@ class LocalCa:
         )
         # The key goes first and the certificate last: a crash in between leaves a directory
         # that load_or_create reports as incomplete instead of silently minting a second root.
-        _write_atomic(path / CA_KEY_FILE, key_pem, 0o600)
-        _write_atomic(path / ROOT_CERT_FILE, cert_pem(cert), 0o644)
-        _write_atomic(path / CA_CERT_FILE, cert_pem(cert), 0o644)
+        # A write that fails (disk full, read-only) takes back what this attempt wrote, so the
+        # next start, with room again, makes the root as on a first start.
+        written: list[Path] = []
+        try:
+            for name, data, mode in (
+                (CA_KEY_FILE, key_pem, 0o600),
+                (ROOT_CERT_FILE, cert_pem(cert), 0o644),
+                (CA_CERT_FILE, cert_pem(cert), 0o644),
+            ):
+                _write_atomic(path / name, data, mode)
+                written.append(path / name)
+        except OSError as e:
+            for done in written:
+                done.unlink(missing_ok=True)
+            raise LocalCaError(
+                f"cannot create the local CA root in {path}: {e.strerror or e}; free space or"
+                " fix the directory's permissions, then start again"
+            ) from None
 
     @classmethod
     def _load(cls, path: Path, *, now: float, plugged_in: bool) -> LocalCa:
