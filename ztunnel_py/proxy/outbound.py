@@ -39,8 +39,10 @@ from ztunnel_py.proxy.tcp import (
 from ztunnel_py.proxy.transport import HboneProtocol
 from ztunnel_py.state.model import NetworkAddress, SocketAddr, Workload
 from ztunnel_py.telemetry.connections import ConnectionRecord, Direction
+from ztunnel_py.telemetry.ratelimit import LimitedLog
 
 log = logging.getLogger(__name__)
+limited_log = LimitedLog(log)
 
 
 class HboneConnector:
@@ -133,7 +135,8 @@ class OutboundServer(ProxyServer):
             src = sockaddr(peer)
             dst = self.original_destination.original_destination(sock)
         except (OSError, ValueError, TypeError) as e:
-            log.warning("outbound connection from %s refused: %s", peer, e)
+            # Anyone reaching :15001 can trigger this (a port scan): rate-limited.
+            limited_log.warning("origdst", "outbound connection from %s refused: %s", peer, e)
             down.reset()
             return
         workload = self.state.workload(self.workload.uid) or self.workload
