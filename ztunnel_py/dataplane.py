@@ -28,6 +28,7 @@ from ztunnel_py.dns.resolvconf import ResolvConf
 from ztunnel_py.dns.server import DnsServer
 from ztunnel_py.dns.telemetry import DnsMetrics
 from ztunnel_py.errors import UnsupportedFeature, ZtunnelError
+from ztunnel_py.identity.mtls_health import MtlsHealth
 from ztunnel_py.proxy.certificates import CertificateSource
 from ztunnel_py.proxy.coexist import KernelMapThenConntrack, LocalAddressUnlessRedirected
 from ztunnel_py.proxy.conntrack import ConnectionTracker
@@ -137,6 +138,7 @@ class DataPlane:
         self.readiness = readiness
         self.spawn = spawn
         self.conntrack = ConnectionTracker()
+        self.mtls_health = MtlsHealth(readiness)
         self.redirect_mode: RedirectMode | None = None
         self.bpf: BpfLoader | None = None
         self.bpf_sync: MapSync | None = None
@@ -204,6 +206,7 @@ class DataPlane:
             conntrack=self.conntrack,
             rng=self._rng,
             demand=self.demand,
+            handshakes=self.mtls_health,
         )
         starter = PodProxyStarter(inputs, dns=dns, hostnames=self._on_demand_dns(resolv_conf))
         self.manager = WorkloadManager.from_config(
