@@ -12,6 +12,7 @@ pods, not of carrying their connections (``tools/bench/run.py --setups pods`` me
 
     sudo python tools/bench/memory.py [--pods 1,10,50,100] [--redirect ebpf|iptables]
                                       [--csv memory.csv] [--svg memory.svg]
+                                      [--baseline before.csv]
 
 The plot needs matplotlib (a dev dependency); without it the table and CSV still come out.
 """
@@ -112,8 +113,21 @@ def write_csv(points: Sequence[Point], path: Path) -> None:
             out.writerow([p.label, p.pods, *(p.kib.get(k, "") for k in STATUS_KEYS)])
 
 
-def write_svg(points: Sequence[Point], path: Path) -> bool:
-    """RSS against enrolled pods; ``False`` when matplotlib is not installed."""
+def read_csv(path: Path) -> list[Point]:
+    """Points written by ``write_csv`` (an earlier run, e.g. before a change)."""
+    with path.open(newline="") as f:
+        return [
+            Point(
+                row["label"],
+                int(row["pods"]),
+                {k: int(row[f"{k}_kib"]) for k in STATUS_KEYS if row.get(f"{k}_kib")},
+            )
+            for row in csv.DictReader(f)
+        ]
+
+
+def write_svg(points: Sequence[Point], path: Path, baseline: Sequence[Point] = ()) -> bool:
+    """RSS against enrolled pods (and an earlier run's, dashed); ``False`` without matplotlib."""
     try:
         import matplotlib
 
@@ -128,7 +142,17 @@ def write_svg(points: Sequence[Point], path: Path) -> bool:
     ax.plot(xs, [p.mib() for p in curve], marker="o", label="RSS")
     ax.plot(xs, [p.mib("RssAnon") for p in curve], marker=".", label="anonymous (heap)")
     for p in idle:
-        ax.axhline(p.mib(), linestyle="--", color="grey", label=f"{p.label}: {p.mib():.1f} MiB")
+        ax.axhline(p.mib(), linestyle=":", color="grey", label=f"{p.label}: {p.mib():.1f} MiB")
+    before = [p for p in baseline if p.pods]
+    if before:
+        ax.plot(
+            [p.pods for p in before],
+            [p.mib() for p in before],
+            linestyle="--",
+            marker="o",
+            color="tab:red",
+            label="RSS, baseline run",
+        )
     ax.set_xlabel("enrolled pods")
     ax.set_ylabel("daemon RSS, MiB")
     ax.set_ylim(bottom=0)
@@ -146,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--redirect", default="ebpf", choices=("ebpf", "iptables"))
     parser.add_argument("--csv", type=Path, help="write the points here")
     parser.add_argument("--svg", type=Path, help="plot RSS per pod here (needs matplotlib)")
+    parser.add_argument("--baseline", type=Path, help="a CSV of an earlier run to plot alongside")
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.pods.split(",") if n]
     with tempfile.TemporaryDirectory(prefix="ztpy-memory-") as tmp:
@@ -157,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(table(points)))
     if args.csv:
         write_csv(points, args.csv)
-    if args.svg and not write_svg(points, args.svg):
+    baseline = read_csv(args.baseline) if args.baseline else []
+    if args.svg and not write_svg(points, args.svg, baseline):
         print("no plot: matplotlib is not installed", file=sys.stderr)
     return 0
 
