@@ -27,6 +27,9 @@ if [ -f tools/gen_bpf_types.py ]; then
   run python3 tools/gen_bpf_types.py --check
 fi
 
+step "Istio lab binaries (tools/lab/build.sh: cached by version, cold build takes minutes)"
+run tools/lab/build.sh
+
 step "tests (pytest)"
 if [ "$(id -u)" -eq 0 ]; then
   export ZT_REQUIRE_PRIVILEGED=1

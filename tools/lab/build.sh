@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Build the Istio lab's binaries from their pinned Go modules, once per version.
+#
+# Cache layout (override the root with ZTPY_LAB_CACHE):
+#   $ZTPY_LAB_CACHE/kubernetes-<version>/{kube-apiserver,kubectl}
+#   $ZTPY_LAB_CACHE/etcd-<version>/etcd
+#   $ZTPY_LAB_CACHE/istio-<version>/{pilot-discovery,istioctl,crd-all.gen.yaml}
+# A directory is complete when it holds a file named `.built`; a machine that has it skips
+# that build. Versions: tools/lab/versions.env (istio) and tools/lab/gomod/go.mod
+# (kubernetes, etcd). Nothing is vendored: the Go module proxy supplies the sources.
+set -euo pipefail
+cd "$(dirname "$0")"
+# shellcheck source=tools/lab/versions.env
+. ./versions.env
+
+CACHE="${ZTPY_LAB_CACHE:-/var/cache/ztunnel-py/lab}"
+export CGO_ENABLED=0 GOFLAGS=-buildvcs=false
+LDFLAGS="-s -w"
+
+gomod_version() { (cd gomod && go list -m -f '{{.Version}}' "$1"); }
+
+timed() {
+  # timed <label> <command...>: run, print the wall time (cold builds are reported in CI logs).
+  local label=$1 start
+  shift
+  start=$(date +%s)
+  "$@"
+  echo "== lab build: $label took $(($(date +%s) - start))s"
+}
+
+build_kubernetes() {
+  local out=$1
+  (cd gomod && go build -trimpath -ldflags "$LDFLAGS" -o "$out/" \
+    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl)
+}
+
+build_etcd() {
+  local out=$1
+  (cd gomod && go build -trimpath -ldflags "$LDFLAGS" -o "$out/etcd" ./cmd/etcd)
+}
+
+build_istio() {
+  local out=$1
+  # istio's own go.mod (no replace directives) pins every dependency: `go install pkg@version`.
+  GOBIN="$out" go install -trimpath -ldflags "$LDFLAGS" \
+    "istio.io/istio/pilot/cmd/pilot-discovery@$ISTIO_VERSION" \
+    "istio.io/istio/istioctl/cmd/istioctl@$ISTIO_VERSION"
+  local src
+  src=$(go mod download -json "istio.io/istio@$ISTIO_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  cp "$src/manifests/charts/base/files/crd-all.gen.yaml" "$out/"
+}
+
+ensure() {
+  # ensure <component> <version> <builder>: build into the cache unless already there.
+  local name=$1 version=$2 builder=$3 dir tmp
+  dir="$CACHE/$name-$version"
+  if [ -f "$dir/.built" ]; then
+    echo "== lab build: $name $version cached in $dir"
+    return
+  fi
+  mkdir -p "$CACHE"
+  tmp=$(mktemp -d "$CACHE/.$name-$version.XXXXXX")
+  chmod 755 "$tmp"
+  echo "== lab build: building $name $version (cold; this takes minutes)"
+  timed "$name $version" "$builder" "$tmp"
+  touch "$tmp/.built"
+  rm -rf "$dir"
+  mv "$tmp" "$dir"
+}
+
+ensure kubernetes "$(gomod_version k8s.io/kubernetes)" build_kubernetes
+ensure etcd "$(gomod_version go.etcd.io/etcd/server/v3)" build_etcd
+ensure istio "$ISTIO_VERSION" build_istio
