@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Build the Istio lab's binaries from their pinned Go modules, once per version.
 #
+#   tools/lab/build.sh                 # every component
+#   tools/lab/build.sh istio           # just these (kubernetes, etcd, istio)
+#
 # Cache layout (override the root with ZTPY_LAB_CACHE):
 #   $ZTPY_LAB_CACHE/kubernetes-<version>/{kube-apiserver,kubectl}
 #   $ZTPY_LAB_CACHE/etcd-<version>/etcd
@@ -8,6 +11,7 @@
 # A directory is complete when it holds a file named `.built`; a machine that has it skips
 # that build. Versions: tools/lab/versions.env (istio) and tools/lab/gomod/go.mod
 # (kubernetes, etcd). Nothing is vendored: the Go module proxy supplies the sources.
+# Concurrent runs (CI and a demo) take a lock per component, so each is built once.
 set -euo pipefail
 cd "$(dirname "$0")"
 # shellcheck source=tools/lab/versions.env
@@ -46,19 +50,23 @@ build_istio() {
     "istio.io/istio/pilot/cmd/pilot-discovery@$ISTIO_VERSION" \
     "istio.io/istio/istioctl/cmd/istioctl@$ISTIO_VERSION"
   local src
-  src=$(go mod download -json "istio.io/istio@$ISTIO_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  src=$(go mod download -json "istio.io/istio@$ISTIO_VERSION" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
   cp "$src/manifests/charts/base/files/crd-all.gen.yaml" "$out/"
 }
 
 ensure() {
   # ensure <component> <version> <builder>: build into the cache unless already there.
-  local name=$1 version=$2 builder=$3 dir tmp
+  local name=$1 version=$2 builder=$3 dir tmp lock
   dir="$CACHE/$name-$version"
+  mkdir -p "$CACHE"
+  exec {lock}>"$CACHE/.$name-$version.lock"
+  flock "$lock"
   if [ -f "$dir/.built" ]; then
     echo "== lab build: $name $version cached in $dir"
+    exec {lock}>&-
     return
   fi
-  mkdir -p "$CACHE"
   tmp=$(mktemp -d "$CACHE/.$name-$version.XXXXXX")
   chmod 755 "$tmp"
   echo "== lab build: building $name $version (cold; this takes minutes)"
@@ -66,8 +74,16 @@ ensure() {
   touch "$tmp/.built"
   rm -rf "$dir"
   mv "$tmp" "$dir"
+  exec {lock}>&-
 }
 
-ensure kubernetes "$(gomod_version k8s.io/kubernetes)" build_kubernetes
-ensure etcd "$(gomod_version go.etcd.io/etcd/server/v3)" build_etcd
-ensure istio "$ISTIO_VERSION" build_istio
+components=("$@")
+[ ${#components[@]} -gt 0 ] || components=(kubernetes etcd istio)
+for component in "${components[@]}"; do
+  case "$component" in
+    kubernetes) ensure kubernetes "$(gomod_version k8s.io/kubernetes)" build_kubernetes ;;
+    etcd) ensure etcd "$(gomod_version go.etcd.io/etcd/server/v3)" build_etcd ;;
+    istio) ensure istio "$ISTIO_VERSION" build_istio ;;
+    *) echo "tools/lab/build.sh: unknown component $component (kubernetes, etcd, istio)" >&2; exit 2 ;;
+  esac
+done
