@@ -57,9 +57,13 @@ def services(daemon: Daemon) -> dict[str, dict[str, Any]]:
 
 
 def served_pods(daemon: Daemon) -> set[str]:
-    """``namespace/name`` of the pods this daemon serves (its workloadState)."""
+    """``namespace/name`` of the pods this daemon serves (``Up`` in its workloadState)."""
     state = daemon.config_dump()["workloadState"]
-    return {f"{v['info']['namespace']}/{v['info']['name']}" for v in state.values()}
+    return {
+        f"{v['info']['namespace']}/{v['info']['name']}"
+        for v in state.values()
+        if v["state"] == "Up"
+    }
 
 
 def protocol_is(daemon: Daemon, key: str, protocol: str) -> bool:
@@ -354,8 +358,8 @@ def test_istiod_killed_and_restarted_keeps_connections_and_daemons_resync(
         ("workloads", ["NAMESPACE", "POD NAME", "pod-0-0", "HBONE", "lab-late", "TCP"]),
         ("services", ["NAMESPACE", "SERVICE NAME", "app-0", "10.96.0.10"]),
         ("policies", ["NAMESPACE", "POLICY NAME"]),
-        ("certificates", ["CERTIFICATE NAME", spiffe(AMBIENT, "app-0"), "Available"]),
-        ("connections", []),
+        ("certificates", ["CERTIFICATE NAME", spiffe(AMBIENT, "app-0"), "Leaf", "Available"]),
+        ("connections", ["WORKLOAD", "DIRECTION", "REMOTE TARGET"]),
     ],
 )
 def test_istioctl_reads_every_daemons_dump(

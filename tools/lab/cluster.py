@@ -195,6 +195,17 @@ class LabCluster:
                     _condition(kind, "", now)
                     for kind in ("PodScheduled", "Initialized", "ContainersReady", "Ready")
                 ],
+                "containerStatuses": [
+                    {
+                        "name": "app",
+                        "image": "testbed/app:none",
+                        "imageID": "",
+                        "ready": True,
+                        "started": True,
+                        "restartCount": 0,
+                        "state": {"running": {"startedAt": now}},
+                    }
+                ],
             }
         }
         self.core.patch_namespaced_pod_status(name, namespace, status)
