@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import sys
 import urllib.error
 import urllib.request
@@ -44,11 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     v.add_argument("file", type=Path)
     d = sub.add_parser("config-dump", help="print the running daemon's /config_dump")
-    d.add_argument(
-        "--admin",
-        default=f"127.0.0.1:{os.environ.get('ADMIN_PORT', config_mod.PORT_ADMIN)}",
-        help="admin address (default 127.0.0.1:15000)",
-    )
+    d.add_argument("--admin", help="admin address (default 127.0.0.1:ADMIN_PORT, or :15000)")
     b = sub.add_parser(
         "uninstall-bpf",
         help="detach and unpin this node's BPF programs and maps (BPF_PIN_PATH); stops redirection",
@@ -126,7 +121,7 @@ def _uninstall_bpf(pin_path: Path | None) -> int:
     """Pinned programs outlive the daemon on purpose (pods fail closed); this removes them."""
     from ztunnel_py.bpf.loader import BpfLoader  # loads libbpf: only for this command
 
-    path = pin_path or Path(os.environ.get("BPF_PIN_PATH", config_mod.DEFAULT_BPF_PIN_PATH))
+    path = pin_path or config_mod.bpf_pin_path_from_env()
     if not path.exists():
         print(f"nothing pinned at {path}")
         return 0
@@ -139,7 +134,13 @@ def _uninstall_bpf(pin_path: Path | None) -> int:
     return 0
 
 
-def _config_dump(admin: str) -> int:
+def _config_dump(admin: str | None) -> int:
+    if admin is None:
+        try:
+            admin = f"127.0.0.1:{config_mod.admin_port_from_env()}"
+        except ConfigError as e:
+            print(f"ztunnel-py: {e}", file=sys.stderr)
+            return EXIT_CONFIG
     url = f"http://{admin}/config_dump"
     try:
         with urllib.request.urlopen(url, timeout=10) as resp:
