@@ -36,7 +36,8 @@ from tools.lab.mesh import LabMesh
 from ztunnel_py.testing.daemon import Daemon
 from ztunnel_py.testing.poll import eventually, wait_until
 
-pytestmark = [pytest.mark.root, pytest.mark.slow]
+# The first test also brings the session's lab up (control plane, testbed, daemons).
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(600)]
 
 AMBIENT, LATE = "lab-ambient", "lab-late"
 ECHO = 9000
