@@ -18,6 +18,10 @@ cd "$(dirname "$0")"
 . ./versions.env
 
 CACHE="${ZTPY_LAB_CACHE:-/var/cache/ztunnel-py/lab}"
+if ! command -v go >/dev/null; then
+  echo "tools/lab/build.sh: needs Go >= 1.26 on PATH (and the Go module proxy) to build the lab" >&2
+  exit 1
+fi
 export CGO_ENABLED=0 GOFLAGS=-buildvcs=false
 LDFLAGS="-s -w"
 
@@ -53,6 +57,7 @@ build_istio() {
   src=$(go mod download -json "istio.io/istio@$ISTIO_VERSION" |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
   cp "$src/manifests/charts/base/files/crd-all.gen.yaml" "$out/"
+  chmod 644 "$out/crd-all.gen.yaml"
 }
 
 ensure() {
