@@ -153,7 +153,7 @@ class LabMesh(Mesh):
             "XDS_ROOT_CA": str(self.root_cert_path),
             "CA_ROOT_CA": str(self.root_cert_path),
             "AUTH_TOKEN": str(self.token_path(node_name)),
-            "CLUSTER_ID": CLUSTER_ID,
+            "ISTIO_META_CLUSTER_ID": CLUSTER_ID,  # as the ztunnel chart sets it
             "NODE_NAME": node.name,
             "POD_NAME": ztunnel_pod_name(node.name),
             "POD_NAMESPACE": ISTIO_NAMESPACE,
