@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the Istio lab's binaries from their pinned Go modules, once per version.
 #
-#   tools/lab/build.sh                 # every component
+#   tools/lab/build.sh                 # every component (kubernetes+etcd beside istio)
 #   tools/lab/build.sh istio           # just these (kubernetes, etcd, istio)
 #
 # Cache layout (override the root with ZTPY_LAB_CACHE):
@@ -82,13 +82,29 @@ ensure() {
   exec {lock}>&-
 }
 
-components=("$@")
-[ ${#components[@]} -gt 0 ] || components=(kubernetes etcd istio)
-for component in "${components[@]}"; do
-  case "$component" in
-    kubernetes) ensure kubernetes "$(gomod_version k8s.io/kubernetes)" build_kubernetes ;;
-    etcd) ensure etcd "$(gomod_version go.etcd.io/etcd/server/v3)" build_etcd ;;
-    istio) ensure istio "$ISTIO_VERSION" build_istio ;;
-    *) echo "tools/lab/build.sh: unknown component $component (kubernetes, etcd, istio)" >&2; exit 2 ;;
-  esac
-done
+build() {
+  local component
+  for component in "$@"; do
+    case "$component" in
+      kubernetes) ensure kubernetes "$(gomod_version k8s.io/kubernetes)" build_kubernetes ;;
+      etcd) ensure etcd "$(gomod_version go.etcd.io/etcd/server/v3)" build_etcd ;;
+      istio) ensure istio "$ISTIO_VERSION" build_istio ;;
+      *) echo "tools/lab/build.sh: unknown component $component (kubernetes, etcd, istio)" >&2; return 2 ;;
+    esac
+  done
+}
+
+if [ $# -gt 0 ]; then
+  build "$@"
+  exit
+fi
+# Everything: the two module graphs share little, so build them side by side (downloads and
+# links of one overlap the compiles of the other); etcd reuses most of kubernetes' packages.
+build kubernetes etcd &
+kube=$!
+build istio &
+istio=$!
+rc=0
+wait "$kube" || rc=1
+wait "$istio" || rc=1
+exit $rc
