@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +60,7 @@ class LabCniController:
     netns_of: Callable[[str, str], str | None]  # (namespace, pod name) -> netns path
     install_iptables: bool  # iptables redirect mode: set up istio-cni's in-pod rules too
     enrolled: dict[str, _Eligible] = field(default_factory=dict)  # by pod uid
-    errors: list[str] = field(default_factory=list)
+    errors: deque[str] = field(default_factory=lambda: deque(maxlen=100))  # the latest only
     _task: asyncio.Task[None] | None = None
     _synced: asyncio.Event = field(default_factory=asyncio.Event)
 

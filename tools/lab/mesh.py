@@ -28,7 +28,7 @@ from tools.lab.controlplane import (
     ControlPlane,
     LabError,
 )
-from tools.testbed.bed import Testbed, TestbedOptions, cgroup2_mount
+from tools.testbed.bed import Testbed, TestbedOptions
 from tools.testbed.mesh import Mesh, MeshOptions
 from ztunnel_py.testing.background import BackgroundLoop
 from ztunnel_py.testing.cni_agent import FakeCniAgent
@@ -133,7 +133,7 @@ class LabMesh(Mesh):
         pods = {(p.namespace, p.name): p.netns_path for p in self.plan.pods}
         controller = LabCniController(
             node=node_name,
-            agent=FakeCniAgent(self.work_dir / f"{node_name}.sock"),
+            agent=FakeCniAgent(self.agent_socket(node_name)),
             cluster=self.cluster,
             netns_of=lambda ns, name: pods.get((ns, name)),
             install_iptables=self.options.redirect == "iptables",
@@ -154,20 +154,12 @@ class LabMesh(Mesh):
             "CA_ROOT_CA": str(self.root_cert_path),
             "AUTH_TOKEN": str(self.token_path(node_name)),
             "ISTIO_META_CLUSTER_ID": CLUSTER_ID,  # as the ztunnel chart sets it
-            "NODE_NAME": node.name,
             "POD_NAME": ztunnel_pod_name(node.name),
             "POD_NAMESPACE": ISTIO_NAMESPACE,
             "SERVICE_ACCOUNT": "ztunnel",
             "INSTANCE_IP": node.fabric_ip,
-            "INPOD_UDS": str(self.work_dir / f"{node.name}.sock"),
-            "REDIRECT_MODE": self.options.redirect,
-            "CONNECTION_TERMINATION_DEADLINE": "3s",
+            **self.node_env(node_name),
         }
-        if self.options.redirect == "ebpf":
-            mount = cgroup2_mount()
-            assert mount is not None, "the testbed made cgroups, so a cgroup v2 mount exists"
-            env["BPF_CGROUP_PATH"] = str(mount / node.cgroup)
-            env["BPF_PIN_PATH"] = str(self.bpf_pin_path(node.name))
         env.update(self.options.env)
         return env
 
