@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -32,7 +33,7 @@ from tests.netns.e2e.support import (
     start_stream,
 )
 from tools.lab.cluster import AMBIENT_LABEL
-from tools.lab.mesh import LabMesh
+from tools.lab.mesh import LabMesh, LabOptions
 from ztunnel_py.testing.daemon import Daemon
 from ztunnel_py.testing.poll import eventually, wait_until
 
@@ -411,3 +412,39 @@ def test_istioctl_reads_every_daemons_dump(
         assert proc.returncode == 0, proc.stderr
         for text in expect:
             assert text in proc.stdout, (node.name, kind, proc.stdout)
+
+
+# ----------------------------------------------------------------------------- eBPF mode
+
+
+@pytest.mark.bpf
+def test_ebpf_redirection_with_the_real_istiod(tmp_path: Path) -> None:
+    """The daemons' default redirect mode against istiod: what istiod marks HBONE is captured
+    in the kernel and carried over HBONE; the unlabelled namespace's traffic is not."""
+    lab = LabMesh(
+        LabOptions(tag=f"lbe{secrets.token_hex(2)}", redirect="ebpf", env={"LOG_FORMAT": "json"}),
+        tmp_path / "lab",
+    )
+    lab.up()
+    try:
+        marks = {n: log_mark(d) for n, d in lab.daemons.items()}
+        served = echo(lab, "pod-0-0", lab.pod("pod-1-1").ip)
+        assert served["result"] == "ok" and served["received"] == served["sent"], served
+        eventually(
+            lambda: (
+                access_records(
+                    lab.daemons["node-1"],
+                    marks["node-1"],
+                    src_identity=spiffe(AMBIENT, "app-0"),
+                    dst_identity=spiffe(AMBIENT, "app-1"),
+                )
+                or pytest.fail("no access record yet")
+            )
+        )
+        marks = {n: log_mark(d) for n, d in lab.daemons.items()}
+        plain = echo(lab, "pod-0-2", lab.pod("pod-1-2").ip)
+        assert plain["result"] == "ok", plain
+        for name, daemon in lab.daemons.items():
+            assert access_records(daemon, marks[name]) == [], f"{name} proxied a plain connection"
+    finally:
+        lab.down()
