@@ -1,7 +1,8 @@
 """The three small HTTP surfaces: admin (127.0.0.1:15000), metrics (:15020), readiness (:15021).
 
-Admin is bound to 127.0.0.1 only, always, as ztunnel's: it can reconfigure logging and stop
-the daemon. Metrics and readiness listen on all addresses for Prometheus and kubelet.
+Admin is bound to localhost only (127.0.0.1 and ::1), always, as ztunnel's: it can
+reconfigure logging and stop the daemon. Metrics and readiness listen on all addresses for
+Prometheus and kubelet.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ztunnel_py.telemetry.logging import LevelController
 
 log = logging.getLogger(__name__)
 
-ADMIN_HOST = "127.0.0.1"
+ADMIN_HOSTS = ("127.0.0.1", "::1")
 
 _INDEX = """<!doctype html>
 <html><head><title>ztunnel-py admin</title></head><body>
@@ -78,7 +79,7 @@ class AdminServer:
         )
 
     async def start(self, port: int) -> None:
-        await self.http.start(ADMIN_HOST, port)
+        await self.http.start(ADMIN_HOSTS, port)
 
     async def _index_page(self, _: Request) -> Response:
         return Response(200, self._index.encode(), "text/html; charset=utf-8")
