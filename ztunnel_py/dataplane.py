@@ -319,7 +319,17 @@ class DataPlane:
         return out
 
     def workload_state(self) -> dict[str, Any]:
-        return self.manager.dump() if self.manager is not None else {}
+        """ztunnel's ``workloadState``: a pod that is up lists its live connections."""
+        if self.manager is None:
+            return {}
+        out = self.manager.dump()
+        connections = self.conntrack.dump()
+        for uid, pod in self.manager.pods().items():
+            entry = out.get(uid)
+            if entry is not None and entry["state"] == "Up" and pod.workload is not None:
+                none: dict[str, list[Any]] = {"inbound": [], "outbound": []}
+                entry["connections"] = connections.get(pod.workload.uid, none)
+        return out
 
     async def stop(self, deadline_s: float) -> None:
         """Stop enrolling, close every pod's listeners, drain connections up to the deadline.

@@ -79,7 +79,7 @@ def test_logging_levels_change_at_run_time(tmp_path: Path, local_config: Path) -
         assert http(d.admin + "/logging").status == 405
         assert http(d.admin + "/logging", method="POST").text == "current log level is info\n"
         changed = http(d.admin + "/logging?level=ztunnel::xds=debug,warn", method="POST")
-        assert changed.text == "current log level is warn,ztunnel_py.xds=debug\n"
+        assert changed.text == "current log level is warn,ztunnel::xds=debug\n"
         bad = http(d.admin + "/logging?level=loud", method="POST")
         assert bad.status == 400 and "unknown log level 'loud'" in bad.text
         reset = http(d.admin + "/logging?reset", method="POST")

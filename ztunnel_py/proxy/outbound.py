@@ -22,6 +22,7 @@ from ztunnel_py.hbone.headers import Forwarded, new_traceparent, request_headers
 from ztunnel_py.identity.errors import IdentityError
 from ztunnel_py.identity.node import workload_identity
 from ztunnel_py.identity.tls import NO_SNI, TlsVerificationError, handshake_error, verify_server
+from ztunnel_py.proxy.conntrack import ConnectionTracker, OutboundConnection, tracked_outbound
 from ztunnel_py.proxy.errors import UpstreamConnectError
 from ztunnel_py.proxy.inbound import workload_baggage
 from ztunnel_py.proxy.pool import HbonePool, WorkloadKey
@@ -127,8 +128,11 @@ class OutboundServer:
         rng: random.Random | None = None,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
         demand: Demand | None = None,
+        conntrack: ConnectionTracker | None = None,
     ) -> None:
-        """``demand``: with ``XDS_ON_DEMAND``, fetch an address istiod has not sent yet."""
+        """``demand``: with ``XDS_ON_DEMAND``, fetch an address istiod has not sent yet;
+        ``conntrack`` lists the live connections (``/config_dump`` ``workloadState``)."""
+        self.conntrack = conntrack
         self.workload = workload
         self.demand = demand
         self.state = state
@@ -262,7 +266,14 @@ class OutboundServer:
 
     async def _run(self, splice: HboneSplice | TcpSplice, record: ConnectionRecord) -> None:
         report_splice(self.telemetry, record, splice, reads_source=True)
-        with self.tracker.tracking(splice):
+        listed = OutboundConnection(
+            self.workload.uid,
+            record.src,
+            record.dst,
+            record.dst_addr or record.dst,
+            record.protocol,
+        )
+        with self.tracker.tracking(splice), tracked_outbound(self.conntrack, listed):
             await splice.done
 
 

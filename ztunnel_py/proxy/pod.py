@@ -79,6 +79,7 @@ async def start_pod_proxy(
             telemetry=telemetry,
             rng=rng,
             demand=demand,
+            conntrack=conntrack,
         ),
         inbound=InboundServer(
             workload=workload,

@@ -3,7 +3,8 @@
 Structured fields travel in ``extra={"fields": {...}}``; the text format renders them as
 ``key=value`` after the message (as ztunnel's tracing output does), the JSON format as keys of
 the one object per line. Targets use ztunnel's names where they exist (``access`` for access
-logs) and our module names otherwise; ``ztunnel::proxy=debug`` is read as ``ztunnel_py.proxy``.
+logs) and our module names otherwise; ``ztunnel::proxy=debug`` is read as ``ztunnel_py.proxy``
+and ``/logging`` shows it back as ``ztunnel::proxy``.
 """
 
 from __future__ import annotations
@@ -62,6 +63,13 @@ def _normalize_target(target: str) -> str:
     return name
 
 
+def display_target(name: str) -> str:
+    """A logger name as ztunnel's target (``ztunnel_py.proxy.x`` -> ``ztunnel::proxy::x``)."""
+    if name == ROOT_TARGET or name.startswith(ROOT_TARGET + "."):
+        name = "ztunnel" + name[len(ROOT_TARGET) :]
+    return name.replace(".", "::")
+
+
 class LevelController:
     """Reads and changes levels at run time (``/logging`` on the admin port)."""
 
@@ -88,7 +96,10 @@ class LevelController:
     def describe(self) -> str:
         default = logging.getLogger(ROOT_TARGET).level
         parts = [_NAMES.get(default, str(default))]
-        parts += [f"{t}={_NAMES.get(lvl, str(lvl))}" for t, lvl in sorted(self._targets.items())]
+        parts += [
+            f"{display_target(t)}={_NAMES.get(lvl, str(lvl))}"
+            for t, lvl in sorted(self._targets.items())
+        ]
         return ",".join(parts)
 
 

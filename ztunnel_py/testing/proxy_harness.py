@@ -195,6 +195,7 @@ async def start_mesh(
         config=config,
         telemetry=telemetry,
         rng=random.Random(1),
+        conntrack=conntrack,
     )
     out_listener = listen(client_ip, 0)
     await outbound.start(out_listener)
