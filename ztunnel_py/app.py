@@ -23,8 +23,8 @@ from ztunnel_py.identity.caclient import build_ca_client
 from ztunnel_py.identity.clock import SystemClock
 from ztunnel_py.identity.manager import SecretManager
 from ztunnel_py.identity.node import NodeCertificates
+from ztunnel_py.proxy.certificates import FetchedCertificates
 from ztunnel_py.proxy.memory import tune_malloc
-from ztunnel_py.proxy.seams import FetchedCertificates
 from ztunnel_py.readiness import Readiness
 from ztunnel_py.signals import ShutdownController
 from ztunnel_py.state.hub import StateHub

@@ -2,9 +2,9 @@
 
 Part of the composition root (``app.py`` builds one ``DataPlane``): it picks the redirect mode,
 loads the BPF programs when eBPF is used, runs the ZDS client that enrolls pods (or, in
-dedicated mode, enrolls the daemon's own namespace), and starts one ``PodProxy`` per pod with
-the seams it needs: certificates, authorization, original destinations, upstream sockets,
-telemetry and live policy re-evaluation.
+dedicated mode, enrolls the daemon's own namespace), and starts one ``PodProxy`` per pod from
+one ``ProxyInputs`` (certificates, original destinations, telemetry, live policy
+re-evaluation) and the pod's own ``PodInputs`` (workload, netns sockets, pool, authorizer).
 """
 
 from __future__ import annotations
@@ -23,18 +23,12 @@ from prometheus_client import CollectorRegistry
 from ztunnel_py.bpf.errors import BpfError  # plain exceptions: no libbpf behind them
 from ztunnel_py.config import Config, ProxyMode, RedirectMode, WorkloadInfo
 from ztunnel_py.errors import UnsupportedFeature, ZtunnelError
-from ztunnel_py.hbone.connection import HboneSettings, Role
+from ztunnel_py.proxy.certificates import CertificateSource
 from ztunnel_py.proxy.conntrack import ConnectionTracker
-from ztunnel_py.proxy.outbound import HboneConnector
-from ztunnel_py.proxy.pod import PodProxy, start_pod_proxy
+from ztunnel_py.proxy.inputs import Demand, PodInputs, ProxyInputs
+from ztunnel_py.proxy.pod import PodProxy, pod_pool, start_pod_proxy
 from ztunnel_py.proxy.pool import HbonePool
-from ztunnel_py.proxy.seams import (
-    CertificateSource,
-    Demand,
-    OriginalDestination,
-    PolicyAuthorizer,
-    TelemetrySink,
-)
+from ztunnel_py.proxy.sockets import OriginalDestination
 from ztunnel_py.proxy.sockopt import PodSocketFactory, SoOriginalDst
 from ztunnel_py.readiness import Readiness
 from ztunnel_py.redirect.workloads import (
@@ -46,6 +40,7 @@ from ztunnel_py.redirect.workloads import (
 from ztunnel_py.redirect.zds import ZdsClient
 from ztunnel_py.state.hub import StateHub
 from ztunnel_py.state.store import ChangeSet
+from ztunnel_py.telemetry.connections import TelemetrySink
 
 if TYPE_CHECKING:  # the BPF modules load libbpf: imported only when eBPF mode is used
     from ztunnel_py.bpf.loader import BpfLoader
@@ -70,61 +65,22 @@ class _PodHandle:
 class PodProxyStarter:
     """The workload manager's ``PodProxyFactory``: one proxy (and HBONE pool) per pod."""
 
-    def __init__(
-        self,
-        *,
-        config: Config,
-        hub: StateHub,
-        certificates: CertificateSource,
-        original_destination: OriginalDestination,
-        inbound_original_destination: OriginalDestination | None,
-        conntrack: ConnectionTracker,
-        telemetry: TelemetrySink | None,
-        rng: random.Random,
-        demand: Demand | None = None,
-    ) -> None:
-        self._config = config
-        self._demand = demand
-        self._hub = hub
-        self._certificates = certificates
-        self._original_destination = original_destination
-        self._inbound_original_destination = inbound_original_destination
-        self._conntrack = conntrack
-        self._telemetry = telemetry
-        self._rng = rng
+    def __init__(self, inputs: ProxyInputs) -> None:
+        self._inputs = inputs
 
     async def start(self, pod: EnrolledPod, listeners: PodListeners) -> _PodHandle:
         if pod.workload is None:
             raise ZtunnelError(f"pod {pod.uid} has no xDS workload yet")
-        config = self._config
-        sockets = PodSocketFactory(config, pod.netns_fd)
-        pool = HbonePool(
-            HboneConnector(
-                certificates=self._certificates,
-                sockets=sockets,
-                settings=HboneSettings.for_role(Role.CLIENT, config),
-            ),
-            max_streams_per_connection=config.pool_max_streams_per_connection,
-            unused_release_timeout_s=config.pool_unused_release_timeout_s,
-        )
-        proxy = await start_pod_proxy(
+        inputs = self._inputs
+        sockets = PodSocketFactory(inputs.config, pod.netns_fd)
+        pool = pod_pool(inputs, sockets)
+        pod_inputs = PodInputs(
             workload=pod.workload,
-            listeners=listeners.sockets(),
-            state=self._hub.state,
-            config=config,
-            certificates=self._certificates,
-            pool=pool,
             sockets=sockets,
-            original_destination=self._original_destination,
-            inbound_original_destination=self._inbound_original_destination,
-            authorizer=PolicyAuthorizer(
-                self._hub.state, pod.workload, info_logging=config.authz_policy_info_logging
-            ),
-            telemetry=self._telemetry,
-            rng=self._rng,
-            conntrack=self._conntrack,
-            demand=self._demand,
+            pool=pool,
+            authorizer=inputs.authorizer_for(pod.workload),
         )
+        proxy = await start_pod_proxy(inputs, pod_inputs, listeners.sockets())
         return _PodHandle(proxy, pool)
 
 
@@ -137,7 +93,7 @@ class DataPlane:
         certificates: CertificateSource,
         registry: CollectorRegistry,
         readiness: Readiness,
-        telemetry: TelemetrySink | None,
+        telemetry: TelemetrySink,
         rng: random.Random,
         spawn: Callable[[str, Coroutine[Any, Any, None]], None],
     ) -> None:
@@ -205,17 +161,18 @@ class DataPlane:
                 listeners.append(enrollment)
                 original_destination = loader.original_destinations()
                 inbound_original_destination = None  # sk_lookup keeps the original address
-        starter = PodProxyStarter(
+        inputs = ProxyInputs(
             config=self.config,
-            hub=self.hub,
+            state=self.hub.state,
             certificates=self._certificates,
             original_destination=original_destination,
             inbound_original_destination=inbound_original_destination,
-            conntrack=self.conntrack,
             telemetry=self._telemetry,
+            conntrack=self.conntrack,
             rng=self._rng,
             demand=self.demand,
         )
+        starter = PodProxyStarter(inputs)
         self.manager = WorkloadManager.from_config(
             self.config, self.hub.state, starter, self.registry, listeners=listeners
         )

@@ -26,7 +26,7 @@ import ssl
 import time
 from typing import cast
 
-from ztunnel_py.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PORT_SOCKS5, Config
+from ztunnel_py.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PORT_SOCKS5
 from ztunnel_py.hbone.connection import HboneSettings, Role
 from ztunnel_py.hbone.errors import BadConnectRequest, HboneError, InvalidHeader
 from ztunnel_py.hbone.events import TunnelRequested
@@ -37,9 +37,8 @@ from ztunnel_py.hbone.headers import (
     parse_connect_request,
     response_headers,
 )
-from ztunnel_py.identity.node import workload_identity
 from ztunnel_py.identity.tls import TlsVerificationError, verify_client
-from ztunnel_py.proxy.conntrack import ConnectionTracker, tracked
+from ztunnel_py.proxy.conntrack import tracked
 from ztunnel_py.proxy.errors import (
     BadRequest,
     InboundRefused,
@@ -48,32 +47,21 @@ from ztunnel_py.proxy.errors import (
     UpstreamConnectError,
     UpstreamUnavailable,
 )
-from ztunnel_py.proxy.seams import (
-    Authorizer,
-    CertificateSource,
-    ConnectionRecord,
-    Direction,
-    NoTelemetry,
-    PermitAll,
-    SocketAddr,
-    SocketFactory,
-    TelemetrySink,
-    report_splice,
-    setup_failure,
-)
+from ztunnel_py.proxy.inputs import PodInputs, ProxyInputs
+from ztunnel_py.proxy.reporting import report_splice, setup_failure
+from ztunnel_py.proxy.server import ProxyServer
 from ztunnel_py.proxy.splice import HboneSplice
 from ztunnel_py.proxy.tcp import (
     CONNECT_TIMEOUT_S,
     LISTEN_BACKLOG,
     TLS_HANDSHAKE_TIMEOUT_S,
-    ServerConnections,
     connect_tcp,
     sockaddr,
 )
 from ztunnel_py.proxy.transport import HboneProtocol
 from ztunnel_py.rbac.evaluate import ConnectionInfo
-from ztunnel_py.state.model import IPAddress, Workload
-from ztunnel_py.state.store import ProxyState
+from ztunnel_py.state.model import IPAddress, SocketAddr, Workload
+from ztunnel_py.telemetry.connections import ConnectionRecord, Direction
 from ztunnel_py.telemetry.metrics import ResponseFlags
 
 log = logging.getLogger(__name__)
@@ -127,53 +115,39 @@ class _InboundConnection(HboneProtocol):
         self.server._connections.discard(self)
 
 
-class InboundServer:
+class InboundServer(ProxyServer):
     """The :15008 listener of one pod."""
 
     def __init__(
         self,
+        inputs: ProxyInputs,
+        pod: PodInputs,
         *,
-        workload: Workload,
-        state: ProxyState,
-        certificates: CertificateSource,
-        sockets: SocketFactory,
-        config: Config,
-        authorizer: Authorizer | None = None,
-        telemetry: TelemetrySink | None = None,
         settings: HboneSettings | None = None,
         handshake_timeout_s: float = TLS_HANDSHAKE_TIMEOUT_S,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
         certificate_refresh_s: float = CERTIFICATE_REFRESH_S,
-        conntrack: ConnectionTracker | None = None,
     ) -> None:
-        self.workload = workload
-        self.state = state
-        self.certificates = certificates
-        self.sockets = sockets
-        self.config = config
-        self.authorizer: Authorizer = authorizer or PermitAll()
-        self.telemetry: TelemetrySink = telemetry if telemetry is not None else NoTelemetry()
-        self.settings = settings or HboneSettings.for_role(Role.SERVER, config)
-        self.trust_domain = workload.trust_domain
-        self.identity = workload_identity(workload)
+        super().__init__("inbound", inputs, pod)
+        self.state = inputs.state
+        self.certificates = inputs.certificates
+        self.settings = settings or HboneSettings.for_role(Role.SERVER, inputs.config)
+        self.trust_domain = pod.workload.trust_domain
         self.handshake_timeout_s = handshake_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.certificate_refresh_s = certificate_refresh_s
-        self.conntrack = conntrack
-        self.tracker = ServerConnections("inbound")
         self._connections: set[_InboundConnection] = set()
-        self._server: asyncio.AbstractServer | None = None
         self._context: ssl.SSLContext | None = None
         self._context_checked = 0.0
         self._refreshing = False
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self, listener: socket.socket) -> None:
+    async def _listen(self, listener: socket.socket) -> asyncio.AbstractServer:
         ctx = await self.certificates.server_context(self.identity)
         self._use_context(ctx)
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
+        return await loop.create_server(
             lambda: _InboundConnection(self),
             sock=listener,
             backlog=LISTEN_BACKLOG,
@@ -181,12 +155,11 @@ class InboundServer:
             ssl_handshake_timeout=self.handshake_timeout_s,
         )
 
-    async def stop(self, deadline_s: float = 5.0) -> None:
-        if self._server is not None:
-            self._server.close()
+    def _draining(self) -> None:
         for conn in list(self._connections):
-            conn.drain()
-        await self.tracker.drain(deadline_s)
+            conn.drain()  # GOAWAY: no new streams, the open ones finish
+
+    def _drained(self) -> None:
         for conn in list(self._connections):
             conn.close("server stopped")
 

@@ -7,39 +7,26 @@ its original destination inside the pod, from the client's IP when ``ENABLE_ORIG
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 
-from ztunnel_py.config import Config
-from ztunnel_py.identity.node import workload_identity
-from ztunnel_py.proxy.conntrack import ConnectionTracker, tracked
+from ztunnel_py.proxy.conntrack import tracked
 from ztunnel_py.proxy.errors import UpstreamConnectError
 from ztunnel_py.proxy.inbound import ILLEGAL_PORTS
-from ztunnel_py.proxy.seams import (
-    Authorizer,
-    ConnectionRecord,
-    Direction,
-    NoTelemetry,
-    OriginalDestination,
-    PermitAll,
-    SocketAddr,
-    SocketFactory,
-    TelemetrySink,
-    report_splice,
-    setup_failure,
-)
+from ztunnel_py.proxy.inputs import PodInputs, ProxyInputs
+from ztunnel_py.proxy.reporting import report_splice, setup_failure
+from ztunnel_py.proxy.server import ProxyServer
+from ztunnel_py.proxy.sockets import OriginalDestination
 from ztunnel_py.proxy.splice import TcpSplice
 from ztunnel_py.proxy.tcp import (
     CONNECT_TIMEOUT_S,
-    LISTEN_BACKLOG,
     AcceptedSide,
-    ServerConnections,
     connect_tcp,
     sockaddr,
 )
 from ztunnel_py.rbac.evaluate import ConnectionInfo
-from ztunnel_py.state.model import Workload
+from ztunnel_py.state.model import SocketAddr
+from ztunnel_py.telemetry.connections import ConnectionRecord, Direction
 from ztunnel_py.telemetry.metrics import ResponseFlags
 
 log = logging.getLogger(__name__)
@@ -52,43 +39,21 @@ class LocalAddress:
         return sockaddr(sock.getsockname())
 
 
-class InboundPlaintextServer:
+class InboundPlaintextServer(ProxyServer):
     """The :15006 listener of one pod."""
 
     def __init__(
         self,
+        inputs: ProxyInputs,
+        pod: PodInputs,
         *,
-        workload: Workload,
-        sockets: SocketFactory,
-        config: Config,
-        original_destination: OriginalDestination | None = None,
-        authorizer: Authorizer | None = None,
-        telemetry: TelemetrySink | None = None,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
-        conntrack: ConnectionTracker | None = None,
     ) -> None:
-        self.workload = workload
-        self.sockets = sockets
-        self.config = config
-        self.original_destination: OriginalDestination = original_destination or LocalAddress()
-        self.authorizer: Authorizer = authorizer or PermitAll()
-        self.telemetry: TelemetrySink = telemetry if telemetry is not None else NoTelemetry()
-        self.identity = workload_identity(workload)
-        self.connect_timeout_s = connect_timeout_s
-        self.conntrack = conntrack
-        self.tracker = ServerConnections("inbound_plaintext")
-        self._server: asyncio.AbstractServer | None = None
-
-    async def start(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: AcceptedSide(self.tracker, self._handle), sock=listener, backlog=LISTEN_BACKLOG
+        super().__init__("inbound_plaintext", inputs, pod)
+        self.original_destination: OriginalDestination = (
+            inputs.inbound_original_destination or LocalAddress()
         )
-
-    async def stop(self, deadline_s: float = 5.0) -> None:
-        if self._server is not None:
-            self._server.close()
-        await self.tracker.drain(deadline_s)
+        self.connect_timeout_s = connect_timeout_s
 
     async def _handle(self, down: AcceptedSide) -> None:
         transport = down.transport

@@ -11,49 +11,35 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
-import socket
 import ssl
 
-from ztunnel_py.config import Config
 from ztunnel_py.hbone.connection import HboneSettings, Role
 from ztunnel_py.hbone.errors import HboneError
 from ztunnel_py.hbone.headers import Forwarded, new_traceparent, request_headers
 from ztunnel_py.identity.errors import IdentityError
-from ztunnel_py.identity.node import workload_identity
 from ztunnel_py.identity.tls import NO_SNI, TlsVerificationError, handshake_error, verify_server
-from ztunnel_py.proxy.conntrack import ConnectionTracker, OutboundConnection, tracked_outbound
+from ztunnel_py.proxy.certificates import CertificateSource
+from ztunnel_py.proxy.conntrack import OutboundConnection, tracked_outbound
 from ztunnel_py.proxy.errors import UpstreamConnectError
 from ztunnel_py.proxy.inbound import workload_baggage
-from ztunnel_py.proxy.pool import HbonePool, WorkloadKey
+from ztunnel_py.proxy.inputs import PodInputs, ProxyInputs
+from ztunnel_py.proxy.pool import WorkloadKey
+from ztunnel_py.proxy.reporting import report_splice, setup_failure
 from ztunnel_py.proxy.routing import Route, RouteKind, RoutingError, route_outbound
-from ztunnel_py.proxy.seams import (
-    CertificateSource,
-    ConnectionRecord,
-    Demand,
-    Direction,
-    NoTelemetry,
-    OriginalDestination,
-    SocketAddr,
-    SocketFactory,
-    TelemetrySink,
-    report_splice,
-    setup_failure,
-)
+from ztunnel_py.proxy.server import ProxyServer
+from ztunnel_py.proxy.sockets import SocketFactory
 from ztunnel_py.proxy.splice import HboneSplice, TcpSplice, TunnelFailed, TunnelRefused
 from ztunnel_py.proxy.tcp import (
     CONNECT_TIMEOUT_S,
-    LISTEN_BACKLOG,
     TLS_HANDSHAKE_TIMEOUT_S,
     AcceptedSide,
-    ServerConnections,
     connect_socket,
     connect_tcp,
     sockaddr,
 )
 from ztunnel_py.proxy.transport import HboneProtocol
-from ztunnel_py.state.model import NetworkAddress, Workload
-from ztunnel_py.state.store import ProxyState
+from ztunnel_py.state.model import NetworkAddress, SocketAddr, Workload
+from ztunnel_py.telemetry.connections import ConnectionRecord, Direction
 
 log = logging.getLogger(__name__)
 
@@ -112,52 +98,24 @@ class HboneConnector:
         return proto
 
 
-class OutboundServer:
+class OutboundServer(ProxyServer):
     """The :15001 listener of one pod."""
 
     def __init__(
         self,
+        inputs: ProxyInputs,
+        pod: PodInputs,
         *,
-        workload: Workload,
-        state: ProxyState,
-        pool: HbonePool,
-        sockets: SocketFactory,
-        original_destination: OriginalDestination,
-        config: Config,
-        telemetry: TelemetrySink | None = None,
-        rng: random.Random | None = None,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
-        demand: Demand | None = None,
-        conntrack: ConnectionTracker | None = None,
     ) -> None:
-        """``demand``: with ``XDS_ON_DEMAND``, fetch an address istiod has not sent yet;
-        ``conntrack`` lists the live connections (``/config_dump`` ``workloadState``)."""
-        self.conntrack = conntrack
-        self.workload = workload
-        self.demand = demand
-        self.state = state
-        self.pool = pool
-        self.sockets = sockets
-        self.original_destination = original_destination
-        self.config = config
-        self.telemetry: TelemetrySink = telemetry if telemetry is not None else NoTelemetry()
-        self.rng = rng or random.Random()
+        super().__init__("outbound", inputs, pod)
+        self.demand = inputs.demand
+        self.state = inputs.state
+        self.pool = pod.pool
+        self.original_destination = inputs.original_destination
+        self.rng = inputs.rng
         self.connect_timeout_s = connect_timeout_s
-        self.identity = workload_identity(workload)
-        self.baggage = workload_baggage(workload)
-        self.tracker = ServerConnections("outbound")
-        self._server: asyncio.AbstractServer | None = None
-
-    async def start(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: AcceptedSide(self.tracker, self._handle), sock=listener, backlog=LISTEN_BACKLOG
-        )
-
-    async def stop(self, deadline_s: float = 5.0) -> None:
-        if self._server is not None:
-            self._server.close()
-        await self.tracker.drain(deadline_s)
+        self.baggage = workload_baggage(pod.workload)
 
     async def _handle(self, down: AcceptedSide) -> None:
         transport = down.transport

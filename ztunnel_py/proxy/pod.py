@@ -8,26 +8,16 @@ sockets are created there too, through the pod's ``SocketFactory``.
 from __future__ import annotations
 
 import asyncio
-import random
 import socket
 from dataclasses import dataclass
 
-from ztunnel_py.config import Config
-from ztunnel_py.proxy.conntrack import ConnectionTracker
+from ztunnel_py.hbone.connection import HboneSettings, Role
 from ztunnel_py.proxy.inbound import InboundServer
 from ztunnel_py.proxy.inbound_plain import InboundPlaintextServer
-from ztunnel_py.proxy.outbound import OutboundServer
+from ztunnel_py.proxy.inputs import PodInputs, ProxyInputs
+from ztunnel_py.proxy.outbound import HboneConnector, OutboundServer
 from ztunnel_py.proxy.pool import HbonePool
-from ztunnel_py.proxy.seams import (
-    Authorizer,
-    CertificateSource,
-    Demand,
-    OriginalDestination,
-    SocketFactory,
-    TelemetrySink,
-)
-from ztunnel_py.state.model import Workload
-from ztunnel_py.state.store import ProxyState
+from ztunnel_py.proxy.sockets import SocketFactory
 
 
 @dataclass(slots=True)
@@ -45,61 +35,31 @@ class PodProxy:
         )
 
 
-async def start_pod_proxy(
-    *,
-    workload: Workload,
-    listeners: tuple[socket.socket, socket.socket, socket.socket],
-    state: ProxyState,
-    config: Config,
-    certificates: CertificateSource,
-    pool: HbonePool,
-    sockets: SocketFactory,
-    original_destination: OriginalDestination,
-    inbound_original_destination: OriginalDestination | None = None,
-    authorizer: Authorizer | None = None,
-    telemetry: TelemetrySink | None = None,
-    rng: random.Random | None = None,
-    conntrack: ConnectionTracker | None = None,
-    demand: Demand | None = None,
-) -> PodProxy:
-    """Serve ``listeners`` = (outbound :15001, inbound plaintext :15006, inbound HBONE :15008).
+def pod_pool(inputs: ProxyInputs, sockets: SocketFactory) -> HbonePool:
+    """A pod's pool of outbound HBONE connections, dialled from the pod's netns."""
+    config = inputs.config
+    return HbonePool(
+        HboneConnector(
+            certificates=inputs.certificates,
+            sockets=sockets,
+            settings=HboneSettings.for_role(Role.CLIENT, config),
+        ),
+        max_streams_per_connection=config.pool_max_streams_per_connection,
+        unused_release_timeout_s=config.pool_unused_release_timeout_s,
+    )
 
-    ``inbound_original_destination``: where plaintext arriving on :15006 was going (iptables
-    REDIRECT); ``None`` when the accepted socket's own address already is that (sk_lookup).
-    """
+
+async def start_pod_proxy(
+    inputs: ProxyInputs,
+    pod: PodInputs,
+    listeners: tuple[socket.socket, socket.socket, socket.socket],
+) -> PodProxy:
+    """Serve ``listeners`` = (outbound :15001, inbound plaintext :15006, inbound HBONE :15008)."""
     outbound_sock, plaintext_sock, hbone_sock = listeners
     proxy = PodProxy(
-        outbound=OutboundServer(
-            workload=workload,
-            state=state,
-            pool=pool,
-            sockets=sockets,
-            original_destination=original_destination,
-            config=config,
-            telemetry=telemetry,
-            rng=rng,
-            demand=demand,
-            conntrack=conntrack,
-        ),
-        inbound=InboundServer(
-            workload=workload,
-            state=state,
-            certificates=certificates,
-            sockets=sockets,
-            config=config,
-            authorizer=authorizer,
-            telemetry=telemetry,
-            conntrack=conntrack,
-        ),
-        inbound_plaintext=InboundPlaintextServer(
-            workload=workload,
-            sockets=sockets,
-            original_destination=inbound_original_destination,
-            config=config,
-            authorizer=authorizer,
-            telemetry=telemetry,
-            conntrack=conntrack,
-        ),
+        outbound=OutboundServer(inputs, pod),
+        inbound=InboundServer(inputs, pod),
+        inbound_plaintext=InboundPlaintextServer(inputs, pod),
     )
     await proxy.inbound.start(hbone_sock)
     await proxy.inbound_plaintext.start(plaintext_sock)

@@ -12,9 +12,9 @@ from typing import Any
 
 from ztunnel_py.hbone.headers import format_authority
 from ztunnel_py.proxy.errors import UpstreamConnectError
-from ztunnel_py.proxy.seams import SocketAddr, SocketFactory
+from ztunnel_py.proxy.sockets import SocketFactory
 from ztunnel_py.proxy.splice import HboneSplice, TcpSide, TcpSplice
-from ztunnel_py.state.model import IPAddress
+from ztunnel_py.state.model import IPAddress, SocketAddr
 
 log = logging.getLogger(__name__)
 

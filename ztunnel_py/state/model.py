@@ -15,6 +15,8 @@ from types import MappingProxyType
 from typing import TypeVar
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+#: An IP and a port, as the proxy and telemetry pass them around.
+SocketAddr = tuple[IPAddress, int]
 
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 DEFAULT_SERVICE_ACCOUNT = "default"

@@ -1,6 +1,6 @@
 """The proxy's ``TelemetrySink``: Istio's TCP metrics and ztunnel's access log per connection.
 
-``ProxyTelemetry`` turns what the servers report (``proxy.seams``) into the counters of
+``ProxyTelemetry`` turns what the servers report (``telemetry.connections``) into the counters of
 ``telemetry.metrics`` and the lines of ``telemetry.access_log``:
 
 * ``connection_opened``: labels (reporter, workloads, service, principals, security policy),
@@ -31,8 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ztunnel_py.hbone.headers import format_authority
-from ztunnel_py.proxy.seams import ConnectionRecord, Direction, Progress, SocketAddr
-from ztunnel_py.state.model import Service, Workload
+from ztunnel_py.state.model import Service, SocketAddr, Workload
 from ztunnel_py.state.store import ProxyState
 from ztunnel_py.telemetry.access_log import (
     ACCESS_TARGET,
@@ -41,6 +40,7 @@ from ztunnel_py.telemetry.access_log import (
     log_connection_failed,
     log_connection_opened,
 )
+from ztunnel_py.telemetry.connections import ConnectionRecord, Direction, Progress
 from ztunnel_py.telemetry.metrics import (
     ConnectionLabels,
     ConnectionMetrics,

@@ -17,25 +17,29 @@ import socket
 import ssl
 import struct
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import h2.config
 import h2.connection
 import h2.events
 
 from ztunnel_py.config import Config, RootCert, RootCertKind
-from ztunnel_py.hbone.connection import HboneSettings, Role
+from ztunnel_py.hbone.connection import HboneSettings
 from ztunnel_py.identity.certificate import WorkloadCertificate
 from ztunnel_py.identity.spiffe import Identity
 from ztunnel_py.identity.tls import NO_SNI, client_context
+from ztunnel_py.proxy.authorization import Authorizer, PermitAll
+from ztunnel_py.proxy.certificates import FetchedCertificates
 from ztunnel_py.proxy.conntrack import ConnectionTracker
 from ztunnel_py.proxy.inbound import InboundServer
-from ztunnel_py.proxy.outbound import HboneConnector, OutboundServer
+from ztunnel_py.proxy.inputs import PodInputs, ProxyInputs
+from ztunnel_py.proxy.outbound import OutboundServer
+from ztunnel_py.proxy.pod import pod_pool
 from ztunnel_py.proxy.pool import HbonePool
-from ztunnel_py.proxy.seams import Authorizer, FetchedCertificates, SocketAddr, TelemetrySink
 from ztunnel_py.proxy.sockopt import PodSocketFactory
-from ztunnel_py.state.model import InboundProtocol, IPAddress, Service, Workload
+from ztunnel_py.state.model import InboundProtocol, IPAddress, Service, SocketAddr, Workload
 from ztunnel_py.state.store import ProxyState, UpdateBatch
+from ztunnel_py.telemetry.connections import NoTelemetry, TelemetrySink
 from ztunnel_py.testing.pki import CertificateAuthority
 
 _ranges = itertools.count(random.Random(os.getpid()).randrange(1, 200) * 250)
@@ -102,6 +106,8 @@ class Mesh:
     outbound: OutboundServer
     outbound_addr: SocketAddr
     destination: FixedDestination
+    #: What the client pod's proxy was built from; ``dataclasses.replace`` it for more servers.
+    inputs: ProxyInputs
     apps: list[asyncio.AbstractServer] = field(default_factory=list)
 
     @property
@@ -154,49 +160,42 @@ async def start_mesh(
     base = f"127.{100 + n // 250 % 100}.{n % 250}"
     client_ip = ipaddress.ip_address(f"{base}.1")
     server_ip = ipaddress.ip_address(f"{base}.2")
-    config = make_config()
+    config = make_config(
+        pool_max_streams_per_connection=max_streams_per_connection,
+        pool_unused_release_timeout_s=unused_release_timeout_s,
+    )
     pki = Pki()
     state = state if state is not None else ProxyState()
     client = pod("client", client_ip, "client")
     server = pod("server", server_ip, "server", services=server_services or {})
     state.apply(UpdateBatch(workloads=(client, server), services=services))
-    certs = FetchedCertificates(pki.fetch)
-    sockets = PodSocketFactory(config, mark=False)
-    connector = HboneConnector(
-        certificates=certs, sockets=sockets, settings=HboneSettings.for_role(Role.CLIENT, config)
-    )
-    pool = HbonePool(
-        connector,
-        max_streams_per_connection=max_streams_per_connection,
-        unused_release_timeout_s=unused_release_timeout_s,
-    )
-    inbound = InboundServer(
-        workload=server,
-        state=state,
-        certificates=certs,
-        sockets=sockets,
+    destination = FixedDestination((server_ip, 0))
+    inputs = ProxyInputs(
         config=config,
-        authorizer=authorizer,
+        state=state,
+        certificates=FetchedCertificates(pki.fetch),
+        original_destination=destination,
+        telemetry=telemetry if telemetry is not None else NoTelemetry(),
+        conntrack=conntrack,
+        rng=random.Random(1),
+    )
+    sockets = PodSocketFactory(config, mark=False)
+    pool = pod_pool(inputs, sockets)
+    server_inputs = inputs
+    if server_telemetry is not None:
+        server_inputs = replace(inputs, telemetry=server_telemetry)
+    inbound = InboundServer(
+        server_inputs,
+        PodInputs(
+            workload=server, sockets=sockets, pool=pool, authorizer=authorizer or PermitAll()
+        ),
         settings=server_settings,
         handshake_timeout_s=handshake_timeout_s,
-        telemetry=server_telemetry if server_telemetry is not None else telemetry,
         certificate_refresh_s=certificate_refresh_s,
-        conntrack=conntrack,
     )
     hbone_listener = listen(server_ip, 15008)
     await inbound.start(hbone_listener)
-    destination = FixedDestination((server_ip, 0))
-    outbound = OutboundServer(
-        workload=client,
-        state=state,
-        pool=pool,
-        sockets=sockets,
-        original_destination=destination,
-        config=config,
-        telemetry=telemetry,
-        rng=random.Random(1),
-        conntrack=conntrack,
-    )
+    outbound = OutboundServer(inputs, PodInputs(workload=client, sockets=sockets, pool=pool))
     out_listener = listen(client_ip, 0)
     await outbound.start(out_listener)
     return Mesh(
@@ -211,6 +210,7 @@ async def start_mesh(
         outbound=outbound,
         outbound_addr=(client_ip, out_listener.getsockname()[1]),
         destination=destination,
+        inputs=inputs,
     )
 
 

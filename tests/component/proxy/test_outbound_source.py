@@ -11,8 +11,8 @@ from dataclasses import replace
 import pytest
 
 from ztunnel_py.proxy.outbound import pod_source
-from ztunnel_py.proxy.seams import ConnectionRecord, NoTelemetry, Progress
 from ztunnel_py.state.model import IPAddress
+from ztunnel_py.telemetry.connections import ConnectionRecord, NoTelemetry, Progress
 from ztunnel_py.testing.proxy_harness import echo_app, pod, start_mesh
 
 

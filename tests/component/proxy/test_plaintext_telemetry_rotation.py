@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from dataclasses import replace
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -11,9 +12,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from ztunnel_py.identity.certificate import WorkloadCertificate
 from ztunnel_py.identity.tls import NO_SNI, client_context
 from ztunnel_py.proxy.inbound_plain import InboundPlaintextServer
-from ztunnel_py.proxy.seams import ConnectionRecord, Direction, NoTelemetry, Progress
+from ztunnel_py.proxy.inputs import PodInputs
 from ztunnel_py.proxy.sockopt import PodSocketFactory
 from ztunnel_py.rbac.evaluate import ConnectionInfo, Decision
+from ztunnel_py.telemetry.connections import ConnectionRecord, Direction, NoTelemetry, Progress
 from ztunnel_py.telemetry.metrics import ResponseFlags
 from ztunnel_py.testing.proxy_harness import (
     CLIENT_ID,
@@ -69,12 +71,18 @@ async def test_inbound_plaintext_allows_and_denies_without_identity() -> None:
         recorder = Recorder()
         for target, expect_ok in (((mesh.server_ip, port), True), ((mesh.server_ip, 1), False)):
             server = InboundPlaintextServer(
-                workload=mesh.server,
-                sockets=PodSocketFactory(make_config(), mark=False),
-                config=make_config(),
-                original_destination=FixedDestination(target),  # the app, as TPROXY keeps it
-                authorizer=authorizer,
-                telemetry=recorder,
+                replace(
+                    mesh.inputs,
+                    # the app, as TPROXY keeps it
+                    inbound_original_destination=FixedDestination(target),
+                    telemetry=recorder,
+                ),
+                PodInputs(
+                    workload=mesh.server,
+                    sockets=PodSocketFactory(make_config(), mark=False),
+                    pool=mesh.pool,
+                    authorizer=authorizer,
+                ),
             )
             sock = listen(mesh.server_ip, 0)
             await server.start(sock)

@@ -14,13 +14,16 @@ import io
 import json
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from ztunnel_py.proxy.authorization import PermitAll
 from ztunnel_py.proxy.conntrack import POLICY_CHANGE_ERROR, ConnectionTracker
 from ztunnel_py.proxy.inbound_plain import InboundPlaintextServer
+from ztunnel_py.proxy.inputs import PodInputs
 from ztunnel_py.proxy.sockopt import PodSocketFactory
 from ztunnel_py.rbac.evaluate import ConnectionInfo, Decision
 from ztunnel_py.state.store import ProxyState
@@ -319,12 +322,17 @@ async def test_plaintext_deny_and_allow(access_log: io.StringIO) -> None:
         node = both.server
         for authorizer in (DenyAll(), None):
             server = InboundPlaintextServer(
-                workload=mesh.server,
-                sockets=PodSocketFactory(make_config(), mark=False),
-                config=make_config(),
-                original_destination=FixedDestination((mesh.server_ip, port)),
-                authorizer=authorizer,
-                telemetry=node.sink,
+                replace(
+                    mesh.inputs,
+                    inbound_original_destination=FixedDestination((mesh.server_ip, port)),
+                    telemetry=node.sink,
+                ),
+                PodInputs(
+                    workload=mesh.server,
+                    sockets=PodSocketFactory(make_config(), mark=False),
+                    pool=mesh.pool,
+                    authorizer=authorizer or PermitAll(),
+                ),
             )
             sock = listen(mesh.server_ip, 0)
             await server.start(sock)

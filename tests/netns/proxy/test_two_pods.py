@@ -21,11 +21,10 @@ from dataclasses import dataclass
 import pytest
 import pytest_asyncio
 
-from ztunnel_py.hbone.connection import HboneSettings, Role
-from ztunnel_py.proxy.outbound import HboneConnector
-from ztunnel_py.proxy.pod import PodProxy, start_pod_proxy
+from ztunnel_py.proxy.certificates import FetchedCertificates
+from ztunnel_py.proxy.inputs import PodInputs, ProxyInputs
+from ztunnel_py.proxy.pod import PodProxy, pod_pool, start_pod_proxy
 from ztunnel_py.proxy.pool import HbonePool
-from ztunnel_py.proxy.seams import FetchedCertificates
 from ztunnel_py.proxy.sockopt import PodSocketFactory, SoOriginalDst
 from ztunnel_py.state.store import ProxyState, UpdateBatch
 from ztunnel_py.testing.netns import Netns, NetnsPool
@@ -115,32 +114,21 @@ async def two_pods() -> AsyncIterator[TwoPods]:
         server = pod("server", ipaddress.ip_address(server_ip), SERVER_ID.service_account)
         state = ProxyState()
         state.apply(UpdateBatch(workloads=(client, server)))
-        certs = FetchedCertificates(pki.fetch)
+        inputs = ProxyInputs(
+            config=config,
+            state=state,
+            certificates=FetchedCertificates(pki.fetch),
+            original_destination=SoOriginalDst(),
+            rng=random.Random(1),
+        )
         proxies: list[PodProxy] = []
         pools: list[HbonePool] = []
         for workload, ns in ((client, client_ns), (server, server_ns)):
             sockets = PodSocketFactory(config, ns.fd)
-            pool = HbonePool(
-                HboneConnector(
-                    certificates=certs,
-                    sockets=sockets,
-                    settings=HboneSettings.for_role(Role.CLIENT, config),
-                )
-            )
+            pool = pod_pool(inputs, sockets)
             pools.append(pool)
-            proxies.append(
-                await start_pod_proxy(
-                    workload=workload,
-                    listeners=listeners_in(ns),
-                    state=state,
-                    config=config,
-                    certificates=certs,
-                    pool=pool,
-                    sockets=sockets,
-                    original_destination=SoOriginalDst(),
-                    rng=random.Random(1),
-                )
-            )
+            pod_inputs = PodInputs(workload=workload, sockets=sockets, pool=pool)
+            proxies.append(await start_pod_proxy(inputs, pod_inputs, listeners_in(ns)))
         apps = []
         for handler, port in ((echo_app, APP_PORT), (bulk_app, APP_PORT + 1)):
             app_sock = server_ns.socket()

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from ztunnel_py.proxy.seams import AUTHORIZATION_LOGGER, PolicyAuthorizer
+from ztunnel_py.proxy.authorization import AUTHORIZATION_LOGGER, PolicyAuthorizer
 from ztunnel_py.rbac.evaluate import ConnectionInfo
 from ztunnel_py.rbac.model import Action, Authorization, Match, StringMatch, StringMatchKind
 from ztunnel_py.state.model import Workload

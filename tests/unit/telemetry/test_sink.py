@@ -14,11 +14,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from ztunnel_py.proxy.conntrack import POLICY_CHANGE_ERROR
-from ztunnel_py.proxy.seams import ConnectionRecord, Direction, NoTelemetry, report_splice
+from ztunnel_py.proxy.reporting import report_splice
 from ztunnel_py.proxy.splice import SpliceResult
 from ztunnel_py.state.model import Service, Workload
 from ztunnel_py.state.store import ProxyState, UpdateBatch
 from ztunnel_py.telemetry import logging as ztlogging
+from ztunnel_py.telemetry.connections import ConnectionRecord, Direction, NoTelemetry
 from ztunnel_py.telemetry.metrics import (
     ConnectionLabels,
     ConnectionMetrics,

@@ -1,0 +1,66 @@
+"""What the proxy servers are built from: one ``ProxyInputs`` per daemon, one ``PodInputs`` per pod.
+
+The servers never reach for certificates, policy, original destinations, sockets or metrics
+themselves: the composition root hands them these two values (tests hand them fakes), and
+``PodProxyStarter`` -> ``start_pod_proxy`` -> each listener pass them on as they are.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from ztunnel_py.config import Config
+from ztunnel_py.proxy.authorization import Authorizer, PermitAll, PolicyAuthorizer
+from ztunnel_py.proxy.certificates import CertificateSource
+from ztunnel_py.proxy.conntrack import ConnectionTracker
+from ztunnel_py.proxy.pool import HbonePool
+from ztunnel_py.proxy.sockets import OriginalDestination, SocketFactory
+from ztunnel_py.state.model import Workload
+from ztunnel_py.state.store import ProxyState
+from ztunnel_py.telemetry.connections import NoTelemetry, TelemetrySink
+
+# ``XDS_ON_DEMAND``: ask istiod for one resource (``network/ip`` or a workload uid) and wait
+# until it answered (or gave up); the state store then holds it if it exists.
+Demand = Callable[[str], Coroutine[Any, Any, None]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProxyInputs:
+    """What every pod's proxy shares.
+
+    ``original_destination``: where a connection accepted on :15001 was going;
+    ``inbound_original_destination``: the same for plaintext on :15006 (iptables REDIRECT),
+    ``None`` when the accepted socket's own address already is that (sk_lookup).
+    ``conntrack``: the live connections re-checked when policies change.
+    ``demand``: with ``XDS_ON_DEMAND``, fetch an address istiod has not sent yet.
+    """
+
+    config: Config
+    state: ProxyState
+    certificates: CertificateSource
+    original_destination: OriginalDestination
+    inbound_original_destination: OriginalDestination | None = None
+    telemetry: TelemetrySink = field(default_factory=NoTelemetry)
+    conntrack: ConnectionTracker | None = None
+    rng: random.Random = field(default_factory=random.Random)
+    demand: Demand | None = None
+
+    def authorizer_for(self, workload: Workload) -> PolicyAuthorizer:
+        """Authorization against the policies of ``workload`` (logged as configured)."""
+        return PolicyAuthorizer(
+            self.state, workload, info_logging=self.config.authz_policy_info_logging
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PodInputs:
+    """What one enrolled pod adds: its workload, sockets made in its netns, its HBONE pool
+    and the authorizer of its inbound connections."""
+
+    workload: Workload
+    sockets: SocketFactory
+    pool: HbonePool
+    authorizer: Authorizer = field(default_factory=PermitAll)

@@ -1,0 +1,26 @@
+"""Where the proxy servers' sockets come from and where redirected connections were going.
+
+Implementations: ``proxy.sockopt`` (netns sockets, ``SO_ORIGINAL_DST``), ``bpf.origdst``
+(the eBPF ``orig_dst`` map), ``proxy.inbound_plain.LocalAddress`` (sk_lookup, TPROXY).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Protocol
+
+from ztunnel_py.state.model import IPAddress, SocketAddr
+
+
+class OriginalDestination(Protocol):
+    """Where an accepted outbound connection was going before it was redirected to :15001."""
+
+    def original_destination(self, sock: socket.socket) -> SocketAddr: ...
+
+
+class SocketFactory(Protocol):
+    """Upstream sockets, made in the pod's netns with the daemon's mark and keepalives."""
+
+    def upstream_socket(self, family: int, *, source: IPAddress | None = None) -> socket.socket:
+        """A non-blocking TCP socket; with ``source``, bound to it (original-source spoofing)."""
+        ...
