@@ -15,10 +15,13 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import ztunnel_py
+from ztunnel_py.admin.debug import redact
 from ztunnel_py.admin.dump import state_dump
 from ztunnel_py.admin.server import AdminServer, ReadinessServer, StatsServer, new_registry
+from ztunnel_py.admin.views import DebugViews
 from ztunnel_py.config import Config
 from ztunnel_py.dataplane import DataPlane
+from ztunnel_py.debug_sources import debug_providers
 from ztunnel_py.identity.caclient import build_ca_client
 from ztunnel_py.identity.clock import SystemClock
 from ztunnel_py.identity.manager import SecretManager
@@ -31,6 +34,7 @@ from ztunnel_py.state.hub import StateHub
 from ztunnel_py.state.store import ChangeSet
 from ztunnel_py.telemetry.logging import LevelController
 from ztunnel_py.telemetry.metrics import ConnectionMetrics
+from ztunnel_py.telemetry.runtime import LoopMonitor, RecentLogs
 from ztunnel_py.telemetry.sink import ProxyTelemetry
 from ztunnel_py.xds.client import XdsClient, XdsMetrics
 from ztunnel_py.xds.local_source import LocalConfigSource
@@ -52,11 +56,13 @@ class App:
         self.registry = new_registry()
         self.hub = StateHub()
         self.readiness = Readiness()
+        self.loop_monitor = LoopMonitor(self.registry)
+        self.logs = RecentLogs()  # the last lines and errors, for /debug
         self.dump_providers: dict[str, Callable[[], Any]] = {}
         self._stop = asyncio.Event()
         self._forced = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._servers: list[AdminServer | StatsServer | ReadinessServer] = []
+        self.servers: list[AdminServer | StatsServer | ReadinessServer] = []
         self.clock = SystemClock()
         self.rng = random.Random()
         self.local_source: LocalConfigSource | None = None
@@ -117,7 +123,7 @@ class App:
             "ztunnelPy": ztunnel_py.__version__,
             "generation": self.hub.state.generation,
         }
-        out["config"] = self.config.to_dump()
+        out["config"] = redact(self.config.to_dump())  # e.g. XDS_HEADER_AUTHORIZATION
         if self.local_source is not None:
             out["staticConfig"] = {
                 "source": str(self.config.local_xds_path or "LOCAL_XDS"),
@@ -174,7 +180,9 @@ class App:
         self._follow_certificates()
         self.dataplane.start()  # eBPF programs, ZDS enrollment, per-pod proxies
 
+        self.spawn("loop monitor", self.loop_monitor.run())
         admin = AdminServer(
+            debug=DebugViews(debug_providers(self), logs=self.logs.lines),
             dump=self.dump,
             levels=self.levels,
             on_quit=self.request_shutdown,
@@ -188,7 +196,7 @@ class App:
         await admin.start(self.config.admin_port)
         await stats.start(any_host, self.config.stats_port)
         await ready.start(any_host, self.config.readiness_port)
-        self._servers = [admin, stats, ready]
+        self.servers = [admin, stats, ready]
 
     async def run(self) -> int:
         """Run until asked to stop; returns the process exit code."""
@@ -196,6 +204,7 @@ class App:
         loop = asyncio.get_running_loop()
         shutdown = ShutdownController(graceful=self.request_shutdown, force=self.force_shutdown)
         shutdown.install(loop)
+        logging.getLogger().addHandler(self.logs)
         try:
             await self.start()
             log.info(
@@ -209,6 +218,7 @@ class App:
             return await self.shutdown()
         finally:
             ShutdownController.uninstall(loop)
+            logging.getLogger().removeHandler(self.logs)
 
     async def shutdown(self) -> int:
         """Readiness off, listeners closed, connections drained up to the deadline; a second
@@ -231,7 +241,7 @@ class App:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for server in self._servers:
+        for server in self.servers:
             await server.http.close()
         await self.secrets.close()
         log.info("ztunnel-py stopped")

@@ -2,7 +2,8 @@
 
 ``ztunnel-py run`` starts the daemon (``ztunnel-py proxy ztunnel`` is the same, so the
 container args of istio's ztunnel chart work unchanged); ``validate FILE`` checks a local
-config file; ``config-dump`` prints the running daemon's state.
+config file; ``config-dump`` prints the running daemon's state; ``debug dump`` and
+``debug bundle`` read its debug views.
 """
 
 from __future__ import annotations
@@ -54,6 +55,21 @@ def _parser() -> argparse.ArgumentParser:
         help="detach and unpin this node's BPF programs and maps (BPF_PIN_PATH); stops redirection",
     )
     b.add_argument("--pin-path", type=Path, help="default: BPF_PIN_PATH or /sys/fs/bpf/ztunnel-py")
+    default_admin = f"127.0.0.1:{os.environ.get('ADMIN_PORT', config_mod.PORT_ADMIN)}"
+    dbg = sub.add_parser("debug", help="the running daemon's debug views (admin /debug)")
+    dbg_sub = dbg.add_subparsers(dest="debug_command", required=True)
+    dd = dbg_sub.add_parser("dump", help="print /debug/dump (or some of its sections)")
+    dd.add_argument("--section", action="append", default=[], help="e.g. connections, bpf, xds")
+    dd.add_argument("--admin", default=default_admin, help="admin address (127.0.0.1:15000)")
+    db = dbg_sub.add_parser("bundle", help="write a tar.gz of every debug view, metrics, logs")
+    db.add_argument("--admin", default=default_admin, help="admin address (127.0.0.1:15000)")
+    db.add_argument(
+        "--stats",
+        default=f"127.0.0.1:{os.environ.get('STATS_PORT', config_mod.PORT_STATS)}",
+        help="metrics address (127.0.0.1:15020)",
+    )
+    db.add_argument("-o", "--output", type=Path, help="default: ./ztunnel-py-debug-<time>.tar.gz")
+    db.add_argument("--log", type=Path, action="append", default=[], help="a log file to add")
     sub.add_parser("version", help="print the version")
     return p
 
@@ -66,6 +82,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _validate(args.file)
     if args.command == "config-dump":
         return _config_dump(args.admin)
+    if args.command == "debug":
+        from ztunnel_py import debug_client
+
+        if args.debug_command == "dump":
+            return debug_client.dump(args.admin, args.section)
+        return debug_client.bundle(args.admin, args.stats, args.output, args.log)
     if args.command == "uninstall-bpf":
         return _uninstall_bpf(args.pin_path)
     print(f"ztunnel-py {ztunnel_py.__version__}")

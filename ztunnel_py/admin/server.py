@@ -18,6 +18,7 @@ from prometheus_client.openmetrics import exposition as om_exposition
 
 import ztunnel_py
 from ztunnel_py.admin.http import HttpServer, Request, Response
+from ztunnel_py.admin.views import DebugViews
 from ztunnel_py.readiness import Readiness
 from ztunnel_py.telemetry.logging import LevelController
 
@@ -56,6 +57,7 @@ class AdminServer:
     def __init__(
         self,
         *,
+        debug: DebugViews | None = None,
         dump: Callable[[], dict[str, Any]],
         levels: LevelController,
         on_quit: Callable[[], None],
@@ -75,6 +77,7 @@ class AdminServer:
                 "/config_dump": self._config_dump,
                 "/logging": self._logging,
                 "/quitquitquit": self._quit,
+                **(debug.routes() if debug is not None else {}),
             },
         )
 

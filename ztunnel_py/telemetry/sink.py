@@ -131,10 +131,15 @@ class ProxyTelemetry:
     # ------------------------------------------------------------------ scrape side
 
     def flush(self) -> None:
-        """Count the bytes every live connection moved since the last flush."""
+        """Count the bytes every live connection moved since the last flush; set
+        ``istio_tcp_sockets_open`` to the connections open now, per reporter."""
+        open_now = dict.fromkeys(Reporter, 0)
         for live in self._live.values():
+            open_now[live.recorder.labels.reporter] += 1
             if live.progress is not None:
                 self._count(live, *live.progress())
+        for reporter, count in open_now.items():
+            self._metrics.sockets_open.labels(reporter.value).set(count)
 
     def live_connections(self) -> list[ConnectionRecord]:
         """The connections opened and not yet closed."""

@@ -465,3 +465,13 @@ async def test_report_splice_clean_close_and_no_telemetry() -> None:
     splice.done.set_result(SpliceResult(1, 2, None))
     await asyncio.sleep(0)
     assert h.value("istio_tcp_connections_closed_total", response_flags="-") == 1
+
+
+def test_sockets_open_counts_live_connections_per_reporter(h: Harness) -> None:
+    h.sink.connection_opened(OUTBOUND, Counters())
+    h.sink.flush()
+    assert h.value("istio_tcp_sockets_open", reporter="source") == 1
+    assert h.value("istio_tcp_sockets_open", reporter="destination") == 0
+    h.sink.connection_closed(OUTBOUND, bytes_sent=0, bytes_received=0, error=None)
+    h.sink.flush()
+    assert h.value("istio_tcp_sockets_open", reporter="source") == 0
