@@ -338,6 +338,19 @@ class DataPlane:
             if uid in pods
         ]
 
+    def debug_bpf(self) -> dict[str, Any] | None:
+        """Programs, attach points, counters and every map's entries (eBPF mode only)."""
+        if self.bpf is None:
+            return None
+        from ztunnel_py.bpf.dump import dump_every_map
+
+        return {
+            "adopted": self.bpf.adopted,
+            "attachPoints": self.bpf.attach_points(),
+            "counters": self.bpf.read_counters(),
+            "maps": dump_every_map(self.bpf.maps),
+        }
+
     def debug_redirect(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "mode": self.redirect_mode.value if self.redirect_mode else None,

@@ -36,7 +36,7 @@ def debug_providers(app: App) -> dict[str, Callable[[], Any]]:
         "pods": app.dataplane.debug_pods,
         "listeners": lambda: _listeners(app),
         "connections": app.dataplane.debug_connections,
-        "bpf": lambda: app.dataplane.bpf.dump() if app.dataplane.bpf is not None else None,
+        "bpf": app.dataplane.debug_bpf,
         "redirect": app.dataplane.debug_redirect,
         "errors": app.logs.errors,
         "runtime": lambda: _runtime(app),

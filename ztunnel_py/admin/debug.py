@@ -38,17 +38,11 @@ EXTRA_VIEWS: Mapping[str, str] = {
 }
 
 REDACTED = "<redacted>"
-# Keys whose values are secret wherever they appear; matched on the lower-cased key with
-# separators removed, so privateKey, private_key and PRIVATE-KEY all count.
-_SECRET_KEYS = (
-    "privatekey",
-    "token",
-    "password",
-    "secret",
-    "keypem",
-    "authorization",
-    "cookie",
-)
+# Keys whose values are secret wherever they appear, matched on the lower-cased key with
+# separators removed (privateKey, private_key and PRIVATE-KEY all count): by their ending, and
+# HTTP header names exactly (a netnsCookie is no cookie).
+_SECRET_ENDINGS = ("privatekey", "token", "password", "secret", "keypem")
+_SECRET_NAMES = frozenset({"authorization", "proxyauthorization", "cookie", "setcookie"})
 _PRIVATE_PEM = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")
 
 
@@ -106,7 +100,8 @@ def redact(value: Any) -> Any:
 
 def _redact_item(key: str, value: Any) -> Any:
     normalized = re.sub(r"[^a-z]", "", key.lower())
-    if any(normalized.endswith(s) for s in _SECRET_KEYS) and value not in (None, "", False):
+    secret = normalized in _SECRET_NAMES or normalized.endswith(_SECRET_ENDINGS)
+    if secret and value not in (None, "", False):
         return REDACTED if value != REDACTED else value
     return redact(value)
 

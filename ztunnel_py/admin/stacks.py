@@ -8,8 +8,7 @@ sampling interval.
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 Stack = tuple[str, ...]
@@ -64,16 +63,3 @@ def speedscope(samples: Mapping[Stack, int], *, interval_s: float, name: str) ->
         ],
         "exporter": "ztunnel-py",
     }
-
-
-def top_functions(samples: Mapping[Stack, int], limit: int = 20) -> list[tuple[str, int]]:
-    """The frames seen in the most samples (anywhere on the stack), busiest first."""
-    seen: Counter[str] = Counter()
-    for stack, count in samples.items():
-        for frame in set(stack):
-            seen[frame] += count
-    return seen.most_common(limit)
-
-
-def merge(samples: Sequence[Stack]) -> dict[Stack, int]:
-    return dict(Counter(samples))
