@@ -21,7 +21,7 @@ from ztunnel_py.admin.server import AdminServer, ReadinessServer, StatsServer, n
 from ztunnel_py.admin.views import DebugViews
 from ztunnel_py.config import Config
 from ztunnel_py.dataplane import DataPlane
-from ztunnel_py.debug_sources import debug_providers
+from ztunnel_py.debug_sources import dashboard_facts, debug_providers
 from ztunnel_py.identity.caclient import build_ca_client
 from ztunnel_py.identity.clock import SystemClock
 from ztunnel_py.identity.manager import SecretManager
@@ -183,6 +183,7 @@ class App:
         self.spawn("loop monitor", self.loop_monitor.run())
         admin = AdminServer(
             debug=DebugViews(debug_providers(self), logs=self.logs.lines),
+            dashboard=lambda: dashboard_facts(self),
             dump=self.dump,
             levels=self.levels,
             on_quit=self.request_shutdown,

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import ztunnel_py
 from ztunnel_py.admin.debug import certificate_summary
+from ztunnel_py.admin.dump import policy_to_dict
 
 if TYPE_CHECKING:
     from ztunnel_py.app import App
@@ -40,6 +41,18 @@ def debug_providers(app: App) -> dict[str, Callable[[], Any]]:
         "redirect": app.dataplane.debug_redirect,
         "errors": app.logs.errors,
         "runtime": lambda: _runtime(app),
+    }
+
+
+def dashboard_facts(app: App) -> dict[str, Any]:
+    """What ``/`` shows: this node's pods, their live connections, the policies."""
+    return {
+        "node": app.config.node_name or "",
+        "pods": app.dataplane.debug_pods(),
+        "connections": app.dataplane.conntrack.dump(),
+        "policies": [
+            policy_to_dict(p) for p in sorted(app.hub.state.policies(), key=lambda p: p.key)
+        ],
     }
 
 

@@ -17,6 +17,7 @@ from tests.netns.e2e.support import MODES, finish_stream, mesh_tag, start_stream
 from tools.testbed import cgroup2_mount
 from tools.testbed.mesh import ExtraService, Mesh, MeshOptions
 from tools.testbed.plan import ECHO_PORT
+from ztunnel_py.testing import browser
 from ztunnel_py.testing.daemon import Daemon, http
 from ztunnel_py.testing.poll import wait_until
 from ztunnel_py.testing.privileged import require
@@ -148,3 +149,27 @@ def test_bpf_view_matches_the_kernel(mesh: Mesh) -> None:
         assert {e["address"] for e in maps["zt_local"]} == {p.ip for p in mesh.plan.pods_on(node)}
         assert "zt_sk_orig" in maps and "out_redirected" in view["counters"]
         assert len(view["attachPoints"]["podLinks"]) == len(mesh.plan.pods_on(node))
+
+
+def test_dashboard_in_a_real_browser(mesh: Mesh, tmp_path: Path) -> None:
+    """``/`` rendered by headless Chromium while a connection is open: the page shows the
+    node's pods and that connection, and its screenshot is a real, non-blank page."""
+    require(browser.chromium() is not None, "chromium is not installed (tools/setup.sh)")
+    client, server = mesh.pod(CLIENT), mesh.pod(SERVER)
+    daemon = daemon_of(mesh, CLIENT)
+    stream = start_stream(mesh, CLIENT, ON_NODE_1.vip, ECHO_PORT)
+    try:
+        wait_until(lambda: bool(listed(mesh, CLIENT)["outbound"]), "the connection to be listed")
+        dom = browser.dump_dom(daemon.admin + "/")
+        shot = browser.screenshot(
+            daemon.admin + "/", tmp_path / f"dashboard-{mesh.options.redirect}.png"
+        )
+    finally:
+        finish_stream(stream)
+    for pod in mesh.plan.pods_on(client.node):
+        assert f"{pod.namespace}/{pod.name}" in dom
+    assert f"{server.ip}:15008" in dom and f"{ON_NODE_1.vip}:{ECHO_PORT}" in dom
+    assert 'href="/debug/pprof/profile"' in dom and 'href="/config_dump"' in dom
+    summary = browser.png_summary(shot)
+    assert (summary.width, summary.height) == (1280, 900)
+    assert summary.colours > 10  # text, table headers, state colours: not a blank page
