@@ -15,8 +15,13 @@ from pathlib import Path
 
 import pytest
 import uvloop
+from hypothesis import settings
 
 from ztunnel_py.testing.privileged import missing_privileges, require_privileged_env
+
+# No timing thresholds in tests: a property test on a loaded machine is slow, not wrong.
+settings.register_profile("no-deadline", deadline=None)
+settings.load_profile("no-deadline")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

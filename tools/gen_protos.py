@@ -1,13 +1,13 @@
-"""Generate ``ztunnel_py/xds/_pb/`` from ``xds/*.proto`` with grpcio-tools and mypy-protobuf.
+"""Generate ``ztunnel_py/protos/`` from ``xds/*.proto`` with grpcio-tools and mypy-protobuf.
 
 Usage::
 
     python tools/gen_protos.py          # regenerate in place
     python tools/gen_protos.py --check  # exit 1 (naming the files) if the committed output is stale
 
-protoc is given ``-Iztunnel_py/xds/_pb=xds`` so every file's virtual path is
-``ztunnel_py/xds/_pb/<name>.proto``: the generated modules then import each other as
-``from ztunnel_py.xds._pb import workload_pb2``, absolute within our package, and the
+protoc is given ``-Iztunnel_py/protos=xds`` so every file's virtual path is
+``ztunnel_py/protos/<name>.proto``: the generated modules then import each other as
+``from ztunnel_py.protos import workload_pb2``, absolute within our package, and the
 descriptor pool names cannot collide with another package's ``workload.proto``.
 Only ``ca.proto`` declares a service, so only it gets ``_pb2_grpc`` modules.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PROTO_DIR = "xds"
-PACKAGE_DIR = Path("ztunnel_py/xds/_pb")
+PACKAGE_DIR = Path("ztunnel_py/protos")
 MESSAGE_PROTOS = ("workload.proto", "authorization.proto", "zds.proto", "ca.proto")
 SERVICE_PROTOS = ("ca.proto",)
 
@@ -64,7 +64,7 @@ def _protoc(args: list[str]) -> None:
 
 
 def generate(out_root: Path) -> Path:
-    """Generate into ``out_root/ztunnel_py/xds/_pb`` and return that directory."""
+    """Generate into ``out_root/ztunnel_py/protos`` and return that directory."""
     target = out_root / PACKAGE_DIR
     target.mkdir(parents=True, exist_ok=True)
     _protoc(

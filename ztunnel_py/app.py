@@ -21,16 +21,16 @@ from ztunnel_py.admin.server import AdminServer, ReadinessServer, StatsServer, n
 from ztunnel_py.admin.views import DebugViews
 from ztunnel_py.config import Config
 from ztunnel_py.dataplane import DataPlane
-from ztunnel_py.debug_sources import dashboard_facts, debug_providers
+from ztunnel_py.debug_sources import DaemonParts, dashboard_facts, debug_providers
 from ztunnel_py.identity.caclient import build_ca_client
 from ztunnel_py.identity.clock import SystemClock
 from ztunnel_py.identity.manager import SecretManager
-from ztunnel_py.identity.node import NodeCertificates
 from ztunnel_py.proxy.certificates import FetchedCertificates
 from ztunnel_py.proxy.memory import tune_malloc
 from ztunnel_py.readiness import Readiness
 from ztunnel_py.signals import ShutdownController
 from ztunnel_py.state.hub import StateHub
+from ztunnel_py.state.node_identities import NodeCertificates
 from ztunnel_py.state.store import ChangeSet
 from ztunnel_py.telemetry.logging import LevelController
 from ztunnel_py.telemetry.metrics import ConnectionMetrics
@@ -181,9 +181,20 @@ class App:
         self.dataplane.start()  # eBPF programs, ZDS enrollment, per-pod proxies
 
         self.spawn("loop monitor", self.loop_monitor.run())
+        parts = DaemonParts(
+            config=self.config,
+            hub=self.hub,
+            xds=self.xds,
+            local_source=self.local_source,
+            secrets=self.secrets,
+            dataplane=self.dataplane,
+            servers=lambda: self.servers,
+            logs=self.logs,
+            loop_monitor=self.loop_monitor,
+        )
         admin = AdminServer(
-            debug=DebugViews(debug_providers(self), logs=self.logs.lines),
-            dashboard=lambda: dashboard_facts(self),
+            debug=DebugViews(debug_providers(parts), logs=self.logs.lines),
+            dashboard=lambda: dashboard_facts(parts),
             dump=self.dump,
             levels=self.levels,
             on_quit=self.request_shutdown,

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import yaml
 
 from ztunnel_py.errors import ConfigError
+from ztunnel_py.log_levels import parse_level_spec
 
 # --- ports (ztunnel ARCHITECTURE.md) ---------------------------------------------------------
 PORT_ADMIN = 15000
@@ -413,8 +414,6 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
     stats_port = integer("STATS_PORT", int(pc.get("statusPort") or PORT_STATS), maximum=65535)
 
     log_level = get("RUST_LOG") or get("LOG_LEVEL") or "info"
-    from ztunnel_py.telemetry.logging import parse_level_spec
-
     try:
         parse_level_spec(log_level)
     except ValueError as e:

@@ -31,12 +31,8 @@ from ztunnel_py.proxy.pool import HbonePool
 from ztunnel_py.proxy.sockets import OriginalDestination
 from ztunnel_py.proxy.sockopt import PodSocketFactory, SoOriginalDst
 from ztunnel_py.readiness import Readiness
-from ztunnel_py.redirect.workloads import (
-    EnrolledPod,
-    EnrollmentListener,
-    PodListeners,
-    WorkloadManager,
-)
+from ztunnel_py.redirect.listeners import PodListeners
+from ztunnel_py.redirect.workloads import EnrolledPod, EnrollmentListener, WorkloadManager
 from ztunnel_py.redirect.zds import ZdsClient
 from ztunnel_py.state.hub import StateHub
 from ztunnel_py.state.store import ChangeSet
@@ -209,7 +205,7 @@ class DataPlane:
         return RedirectMode.EBPF
 
     def _bpf_cgroup(self) -> Path:
-        from ztunnel_py.bpf.loader import find_pods_cgroup
+        from ztunnel_py.bpf.mounts import find_pods_cgroup
 
         path = self.config.bpf_cgroup_path or find_pods_cgroup()
         if path is None:
@@ -254,7 +250,7 @@ class DataPlane:
         if self.bpf is not None and self.manager is not None:
             held = self.manager.pods()
             # Pods deleted while we were away still have pinned sk_lookup links: drop them.
-            pruned = self.bpf.prune_pods(held.keys())
+            pruned = self.bpf.pods.prune(held.keys())
             if pruned:
                 log.info("removed the BPF links of %d pods that are gone", len(pruned))
             self._release_inherited({pod.netns_cookie for pod in held.values()})

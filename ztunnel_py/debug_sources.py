@@ -1,8 +1,9 @@
 """Where each ``/debug`` section comes from in a running daemon (part of the composition root).
 
-``debug_providers(app)`` maps every section of ``admin.debug.SECTIONS`` to a function that
-reads it from the live parts: no section keeps its own copy of anything. The values are plain
-JSON; ``admin.debug`` scrubs secrets from them whatever they hold.
+``debug_providers(parts)`` maps every section of ``admin.debug.SECTIONS`` to a function that
+reads it from the live parts the daemon hands over (``DaemonParts``): no section keeps its own
+copy of anything. The values are plain JSON; ``admin.debug`` scrubs secrets from them whatever
+they hold.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import platform
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import ztunnel_py
@@ -22,13 +24,34 @@ from ztunnel_py.admin.debug import certificate_summary
 from ztunnel_py.admin.dump import policy_to_dict
 
 if TYPE_CHECKING:
-    from ztunnel_py.app import App
+    from ztunnel_py.admin.server import AdminServer, ReadinessServer, StatsServer
+    from ztunnel_py.config import Config
+    from ztunnel_py.dataplane import DataPlane
+    from ztunnel_py.identity.manager import SecretManager
+    from ztunnel_py.state.hub import StateHub
+    from ztunnel_py.telemetry.runtime import LoopMonitor, RecentLogs
+    from ztunnel_py.xds.client import XdsClient
+    from ztunnel_py.xds.local_source import LocalConfigSource
+
+
+@dataclass(frozen=True)
+class DaemonParts:
+    config: Config
+    hub: StateHub
+    xds: XdsClient | None
+    local_source: LocalConfigSource | None
+    secrets: SecretManager
+    dataplane: DataPlane
+    servers: Callable[[], Sequence[AdminServer | StatsServer | ReadinessServer]]
+    logs: RecentLogs
+    loop_monitor: LoopMonitor
+
 
 _STARTED_WALL = time.time()
 _STARTED = time.monotonic()
 
 
-def debug_providers(app: App) -> dict[str, Callable[[], Any]]:
+def debug_providers(app: DaemonParts) -> dict[str, Callable[[], Any]]:
     return {
         "build": _build,
         "config": app.config.to_dump,
@@ -44,7 +67,7 @@ def debug_providers(app: App) -> dict[str, Callable[[], Any]]:
     }
 
 
-def dashboard_facts(app: App) -> dict[str, Any]:
+def dashboard_facts(app: DaemonParts) -> dict[str, Any]:
     """What ``/`` shows: this node's pods, their live connections, the policies."""
     return {
         "node": app.config.node_name or "",
@@ -70,7 +93,7 @@ def _build() -> dict[str, Any]:
     }
 
 
-def _xds(app: App) -> dict[str, Any]:
+def _xds(app: DaemonParts) -> dict[str, Any]:
     out: dict[str, Any] = {"source": "istiod" if app.xds is not None else "local"}
     if app.xds is not None:
         out.update(app.xds.dump())
@@ -84,7 +107,7 @@ def _xds(app: App) -> dict[str, Any]:
     return out
 
 
-def _certificates(app: App) -> dict[str, Any]:
+def _certificates(app: DaemonParts) -> dict[str, Any]:
     return {
         "certificates": certificate_summary(app.secrets.dump()),
         "rotation": app.secrets.schedule(),
@@ -92,7 +115,7 @@ def _certificates(app: App) -> dict[str, Any]:
     }
 
 
-def _listeners(app: App) -> dict[str, Any]:
+def _listeners(app: DaemonParts) -> dict[str, Any]:
     servers = [
         {
             "name": s.http.name,
@@ -100,12 +123,12 @@ def _listeners(app: App) -> dict[str, Any]:
             "openConnections": s.http.open_connections,
             "refusedConnections": s.http.refused_connections,
         }
-        for s in app.servers
+        for s in app.servers()
     ]
     return {"daemon": servers, "pods": app.dataplane.debug_listeners()}
 
 
-def _runtime(app: App) -> dict[str, Any]:
+def _runtime(app: DaemonParts) -> dict[str, Any]:
     out: dict[str, Any] = app.loop_monitor.dump()
     out["threads"] = threading.active_count()
     out["gc"] = {"counts": list(gc.get_count()), "objects": len(gc.get_objects())}

@@ -329,19 +329,19 @@ def test_restart_reuses_pinned_maps_and_links(pod_env: PodEnv) -> None:
     second.start()
     pod_env.loader = second
     assert second.adopted
-    for directory in (pod_env.pin_path, second.maps_dir, second.pod_links_dir):
+    for directory in (pod_env.pin_path, second.maps_dir, second.pods.links_dir):
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     dump = second.dump()
     assert {"address": VIP, "port": 80, "kind": "service"} in dump["maps"][t.MAP_DST]
     assert [p["pod"] for p in dump["attachPoints"]["podLinks"]] == ["pod-uid-a"]
     links_after = {e["program"]: e["linkId"] for e in second.attach_points()["cgroupLinks"]}
     assert links_after == links_before, "re-adoption must keep the same links"
-    assert second.pinned_pods() == ["pod-uid-a"]
+    assert second.pods.pinned() == ["pod-uid-a"]
 
     reconciler = Reconciler(second.maps)
     reconciler.resync()
     assert {n: dict(e) for n, e in reconciler.applied.items()} == applied
-    second.attach_pod("pod-uid-a", pod_env.pod.fd, pod_env.cookie)  # ZDS replay: idempotent
+    second.pods.attach("pod-uid-a", pod_env.pod.fd, pod_env.cookie)  # ZDS replay: idempotent
 
     proc = pod_env.app(VIP, 80)
     served = pod_env.serve_one(pod_env.outbound, b"pong-15001")

@@ -18,7 +18,8 @@ import pytest
 from ztunnel_py.bpf import _types as t
 from ztunnel_py.bpf.enrollment import BpfEnrollment
 from ztunnel_py.bpf.errors import IncompatiblePinnedState
-from ztunnel_py.bpf.loader import BpfLoader, features, probe_features
+from ztunnel_py.bpf.loader import BpfLoader
+from ztunnel_py.bpf.probe import features, probe_features
 from ztunnel_py.bpf.projection import pod_key
 from ztunnel_py.errors import UnsupportedFeature
 from ztunnel_py.state.model import Workload
@@ -83,7 +84,7 @@ def test_enrollment_hook_switches_capture_on_and_off(pod_env: PodEnv) -> None:
     hook.pod_added(pod, Listeners(pod_env.inbound))
     cookie = pod_env.sync.pods["pod-uid-a"].netns_cookie
     assert cookie > 0
-    assert loader.pinned_pods() == ["pod-uid-a"]
+    assert loader.pods.pinned() == ["pod-uid-a"]
     assert pod_key(cookie) in dict(loader.maps[t.MAP_INBOUND_SK].items())
     assert set(pod_env.sync.pods["pod-uid-a"].ips) == {ip(POD_IP), ip(POD_IP6)}
     proc = pod_env.app(VIP, 80)
@@ -93,7 +94,7 @@ def test_enrollment_hook_switches_capture_on_and_off(pod_env: PodEnv) -> None:
     assert pod_env.result(proc)["received"] == "pong-15001"
 
     hook.pod_removed(pod)
-    assert loader.pinned_pods() == []
+    assert loader.pods.pinned() == []
     assert pod_key(cookie) not in dict(loader.maps[t.MAP_INBOUND_SK].items())
     assert dict(loader.maps[t.MAP_PODS].items()) == {}
     result = pod_env.result(pod_env.app(VIP, 80))
@@ -106,12 +107,12 @@ def test_pod_link_of_a_deleted_netns_is_dropped_on_restart(pod_env: PodEnv) -> N
     loader = pod_env.start_loader()
     gone = pod_env.pool.netns("gone")
     fd = os.open(f"/run/netns/{gone.name}", os.O_RDONLY)
-    loader.attach_pod("gone-uid", fd)
+    loader.pods.attach("gone-uid", fd)
     os.close(fd)
     gone.close()
     pod_env.pool.namespaces.remove(gone)
     subprocess.run(["ip", "netns", "del", gone.name], check=True)
-    assert loader.pinned_pods() == ["gone-uid"]
+    assert loader.pods.pinned() == ["gone-uid"]
     loader.close()
 
     # The kernel detaches netns links when the netns is destroyed (asynchronously).
@@ -122,10 +123,10 @@ def test_pod_link_of_a_deleted_netns_is_dropped_on_restart(pod_env: PodEnv) -> N
     deadline = time.monotonic() + WAIT_S
     while True:
         restarted.start(probe=False)
-        if restarted.pinned_pods() == [] or time.monotonic() > deadline:
+        if restarted.pods.pinned() == [] or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    assert restarted.pinned_pods() == []
+    assert restarted.pods.pinned() == []
 
 
 def test_pinned_map_with_another_layout_is_refused(pod_env: PodEnv) -> None:
@@ -166,12 +167,12 @@ def test_pinned_map_with_another_layout_is_refused(pod_env: PodEnv) -> None:
 
 def test_prune_pods_keeps_only_the_snapshot(pod_env: PodEnv) -> None:
     loader = pod_env.start_loader()
-    loader.attach_pod("keep-me", pod_env.pod.fd)
-    loader.attach_pod("drop-me", pod_env.peer.fd)
-    assert loader.prune_pods(["keep-me"]) == ["drop-me"]
-    assert loader.pinned_pods() == ["keep-me"]
-    assert loader.detach_pod("keep-me") is True
-    assert loader.detach_pod("keep-me") is False
+    loader.pods.attach("keep-me", pod_env.pod.fd)
+    loader.pods.attach("drop-me", pod_env.peer.fd)
+    assert loader.pods.prune(["keep-me"]) == ["drop-me"]
+    assert loader.pods.pinned() == ["keep-me"]
+    assert loader.pods.detach("keep-me") is True
+    assert loader.pods.detach("keep-me") is False
 
 
 def test_uninstall_bpf_command_removes_the_pins(pod_env: PodEnv) -> None:

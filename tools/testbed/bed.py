@@ -27,8 +27,8 @@ from typing import Any, TypeVar
 from pyroute2 import NetNS, netns
 
 from tools.testbed.plan import TestbedPlan, render_local_config
+from ztunnel_py.netns import run_in_netns
 from ztunnel_py.redirect import iptables
-from ztunnel_py.redirect.netns import run_in_netns
 
 _T = TypeVar("_T")
 DEFAULT_STATE_DIR = Path("/run/ztunnel-py-testbed")

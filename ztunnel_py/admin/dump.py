@@ -114,6 +114,8 @@ def service_to_dict(s: Service, state: ProxyState) -> JSON:
         }
     if s.ip_families is not None:
         out["ipFamilies"] = s.ip_families.value
+    if s.cidr_vips:
+        out["cidrVips"] = [str(v) for v in s.cidr_vips]
     return out
 
 

@@ -20,7 +20,7 @@ from ztunnel_py.bpf.errors import BpfError
 from ztunnel_py.bpf.loader import BpfLoader
 from ztunnel_py.bpf.projection import EnrolledPod
 from ztunnel_py.bpf.reconcile import MapSync, ReconcileError
-from ztunnel_py.redirect.netns import cookie_of_netns
+from ztunnel_py.netns import cookie_of_netns
 from ztunnel_py.state.model import IPAddress, Workload
 from ztunnel_py.state.store import ChangeSet
 
@@ -55,7 +55,7 @@ class BpfEnrollment:
         cookie = pod.netns_cookie or cookie_of_netns(pod.netns_fd)
         self._cookies[pod.uid] = cookie
         self.loader.register_inbound_listener(cookie, listeners.inbound_plaintext)
-        self.loader.attach_pod(pod.uid, pod.netns_fd, cookie)
+        self.loader.pods.attach(pod.uid, pod.netns_fd, cookie)
         workload_uid = pod.workload.uid if pod.workload is not None else None
         try:
             self.sync.enroll(EnrolledPod(pod.uid, cookie, tuple(pod.ips), workload_uid))
@@ -70,7 +70,7 @@ class BpfEnrollment:
         except ReconcileError as e:
             log.error("bpf maps after removing pod %s are incomplete: %s", pod.uid, e)
         try:
-            self.loader.detach_pod(pod.uid)
+            self.loader.pods.detach(pod.uid)
             if cookie:
                 self.loader.unregister_inbound_listener(cookie)
         except (BpfError, OSError) as e:

@@ -16,7 +16,7 @@ from ztunnel_py.bpf import _types as t
 from ztunnel_py.bpf.errors import KeyNotFound, OriginalDestinationNotFound
 from ztunnel_py.bpf.maps import MapOps
 from ztunnel_py.bpf.projection import be16, from_addr16, from_be16
-from ztunnel_py.redirect.netns import netns_cookie
+from ztunnel_py.netns import netns_cookie
 from ztunnel_py.state.model import IPAddress
 
 SocketAddr = tuple[IPAddress, int]

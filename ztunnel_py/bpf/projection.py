@@ -39,8 +39,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ztunnel_py.bpf import _types as t
-from ztunnel_py.rbac.kernel import KernelDenyRule, compile_for
-from ztunnel_py.rbac.model import IPNetwork
+from ztunnel_py.ip import IPNetwork
+from ztunnel_py.rbac.kernel import KernelDenyRule, compile_kernel_denies
 from ztunnel_py.state.model import (
     InboundProtocol,
     IPAddress,
@@ -79,7 +79,8 @@ DenyCompiler = Callable[[ProxyState, Workload], Iterable[KernelDenyRule]]
 
 def kernel_deny_rules(state: ProxyState, workload: Workload) -> tuple[KernelDenyRule, ...]:
     """The default compiler: ``rbac.kernel``'s exact plaintext DENY subset for the workload."""
-    return compile_for(state, workload).rules
+    policies = state.policies_for(workload)
+    return compile_kernel_denies(policies, workload_ips=workload.workload_ips).rules
 
 
 def project(

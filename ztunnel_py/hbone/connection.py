@@ -43,7 +43,6 @@ from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
 from h2.stream import StreamState
 
-from ztunnel_py.config import Config
 from ztunnel_py.hbone.errors import (
     ConnectionClosed,
     HboneError,
@@ -105,17 +104,22 @@ class HboneSettings:
     keepalive_timeout_s: float = DEFAULT_KEEPALIVE_TIMEOUT_S
 
     @classmethod
-    def for_role(cls, role: Role, config: Config | None = None) -> HboneSettings:
-        """ztunnel's settings for ``role``; window and frame sizes from ``config`` if given."""
+    def for_role(
+        cls,
+        role: Role,
+        *,
+        stream_window: int = DEFAULT_STREAM_WINDOW_BYTES,
+        connection_window: int = DEFAULT_CONNECTION_WINDOW_BYTES,
+        max_frame_size: int = DEFAULT_MAX_FRAME_BYTES,
+    ) -> HboneSettings:
+        """ztunnel's settings for ``role`` (its header limit), with these window and frame sizes."""
         header_limit = (
             CLIENT_MAX_HEADER_LIST_BYTES if role is Role.CLIENT else SERVER_MAX_HEADER_LIST_BYTES
         )
-        if config is None:
-            return cls(max_header_list_size=header_limit)
         return cls(
-            stream_window=config.http2_stream_window_size,
-            connection_window=config.http2_connection_window_size,
-            max_frame_size=config.http2_frame_size,
+            stream_window=stream_window,
+            connection_window=connection_window,
+            max_frame_size=max_frame_size,
             max_header_list_size=header_limit,
         )
 

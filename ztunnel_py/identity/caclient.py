@@ -30,8 +30,8 @@ from ztunnel_py.identity.errors import CaError, CertificateError
 from ztunnel_py.identity.localca import LocalCa
 from ztunnel_py.identity.manager import CaClient
 from ztunnel_py.identity.spiffe import Identity
-from ztunnel_py.xds._pb import ca_pb2, ca_pb2_grpc
-from ztunnel_py.xds.auth import AuthError, call_metadata, secure_channel
+from ztunnel_py.istiod_auth import AuthError, call_metadata, secure_channel
+from ztunnel_py.protos import ca_pb2, ca_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from ztunnel_py.rbac.evaluate import ConnectionInfo, Decision, evaluate_for, log_decision
+from ztunnel_py.rbac.evaluate import ConnectionInfo, Decision, evaluate, log_decision
 from ztunnel_py.state.model import Workload
 from ztunnel_py.state.store import ProxyState
 
@@ -47,6 +47,7 @@ class PolicyAuthorizer:
     def check(self, conn: ConnectionInfo) -> Decision:
         # The store may have a newer version of the workload (policy selectors changed).
         current = self._state.workload(self._workload.uid) or self._workload
-        decision = evaluate_for(conn, self._state, current)
+        # The policies that apply to it: global, its namespace's, those selecting it.
+        decision = evaluate(conn, self._state.policies_for(current))
         log_decision(self._logger, decision, conn, self._info_logging)
         return decision

@@ -58,7 +58,7 @@ from ztunnel_py.proxy.tcp import (
     connect_tcp,
     sockaddr,
 )
-from ztunnel_py.proxy.transport import HboneProtocol
+from ztunnel_py.proxy.transport import HboneProtocol, hbone_settings
 from ztunnel_py.rbac.evaluate import ConnectionInfo
 from ztunnel_py.state.model import IPAddress, SocketAddr, Workload
 from ztunnel_py.telemetry.connections import ConnectionRecord, Direction
@@ -131,7 +131,7 @@ class InboundServer(ProxyServer):
         super().__init__("inbound", inputs, pod)
         self.state = inputs.state
         self.certificates = inputs.certificates
-        self.settings = settings or HboneSettings.for_role(Role.SERVER, inputs.config)
+        self.settings = settings or hbone_settings(Role.SERVER, inputs.config)
         self.trust_domain = pod.workload.trust_domain
         self.handshake_timeout_s = handshake_timeout_s
         self.connect_timeout_s = connect_timeout_s

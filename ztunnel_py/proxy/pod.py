@@ -11,13 +11,14 @@ import asyncio
 import socket
 from dataclasses import dataclass
 
-from ztunnel_py.hbone.connection import HboneSettings, Role
+from ztunnel_py.hbone.connection import Role
 from ztunnel_py.proxy.inbound import InboundServer
 from ztunnel_py.proxy.inbound_plain import InboundPlaintextServer
 from ztunnel_py.proxy.inputs import PodInputs, ProxyInputs
 from ztunnel_py.proxy.outbound import HboneConnector, OutboundServer
 from ztunnel_py.proxy.pool import HbonePool
 from ztunnel_py.proxy.sockets import SocketFactory
+from ztunnel_py.proxy.transport import hbone_settings
 
 
 @dataclass(slots=True)
@@ -42,7 +43,7 @@ def pod_pool(inputs: ProxyInputs, sockets: SocketFactory) -> HbonePool:
         HboneConnector(
             certificates=inputs.certificates,
             sockets=sockets,
-            settings=HboneSettings.for_role(Role.CLIENT, config),
+            settings=hbone_settings(Role.CLIENT, config),
         ),
         max_streams_per_connection=config.pool_max_streams_per_connection,
         unused_release_timeout_s=config.pool_unused_release_timeout_s,

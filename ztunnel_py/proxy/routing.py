@@ -32,7 +32,6 @@ from ztunnel_py.config import PORT_HBONE
 from ztunnel_py.errors import ZtunnelError
 from ztunnel_py.hbone.headers import format_authority
 from ztunnel_py.identity.errors import InvalidSpiffeId
-from ztunnel_py.identity.node import workload_identity
 from ztunnel_py.identity.spiffe import Identity
 from ztunnel_py.state.model import (
     Endpoint,
@@ -48,6 +47,7 @@ from ztunnel_py.state.model import (
     Service,
     Workload,
 )
+from ztunnel_py.state.node_identities import workload_identity
 from ztunnel_py.state.store import ProxyState
 
 SocketAddr = tuple[IPAddress, int]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from ztunnel_py.identity.node import workload_identity
 from ztunnel_py.proxy.inputs import PodInputs, ProxyInputs
 from ztunnel_py.proxy.tcp import LISTEN_BACKLOG, AcceptedSide, ServerConnections
+from ztunnel_py.state.node_identities import workload_identity
 
 
 class ProxyServer:

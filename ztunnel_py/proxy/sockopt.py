@@ -14,7 +14,7 @@ import socket
 import struct
 
 from ztunnel_py.config import Config
-from ztunnel_py.redirect.netns import socket_in_netns
+from ztunnel_py.netns import socket_in_netns
 from ztunnel_py.state.model import IPAddress
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h

@@ -25,6 +25,7 @@ from typing import Protocol, cast
 
 from h2.errors import ErrorCodes
 
+from ztunnel_py.config import Config
 from ztunnel_py.hbone.connection import HboneConnection, HboneSettings, Role
 from ztunnel_py.hbone.errors import HboneError
 from ztunnel_py.hbone.events import (
@@ -42,6 +43,17 @@ from ztunnel_py.hbone.events import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def hbone_settings(role: Role, config: Config) -> HboneSettings:
+    """ztunnel's HTTP/2 settings for ``role``, with the window and frame sizes of ``config``."""
+    return HboneSettings.for_role(
+        role,
+        stream_window=config.http2_stream_window_size,
+        connection_window=config.http2_connection_window_size,
+        max_frame_size=config.http2_frame_size,
+    )
+
 
 WRITE_HIGH_WATER_BYTES = 512 * 1024
 WRITE_LOW_WATER_BYTES = 128 * 1024

@@ -25,16 +25,11 @@ import ipaddress
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from ztunnel_py.identity.errors import InvalidSpiffeId
 from ztunnel_py.identity.spiffe import URI_PREFIX, Identity
+from ztunnel_py.ip import IPAddress
 from ztunnel_py.rbac.model import Action, Authorization, Match, ServiceAccountMatch, StringMatch
-from ztunnel_py.state.model import IPAddress
-
-if TYPE_CHECKING:
-    from ztunnel_py.state.model import Workload
-    from ztunnel_py.state.store import ProxyState
 
 
 # Peers repeat (and conntrack re-evaluates every live connection on each policy change), so a
@@ -216,11 +211,6 @@ def evaluate(conn: ConnectionInfo, policies: Iterable[Authorization]) -> Decisio
     return Decision(
         False, None, "denied: no ALLOW policy matched", dry, dry_denied or not dry_allow_matched
     )
-
-
-def evaluate_for(conn: ConnectionInfo, state: ProxyState, workload: Workload) -> Decision:
-    """``evaluate`` against the policies that apply to ``workload``: global, namespace, selector."""
-    return evaluate(conn, state.policies_for(workload))
 
 
 def log_decision(

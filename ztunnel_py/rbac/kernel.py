@@ -48,15 +48,11 @@ import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
+from ztunnel_py.ip import IPAddress, IPNetwork
 from ztunnel_py.rbac.evaluate import canonical_ip
-from ztunnel_py.rbac.model import Action, Authorization, IPNetwork, Match, Rule
-from ztunnel_py.state.model import IPAddress
-
-if TYPE_CHECKING:
-    from ztunnel_py.state.model import Workload
-    from ztunnel_py.state.store import ProxyState
+from ztunnel_py.rbac.model import Action, Authorization, Match, Rule
 
 MAX_RULES_PER_POLICY_RULE = 1024
 
@@ -317,8 +313,3 @@ def compile_kernel_denies(
     return KernelDenyPlan(
         rules=rules, complete=frozenset(complete), left_to_userspace=MappingProxyType(left)
     )
-
-
-def compile_for(state: ProxyState, workload: Workload) -> KernelDenyPlan:
-    """``compile_kernel_denies`` over the policies that apply to ``workload``."""
-    return compile_kernel_denies(state.policies_for(workload), workload_ips=workload.workload_ips)

@@ -9,10 +9,9 @@ the ``not_`` list means "none of".
 from __future__ import annotations
 
 import enum
-import ipaddress
 from dataclasses import dataclass
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from ztunnel_py.ip import IPNetwork
 
 
 class Scope(enum.Enum):

@@ -1,10 +1,8 @@
 """The in-pod workload manager: one set of listeners and one logical proxy per enrolled pod.
 
-For each pod that ZDS names, the manager keeps the pod's netns fd, creates the listeners
-:15001 (outbound), :15006 (inbound plaintext) and :15008 (inbound HBONE) *inside* the pod's
-netns, each with ``SO_MARK`` (``PACKET_MARK``, 0x539) so the pod's redirection never captures
-them, ``SO_REUSEPORT`` (``INPOD_PORT_REUSE``) so an upgraded daemon can bind beside us, and
-``IP_TRANSPARENT`` where allowed. The listeners exist as soon as the add is acked, so the
+For each pod that ZDS names, the manager keeps the pod's netns fd and has its listeners created
+*inside* the pod's netns (by an injected ``ListenerFactory``: ``redirect.listeners`` in the
+daemon, plain sockets in unit tests). The listeners exist as soon as the add is acked, so the
 kernel queues connections while we wait; the proxy itself starts once the pod's xDS workload
 (same name, namespace and service account) is known. Until then the pod is "Pending", as it is
 when its proxy failed to start; pending pods are retried when the state changes and, after a
@@ -21,162 +19,36 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
-import errno
 import inspect
 import logging
 import os
-import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from ztunnel_py.config import (
-    DEFAULT_PACKET_MARK,
-    PORT_HBONE,
-    PORT_INBOUND_PLAINTEXT,
-    PORT_OUTBOUND,
-    Config,
-    WorkloadInfo,
-)
+from ztunnel_py.config import Config, WorkloadInfo
 from ztunnel_py.errors import ZtunnelError
-from ztunnel_py.redirect.netns import netns_cookie, netns_inode, run_in_netns
+from ztunnel_py.netns import netns_cookie, netns_inode
+from ztunnel_py.redirect.listeners import (
+    EnrollmentError,
+    ListenerFactory,
+    ListenerOptions,
+    PodListeners,
+    create_pod_listeners,
+)
 from ztunnel_py.state.model import IPAddress, Workload
 from ztunnel_py.state.store import ChangeSet, ProxyState
 
 log = logging.getLogger(__name__)
 
 RETRY_INTERVAL_S = 5.0  # ztunnel's retry period for proxies that failed to start
-LISTEN_BACKLOG = 1024
-_IP_TRANSPARENT = 19
-_IPV6_TRANSPARENT = 75
-
-
-class EnrollmentError(ZtunnelError):
-    """A pod's proxy could not start; the pod stays pending and is retried."""
 
 
 class PodState(enum.Enum):
     PENDING = "Pending"
     UP = "Up"
-
-
-# --------------------------------------------------------------------------- listeners
-
-
-@dataclass(frozen=True, slots=True)
-class ListenerOptions:
-    """How in-pod listeners are made (from ``Config`` in production)."""
-
-    mark: int | None = DEFAULT_PACKET_MARK
-    reuse_port: bool = True
-    ipv6: bool = True
-    transparent: bool = True
-    outbound_port: int = PORT_OUTBOUND
-    inbound_plaintext_port: int = PORT_INBOUND_PLAINTEXT
-    inbound_hbone_port: int = PORT_HBONE
-    backlog: int = LISTEN_BACKLOG
-
-    @classmethod
-    def from_config(cls, config: Config) -> ListenerOptions:
-        return cls(
-            mark=config.packet_mark,
-            reuse_port=config.inpod_port_reuse,
-            ipv6=config.ipv6_enabled,
-        )
-
-
-@dataclass(slots=True)
-class PodListeners:
-    """The pod's three listening sockets (non-blocking, already listening)."""
-
-    outbound: socket.socket  # :15001
-    inbound_plaintext: socket.socket  # :15006
-    inbound_hbone: socket.socket  # :15008
-
-    def sockets(self) -> tuple[socket.socket, socket.socket, socket.socket]:
-        return (self.outbound, self.inbound_plaintext, self.inbound_hbone)
-
-    def close(self) -> None:
-        for s in self.sockets():
-            s.close()
-
-
-def create_pod_listeners(netns_fd: int | None, options: ListenerOptions) -> PodListeners:
-    """Create, configure, bind and listen the three sockets in ``netns_fd`` (``None``: here)."""
-    ports = (options.outbound_port, options.inbound_plaintext_port, options.inbound_hbone_port)
-    family = socket.AF_INET6 if options.ipv6 else socket.AF_INET
-
-    def make(fam: int) -> list[socket.socket]:
-        made: list[socket.socket] = []
-        try:
-            for _ in ports:
-                made.append(socket.socket(fam, socket.SOCK_STREAM | socket.SOCK_CLOEXEC))  # noqa: PERF401 (close the made ones on error)
-        except BaseException:
-            for s in made:
-                s.close()
-            raise
-        return made
-
-    def make_in_pod(fam: int) -> list[socket.socket]:
-        return make(fam) if netns_fd is None else run_in_netns(netns_fd, lambda: make(fam))
-
-    try:
-        socks = make_in_pod(family)
-    except OSError as e:
-        if family != socket.AF_INET6 or e.errno != errno.EAFNOSUPPORT:
-            raise
-        family = socket.AF_INET
-        socks = make_in_pod(family)
-    try:
-        for sock, port in zip(socks, ports, strict=True):
-            _configure_and_bind(sock, family, port, options)
-    except OSError as e:
-        for s in socks:
-            s.close()
-        if family == socket.AF_INET6 and e.errno == errno.EADDRNOTAVAIL:
-            # IPv6 is off inside this pod: fall back to IPv4 only.
-            return create_pod_listeners(netns_fd, dataclasses.replace(options, ipv6=False))
-        raise
-    return PodListeners(*socks)
-
-
-def _configure_and_bind(
-    sock: socket.socket, family: int, port: int, options: ListenerOptions
-) -> None:
-    if options.mark is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, options.mark)
-        except PermissionError as e:
-            raise EnrollmentError(
-                "cannot set SO_MARK on pod listeners: the daemon needs CAP_NET_ADMIN"
-            ) from e
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if options.reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    if options.transparent:
-        _try_transparent(sock, family)
-    if family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind(("::", port))
-    else:
-        sock.bind(("0.0.0.0", port))
-    sock.listen(options.backlog)
-    sock.setblocking(False)
-
-
-def _try_transparent(sock: socket.socket, family: int) -> None:
-    """IP_TRANSPARENT lets a listener take TPROXY'd connections; without CAP_NET_ADMIN, skip."""
-    opts = [(socket.SOL_IP, _IP_TRANSPARENT)]
-    if family == socket.AF_INET6:
-        opts.append((socket.IPPROTO_IPV6, _IPV6_TRANSPARENT))
-    for level, name in opts:
-        with contextlib.suppress(PermissionError, OSError):
-            sock.setsockopt(level, name, 1)
-
-
-ListenerFactory = Callable[[int | None, ListenerOptions], PodListeners]
 
 
 # --------------------------------------------------------------------------- contracts

@@ -23,7 +23,7 @@ from typing import Protocol
 
 from ztunnel_py.config import WorkloadInfo
 from ztunnel_py.errors import ZtunnelError
-from ztunnel_py.redirect.netns import CLONE_NEWNET
+from ztunnel_py.netns import CLONE_NEWNET
 from ztunnel_py.redirect.zds_protocol import (
     MAX_MESSAGE_SIZE,
     AddPod,

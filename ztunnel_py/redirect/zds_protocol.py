@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError
 
 from ztunnel_py.config import WorkloadInfo
 from ztunnel_py.errors import ZtunnelError
-from ztunnel_py.xds._pb import zds_pb2
+from ztunnel_py.protos import zds_pb2
 
 MAX_MESSAGE_SIZE = 1024  # ztunnel's read buffer; a longer packet arrives with MSG_TRUNC
 MSG_TRUNC = 0x20

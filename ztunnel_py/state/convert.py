@@ -13,9 +13,8 @@ into one ``name: reason`` entry of a NACK. The rules are ztunnel's (``TryFrom<Xd
   an unknown ``workload_type`` reads as ``deployment`` (a newer istiod adding a value must not
   NACK every such resource);
 - workload ``services`` keys and service keys must be ``namespace/hostname``;
-- a service address with a prefix ``length`` shorter than the full host length is a CIDR VIP.
-  ``state.model.Service`` has no field for those yet, so they travel next to the service in
-  ``ConvertedService.cidr_vips`` and are never treated as host VIPs.
+- a service address with a prefix ``length`` shorter than the full host length is a CIDR VIP
+  (``Service.cidr_vips``), never treated as a host VIP.
 
 Where ztunnel silently drops a malformed authorization entry (a bad IP prefix, an empty string
 match) we refuse the whole policy instead: dropping an entry from an ALLOW rule would widen it.
@@ -25,14 +24,15 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import TypeVar
 
 from ztunnel_py.errors import ConversionError
+from ztunnel_py.ip import IPNetwork
+from ztunnel_py.protos import authorization_pb2 as az_pb
+from ztunnel_py.protos import workload_pb2 as wl_pb
 from ztunnel_py.rbac.model import (
     Action,
     Authorization,
-    IPNetwork,
     Match,
     Scope,
     ServiceAccountMatch,
@@ -46,6 +46,7 @@ from ztunnel_py.state.model import (
     DEFAULT_WORKLOAD_TYPE,
     ApplicationTunnel,
     AppTunnelProtocol,
+    CidrVip,
     GatewayAddress,
     HealthStatus,
     InboundProtocol,
@@ -64,12 +65,8 @@ from ztunnel_py.state.model import (
     Workload,
     frozen_map,
 )
-from ztunnel_py.xds._pb import authorization_pb2 as az_pb
-from ztunnel_py.xds._pb import workload_pb2 as wl_pb
 
 __all__ = [
-    "CidrVip",
-    "ConvertedService",
     "address_from_pb",
     "authorization_from_pb",
     "ip_from_bytes",
@@ -136,23 +133,6 @@ _SCOPES: dict[int, Scope] = {
     az_pb.Scope.WORKLOAD_SELECTOR: Scope.WORKLOAD_SELECTOR,
 }
 _ACTIONS: dict[int, Action] = {az_pb.Action.ALLOW: Action.ALLOW, az_pb.Action.DENY: Action.DENY}
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class CidrVip:
-    """A service VIP that is a whole prefix (``NetworkAddress.length`` shorter than a host)."""
-
-    network: str
-    prefix: IPNetwork
-
-    def __str__(self) -> str:
-        return f"{self.network}/{self.prefix}"
-
-
-@dataclass(frozen=True, slots=True)
-class ConvertedService:
-    service: Service
-    cidr_vips: tuple[CidrVip, ...] = ()
 
 
 def _enum(name: str, what: str, table: Mapping[int, _V], value: int) -> _V:
@@ -262,7 +242,7 @@ def workload_from_pb(name: str, w: wl_pb.Workload) -> Workload:
     )
 
 
-def service_from_pb(name: str, s: wl_pb.Service) -> ConvertedService:
+def service_from_pb(name: str, s: wl_pb.Service) -> Service:
     if not s.namespace or not s.hostname or "/" in s.namespace:
         key = f"{s.namespace}/{s.hostname}"
         raise ConversionError(name, f"service key {key!r} is not namespace/hostname")
@@ -295,7 +275,7 @@ def service_from_pb(name: str, s: wl_pb.Service) -> ConvertedService:
             mode=_enum(name, "load_balancing.mode", _LB_MODES, lb.mode),
             health_policy=_enum(name, "load_balancing.health_policy", _LB_HEALTH, lb.health_policy),
         )
-    service = Service(
+    return Service(
         name=s.name,
         namespace=s.namespace,
         hostname=s.hostname,
@@ -307,11 +287,11 @@ def service_from_pb(name: str, s: wl_pb.Service) -> ConvertedService:
         ip_families=_enum(name, "ip_families", _IP_FAMILIES, s.ip_families),
         canonical=s.canonical,
         visibility=_VISIBILITIES.get(s.visibility, Visibility.PUBLIC),
+        cidr_vips=tuple(cidrs),
     )
-    return ConvertedService(service, tuple(cidrs))
 
 
-def address_from_pb(name: str, address: wl_pb.Address) -> Workload | ConvertedService:
+def address_from_pb(name: str, address: wl_pb.Address) -> Workload | Service:
     kind = address.WhichOneof("type")
     if kind == "workload":
         return workload_from_pb(name, address.workload)

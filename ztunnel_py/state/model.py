@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TypeVar
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# The model's address vocabulary, re-exported: most of the package imports it from here.
+from ztunnel_py.ip import IPAddress as IPAddress
+from ztunnel_py.ip import IPNetwork
+
 #: An IP and a port, as the proxy and telemetry pass them around.
 SocketAddr = tuple[IPAddress, int]
 
@@ -198,6 +201,17 @@ class Endpoint:
     ports: Mapping[int, int] = field(default_factory=frozen_map)
 
 
+@dataclass(frozen=True, slots=True, order=True)
+class CidrVip:
+    """A service VIP that is a whole prefix (``NetworkAddress.length`` shorter than a host)."""
+
+    network: str
+    prefix: IPNetwork
+
+    def __str__(self) -> str:
+        return f"{self.network}/{self.prefix}"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Service:
     """A Kubernetes Service or ServiceEntry, keyed by ``namespace/hostname``."""
@@ -213,6 +227,8 @@ class Service:
     ip_families: IpFamily | None = None
     canonical: bool = False
     visibility: Visibility = Visibility.PUBLIC
+    #: VIPs that are whole prefixes; never indexed as host VIPs (no routing uses them yet).
+    cidr_vips: tuple[CidrVip, ...] = ()
 
     @property
     def key(self) -> str:

@@ -37,11 +37,12 @@ from pathlib import Path
 
 from ztunnel_py.bpf import _types
 from ztunnel_py.bpf.errors import BpfError, KeyNotFound, MapFull
-from ztunnel_py.bpf.loader import BpfLoader, cgroup2_mounts
+from ztunnel_py.bpf.loader import BpfLoader
+from ztunnel_py.bpf.mounts import cgroup2_mounts
 from ztunnel_py.bpf.projection import EnrolledPod
 from ztunnel_py.bpf.reconcile import MapSync, Reconciler
+from ztunnel_py.netns import cookie_of_netns
 from ztunnel_py.rbac.model import Action, Authorization, Match, Scope
-from ztunnel_py.redirect.netns import cookie_of_netns
 from ztunnel_py.state.model import (
     InboundProtocol,
     NetworkAddress,
@@ -170,7 +171,7 @@ class PodEnv:
             if self.inbound is None:
                 raise RuntimeError("the :15006 listener is closed")
             self.loader.register_inbound_listener(self.cookie, self.inbound)
-        self.loader.attach_pod("pod-uid-a", self.pod.fd, self.cookie)
+        self.loader.pods.attach("pod-uid-a", self.pod.fd, self.cookie)
         self.sync.enroll(EnrolledPod("pod-uid-a", self.cookie, (ip(POD_IP), ip(POD_IP6)), "pod-w"))
 
     def listen(self, ns: Netns, host: str, port: int) -> socket.socket:

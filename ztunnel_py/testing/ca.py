@@ -35,8 +35,8 @@ from ztunnel_py.identity.clock import Clock
 from ztunnel_py.identity.csr import generate_csr, parse_csr
 from ztunnel_py.identity.errors import CaError, CertificateError
 from ztunnel_py.identity.spiffe import Identity
+from ztunnel_py.protos import ca_pb2, ca_pb2_grpc
 from ztunnel_py.testing.pki import CertificateAuthority, IssuedCert, cert_to_pem
-from ztunnel_py.xds._pb import ca_pb2, ca_pb2_grpc
 
 WRONG_IDENTITY = "spiffe://cluster.local/ns/intruder/sa/intruder"
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ztunnel_py.config import WorkloadInfo
+from ztunnel_py.protos import zds_pb2
 from ztunnel_py.redirect.zds import Packet, SeqpacketChannel, wait_fd
 from ztunnel_py.redirect.zds_protocol import (
     ACK_DEADLINE_S,
@@ -35,7 +36,6 @@ from ztunnel_py.redirect.zds_protocol import (
     encode_keep,
     encode_snapshot_sent,
 )
-from ztunnel_py.xds._pb import zds_pb2
 
 log = logging.getLogger(__name__)
 

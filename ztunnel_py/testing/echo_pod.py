@@ -9,13 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from ztunnel_py.redirect.workloads import (
-    LISTEN_BACKLOG,
-    EnrolledPod,
-    EnrollmentError,
-    PodListeners,
-    PodProxyHandle,
-)
+from ztunnel_py.redirect.listeners import LISTEN_BACKLOG, EnrollmentError, PodListeners
+from ztunnel_py.redirect.workloads import EnrolledPod, PodProxyHandle
 
 
 class _EchoHandle:

@@ -32,8 +32,10 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
-from ztunnel_py.rbac.model import Authorization, IPNetwork, Match, StringMatch, StringMatchKind
-from ztunnel_py.state.convert import CidrVip
+from ztunnel_py.ip import IPNetwork
+from ztunnel_py.protos import authorization_pb2 as az
+from ztunnel_py.protos import workload_pb2 as wl
+from ztunnel_py.rbac.model import Authorization, Match, StringMatch, StringMatchKind
 from ztunnel_py.state.model import (
     AppTunnelProtocol,
     GatewayAddress,
@@ -51,9 +53,7 @@ from ztunnel_py.state.model import (
 )
 from ztunnel_py.state.store import UpdateBatch
 from ztunnel_py.testing.pki import CertificateAuthority, IssuedCert
-from ztunnel_py.xds._pb import authorization_pb2 as az
-from ztunnel_py.xds._pb import workload_pb2 as wl
-from ztunnel_py.xds.delta import ADDRESS_TYPE, AUTHORIZATION_TYPE
+from ztunnel_py.xds.handlers import ADDRESS_TYPE, AUTHORIZATION_TYPE
 from ztunnel_py.xds.local import parse_local_config
 
 ISTIOD_HOSTNAME = "istiod.istio-system.svc"
@@ -150,7 +150,7 @@ def workload_to_pb(w: Workload) -> wl.Workload:
     return out
 
 
-def service_to_pb(s: Service, cidr_vips: Iterable[CidrVip] = ()) -> wl.Service:
+def service_to_pb(s: Service) -> wl.Service:
     out = wl.Service(
         name=s.name,
         namespace=s.namespace,
@@ -162,7 +162,7 @@ def service_to_pb(s: Service, cidr_vips: Iterable[CidrVip] = ()) -> wl.Service:
         canonical=s.canonical,
         visibility=_VISIBILITIES[s.visibility],
     )
-    for cidr in cidr_vips:
+    for cidr in s.cidr_vips:
         out.addresses.append(
             wl.NetworkAddress(
                 network=cidr.network,
@@ -431,10 +431,10 @@ class FakeIstiod(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: igno
         for type_url in (ADDRESS_TYPE, AUTHORIZATION_TYPE):
             self._fan_out(type_url, changed[type_url], removed[type_url])
 
-    def push_service(self, service: Service, cidr_vips: Iterable[CidrVip] = ()) -> None:
+    def push_service(self, service: Service) -> None:
         """A service with CIDR VIPs, which the local-config model cannot carry."""
-        cidrs = tuple(cidr_vips)
-        msg = wl.Address(service=service_to_pb(service, cidrs))
+        cidrs = service.cidr_vips
+        msg = wl.Address(service=service_to_pb(service))
         stored = self._address_resource(service.key, msg, service)
         # istiod's alias for a CIDR VIP is network/ip/len.
         aliases = stored.aliases + tuple(str(c) for c in cidrs)

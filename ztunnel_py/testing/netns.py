@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from ztunnel_py.redirect.netns import run_in_netns, socket_in_netns
+from ztunnel_py.netns import run_in_netns, socket_in_netns
 
 _T = TypeVar("_T")
 PREFIX = "ztpy-"

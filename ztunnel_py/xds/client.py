@@ -25,14 +25,15 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter
 
 from ztunnel_py.config import Config
+from ztunnel_py.istiod_auth import AuthError, call_metadata, secure_channel
 from ztunnel_py.state.store import ChangeSet, UpdateBatch
-from ztunnel_py.xds.auth import AuthError, call_metadata, secure_channel
 from ztunnel_py.xds.delta import (
     DeltaDiscoveryRequest,
     DeltaDiscoveryResponse,
     DeltaSession,
     Signal,
 )
+from ztunnel_py.xds.handlers import ADDRESS_TYPE, istio_session
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class XdsClient:
         self._apply = apply
         self._metrics = metrics
         self._on_ready = on_ready
-        self._session = DeltaSession(config)
+        self._session = istio_session(config)
         self._outbound: asyncio.Queue[DeltaDiscoveryRequest] | None = None
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self.connection_id = 0
@@ -280,7 +281,7 @@ class XdsClient:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(key, []).append(fut)
-        request = self._session.subscribe(key)
+        request = self._session.subscribe(ADDRESS_TYPE, key)
         if self._outbound is not None:
             self._outbound.put_nowait(request)
         # Not connected: the key is held with an empty version and goes out on reconnect.

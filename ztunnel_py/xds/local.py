@@ -17,10 +17,10 @@ from typing import Any, TypeVar
 import yaml
 
 from ztunnel_py.errors import LocalConfigError
+from ztunnel_py.ip import IPNetwork
 from ztunnel_py.rbac.model import (
     Action,
     Authorization,
-    IPNetwork,
     Match,
     Scope,
     ServiceAccountMatch,

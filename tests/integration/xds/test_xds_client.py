@@ -17,14 +17,14 @@ import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
 from ztunnel_py.config import from_env
+from ztunnel_py.protos import workload_pb2 as wl
 from ztunnel_py.state.model import NetworkAddress, Workload
 from ztunnel_py.state.store import ChangeSet, ProxyState, UpdateBatch
 from ztunnel_py.testing.istiod import FakeIstiod
 from ztunnel_py.testing.pki import CertificateAuthority
 from ztunnel_py.testing.poll import wait_until_async
-from ztunnel_py.xds._pb import workload_pb2 as wl
 from ztunnel_py.xds.client import XdsClient, XdsMetrics
-from ztunnel_py.xds.delta import ADDRESS_TYPE, AUTHORIZATION_TYPE
+from ztunnel_py.xds.handlers import ADDRESS_TYPE, AUTHORIZATION_TYPE
 
 ROOT = Path(__file__).resolve().parents[3]
 LOCALHOST_YAML = (ROOT / "examples/localhost.yaml").read_text()

@@ -25,7 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tools.testbed.mesh import CLIENT, Mesh
-from ztunnel_py.redirect.netns import run_in_netns
+from ztunnel_py.netns import run_in_netns
 from ztunnel_py.testing.daemon import Daemon, http
 from ztunnel_py.testing.poll import HANG_GUARD_S, wait_until
 

@@ -14,12 +14,8 @@ import pytest
 
 from ztunnel_py.config import WorkloadInfo
 from ztunnel_py.redirect import iptables
-from ztunnel_py.redirect.workloads import (
-    EnrolledPod,
-    PodListeners,
-    PodProxyHandle,
-    WorkloadManager,
-)
+from ztunnel_py.redirect.listeners import PodListeners
+from ztunnel_py.redirect.workloads import EnrolledPod, PodProxyHandle, WorkloadManager
 from ztunnel_py.state.model import Workload
 from ztunnel_py.state.store import ProxyState, UpdateBatch
 from ztunnel_py.testing.netns import Netns, NetnsPool

@@ -17,11 +17,9 @@ import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
 from ztunnel_py.config import WorkloadInfo
+from ztunnel_py.redirect.listeners import EnrollmentError, ListenerOptions, PodListeners
 from ztunnel_py.redirect.workloads import (
     EnrolledPod,
-    EnrollmentError,
-    ListenerOptions,
-    PodListeners,
     PodState,
     WorkloadManager,
     WorkloadManagerMetrics,

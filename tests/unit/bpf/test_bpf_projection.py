@@ -20,7 +20,8 @@ from ztunnel_py.bpf.projection import (
     pod_key,
     project,
 )
-from ztunnel_py.rbac.model import Action, Authorization, IPNetwork, Match, Scope
+from ztunnel_py.ip import IPNetwork
+from ztunnel_py.rbac.model import Action, Authorization, Match, Scope
 from ztunnel_py.state.model import (
     GatewayAddress,
     InboundProtocol,

@@ -24,6 +24,7 @@ from ztunnel_py.hbone.events import (
     TunnelRequested,
     WindowOpened,
 )
+from ztunnel_py.proxy.transport import hbone_settings
 from ztunnel_py.testing.hbone_pairs import (
     ack_all,
     of_type,
@@ -45,10 +46,10 @@ def test_settings_follow_config() -> None:
         http2_connection_window_size=8 << 20,
         http2_frame_size=64 * 1024,
     )
-    s = HboneSettings.for_role(Role.SERVER, config)
+    s = hbone_settings(Role.SERVER, config)
     assert (s.stream_window, s.connection_window, s.max_frame_size) == (1 << 20, 8 << 20, 65536)
     assert s.max_header_list_size == 64 * 1024
-    assert HboneSettings.for_role(Role.CLIENT, config).max_header_list_size == 16 * 1024
+    assert hbone_settings(Role.CLIENT, config).max_header_list_size == 16 * 1024
 
 
 def test_introspection() -> None:

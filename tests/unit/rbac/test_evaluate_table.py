@@ -12,7 +12,7 @@ import ipaddress
 
 import pytest
 
-from ztunnel_py.rbac.evaluate import ConnectionInfo, evaluate, evaluate_for
+from ztunnel_py.rbac.evaluate import ConnectionInfo, evaluate
 from ztunnel_py.rbac.model import Authorization
 from ztunnel_py.state.store import ProxyState
 from ztunnel_py.xds.local import parse_local_config
@@ -353,7 +353,7 @@ def test_scopes(uid: str, connection: ConnectionInfo, allowed: bool, policy: str
     state = state_from_yaml(SCOPE_DOC)
     workload = state.workload(uid)
     assert workload is not None
-    decision = evaluate_for(connection, state, workload)
+    decision = evaluate(connection, state.policies_for(workload))
     assert (decision.allowed, decision.policy) == (allowed, policy)
 
 

@@ -11,7 +11,6 @@ import pytest
 from ztunnel_py.rbac.kernel import (
     MAX_RULES_PER_POLICY_RULE,
     KernelDenyRule,
-    compile_for,
     compile_kernel_denies,
 )
 from ztunnel_py.rbac.model import Authorization
@@ -212,6 +211,6 @@ policies:
     )
     workload = state.workload("w1")
     assert workload is not None
-    plan = compile_for(state, workload)
+    plan = compile_kernel_denies(state.policies_for(workload), workload_ips=workload.workload_ips)
     assert set(plan.rules) == {KernelDenyRule(None, 1), KernelDenyRule(None, 2)}
     assert plan.complete == {"istio-system/g", "ns1/n"}

@@ -12,18 +12,17 @@ from collections.abc import Sequence
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ztunnel_py.ip import IPNetwork
 from ztunnel_py.rbac.evaluate import (
     ConnectionInfo,
     canonical_ip,
     evaluate,
-    evaluate_for,
     policy_matches,
 )
 from ztunnel_py.rbac.kernel import compile_kernel_denies
 from ztunnel_py.rbac.model import (
     Action,
     Authorization,
-    IPNetwork,
     Match,
     Rule,
     Scope,
@@ -276,8 +275,8 @@ def test_an_unrelated_policy_never_changes_a_decision(
         )
     before_state, workload = _state(pols, selected)
     after_state, _ = _state([*pols, unrelated], selected)
-    before = evaluate_for(conn, before_state, workload)
-    after = evaluate_for(conn, after_state, workload)
+    before = evaluate(conn, before_state.policies_for(workload))
+    after = evaluate(conn, after_state.policies_for(workload))
     assert after == before
 
 

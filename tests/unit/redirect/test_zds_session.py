@@ -8,6 +8,7 @@ import random
 import pytest
 
 from ztunnel_py.config import WorkloadInfo
+from ztunnel_py.protos import zds_pb2
 from ztunnel_py.redirect.zds_protocol import (
     MSG_CTRUNC,
     MSG_TRUNC,
@@ -30,7 +31,6 @@ from ztunnel_py.redirect.zds_protocol import (
     encode_keep,
     encode_snapshot_sent,
 )
-from ztunnel_py.xds._pb import zds_pb2
 
 INFO = WorkloadInfo(namespace="default", name="web-1", service_account="web")
 

@@ -8,6 +8,8 @@ import pytest
 from google.protobuf import empty_pb2
 
 from ztunnel_py.errors import ConversionError
+from ztunnel_py.protos import authorization_pb2 as az
+from ztunnel_py.protos import workload_pb2 as wl
 from ztunnel_py.rbac.model import (
     Action,
     Scope,
@@ -16,8 +18,6 @@ from ztunnel_py.rbac.model import (
     StringMatchKind,
 )
 from ztunnel_py.state.convert import (
-    CidrVip,
-    ConvertedService,
     address_from_pb,
     authorization_from_pb,
     service_from_pb,
@@ -25,6 +25,7 @@ from ztunnel_py.state.convert import (
 )
 from ztunnel_py.state.model import (
     AppTunnelProtocol,
+    CidrVip,
     HealthStatus,
     InboundProtocol,
     IpFamily,
@@ -34,11 +35,10 @@ from ztunnel_py.state.model import (
     NamespacedHostname,
     NetworkAddress,
     NetworkMode,
+    Service,
     Visibility,
     Workload,
 )
-from ztunnel_py.xds._pb import authorization_pb2 as az
-from ztunnel_py.xds._pb import workload_pb2 as wl
 
 IP4 = bytes([10, 0, 0, 7])
 IP6 = ipaddress.IPv6Address("fd00::7").packed
@@ -229,7 +229,7 @@ def test_service_conversion() -> None:
         visibility=wl.Service.NAMESPACE,
     )
     converted = service_from_pb("ns1/svc.ns1.svc.cluster.local", pb)
-    svc = converted.service
+    svc = converted
     assert svc.key == "ns1/svc.ns1.svc.cluster.local"
     assert svc.vips == (NetworkAddress("", ipaddress.ip_address("10.96.0.1")),)
     assert dict(svc.ports) == {80: 8080, 443: 0}
@@ -247,7 +247,7 @@ def test_service_conversion() -> None:
 
 
 def test_service_defaults() -> None:
-    svc = service_from_pb("k", pb_service()).service
+    svc = service_from_pb("k", pb_service())
     assert svc.load_balancer is None
     assert svc.ip_families is None  # AUTOMATIC
     assert svc.visibility is Visibility.PUBLIC
@@ -255,7 +255,7 @@ def test_service_defaults() -> None:
 
 
 def test_unspecified_lb_mode_is_standard() -> None:
-    svc = service_from_pb("k", pb_service(load_balancing=wl.LoadBalancing())).service
+    svc = service_from_pb("k", pb_service(load_balancing=wl.LoadBalancing()))
     assert svc.load_balancer is not None
     assert svc.load_balancer.mode is LoadBalancerMode.STANDARD
 
@@ -269,7 +269,7 @@ def test_host_length_is_a_plain_vip_and_shorter_is_a_cidr_vip() -> None:
         ]
     )
     converted = service_from_pb("k", pb)
-    assert converted.service.vips == (NetworkAddress("n", ipaddress.ip_address("10.96.0.1")),)
+    assert converted.vips == (NetworkAddress("n", ipaddress.ip_address("10.96.0.1")),)
     assert converted.cidr_vips == (
         CidrVip("n", ipaddress.ip_network("10.200.1.0/24")),
         CidrVip("", ipaddress.ip_network("fd00::/64")),
@@ -316,7 +316,7 @@ def test_unknown_ip_families_is_refused() -> None:
 
 
 def test_unknown_visibility_fails_open_like_ztunnel() -> None:
-    assert service_from_pb("k", pb_service(visibility=5)).service.visibility is Visibility.PUBLIC
+    assert service_from_pb("k", pb_service(visibility=5)).visibility is Visibility.PUBLIC
 
 
 def test_weighted_waypoint_without_destination_is_refused() -> None:
@@ -326,7 +326,7 @@ def test_weighted_waypoint_without_destination_is_refused() -> None:
 
 def test_address_dispatch() -> None:
     assert isinstance(address_from_pb(UID, wl.Address(workload=pb_workload())), Workload)
-    assert isinstance(address_from_pb("k", wl.Address(service=pb_service())), ConvertedService)
+    assert isinstance(address_from_pb("k", wl.Address(service=pb_service())), Service)
     assert "unknown address type" in rejected(address_from_pb, "empty", wl.Address()).reason
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from ztunnel_py.telemetry.logging import LevelController, display_target
+from ztunnel_py.log_levels import display_target
+from ztunnel_py.telemetry.logging import LevelController
 
 
 def test_logger_names_are_shown_as_ztunnel_targets() -> None:

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 
+from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
 
+from ztunnel_py.admin.dump import service_to_dict
 from ztunnel_py.config import Config, from_env
-from ztunnel_py.state.store import ProxyState
-from ztunnel_py.xds._pb import authorization_pb2 as az
-from ztunnel_py.xds._pb import workload_pb2 as wl
-from ztunnel_py.xds.delta import (
-    ADDRESS_TYPE,
-    AUTHORIZATION_TYPE,
-    DeltaSession,
-    Signal,
-)
+from ztunnel_py.errors import ConversionError
+from ztunnel_py.protos import authorization_pb2 as az
+from ztunnel_py.protos import workload_pb2 as wl
+from ztunnel_py.state.store import ProxyState, UpdateBatch
+from ztunnel_py.xds.delta import DeltaSession, Signal, Subscription
+from ztunnel_py.xds.handlers import ADDRESS_TYPE, AUTHORIZATION_TYPE, istio_session
 
 ENV = {
     "MESH_CONFIG_PATH": "/nonexistent/mesh",
@@ -86,7 +86,7 @@ def policy(name: str, ns: str = "ns1", **kw: object) -> az.Authorization:
 
 
 def test_node_id_and_metadata_are_ztunnels() -> None:
-    node = DeltaSession(config()).node
+    node = istio_session(config()).node
     assert node.id == "ztunnel~10.1.0.5~ztunnel-abcde.istio-system~istio-system.svc.cluster.local"
     meta = json_format.MessageToDict(node.metadata)
     assert meta == {
@@ -103,13 +103,13 @@ def test_node_id_and_metadata_are_ztunnels() -> None:
 
 def test_node_defaults_when_downward_api_is_missing() -> None:
     cfg = from_env({"MESH_CONFIG_PATH": "/nonexistent", "XDS_ADDRESS": "localhost:15012"})
-    node = DeltaSession(cfg).node
+    node = istio_session(cfg).node
     assert node.id == "ztunnel~1.1.1.1~.~.svc.cluster.local"
     assert json_format.MessageToDict(node.metadata)["NODE_NAME"] == ""
 
 
 def test_wildcard_initial_requests_address_then_authorization_with_node() -> None:
-    session = DeltaSession(config())
+    session = istio_session(config())
     first, second = session.initial_requests()
     assert [first.type_url, second.type_url] == [ADDRESS_TYPE, AUTHORIZATION_TYPE]
     for req in (first, second):
@@ -121,7 +121,7 @@ def test_wildcard_initial_requests_address_then_authorization_with_node() -> Non
 
 
 def test_on_demand_initial_address_request_subscribes_to_nothing() -> None:
-    session = DeltaSession(config(XDS_ON_DEMAND="true"))
+    session = istio_session(config(XDS_ON_DEMAND="true"))
     address, authorization = session.initial_requests()
     assert list(address.resource_names_subscribe) == ["*"]
     assert list(address.resource_names_unsubscribe) == ["*"]
@@ -133,7 +133,7 @@ def test_on_demand_initial_address_request_subscribes_to_nothing() -> None:
 
 
 def test_ack_carries_nonce_and_applies_resources() -> None:
-    session = DeltaSession(config())
+    session = istio_session(config())
     batch, reply = session.on_response(
         response(ADDRESS_TYPE, wl_resource(1), wl_resource(2), nonce="abc")
     )
@@ -157,7 +157,7 @@ def test_ack_carries_nonce_and_applies_resources() -> None:
 
 
 def test_partial_nack_names_only_the_failures_and_applies_the_rest() -> None:
-    session = DeltaSession(config())
+    session = istio_session(config())
     garbage = discovery_pb2.Resource(name="garbage", version="v9")
     garbage.resource.type_url = "type.googleapis.com/istio.workload.Address"
     garbage.resource.value = b"\xff\xff\xff"
@@ -198,14 +198,14 @@ def test_partial_nack_names_only_the_failures_and_applies_the_rest() -> None:
 
 
 def test_a_rejected_update_keeps_the_old_version_so_istiod_resends_it() -> None:
-    session = DeltaSession(config())
+    session = istio_session(config())
     session.on_response(response(ADDRESS_TYPE, wl_resource(1, version="v1")))
     session.on_response(response(ADDRESS_TYPE, wl_resource(1, version="v2", status=9)))
     assert session.versions(ADDRESS_TYPE)["cluster1//v1/Pod/ns1/pod-1"] == "v1"
 
 
 def test_removals_become_batch_removals_and_drop_versions() -> None:
-    session = DeltaSession(config())
+    session = istio_session(config())
     svc = wl.Address(service=wl.Service(name="s", namespace="ns1", hostname="s.example"))
     session.on_response(response(ADDRESS_TYPE, wl_resource(1), resource("ns1/s.example", svc)))
     batch, reply = session.on_response(
@@ -217,14 +217,14 @@ def test_removals_become_batch_removals_and_drop_versions() -> None:
 
 
 def test_removal_uses_the_model_key_when_the_xds_name_differs() -> None:
-    session = DeltaSession(config())
+    session = istio_session(config())
     session.on_response(response(AUTHORIZATION_TYPE, resource("odd-name", policy("p1"))))
     batch, _ = session.on_response(response(AUTHORIZATION_TYPE, removed=("odd-name",)))
     assert batch.removed_policies == ("ns1/p1",)
 
 
 def test_authorization_batch() -> None:
-    session = DeltaSession(config())
+    session = istio_session(config())
     batch, reply = session.on_response(
         response(AUTHORIZATION_TYPE, resource("ns1/p1", policy("p1"), version=""))
     )
@@ -235,7 +235,7 @@ def test_authorization_batch() -> None:
 
 
 def test_unknown_type_is_acked_and_reported() -> None:
-    session = DeltaSession(config())
+    session = istio_session(config())
     batch, reply = session.on_response(
         response("type.googleapis.com/istio.workload.Workload", nonce="x")
     )
@@ -251,7 +251,7 @@ def test_unknown_type_is_acked_and_reported() -> None:
 
 
 def test_ready_after_an_ack_of_every_wildcard_type_and_not_after_a_nack() -> None:
-    session = DeltaSession(config())
+    session = istio_session(config())
     steps = [
         response(ADDRESS_TYPE, wl_resource(1, status=9)),  # NACK does not count
         response(ADDRESS_TYPE, wl_resource(1)),
@@ -272,7 +272,7 @@ def test_ready_after_an_ack_of_every_wildcard_type_and_not_after_a_nack() -> Non
 
 
 def test_on_demand_mode_is_ready_after_authorization_alone() -> None:
-    session = DeltaSession(config(XDS_ON_DEMAND="true"))
+    session = istio_session(config(XDS_ON_DEMAND="true"))
     session.on_response(response(AUTHORIZATION_TYPE))
     assert session.ready
 
@@ -281,7 +281,7 @@ def test_on_demand_mode_is_ready_after_authorization_alone() -> None:
 
 
 def test_reconnect_echoes_held_versions_per_type() -> None:
-    session = DeltaSession(config())
+    session = istio_session(config())
     session.on_response(
         response(ADDRESS_TYPE, wl_resource(1, version="h1"), wl_resource(2, version="h2"))
     )
@@ -297,8 +297,8 @@ def test_reconnect_echoes_held_versions_per_type() -> None:
 
 
 def test_subscribe_builds_a_request_and_is_satisfied_by_an_alias() -> None:
-    session = DeltaSession(config(XDS_ON_DEMAND="true"))
-    req = session.subscribe("/10.0.0.1")
+    session = istio_session(config(XDS_ON_DEMAND="true"))
+    req = session.subscribe(ADDRESS_TYPE, "/10.0.0.1")
     assert req.type_url == ADDRESS_TYPE
     assert list(req.resource_names_subscribe) == ["/10.0.0.1"]
     assert not req.HasField("node")
@@ -317,9 +317,9 @@ def test_subscribe_builds_a_request_and_is_satisfied_by_an_alias() -> None:
 
 
 def test_subscribe_is_satisfied_by_name_or_by_removal() -> None:
-    session = DeltaSession(config(XDS_ON_DEMAND="true"))
-    session.subscribe("cluster1//v1/Pod/ns1/pod-3")
-    session.subscribe("ns1/gone.example")
+    session = istio_session(config(XDS_ON_DEMAND="true"))
+    session.subscribe(ADDRESS_TYPE, "cluster1//v1/Pod/ns1/pod-3")
+    session.subscribe(ADDRESS_TYPE, "ns1/gone.example")
     session.on_response(response(ADDRESS_TYPE, wl_resource(3)))
     assert session.pending == {"ns1/gone.example"}
     session.on_response(response(ADDRESS_TYPE, removed=("ns1/gone.example",)))
@@ -328,16 +328,16 @@ def test_subscribe_is_satisfied_by_name_or_by_removal() -> None:
 
 def test_a_rejected_resource_still_answers_its_waiter() -> None:
     # ztunnel notifies waiters for every named resource; the caller then finds nothing.
-    session = DeltaSession(config(XDS_ON_DEMAND="true"))
-    session.subscribe("cluster1//v1/Pod/ns1/pod-3")
+    session = istio_session(config(XDS_ON_DEMAND="true"))
+    session.subscribe(ADDRESS_TYPE, "cluster1//v1/Pod/ns1/pod-3")
     session.on_response(response(ADDRESS_TYPE, wl_resource(3, status=9)))
     assert session.pending == frozenset()
     assert session.versions(ADDRESS_TYPE)["cluster1//v1/Pod/ns1/pod-3"] == ""
 
 
 def test_forget_pending_keeps_the_subscription() -> None:
-    session = DeltaSession(config(XDS_ON_DEMAND="true"))
-    session.subscribe("/10.0.0.1")
+    session = istio_session(config(XDS_ON_DEMAND="true"))
+    session.subscribe(ADDRESS_TYPE, "/10.0.0.1")
     session.forget_pending("/10.0.0.1")
     assert session.pending == frozenset()
     assert "/10.0.0.1" in session.versions(ADDRESS_TYPE)
@@ -346,8 +346,9 @@ def test_forget_pending_keeps_the_subscription() -> None:
 # --- CIDR VIPs and dump ---------------------------------------------------------------------------
 
 
-def test_cidr_vips_are_tracked_beside_the_service() -> None:
-    session = DeltaSession(config())
+def test_cidr_vips_are_held_on_the_service_in_the_state() -> None:
+    session = istio_session(config())
+    state = ProxyState()
     svc = wl.Service(
         name="s",
         namespace="ns1",
@@ -360,17 +361,66 @@ def test_cidr_vips_are_tracked_beside_the_service() -> None:
     batch, _ = session.on_response(
         response(ADDRESS_TYPE, resource("ns1/s.example", wl.Address(service=svc)))
     )
-    assert [str(v) for v in batch.services[0].vips] == ["/10.96.0.1"]
-    assert [str(v) for v in session.cidr_vips["ns1/s.example"]] == ["/10.200.0.0/16"]
-    session.on_response(response(ADDRESS_TYPE, removed=("ns1/s.example",)))
-    assert dict(session.cidr_vips) == {}
+    state.apply(batch)
+    held = state.service("ns1/s.example")
+    assert held is not None
+    assert [str(v) for v in held.vips] == ["/10.96.0.1"]
+    assert [str(v) for v in held.cidr_vips] == ["/10.200.0.0/16"]
+    assert service_to_dict(held, state)["cidrVips"] == ["/10.200.0.0/16"]  # /config_dump
+    batch, _ = session.on_response(response(ADDRESS_TYPE, removed=("ns1/s.example",)))
+    state.apply(batch)
+    assert state.service("ns1/s.example") is None
 
 
 def test_dump_shape() -> None:
-    session = DeltaSession(config())
+    session = istio_session(config())
     session.on_response(response(ADDRESS_TYPE, wl_resource(1, version="h1")))
     dump = session.dump()
     assert dump["ready"] is False
     assert dump["types"][ADDRESS_TYPE]["resources"] == {"cluster1//v1/Pod/ns1/pod-1": "h1"}
     assert dump["types"][ADDRESS_TYPE]["acked"] is True
     assert dump["types"][AUTHORIZATION_TYPE]["lastNack"] is None
+
+
+# --- the session is generic: any resource type through its handler -----------------------------
+
+NOTE_TYPE = "type.example/test.Note"
+
+
+class NoteHandler:
+    """A made-up resource type whose payload is UTF-8 text; text "bad" is rejected."""
+
+    type_url = NOTE_TYPE
+
+    def decode(self, name: str, payload: bytes) -> str:
+        if payload == b"bad":
+            raise ConversionError(name, "bad note")
+        return payload.decode()
+
+    def key(self, resource: str) -> str:
+        return f"note/{resource}"
+
+    def updates(self, resources: Sequence[str], removed: Sequence[str]) -> UpdateBatch:
+        # Notes travel as removals, so the test can read both lists from one batch.
+        return UpdateBatch(removed_policies=(*resources, *removed))
+
+
+def note(name: str, text: str) -> discovery_pb2.Resource:
+    res = discovery_pb2.Resource(name=name, version="v1")
+    res.resource.value = text.encode()
+    return res
+
+
+def test_session_runs_any_handler_with_keys_versions_and_nacks() -> None:
+    session = DeltaSession(Node(id="n"), [Subscription(NoteHandler())])
+    (initial,) = session.initial_requests()
+    assert initial.type_url == NOTE_TYPE and initial.node.id == "n"
+    batch, reply = session.on_response(response(NOTE_TYPE, note("a", "hello"), note("b", "bad")))
+    assert batch.removed_policies == ("hello",)
+    assert reply.error_detail.message == "b: bad note"
+    assert dict(session.versions(NOTE_TYPE)) == {"a": "v1"}
+    assert not session.ready  # a NACK does not count as the first response
+    # Removal by xDS name reaches the handler as the key it named.
+    batch, _ = session.on_response(response(NOTE_TYPE, removed=("a",)))
+    assert batch.removed_policies == ("note/hello",)
+    assert session.ready

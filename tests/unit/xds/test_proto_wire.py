@@ -19,10 +19,10 @@ import pytest
 from google.protobuf import descriptor_pb2
 from google.protobuf.message import Message
 
-from ztunnel_py.xds._pb import authorization_pb2 as az
-from ztunnel_py.xds._pb import ca_pb2 as ca
-from ztunnel_py.xds._pb import workload_pb2 as wl
-from ztunnel_py.xds._pb import zds_pb2 as zds
+from ztunnel_py.protos import authorization_pb2 as az
+from ztunnel_py.protos import ca_pb2 as ca
+from ztunnel_py.protos import workload_pb2 as wl
+from ztunnel_py.protos import zds_pb2 as zds
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -487,8 +487,8 @@ def test_check_names_a_stale_file(tmp_path: Path) -> None:
     (tmp_path / "tools").mkdir()
     shutil.copy(REPO / "tools/gen_protos.py", tmp_path / "tools/gen_protos.py")
     shutil.copytree(REPO / "xds", tmp_path / "xds")
-    shutil.copytree(REPO / "ztunnel_py/xds/_pb", tmp_path / "ztunnel_py/xds/_pb")
-    stale = tmp_path / "ztunnel_py/xds/_pb/zds_pb2.py"
+    shutil.copytree(REPO / "ztunnel_py/protos", tmp_path / "ztunnel_py/protos")
+    stale = tmp_path / "ztunnel_py/protos/zds_pb2.py"
     stale.write_text(stale.read_text() + "\n# edited by hand\n")
     done = subprocess.run(
         [sys.executable, "tools/gen_protos.py", "--check"],
@@ -499,4 +499,4 @@ def test_check_names_a_stale_file(tmp_path: Path) -> None:
         timeout=60,
     )
     assert done.returncode == 1
-    assert "stale: ztunnel_py/xds/_pb/zds_pb2.py" in done.stderr
+    assert "stale: ztunnel_py/protos/zds_pb2.py" in done.stderr

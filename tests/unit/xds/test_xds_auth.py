@@ -8,8 +8,7 @@ import grpc
 import pytest
 
 from ztunnel_py.config import DEFAULT_TOKEN, Config, RootCert, RootCertKind, from_env
-from ztunnel_py.testing.pki import CertificateAuthority
-from ztunnel_py.xds.auth import (
+from ztunnel_py.istiod_auth import (
     AuthError,
     call_metadata,
     channel_credentials,
@@ -18,6 +17,7 @@ from ztunnel_py.xds.auth import (
     load_root_pem,
     read_token,
 )
+from ztunnel_py.testing.pki import CertificateAuthority
 
 
 def config(**env: str) -> Config:

@@ -14,7 +14,8 @@ from ztunnel_py.xds.client import (
     classify,
     next_backoff,
 )
-from ztunnel_py.xds.delta import ADDRESS_TYPE, DeltaDiscoveryResponse
+from ztunnel_py.xds.delta import DeltaDiscoveryResponse
+from ztunnel_py.xds.handlers import ADDRESS_TYPE
 
 R = TerminationReason
 

@@ -7,7 +7,7 @@ to xDS (same TLS and bearer-token authentication).
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from ztunnel_py.xds._pb import ca_pb2 as _ca_pb2
+from ztunnel_py.protos import ca_pb2 as _ca_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ztunnel_py.identity.node import NodeCertificates
 from ztunnel_py.identity.spiffe import Identity
 from ztunnel_py.state.model import InboundProtocol, Workload
+from ztunnel_py.state.node_identities import NodeCertificates
 from ztunnel_py.state.store import ProxyState, UpdateBatch
 
 

@@ -13,7 +13,7 @@ from google.protobuf import empty_pb2 as _empty_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
-from ztunnel_py.xds._pb import workload_pb2 as _workload_pb2
+from ztunnel_py.protos import workload_pb2 as _workload_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
