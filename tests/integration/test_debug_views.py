@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -240,3 +241,46 @@ def test_cli_says_when_the_daemon_is_not_there(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 1 and "is ztunnel-py running?" in proc.stderr
+
+
+def test_abuse_of_the_admin_port_leaves_the_daemon_serving(daemon: Daemon) -> None:
+    """Garbage, a huge head, a stalled request and more connections than allowed: each gets
+    an error or a closed connection, and the daemon goes on answering."""
+    port = daemon.admin_port
+
+    def raw(data: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(data)
+            chunks = []
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+    assert raw(b"\x16\x03\x01 not http at all\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    huge = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"
+    assert raw(huge).startswith(b"HTTP/1.1 431 ")
+    stalled = socket.create_connection(("127.0.0.1", port), timeout=30)
+    stalled.sendall(b"GET /config_dump HTTP/1.1\r\n")  # and nothing more
+    held = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(80)]
+    try:
+        # past the limit of 64, the daemon closes a new connection at once, saying nothing
+        assert held[-1].recv(1) == b""
+    finally:
+        for s in held:
+            s.close()
+    # the stalled request times out with a 408 (the daemon's 10 s request limit)
+    stalled.settimeout(30)
+    assert stalled.recv(65536).startswith(b"HTTP/1.1 408 ")
+    stalled.close()
+
+    def serving() -> None:
+        admin = next(
+            s
+            for s in http(daemon.admin + "/debug/listeners").json()["daemon"]
+            if s["name"] == "admin"
+        )
+        assert admin["refusedConnections"] > 0
+        assert http(daemon.admin + "/config_dump").status == 200
+
+    eventually(serving)
+    assert http(daemon.ready_url).status == 200 and daemon.proc.poll() is None
