@@ -173,3 +173,105 @@ def test_dashboard_in_a_real_browser(mesh: Mesh, tmp_path: Path) -> None:
     summary = browser.png_summary(shot)
     assert (summary.width, summary.height) == (1280, 900)
     assert summary.colours > 10  # text, table headers, state colours: not a blank page
+
+
+# ----------------------------------------------------------------------------- real istioctl
+
+ISTIOCTL_TABLES = ("connections", "workload", "service", "policy", "certificate")
+UNUSED_PORT_DENY = {
+    "name": "deny-unused-port",
+    "namespace": "default",
+    "scope": "Namespace",
+    "action": "Deny",
+    "rules": [[{"destinationPorts": [9999]}]],
+}
+
+
+def lab_istioctl() -> Path:
+    """istioctl as the Istio lab builds it (tools/lab/build.sh, from istio's own source)."""
+    try:
+        from tools.lab.binaries import (  # type: ignore[import-not-found,import-untyped,unused-ignore]
+            LabBinariesMissing,
+            find_binaries,
+        )
+    except ImportError:
+        pytest.skip(
+            "the Istio lab (tools/lab) is not in this tree; the dump's shape is checked above"
+        )
+    try:
+        istioctl: Path = find_binaries().istioctl
+    except LabBinariesMissing as e:
+        require(False, str(e))
+    return istioctl
+
+
+def istioctl_table(istioctl: Path, table: str, dump: Path, kubeconfig: Path) -> list[list[str]]:
+    proc = subprocess.run(
+        [str(istioctl), f"--kubeconfig={kubeconfig}", "ztunnel-config", table, "--file", str(dump)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, (table, proc.stdout, proc.stderr)
+    return [line.split() for line in proc.stdout.splitlines() if line.strip()]
+
+
+def test_real_istioctl_prints_every_table_from_our_dump(mesh: Mesh, tmp_path: Path) -> None:
+    istioctl = lab_istioctl()
+    kubeconfig = tmp_path / "kubeconfig"  # --file needs no cluster; an empty config is enough
+    kubeconfig.write_text("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: []\n")
+    client, server = mesh.pod(CLIENT), mesh.pod(SERVER)
+    mesh.write_config([UNUSED_PORT_DENY])
+    wait_until(
+        lambda: all(len(d.config_dump()["policies"]) == 1 for d in mesh.daemons.values()),
+        "every daemon to load the policy",
+    )
+    stream = start_stream(mesh, CLIENT, ON_NODE_1.vip, ECHO_PORT)
+    try:
+        wait_until(lambda: bool(listed(mesh, SERVER)["inbound"]), "both sides to list it")
+        dumps = {}
+        for name in (CLIENT, SERVER):
+            path = tmp_path / f"{name}.json"
+            path.write_text(json.dumps(daemon_of(mesh, name).config_dump()))
+            dumps[name] = path
+    finally:
+        finish_stream(stream)
+        mesh.write_config()
+
+    out_rows = istioctl_table(istioctl, "connections", dumps[CLIENT], kubeconfig)
+    assert out_rows[0] == [
+        "WORKLOAD",
+        "DIRECTION",
+        "LOCAL",
+        "REMOTE",
+        "REMOTE",
+        "TARGET",
+        "PROTOCOL",
+    ]
+    (row,) = [r for r in out_rows[1:] if r[1] == "Outbound"]
+    assert row[0] == f"{client.name}.{client.namespace}"
+    assert row[2].startswith(f"{client.name}.{client.namespace}:")  # our address, named
+    assert row[3] == f"{server.name}.{server.namespace}:15008"
+    assert row[4] == f"{ON_NODE_1.hostname}:{ECHO_PORT}"
+    assert row[5] == "HBONE"
+    in_rows = istioctl_table(istioctl, "connections", dumps[SERVER], kubeconfig)
+    (row,) = [r for r in in_rows[1:] if r[1] == "Inbound"]
+    assert row[0] == f"{server.name}.{server.namespace}"
+    assert row[2] == f"{server.name}.{server.namespace}:{ECHO_PORT}"
+    assert row[3].startswith(f"{client.name}.{client.namespace}:")
+    assert row[4:] == [ON_NODE_1.hostname, "HBONE"]
+
+    workloads = istioctl_table(istioctl, "workload", dumps[CLIENT], kubeconfig)
+    names = {r[1] for r in workloads[1:]}
+    assert {p.name for p in mesh.plan.pods} <= names
+    services = istioctl_table(istioctl, "service", dumps[CLIENT], kubeconfig)
+    assert any(ON_NODE_1.name in r and ON_NODE_1.vip in r for r in services[1:])
+    policies = istioctl_table(istioctl, "policy", dumps[CLIENT], kubeconfig)
+    assert [r[:2] for r in policies[1:]] == [["default", "deny-unused-port"]]
+    certificates = istioctl_table(istioctl, "certificate", dumps[CLIENT], kubeconfig)
+    for pod in mesh.plan.pods_on(client.node):
+        assert any(
+            f"spiffe://cluster.local/ns/default/sa/{pod.service_account}" in r
+            for r in certificates[1:]
+        )
