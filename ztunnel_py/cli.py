@@ -45,24 +45,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     v.add_argument("file", type=Path)
     d = sub.add_parser("config-dump", help="print the running daemon's /config_dump")
-    d.add_argument(
-        "--admin",
-        default=f"127.0.0.1:{os.environ.get('ADMIN_PORT', config_mod.PORT_ADMIN)}",
-        help="admin address (default 127.0.0.1:15000)",
-    )
+    d.add_argument("--admin", help="admin address (default 127.0.0.1:ADMIN_PORT, or :15000)")
     b = sub.add_parser(
         "uninstall-bpf",
         help="detach and unpin this node's BPF programs and maps (BPF_PIN_PATH); stops redirection",
     )
     b.add_argument("--pin-path", type=Path, help="default: BPF_PIN_PATH or /sys/fs/bpf/ztunnel-py")
-    default_admin = f"127.0.0.1:{os.environ.get('ADMIN_PORT', config_mod.PORT_ADMIN)}"
+    admin_help = "admin address (default 127.0.0.1:ADMIN_PORT, or :15000)"
     dbg = sub.add_parser("debug", help="the running daemon's debug views (admin /debug)")
     dbg_sub = dbg.add_subparsers(dest="debug_command", required=True)
     dd = dbg_sub.add_parser("dump", help="print /debug/dump (or some of its sections)")
     dd.add_argument("--section", action="append", default=[], help="e.g. connections, bpf, xds")
-    dd.add_argument("--admin", default=default_admin, help="admin address (127.0.0.1:15000)")
+    dd.add_argument("--admin", help=admin_help)
     db = dbg_sub.add_parser("bundle", help="write a tar.gz of every debug view, metrics, logs")
-    db.add_argument("--admin", default=default_admin, help="admin address (127.0.0.1:15000)")
+    db.add_argument("--admin", help=admin_help)
     db.add_argument(
         "--stats",
         default=f"127.0.0.1:{os.environ.get('STATS_PORT', config_mod.PORT_STATS)}",
@@ -83,11 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "config-dump":
         return _config_dump(args.admin)
     if args.command == "debug":
-        from ztunnel_py import debug_client
-
-        if args.debug_command == "dump":
-            return debug_client.dump(args.admin, args.section)
-        return debug_client.bundle(args.admin, args.stats, args.output, args.log)
+        return _debug(args)
     if args.command == "uninstall-bpf":
         return _uninstall_bpf(args.pin_path)
     print(f"ztunnel-py {ztunnel_py.__version__}")
@@ -148,7 +140,7 @@ def _uninstall_bpf(pin_path: Path | None) -> int:
     """Pinned programs outlive the daemon on purpose (pods fail closed); this removes them."""
     from ztunnel_py.bpf.loader import BpfLoader  # loads libbpf: only for this command
 
-    path = pin_path or Path(os.environ.get("BPF_PIN_PATH", config_mod.DEFAULT_BPF_PIN_PATH))
+    path = pin_path or config_mod.bpf_pin_path_from_env()
     if not path.exists():
         print(f"nothing pinned at {path}")
         return 0
@@ -161,7 +153,30 @@ def _uninstall_bpf(pin_path: Path | None) -> int:
     return 0
 
 
-def _config_dump(admin: str) -> int:
+def _admin_address(admin: str | None) -> str:
+    """``--admin``, else 127.0.0.1 and the admin port the daemon reads from the environment."""
+    return admin or f"127.0.0.1:{config_mod.admin_port_from_env()}"
+
+
+def _debug(args: argparse.Namespace) -> int:
+    from ztunnel_py import debug_client
+
+    try:
+        admin = _admin_address(args.admin)
+    except ConfigError as e:
+        print(f"ztunnel-py: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.debug_command == "dump":
+        return debug_client.dump(admin, args.section)
+    return debug_client.bundle(admin, args.stats, args.output, args.log)
+
+
+def _config_dump(admin: str | None) -> int:
+    try:
+        admin = _admin_address(admin)
+    except ConfigError as e:
+        print(f"ztunnel-py: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     url = f"http://{admin}/config_dump"
     try:
         with urllib.request.urlopen(url, timeout=10) as resp:

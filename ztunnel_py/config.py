@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
 import json
 import os
 import re
@@ -34,6 +35,10 @@ PORT_DNS = 15053
 PORT_SOCKS5 = 15080
 
 DEFAULT_PACKET_MARK = 1337  # 0x539, istio-cni's InpodMark
+PACKET_MARK_MASK = 0xFFF  # istio-cni's InpodMask: the mark bits its rules compare
+# istio-cni SNATs the kubelet's probes to these: they reach the pod, never the proxy.
+PROBE_IP4 = ipaddress.IPv4Address("169.254.7.127")
+PROBE_IP6 = ipaddress.IPv6Address("fd16:9254:7127:1337:ffff:ffff:ffff:ffff")
 DEFAULT_ROOT_CERT = "./var/run/secrets/istio/root-cert.pem"
 DEFAULT_TOKEN = "./var/run/secrets/tokens/istio-token"  # noqa: S105 (a path, not a secret)
 DEFAULT_INPOD_UDS = "/var/run/ztunnel/ztunnel.sock"
@@ -326,6 +331,29 @@ def _termination_deadline(env: Mapping[str, str]) -> float:
     return 5.0
 
 
+def admin_port_from_env(env: Mapping[str, str] | None = None) -> int:
+    """The admin port alone, as ``from_env`` reads it: for commands that talk to a running
+    daemon and need none of the rest of its configuration."""
+    env = dict(os.environ if env is None else env)
+    return _admin_port(env, _proxy_config(env))
+
+
+def bpf_pin_path_from_env(env: Mapping[str, str] | None = None) -> Path:
+    """``BPF_PIN_PATH`` alone, as ``from_env`` reads it."""
+    return _bpf_pin_path(os.environ if env is None else env)
+
+
+def _admin_port(env: Mapping[str, str], pc: Mapping[str, Any]) -> int:
+    raw = env.get("ADMIN_PORT")
+    if raw is None:
+        return int(pc.get("proxyAdminPort") or PORT_ADMIN)
+    return parse_int("ADMIN_PORT", raw, maximum=65535)
+
+
+def _bpf_pin_path(env: Mapping[str, str]) -> Path:
+    return Path(env.get("BPF_PIN_PATH") or DEFAULT_BPF_PIN_PATH)
+
+
 def from_env(env: Mapping[str, str] | None = None) -> Config:
     """Parse ``env`` (default ``os.environ``); the first bad value raises ``ConfigError``."""
     env = dict(os.environ if env is None else env)
@@ -410,7 +438,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
             "XDS_ON_DEMAND", "true", "false while the DNS proxy is on (ISTIO_META_DNS_CAPTURE=true)"
         )
 
-    admin_port = integer("ADMIN_PORT", int(pc.get("proxyAdminPort") or PORT_ADMIN), maximum=65535)
+    admin_port = _admin_port(env, pc)
     stats_port = integer("STATS_PORT", int(pc.get("statusPort") or PORT_STATS), maximum=65535)
 
     log_level = get("RUST_LOG") or get("LOG_LEVEL") or "info"
@@ -484,7 +512,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
             else None
         ),
         local_ca_dir=Path(get("LOCAL_CA_DIR", DEFAULT_LOCAL_CA_DIR) or DEFAULT_LOCAL_CA_DIR),
-        bpf_pin_path=Path(get("BPF_PIN_PATH", DEFAULT_BPF_PIN_PATH) or DEFAULT_BPF_PIN_PATH),
+        bpf_pin_path=_bpf_pin_path(env),
         bpf_cgroup_path=Path(env["BPF_CGROUP_PATH"]) if env.get("BPF_CGROUP_PATH") else None,
         bpf_object_dir=Path(env["BPF_OBJECT_DIR"]) if env.get("BPF_OBJECT_DIR") else None,
     )

@@ -271,3 +271,28 @@ def test_dump_redacts_secrets_and_uses_camel_case() -> None:
     assert dump["authToken"] == "<redacted>"
     assert dump["redirectMode"] is None
     assert dump["connectionTerminationDeadlineS"] == 5.0
+
+
+def test_admin_port_and_pin_path_alone_read_as_the_daemon_reads_them(tmp_path: Path) -> None:
+    mesh = tmp_path / "mesh"
+    mesh.write_text("defaultConfig:\n  proxyAdminPort: 16000\n")
+    env = {"MESH_CONFIG_PATH": str(mesh)}
+    assert c.admin_port_from_env(env) == c.from_env(env).admin_port == 16000
+    assert c.admin_port_from_env({**env, "ADMIN_PORT": "17000"}) == 17000
+    with pytest.raises(ConfigError, match="ADMIN_PORT"):
+        c.admin_port_from_env({**env, "ADMIN_PORT": "99999"})
+    assert c.bpf_pin_path_from_env({}) == Path(c.DEFAULT_BPF_PIN_PATH)
+    assert (
+        c.bpf_pin_path_from_env({"BPF_PIN_PATH": "/x"})
+        == c.from_env({"BPF_PIN_PATH": "/x", **env}).bpf_pin_path
+    )
+
+
+def test_config_dump_command_refuses_a_bad_admin_port(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ztunnel_py.cli import EXIT_CONFIG, main
+
+    monkeypatch.setenv("ADMIN_PORT", "not-a-port")
+    assert main(["config-dump"]) == EXIT_CONFIG
+    assert "ADMIN_PORT" in capsys.readouterr().err

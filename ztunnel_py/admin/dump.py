@@ -12,8 +12,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ztunnel_py.rbac.model import (
+    MATCH_LISTS,
     Authorization,
     Match,
+    MatchList,
     ServiceAccountMatch,
     StringMatch,
     StringMatchKind,
@@ -129,28 +131,20 @@ def _sa(m: ServiceAccountMatch) -> JSON:
     return {"namespace": m.namespace, "serviceAccount": m.service_account}
 
 
-_MATCH_FIELDS: tuple[tuple[str, str, Callable[[Any], Any]], ...] = (
-    ("namespaces", "namespaces", _string_match),
-    ("not_namespaces", "notNamespaces", _string_match),
-    ("service_accounts", "serviceAccounts", _sa),
-    ("not_service_accounts", "notServiceAccounts", _sa),
-    ("principals", "principals", _string_match),
-    ("not_principals", "notPrincipals", _string_match),
-    ("source_ips", "sourceIps", str),
-    ("not_source_ips", "notSourceIps", str),
-    ("destination_ips", "destinationIps", str),
-    ("not_destination_ips", "notDestinationIps", str),
-    ("destination_ports", "destinationPorts", int),
-    ("not_destination_ports", "notDestinationPorts", int),
-)
+_RENDER_MATCH: dict[MatchList, Callable[[Any], Any]] = {
+    MatchList.STRING: _string_match,
+    MatchList.SERVICE_ACCOUNT: _sa,
+    MatchList.IP: str,
+    MatchList.PORT: int,
+}
 
 
 def match_to_dict(m: Match) -> JSON:
     out: JSON = {}
-    for attr, key, render in _MATCH_FIELDS:
+    for attr, key, kind in MATCH_LISTS:
         values = getattr(m, attr)
         if values:
-            out[key] = [render(v) for v in values]
+            out[key] = [_RENDER_MATCH[kind](v) for v in values]
     return out
 
 

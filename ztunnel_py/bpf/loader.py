@@ -40,13 +40,16 @@ from ztunnel_py.bpf.origdst import BpfOriginalDestination
 from ztunnel_py.bpf.pods import PodLinks, link_info_at
 from ztunnel_py.bpf.probe import probe_features
 from ztunnel_py.bpf.projection import addr16, fill, pod_key
-from ztunnel_py.config import DEFAULT_PACKET_MARK, Config
+from ztunnel_py.config import (
+    DEFAULT_PACKET_MARK,
+    PACKET_MARK_MASK,
+    PROBE_IP4,
+    PROBE_IP6,
+    Config,
+)
 
 log = logging.getLogger(__name__)
 
-PROBE_IP4 = ipaddress.IPv4Address("169.254.7.127")  # istio-cni's kubelet probe SNAT address
-PROBE_IP6 = ipaddress.IPv6Address("fd16:9254:7127:1337:ffff:ffff:ffff:ffff")
-DEFAULT_MARK_MASK = 0xFFF
 
 # Program -> the attach type its section implies (checked against pinned links on restart).
 CGROUP_PROGRAMS: dict[str, int] = {
@@ -74,7 +77,7 @@ class BpfLoader:
         cgroup_path: Path,
         object_dir: Path = DEFAULT_OBJECT_DIR,
         packet_mark: int = DEFAULT_PACKET_MARK,
-        mark_mask: int = DEFAULT_MARK_MASK,
+        mark_mask: int = PACKET_MARK_MASK,
         probe_ip4: ipaddress.IPv4Address | None = PROBE_IP4,
         probe_ip6: ipaddress.IPv6Address | None = PROBE_IP6,
     ) -> None:

@@ -64,6 +64,12 @@ from ztunnel_py.hbone.events import (
     TunnelRequested,
     WindowOpened,
 )
+from ztunnel_py.hbone.h2_internals import (
+    consume_inbound_window,
+    consume_outbound_window,
+    has_output,
+    headers_in_progress,
+)
 
 MiB = 1024 * 1024
 DEFAULT_STREAM_WINDOW_BYTES = 4 * MiB
@@ -353,18 +359,12 @@ class HboneConnection:
         if st is None or not st.fast_recv or length == 0:
             return False
         h = self._h2
-        if length > h.max_inbound_frame_size or h.incoming_buffer._headers_buffer:
+        if length > h.max_inbound_frame_size or headers_in_progress(h):
             return False
         hs = h.streams.get(sid)
         if hs is None or hs.state_machine.state not in _RECV_DATA_STATES:
             return False
-        conn_window = h._inbound_flow_control_window_manager
-        stream_window = hs._inbound_window_manager
-        if length > conn_window.current_window_size or length > stream_window.current_window_size:
-            return False  # h2 raises the flow-control error
-        conn_window.window_consumed(length)
-        stream_window.window_consumed(length)
-        return True
+        return consume_inbound_window(h, hs, length)
 
     def _deliver(self, sid: int, chunk: memoryview) -> None:
         n = len(chunk)
@@ -490,7 +490,7 @@ class HboneConnection:
     def data_to_send(self) -> bytes:
         """Everything to write to the transport, in order; ``b""`` when there is nothing."""
         # h2 copies its buffer into a new bytes on every call: skip it when it is empty.
-        tail = self._h2.data_to_send() if self._h2._data_to_send else b""
+        tail = self._h2.data_to_send() if has_output(self._h2) else b""
         out = self._out
         if not out:
             return tail
@@ -502,7 +502,7 @@ class HboneConnection:
 
     def _sync_h2_output(self) -> None:
         # h2's own frames must precede the frames we add next.
-        if self._h2._data_to_send:
+        if has_output(self._h2):
             self._out.append(self._h2.data_to_send())
 
     # ------------------------------------------------------------------ commands
@@ -608,8 +608,7 @@ class HboneConnection:
                 out.append(_FRAME_HEADER.pack(k >> 16, k & 0xFFFF, _TYPE_DATA, 0, sid))
                 out.append(view[pos : pos + k])
                 pos += k
-        h.outbound_flow_control_window -= n
-        hs.outbound_flow_control_window -= n
+        consume_outbound_window(h, hs, n)
         return n
 
     def _flush_pending(self) -> None:

@@ -74,6 +74,33 @@ class Match:
         return not any(getattr(self, name) for name in self.__slots__)
 
 
+class MatchList(enum.Enum):
+    """What the entries of one of a ``Match``'s lists are."""
+
+    STRING = "string"
+    SERVICE_ACCOUNT = "serviceAccount"
+    IP = "ip"
+    PORT = "port"
+
+
+#: Every list of a ``Match``: (attribute, camelCase key of ztunnel's local config and
+#: ``/config_dump``, kind of its entries), in ztunnel's order.
+MATCH_LISTS: tuple[tuple[str, str, MatchList], ...] = (
+    ("namespaces", "namespaces", MatchList.STRING),
+    ("not_namespaces", "notNamespaces", MatchList.STRING),
+    ("service_accounts", "serviceAccounts", MatchList.SERVICE_ACCOUNT),
+    ("not_service_accounts", "notServiceAccounts", MatchList.SERVICE_ACCOUNT),
+    ("principals", "principals", MatchList.STRING),
+    ("not_principals", "notPrincipals", MatchList.STRING),
+    ("source_ips", "sourceIps", MatchList.IP),
+    ("not_source_ips", "notSourceIps", MatchList.IP),
+    ("destination_ips", "destinationIps", MatchList.IP),
+    ("not_destination_ips", "notDestinationIps", MatchList.IP),
+    ("destination_ports", "destinationPorts", MatchList.PORT),
+    ("not_destination_ports", "notDestinationPorts", MatchList.PORT),
+)
+
+
 Clause = tuple[Match, ...]
 Rule = tuple[Clause, ...]
 

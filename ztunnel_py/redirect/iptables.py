@@ -26,10 +26,13 @@ from pathlib import Path
 
 from ztunnel_py.config import (
     DEFAULT_PACKET_MARK,
+    PACKET_MARK_MASK,
     PORT_DNS,
     PORT_HBONE,
     PORT_INBOUND_PLAINTEXT,
     PORT_OUTBOUND,
+    PROBE_IP4,
+    PROBE_IP6,
     Config,
 )
 from ztunnel_py.errors import ZtunnelError
@@ -56,11 +59,11 @@ class InpodRules:
 
     mark: int = DEFAULT_PACKET_MARK  # InpodMark: ztunnel's own sockets
     tproxy_mark: int = 0x111  # InpodTProxyMark: connections ztunnel spoofed a source for
-    mask: int = 0xFFF
+    mask: int = PACKET_MARK_MASK
     route_table: int = 100
     rule_priority: int = 32764
-    probe_ip4: str = "169.254.7.127"
-    probe_ip6: str = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"
+    probe_ip4: str = str(PROBE_IP4)
+    probe_ip6: str = str(PROBE_IP6)
     ipv6: bool = True
     dns_capture: bool = False
     outbound_port: int = PORT_OUTBOUND

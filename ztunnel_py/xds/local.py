@@ -19,9 +19,11 @@ import yaml
 from ztunnel_py.errors import LocalConfigError
 from ztunnel_py.ip import IPNetwork
 from ztunnel_py.rbac.model import (
+    MATCH_LISTS,
     Action,
     Authorization,
     Match,
+    MatchList,
     Scope,
     ServiceAccountMatch,
     StringMatch,
@@ -191,11 +193,7 @@ _SERVICE_FIELDS = {
     "waypoint", "weightedWaypoints", "loadBalancer", "ipFamilies", "canonical", "visibility",
 }  # fmt: skip
 _POLICY_FIELDS = {"name", "namespace", "scope", "action", "rules", "dryRun"}
-_MATCH_FIELDS = {
-    "namespaces", "notNamespaces", "serviceAccounts", "notServiceAccounts", "principals",
-    "notPrincipals", "sourceIps", "notSourceIps", "destinationIps", "notDestinationIps",
-    "destinationPorts", "notDestinationPorts",
-}  # fmt: skip
+_MATCH_FIELDS = {key for _, key, _ in MATCH_LISTS}
 
 
 def _gateway(node: _Node) -> GatewayAddress:
@@ -357,25 +355,21 @@ def _sa_match(node: _Node) -> ServiceAccountMatch:
     return ServiceAccountMatch(f["namespace"].string(), f["serviceAccount"].string())
 
 
+_READ_MATCH: dict[MatchList, Callable[[_Node], Any]] = {
+    MatchList.STRING: _string_match,
+    MatchList.SERVICE_ACCOUNT: _sa_match,
+    MatchList.IP: _Node.cidr,
+    MatchList.PORT: _Node.port,
+}
+
+
 def _match(node: _Node) -> Match:
     f = node.mapping(_MATCH_FIELDS)
-
-    def many(key: str, read: Callable[[_Node], _T]) -> tuple[_T, ...]:
-        return tuple(read(n) for n in f[key].items()) if key in f else ()
-
     return Match(
-        namespaces=many("namespaces", _string_match),
-        not_namespaces=many("notNamespaces", _string_match),
-        service_accounts=many("serviceAccounts", _sa_match),
-        not_service_accounts=many("notServiceAccounts", _sa_match),
-        principals=many("principals", _string_match),
-        not_principals=many("notPrincipals", _string_match),
-        source_ips=many("sourceIps", _Node.cidr),
-        not_source_ips=many("notSourceIps", _Node.cidr),
-        destination_ips=many("destinationIps", _Node.cidr),
-        not_destination_ips=many("notDestinationIps", _Node.cidr),
-        destination_ports=many("destinationPorts", _Node.port),
-        not_destination_ports=many("notDestinationPorts", _Node.port),
+        **{
+            attr: tuple(_READ_MATCH[kind](n) for n in f[key].items()) if key in f else ()
+            for attr, key, kind in MATCH_LISTS
+        }
     )
 
 
