@@ -183,7 +183,7 @@ UNUSED_PORT_DENY = {
     "namespace": "default",
     "scope": "Namespace",
     "action": "Deny",
-    "rules": [[{"destinationPorts": [9999]}]],
+    "rules": [[[{"destinationPorts": [9999]}]]],
 }
 
 
