@@ -27,6 +27,9 @@ if [ -f tools/gen_bpf_types.py ]; then
   run python3 tools/gen_bpf_types.py --check
 fi
 
+step "manifests/plain are the current render of Istio's ztunnel chart"
+run python3 tools/k8s/render.py --check
+
 step "tests (pytest)"
 if [ "$(id -u)" -eq 0 ]; then
   export ZT_REQUIRE_PRIVILEGED=1

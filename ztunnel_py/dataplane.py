@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry
 
 from ztunnel_py.bpf.errors import BpfError  # plain exceptions: no libbpf behind them
-from ztunnel_py.config import Config, ProxyMode, RedirectMode, WorkloadInfo
+from ztunnel_py.config import PORT_INBOUND_PLAINTEXT, Config, ProxyMode, RedirectMode, WorkloadInfo
 from ztunnel_py.errors import UnsupportedFeature, ZtunnelError
 from ztunnel_py.proxy.certificates import CertificateSource
+from ztunnel_py.proxy.coexist import KernelMapThenConntrack, LocalAddressUnlessRedirected
 from ztunnel_py.proxy.conntrack import ConnectionTracker
 from ztunnel_py.proxy.inputs import Demand, PodInputs, ProxyInputs
 from ztunnel_py.proxy.pod import PodProxy, pod_pool, start_pod_proxy
@@ -160,8 +161,10 @@ class DataPlane:
                 self.redirect_mode = RedirectMode.IPTABLES
             else:
                 listeners.append(enrollment)
-                original_destination = loader.original_destinations()
-                inbound_original_destination = None  # sk_lookup keeps the original address
+                # istio-cni's in-pod REDIRECT rules may still be installed: what they catch
+                # has its destination in conntrack (proxy/coexist.py).
+                original_destination = KernelMapThenConntrack(loader.original_destinations())
+                inbound_original_destination = LocalAddressUnlessRedirected(PORT_INBOUND_PLAINTEXT)
         inputs = ProxyInputs(
             config=self.config,
             state=self.hub.state,

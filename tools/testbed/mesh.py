@@ -79,6 +79,17 @@ class MeshOptions:
     # Pods left out of the mesh, like pods of a namespace without the ambient label: not in
     # the local config, never enrolled, no in-pod rules. Traffic to them is non-mesh traffic.
     outside: Sequence[str] = ()
+    # istio-cni's in-pod iptables rules in every mesh pod: always in iptables mode; in eBPF
+    # mode only when asked (a stock istio-cni installs them whatever the node proxy does).
+    inpod_rules: bool = False
+    # Nodes whose daemon the caller runs itself (e.g. in a container); the mesh still builds
+    # their pods and agent. ``agent_sockets``: node -> where its agent listens, if not the default.
+    external: Sequence[str] = ()
+    agent_sockets: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def iptables_rules(self) -> bool:
+        return self.redirect == "iptables" or self.inpod_rules
 
 
 class Mesh:
@@ -94,7 +105,7 @@ class Mesh:
         self.bed = Testbed(
             self.plan,
             TestbedOptions(
-                iptables=options.redirect == "iptables",
+                iptables=options.iptables_rules,
                 app=options.app,
                 config_path=str(self.config_path),
             ),
@@ -110,24 +121,25 @@ class Mesh:
     def up(self) -> None:
         try:
             self.bed.up()
-            if self.options.redirect == "iptables":
+            if self.options.iptables_rules:
                 for name in self.options.outside:
                     iptables.remove(self.pod(name).netns_path)
             self.write_config(self.options.policies)
             self.loop = BackgroundLoop("fake-istio-cni")
             for node in self.plan.nodes:
                 self._start_agent(node)
-            for node in self.plan.nodes:
-                self.start_daemon(node.name, wait="listening")
-            for node in self.plan.nodes:
-                self.daemons[node.name].wait_ready()
+            own = [node.name for node in self.plan.nodes if node.name not in self.options.external]
+            for name in own:
+                self.start_daemon(name, wait="listening")
+            for name in own:
+                self.daemons[name].wait_ready()
         except BaseException:
             self.down()
             raise
 
     def _start_agent(self, node: NodePlan) -> None:
         assert self.loop is not None
-        agent = FakeCniAgent(self.work_dir / f"{node.name}.sock")
+        agent = FakeCniAgent(self.agent_socket(node.name))
         self.loop.run(agent.start())
         for pod in self.plan.pods_on(node.name):
             if pod.name in self.options.outside:
@@ -141,7 +153,7 @@ class Mesh:
             "LOCAL_XDS_PATH": str(self.config_path),
             "LOCAL_CA_DIR": str(self.work_dir / "ca"),
             "NODE_NAME": node.name,
-            "INPOD_UDS": str(self.work_dir / f"{node.name}.sock"),
+            "INPOD_UDS": str(self.agent_socket(node.name)),
             "REDIRECT_MODE": self.options.redirect,
             "CONNECTION_TERMINATION_DEADLINE": "3s",
         }
@@ -152,6 +164,11 @@ class Mesh:
             env["BPF_PIN_PATH"] = str(self.bpf_pin_path(node.name))
         env.update(self.options.env)
         return env
+
+    def agent_socket(self, node_name: str) -> Path:
+        """Where the node's fake istio-cni agent serves ZDS."""
+        path = self.options.agent_sockets.get(node_name)
+        return Path(path) if path else self.work_dir / f"{node_name}.sock"
 
     def bpf_pin_path(self, node_name: str) -> Path:
         return BPF_PIN_ROOT / f"ztunnel-py-{self.plan.prefix}{node_name}"

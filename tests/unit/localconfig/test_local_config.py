@@ -175,3 +175,32 @@ def test_dump_shapes_load_back_as_local_config(path: Path) -> None:
     again = ProxyState()
     again.apply(parse_local_config(doc))
     assert state_dump(again) == state_dump(state)
+
+
+@pytest.mark.parametrize(
+    ("doc", "expected"),
+    [
+        # A typo deep in the document gets the hint of the mapping it is in.
+        (
+            "workloads: [{uid: u, namespace: n, waypoint: {destination: n/w, hboneMtlsPrt: 1}}]",
+            "workloads[0].waypoint.hboneMtlsPrt: unknown field (did you mean 'hboneMtlsPort'?)",
+        ),
+        # Strings are strings, as in ztunnel's serde schema.
+        (
+            "workloads: [{uid: u, namespace: 5}]",
+            "workloads[0].namespace: expected a string, got an integer",
+        ),
+        (
+            "services: [{name: s, namespace: n, hostname: h, canonical: maybe}]",
+            "services[0].canonical: expected a boolean, got a string",
+        ),
+        (
+            "policies: [{name: p, namespace: n, rules: [[[{destinationPorts: [80, 70000]}]]]}]",
+            "policies[0].rules[0][0][0].destinationPorts[1]: 70000 is out of range 0..65535",
+        ),
+    ],
+)
+def test_schema_errors_name_the_field(doc: str, expected: str) -> None:
+    with pytest.raises(LocalConfigError) as info:
+        parse_local_config(doc)
+    assert f"{info.value.path}: {info.value.reason}" == expected
