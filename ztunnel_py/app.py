@@ -188,6 +188,7 @@ class App:
             local_source=self.local_source,
             secrets=self.secrets,
             dataplane=self.dataplane,
+            telemetry=self.telemetry,
             servers=lambda: self.servers,
             logs=self.logs,
             loop_monitor=self.loop_monitor,

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from ztunnel_py.identity.manager import SecretManager
     from ztunnel_py.state.hub import StateHub
     from ztunnel_py.telemetry.runtime import LoopMonitor, RecentLogs
+    from ztunnel_py.telemetry.sink import ProxyTelemetry
     from ztunnel_py.xds.client import XdsClient
     from ztunnel_py.xds.local_source import LocalConfigSource
 
@@ -42,6 +43,7 @@ class DaemonParts:
     local_source: LocalConfigSource | None
     secrets: SecretManager
     dataplane: DataPlane
+    telemetry: ProxyTelemetry
     servers: Callable[[], Sequence[AdminServer | StatsServer | ReadinessServer]]
     logs: RecentLogs
     loop_monitor: LoopMonitor
@@ -59,7 +61,10 @@ def debug_providers(app: DaemonParts) -> dict[str, Callable[[], Any]]:
         "certificates": lambda: _certificates(app),
         "pods": app.dataplane.debug_pods,
         "listeners": lambda: _listeners(app),
-        "connections": app.dataplane.debug_connections,
+        "connections": lambda: {
+            **app.dataplane.debug_connections(),
+            "traffic": app.telemetry.dump(),
+        },
         "bpf": app.dataplane.debug_bpf,
         "redirect": app.dataplane.debug_redirect,
         "errors": app.logs.errors,

@@ -145,6 +145,28 @@ class ProxyTelemetry:
         """The connections opened and not yet closed."""
         return [live.record for live in self._live.values()]
 
+    def dump(self) -> list[dict[str, object]]:
+        """Each live connection with its bytes so far and age (for ``/debug/connections``)."""
+        now = self._clock()
+        out: list[dict[str, object]] = []
+        for live in self._live.values():
+            toward, back = live.progress() if live.progress is not None else (0, 0)
+            record = live.record
+            out.append(
+                {
+                    "direction": record.direction.value,
+                    "src": format_authority(*record.src),
+                    "dst": format_authority(*(record.dst_addr or record.dst)),
+                    "protocol": record.protocol,
+                    "srcIdentity": record.src_identity,
+                    "dstIdentity": record.dst_identity,
+                    "bytesTowardDestination": toward,
+                    "bytesBackToSource": back,
+                    "ageSeconds": round(now - live.started, 3),
+                }
+            )
+        return sorted(out, key=lambda c: (str(c["direction"]), str(c["src"])))
+
     # ------------------------------------------------------------------ internals
 
     def _open(

@@ -81,8 +81,11 @@ def test_connections_listed_while_open_and_gone_when_closed(mesh: Mesh) -> None:
         assert inbound["protocol"] == "HBONE"
         # /debug/connections shows the same, keyed by the xDS workload
         assert debug_connections(mesh, CLIENT)[client.uid]["outbound"] == [out]
-        pools = http(f"{daemon_of(mesh, CLIENT).admin}/debug/connections").json()["pools"]
-        (pool,) = pools[client.uid]
+        view = http(f"{daemon_of(mesh, CLIENT).admin}/debug/connections").json()
+        (traffic,) = view["traffic"]  # the same connection with its bytes so far
+        assert traffic["direction"] == "outbound" and traffic["dst"] == f"{server.ip}:15008"
+        assert traffic["bytesTowardDestination"] >= 0 and traffic["ageSeconds"] >= 0
+        (pool,) = view["pools"][client.uid]
         assert f"{server.ip}:15008" in pool["key"] and pool["connections"][0]["openStreams"] == 1
     finally:
         finish_stream(stream)

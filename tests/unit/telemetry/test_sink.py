@@ -475,3 +475,24 @@ def test_sockets_open_counts_live_connections_per_reporter(h: Harness) -> None:
     h.sink.connection_closed(OUTBOUND, bytes_sent=0, bytes_received=0, error=None)
     h.sink.flush()
     assert h.value("istio_tcp_sockets_open", reporter="source") == 0
+
+
+def test_dump_lists_live_connections_with_their_bytes_and_age(h: Harness) -> None:
+    counters = Counters()
+    h.sink.connection_opened(OUTBOUND, counters)
+    counters.toward, counters.back = 300, 20
+    h.clock.now += 2.5
+    (entry,) = h.sink.dump()
+    assert entry == {
+        "direction": "outbound",
+        "src": "10.0.0.1:40000",
+        "dst": "10.0.0.2:15008",
+        "protocol": "HBONE",
+        "srcIdentity": CLIENT_ID,
+        "dstIdentity": SERVER_ID,
+        "bytesTowardDestination": 300,
+        "bytesBackToSource": 20,
+        "ageSeconds": 2.5,
+    }
+    h.sink.connection_closed(OUTBOUND, bytes_sent=300, bytes_received=20, error=None)
+    assert h.sink.dump() == []
