@@ -14,6 +14,8 @@ import random
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from prometheus_client import Counter
+
 import ztunnel_py
 from ztunnel_py.admin.debug import redact
 from ztunnel_py.admin.dump import state_dump
@@ -22,7 +24,7 @@ from ztunnel_py.admin.views import DebugViews
 from ztunnel_py.config import Config
 from ztunnel_py.dataplane import DataPlane
 from ztunnel_py.debug_sources import DaemonParts, dashboard_facts, debug_providers
-from ztunnel_py.identity.caclient import build_ca_client
+from ztunnel_py.identity.caclient import LocalCaClient, build_ca_client
 from ztunnel_py.identity.clock import SystemClock
 from ztunnel_py.identity.manager import SecretManager
 from ztunnel_py.proxy.certificates import FetchedCertificates
@@ -96,6 +98,14 @@ class App:
     def _start_identity(self) -> None:
         """Certificates for this node's workloads, from istiod's CA, the local CA or FAKE_CA."""
         ca = build_ca_client(self.config, self.clock)  # a bad LOCAL_CA_DIR is fatal here
+        roots_created = Counter(
+            "ztunnel_py_local_ca_roots_created",
+            "Local CA roots this daemon created at start (1 after a lost LOCAL_CA_DIR: peers"
+            " that trust the previous root refuse this node)",
+            registry=self.registry,
+        )
+        if isinstance(ca, LocalCaClient) and ca.ca.created:
+            roots_created.inc()
         self.secrets = SecretManager(ca, self.clock, self.rng)
         self.node_certs = NodeCertificates(self.secrets, self.hub.state, self.config.node_name)
         self.dump_providers["certificates"] = self.secrets.dump

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from ztunnel_py.bpf.errors import BpfError  # plain exceptions: no libbpf behind them
 from ztunnel_py.config import PORT_INBOUND_PLAINTEXT, Config, ProxyMode, RedirectMode, WorkloadInfo
 from ztunnel_py.errors import UnsupportedFeature, ZtunnelError
+from ztunnel_py.identity.mtls_health import MtlsHealth
 from ztunnel_py.proxy.certificates import CertificateSource
 from ztunnel_py.proxy.coexist import KernelMapThenConntrack, LocalAddressUnlessRedirected
 from ztunnel_py.proxy.conntrack import ConnectionTracker
@@ -104,6 +105,7 @@ class DataPlane:
         self.readiness = readiness
         self.spawn = spawn
         self.conntrack = ConnectionTracker()
+        self.mtls_health = MtlsHealth(readiness)
         self.redirect_mode: RedirectMode | None = None
         self.bpf: BpfLoader | None = None
         self.bpf_sync: MapSync | None = None
@@ -175,6 +177,7 @@ class DataPlane:
             conntrack=self.conntrack,
             rng=self._rng,
             demand=self.demand,
+            handshakes=self.mtls_health,
         )
         starter = self.starter = PodProxyStarter(inputs)
         self.manager = WorkloadManager.from_config(
