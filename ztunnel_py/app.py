@@ -12,7 +12,7 @@ import functools
 import logging
 import random
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
 
@@ -38,8 +38,10 @@ from ztunnel_py.telemetry.logging import LevelController
 from ztunnel_py.telemetry.metrics import ConnectionMetrics
 from ztunnel_py.telemetry.runtime import LoopMonitor, RecentLogs
 from ztunnel_py.telemetry.sink import ProxyTelemetry
-from ztunnel_py.xds.client import XdsClient, XdsMetrics
 from ztunnel_py.xds.local_source import LocalConfigSource
+
+if TYPE_CHECKING:
+    from ztunnel_py.xds.client import XdsClient
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +178,10 @@ class App:
         if self.config.xds_address is None:
             release_state()  # the local config, if any, is all the configuration there is
         else:
-            # istiod: ready once every watched type has had an ACKed response.
+            # istiod: ready once every watched type has had an ACKed response. Imported here:
+            # grpc and the envoy protos cost ~10 MiB that local mode has no use for.
+            from ztunnel_py.xds.client import XdsClient, XdsMetrics
+
             self.xds = XdsClient(
                 self.config, self.hub.apply, XdsMetrics(self.registry), on_ready=release_state
             )

@@ -35,7 +35,6 @@ from ztunnel_py.proxy.sockopt import PodSocketFactory, SoOriginalDst
 from ztunnel_py.readiness import Readiness
 from ztunnel_py.redirect.listeners import PodListeners
 from ztunnel_py.redirect.workloads import EnrolledPod, EnrollmentListener, WorkloadManager
-from ztunnel_py.redirect.zds import ZdsClient
 from ztunnel_py.state.hub import StateHub
 from ztunnel_py.state.store import ChangeSet
 from ztunnel_py.telemetry.connections import TelemetrySink
@@ -43,6 +42,7 @@ from ztunnel_py.telemetry.connections import TelemetrySink
 if TYPE_CHECKING:  # the BPF modules load libbpf: imported only when eBPF mode is used
     from ztunnel_py.bpf.loader import BpfLoader
     from ztunnel_py.bpf.reconcile import MapSync
+    from ztunnel_py.redirect.zds import ZdsClient  # protobuf: only when pods come over ZDS
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +189,8 @@ class DataPlane:
         if self.config.proxy_mode is ProxyMode.DEDICATED:
             self.spawn("dedicated proxy", self._enroll_own_namespace())
         else:
+            from ztunnel_py.redirect.zds import ZdsClient
+
             self.readiness.block(READY_WORKLOADS, "waiting for the istio-cni node agent")
             self.zds = ZdsClient(self.config.inpod_uds, self.manager, on_ready=self._zds_ready)
             self.spawn("zds", self.zds.run())
