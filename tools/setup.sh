@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(clang llvm libbpf-dev bpftool iproute2 iptables nginx-light wrk iperf3
-              nghttp2-client openssl procps psmisc make podman runc debootstrap
+              nghttp2-client openssl procps psmisc make podman runc debootstrap chromium
               dnsmasq-base)  # dnsmasq-base: the tests' upstream DNS resolver (no system service)
 
 if [ "$(id -u)" -ne 0 ]; then

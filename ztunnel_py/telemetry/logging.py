@@ -3,7 +3,8 @@
 Structured fields travel in ``extra={"fields": {...}}``; the text format renders them as
 ``key=value`` after the message (as ztunnel's tracing output does), the JSON format as keys of
 the one object per line. Targets use ztunnel's names where they exist (``access`` for access
-logs) and our module names otherwise; ``ztunnel::proxy=debug`` is read as ``ztunnel_py.proxy``.
+logs) and our module names otherwise; ``ztunnel::proxy=debug`` is read as ``ztunnel_py.proxy``
+and ``/logging`` shows it back as ``ztunnel::proxy``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any, TextIO
 
-from ztunnel_py.log_levels import LEVELS, ROOT_TARGET, parse_level_spec
+from ztunnel_py.log_levels import LEVELS, ROOT_TARGET, display_target, parse_level_spec
 
 _NAMES = {v: k for k, v in LEVELS.items() if k != "warning"}
 logging.addLevelName(5, "TRACE")
@@ -50,7 +51,10 @@ class LevelController:
     def describe(self) -> str:
         default = logging.getLogger(ROOT_TARGET).level
         parts = [_NAMES.get(default, str(default))]
-        parts += [f"{t}={_NAMES.get(lvl, str(lvl))}" for t, lvl in sorted(self._targets.items())]
+        parts += [
+            f"{display_target(t)}={_NAMES.get(lvl, str(lvl))}"
+            for t, lvl in sorted(self._targets.items())
+        ]
         return ",".join(parts)
 
 
