@@ -8,7 +8,8 @@ to the original destination. Load balancing draws from an injected ``random.Rand
 The steps (reference 4.3):
 
 1. The destination IP is looked up as a workload first, then as a service VIP (preferring the
-   client's namespace).
+   client's namespace), then in the services' CIDR VIPs, the longest prefix winning
+   (``ProxyState.service_by_vip``).
 2. A service with a waypoint goes to the waypoint, ``:authority`` = the original VIP:port.
 3. Otherwise an endpoint is chosen (capacity-weighted; FAILOVER/STRICT rank by locality;
    unhealthy endpoints only with ALLOW_ALL) and the service port is mapped to its target port.

@@ -227,7 +227,7 @@ class Service:
     ip_families: IpFamily | None = None
     canonical: bool = False
     visibility: Visibility = Visibility.PUBLIC
-    #: VIPs that are whole prefixes; never indexed as host VIPs (no routing uses them yet).
+    #: VIPs that are whole prefixes: an address no host VIP matches falls back to them.
     cidr_vips: tuple[CidrVip, ...] = ()
 
     @property

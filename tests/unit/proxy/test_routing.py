@@ -21,6 +21,7 @@ from ztunnel_py.proxy.routing import (
     route_outbound,
 )
 from ztunnel_py.state.model import (
+    CidrVip,
     GatewayAddress,
     HealthStatus,
     InboundProtocol,
@@ -64,6 +65,12 @@ def svc(
         ports=ports if ports is not None else {80: 8080},
         **kw,  # type: ignore[arg-type]
     )
+
+
+def cidr(name: str, prefix: str, **kw: object) -> Service:
+    """A service whose only VIP is a whole prefix."""
+    vip = ipaddress.ip_network(prefix)
+    return replace(svc(name, "0.0.0.0", **kw), vips=(), cidr_vips=(CidrVip("", vip),))  # type: ignore[arg-type]
 
 
 def member(
@@ -523,6 +530,74 @@ CASES = [
         "10.96.0.1:80",
         [wl("noip", None, services=member("echo"), hostname="vm.example")],
         [svc("echo", "10.96.0.1")],
+        error=NoHealthyUpstream,
+    ),
+    Case(
+        "cidr vip routes to the service's endpoint",
+        "10.200.0.7:80",
+        [wl("server", "10.0.0.2", services=member("range"))],
+        [cidr("range", "10.200.0.0/16")],
+        kind=RouteKind.HBONE,
+        next_hop="10.0.0.2:15008",
+        authority="10.0.0.2:8080",
+        identities=(sid("server"),),
+        service="range",
+    ),
+    Case(
+        "overlapping cidr vips: the longest prefix wins",
+        "10.200.1.7:80",
+        [
+            wl("wide-pod", "10.0.0.2", services=member("wide")),
+            wl("narrow-pod", "10.0.0.3", services=member("narrow")),
+        ],
+        [cidr("wide", "10.200.0.0/16"), cidr("narrow", "10.200.1.0/24")],
+        kind=RouteKind.HBONE,
+        next_hop="10.0.0.3:15008",
+        authority="10.0.0.3:8080",
+        identities=(sid("narrow-pod"),),
+        service="narrow",
+    ),
+    Case(
+        "overlapping cidr vips: outside the narrow prefix the wide one serves",
+        "10.200.2.7:80",
+        [
+            wl("wide-pod", "10.0.0.2", services=member("wide")),
+            wl("narrow-pod", "10.0.0.3", services=member("narrow")),
+        ],
+        [cidr("narrow", "10.200.1.0/24"), cidr("wide", "10.200.0.0/16")],
+        kind=RouteKind.HBONE,
+        next_hop="10.0.0.2:15008",
+        authority="10.0.0.2:8080",
+        identities=(sid("wide-pod"),),
+        service="wide",
+    ),
+    Case(
+        "a workload ip inside a cidr vip is the workload",
+        "10.200.0.9:8080",
+        [wl("inside", "10.200.0.9")],
+        [cidr("range", "10.200.0.0/16")],
+        kind=RouteKind.HBONE,
+        next_hop="10.200.0.9:15008",
+        authority="10.200.0.9:8080",
+        identities=(sid("inside"),),
+    ),
+    Case(
+        "cidr vip with a waypoint goes to the waypoint with the original address",
+        "10.200.0.7:80",
+        [waypoint, wl("server", "10.0.0.2", services=member("range"))],
+        [waypoint_svc, cidr("range", "10.200.0.0/16", waypoint=WAYPOINT_GW)],
+        kind=RouteKind.HBONE,
+        next_hop="10.0.0.100:15008",
+        authority="10.200.0.7:80",
+        identities=(sid("waypoint"),),
+        via_waypoint=True,
+        service="range",
+    ),
+    Case(
+        "cidr vip without a healthy endpoint has no upstream",
+        "10.200.0.7:80",
+        [],
+        [cidr("range", "10.200.0.0/16")],
         error=NoHealthyUpstream,
     ),
 ]
