@@ -34,6 +34,7 @@ from ztunnel_py.hbone.headers import (
     Authority,
     Baggage,
     ConnectRequest,
+    new_traceparent,
     parse_connect_request,
     response_headers,
 )
@@ -237,6 +238,7 @@ class InboundServer(ProxyServer):
             dst_service=request.forwarded.host if request.forwarded else None,
             dst_addr=proto.local,
             hbone_addr=str(request.authority),
+            trace_id=(request.traceparent or new_traceparent(self.inputs.rng)).trace_id,
         )
 
     def _report_refused(

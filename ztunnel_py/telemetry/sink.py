@@ -173,6 +173,7 @@ class ProxyTelemetry:
             hbone_addr=record.hbone_addr,
             source=source,
             destination=destination,
+            trace_id=record.trace_id,
         )
         log_connection_opened(context, logger=self._logger)
         live = _Live(record, recorder, context, progress, self._clock())

@@ -74,6 +74,10 @@ async def test_statuses_for_bad_requests(mesh: Mesh) -> None:
         "proxy's own port": (connect_request(f"{ip}:15006"), 400),
         "unknown service host": (connect_request(f"nope.default.svc.cluster.local:{port}"), 400),
         "bad forwarded header": ([*connect_request(f"{ip}:{port}"), ("forwarded", "garbage")], 400),
+        "malformed traceparent is ignored": (
+            [*connect_request(f"{ip}:{port}"), ("traceparent", "00-nope-01")],
+            200,
+        ),
         "denied by policy": (connect_request(f"{ip}:9999"), 401),
         "nothing listening": (connect_request(f"{ip}:1"), 503),
         "allowed": (connect_request(f"{ip}:{port}"), 200),
