@@ -147,6 +147,8 @@ class Config:
     tls12_enabled: bool = False
     enable_response_baggage: bool = True
     authz_policy_info_logging: bool = False
+    #: Beyond ztunnel (istio/istio#43376): log only connections that failed or were denied.
+    access_log_errors_only: bool = False
     dns_capture: bool = False
     # admin surface
     admin_port: int = PORT_ADMIN
@@ -500,6 +502,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         tls12_enabled=boolean("TLS12_ENABLED", False),
         enable_response_baggage=boolean("ENABLE_RESPONSE_BAGGAGE", True),
         authz_policy_info_logging=boolean("AUTHZ_POLICY_INFO_LOGGING", False),
+        access_log_errors_only=boolean("ACCESS_LOG_ERRORS_ONLY", False),
         dns_capture=dns_capture,
         admin_port=admin_port,
         stats_port=stats_port,
