@@ -233,6 +233,38 @@ def _resolve_waypoint(
     return found
 
 
+def is_waypoint_of(
+    state: ProxyState, target: NetworkAddress, local: Workload, local_ip: IPAddress
+) -> bool:
+    """ztunnel's inbound "waypoint sandwich" check: does the HBONE target (a workload IP or a
+    service VIP that is not this pod's) name this pod as its waypoint?
+
+    The target's own waypoint is resolved as ztunnel's ``find_destination`` does; a waypoint
+    service counts when this pod is one of its endpoints, a waypoint workload when the tunnel
+    arrived on one of its IPs. Anything unknown is no.
+    """
+    found = state.find_address(target)
+    gateway = found.waypoint if found is not None else None
+    if gateway is None:
+        return False
+    waypoint = _find_destination(state, gateway.destination)
+    if isinstance(waypoint, Service):
+        return local.uid in state.endpoints(waypoint.key)
+    if isinstance(waypoint, Workload):
+        return local_ip in waypoint.workload_ips
+    return False
+
+
+def _find_destination(
+    state: ProxyState, dest: NetworkAddress | NamespacedHostname
+) -> Workload | Service | None:
+    """ztunnel's ``find_destination``: an address, or a hostname (service first, then a
+    workload with that hostname)."""
+    if isinstance(dest, NetworkAddress):
+        return state.find_address(dest)
+    return state.service(f"{dest.namespace}/{dest.hostname}") or _workload_by_hostname(state, dest)
+
+
 def _workload_by_hostname(state: ProxyState, name: NamespacedHostname) -> Workload | None:
     for w in state.workloads():
         if w.hostname == name.hostname and w.namespace == name.namespace:
@@ -248,21 +280,12 @@ def _source_is_waypoint(
     def is_waypoint(w: Workload) -> bool:
         return w.identity == source.identity and source_ip in w.workload_ips
 
-    dest = gateway.destination
-    if isinstance(dest, NamespacedHostname):
-        svc = state.service(f"{dest.namespace}/{dest.hostname}")
-        if svc is None:
-            workload = _workload_by_hostname(state, dest)
-            return workload is not None and is_waypoint(workload)
-        members = state.endpoints(svc.key).values()
-    else:
-        addr = state.find_address(dest)
-        if isinstance(addr, Workload):
-            return is_waypoint(addr)
-        if addr is None:
-            return False
-        members = state.endpoints(addr.key).values()
-    for ep in members:
+    found = _find_destination(state, gateway.destination)
+    if found is None:
+        return False
+    if isinstance(found, Workload):
+        return is_waypoint(found)
+    for ep in state.endpoints(found.key).values():
         workload = state.workload(ep.workload_uid)
         if workload is not None and is_waypoint(workload):
             return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import ssl
 from collections.abc import AsyncIterator
 
@@ -13,12 +14,14 @@ from ztunnel_py.hbone.connection import HboneSettings
 from ztunnel_py.identity.spiffe import Identity
 from ztunnel_py.identity.tls import NO_SNI
 from ztunnel_py.rbac.evaluate import ConnectionInfo, Decision
-from ztunnel_py.state.model import Service
+from ztunnel_py.state.model import GatewayAddress, NetworkAddress, Service
+from ztunnel_py.state.store import UpdateBatch
 from ztunnel_py.testing.proxy_harness import (
     CLIENT_ID,
     Mesh,
     connect_request,
     echo_app,
+    pod,
     raw_hbone,
     start_mesh,
 )
@@ -124,6 +127,34 @@ async def test_service_hostname_authority_maps_to_target_port() -> None:
         assert [a.status for a in answers] == [200, 503]
     finally:
         await m.stop()
+
+
+@pytest.mark.asyncio
+async def test_waypoint_sandwich_serves_targets_that_name_this_pod_as_waypoint(
+    mesh: Mesh,
+) -> None:
+    port = await mesh.serve_app(echo_app)
+    waypointed = pod(
+        "behind",
+        ipaddress.ip_address(f"{mesh.base}.9"),
+        "behind",
+        waypoint=GatewayAddress(destination=NetworkAddress("", mesh.server_ip)),
+    )
+    plain = pod("plain", ipaddress.ip_address(f"{mesh.base}.10"), "plain")
+    mesh.state.apply(UpdateBatch(workloads=(waypointed, plain)))
+    answers = await raw_hbone(
+        mesh,
+        [
+            connect_request(f"{mesh.base}.9:{port}"),  # this pod is its waypoint: served here
+            connect_request(f"{mesh.base}.10:{port}"),  # no waypoint: not ours
+            connect_request(f"{mesh.base}.9:9999"),  # still authorized as this pod's port
+        ],
+    )
+    assert [a.status for a in answers] == [200, 400, 401]
+    authorizer = mesh.inbound.authorizer
+    assert isinstance(authorizer, DenyPort)
+    assert {c.dst_ip for c in authorizer.seen} == {mesh.server_ip}
+    await assert_still_serving(mesh)
 
 
 @pytest.mark.asyncio
