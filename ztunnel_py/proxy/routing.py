@@ -10,7 +10,8 @@ The steps (reference 4.3):
 1. The destination IP is looked up as a workload first, then as a service VIP (preferring the
    client's namespace), then in the services' CIDR VIPs, the longest prefix winning
    (``ProxyState.service_by_vip``).
-2. A service with a waypoint goes to the waypoint, ``:authority`` = the original VIP:port.
+2. A service with a waypoint goes to the waypoint, ``:authority`` = the original VIP:port;
+   with weighted waypoints (a canary split) one is sampled per connection by weight.
 3. Otherwise an endpoint is chosen (capacity-weighted; FAILOVER/STRICT rank by locality;
    unhealthy endpoints only with ALLOW_ALL) and the service port is mapped to its target port.
    A service with no usable endpoint is ``NoHealthyUpstream`` unless it is PASSTHROUGH.
@@ -136,9 +137,7 @@ def route_outbound(
     service = address if isinstance(address, Service) else None
 
     if service is not None:
-        # Only the primary waypoint: weighted waypoints are not in our model, and the primary
-        # is what ztunnel falls back to as well.
-        waypoint = service.waypoint
+        waypoint = sample_weighted_waypoint(service, rng) or service.waypoint
         if waypoint is not None:
             via = _resolve_waypoint(state, waypoint, source, target, rng)
             return _waypoint_route(via, source, target, service, hbone_port)
@@ -202,6 +201,17 @@ def _waypoint_route(
         destination_service=service,
         via_waypoint=True,
     )
+
+
+def sample_weighted_waypoint(service: Service, rng: random.Random) -> GatewayAddress | None:
+    """ztunnel's ``sample_weighted_waypoint``: one of the service's weighted waypoints, in
+    proportion to the weights (a zero weight is never chosen); ``None`` when the set is empty
+    or no weight is positive, and the caller falls back to ``Service.waypoint``."""
+    entries = service.weighted_waypoints
+    weights = [max(w.weight, 0) for w in entries]
+    if sum(weights) <= 0:
+        return None
+    return rng.choices(entries, weights=weights)[0].destination
 
 
 def _resolve_waypoint(
