@@ -10,7 +10,8 @@ Order of work (ztunnel ``Inbound::serve_connect``):
    own ports (``SelfCall``, 400) and ports the pod does not serve (503). Another IP is
    accepted, and served by this pod on the requested port, when this pod has an application
    tunnel (it gets the target itself) or is the waypoint of that IP's workload or service
-   (ztunnel's "waypoint sandwich", ``routing.is_waypoint_of``);
+   (ztunnel's "waypoint sandwich", ``routing.is_waypoint_of``; with ``XDS_ON_DEMAND`` an
+   unknown IP is fetched first);
 4. authorize with dst = pod IP and target port (401 on deny);
 5. connect upstream in the pod's netns (from the client's IP with ``ENABLE_ORIG_SRC``);
    503 when that fails;
@@ -141,6 +142,7 @@ class InboundServer(ProxyServer):
         self.handshake_timeout_s = handshake_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.certificate_refresh_s = certificate_refresh_s
+        self.demand = inputs.demand
         self._connections: set[_InboundConnection] = set()
         self._context: ssl.SSLContext | None = None
         self._context_checked = 0.0
@@ -209,24 +211,68 @@ class InboundServer(ProxyServer):
 
     def _on_request(self, proto: HboneProtocol, ev: TunnelRequested) -> None:
         assert isinstance(proto, _InboundConnection)
+        try:
+            request = self._parse(ev)
+        except InboundRefused as e:
+            self._refuse(proto, ev, None, e)
+            return
+        unknown = self._unknown_target(request.authority)
+        if unknown is not None and self.demand is not None:
+            self.tracker.spawn(self._fetch_then_admit(proto, ev, request, unknown))
+            return
+        self._admit(proto, ev, request)
+
+    def _unknown_target(self, authority: Authority) -> NetworkAddress | None:
+        """A target IP that is not this pod's and that the state does not know: ztunnel asks
+        istiod for it (``XDS_ON_DEMAND``) before the waypoint check."""
+        w = self.state.workload(self.workload.uid) or self.workload
+        ip = authority.ip
+        if ip is None or ip in w.workload_ips or w.application_tunnel is not None:
+            return None
+        address = NetworkAddress(self.config.network, ip)
+        return address if self.state.find_address(address) is None else None
+
+    async def _fetch_then_admit(
+        self,
+        proto: _InboundConnection,
+        ev: TunnelRequested,
+        request: ConnectRequest,
+        address: NetworkAddress,
+    ) -> None:
+        assert self.demand is not None
+        await self.demand(str(address))  # returns once answered, or on its timeout
+        if proto.is_open:
+            self._admit(proto, ev, request)
+
+    def _admit(
+        self, proto: _InboundConnection, ev: TunnelRequested, request: ConnectRequest
+    ) -> None:
         sid = ev.stream_id
         record: ConnectionRecord | None = None
         try:
-            request = self._parse(ev)
             target = self._resolve(request.authority, proto.local)
             record = self._record(proto, request, target)
             authorized = self._authorize(proto, target)
         except InboundRefused as e:
-            log.info(
-                "inbound HBONE request refused (%d): %s",
-                e.status,
-                e.reason,
-                extra={"fields": {"src": proto.peer, "authority": ev.authority}},
-            )
-            proto.reject(sid, e.status)
-            self._report_refused(proto, record, e)
+            self._refuse(proto, ev, record, e)
             return
         self.tracker.spawn(self._serve_stream(proto, sid, record, target, authorized))
+
+    def _refuse(
+        self,
+        proto: _InboundConnection,
+        ev: TunnelRequested,
+        record: ConnectionRecord | None,
+        e: InboundRefused,
+    ) -> None:
+        log.info(
+            "inbound HBONE request refused (%d): %s",
+            e.status,
+            e.reason,
+            extra={"fields": {"src": proto.peer, "authority": ev.authority}},
+        )
+        proto.reject(ev.stream_id, e.status)
+        self._report_refused(proto, record, e)
 
     def _record(
         self, proto: _InboundConnection, request: ConnectRequest, target: SocketAddr

@@ -158,6 +158,40 @@ async def test_waypoint_sandwich_serves_targets_that_name_this_pod_as_waypoint(
 
 
 @pytest.mark.asyncio
+async def test_waypoint_sandwich_target_unknown_to_the_state_is_fetched_on_demand(
+    mesh: Mesh,
+) -> None:
+    port = await mesh.serve_app(echo_app)
+    behind = pod(
+        "late",
+        ipaddress.ip_address(f"{mesh.base}.11"),
+        "late",
+        waypoint=GatewayAddress(destination=NetworkAddress("", mesh.server_ip)),
+    )
+    asked: list[str] = []
+
+    async def demand(key: str) -> None:  # istiod answers with the workload (or not at all)
+        asked.append(key)
+        if key == f"/{behind.workload_ips[0]}":
+            mesh.state.apply(UpdateBatch(workloads=(behind,)))
+
+    mesh.inbound.demand = demand
+    answers = await raw_hbone(
+        mesh,
+        [
+            connect_request(f"{mesh.base}.11:{port}"),  # fetched, names this pod as waypoint
+            connect_request(f"{mesh.base}.12:{port}"),  # istiod does not know it either
+        ],
+    )
+    assert [a.status for a in answers] == [200, 400]
+    assert sorted(asked) == [f"/{mesh.base}.11", f"/{mesh.base}.12"]
+    # Known now: no second lookup.
+    (again,) = await raw_hbone(mesh, [connect_request(f"{mesh.base}.11:{port}")])
+    assert again.status == 200 and len(asked) == 2
+    await assert_still_serving(mesh)
+
+
+@pytest.mark.asyncio
 async def test_oversized_headers_drop_the_connection(mesh: Mesh) -> None:
     (answer,) = await raw_hbone(
         mesh, [[*connect_request(f"{mesh.server_ip}:80"), ("x-big", "y" * 70000)]]
