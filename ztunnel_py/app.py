@@ -12,14 +12,16 @@ import functools
 import logging
 import random
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import Counter
 
 import ztunnel_py
 from ztunnel_py.admin.dump import state_dump
 from ztunnel_py.admin.server import AdminServer, ReadinessServer, StatsServer, new_registry
 from ztunnel_py.config import Config
 from ztunnel_py.dataplane import DataPlane
-from ztunnel_py.identity.caclient import build_ca_client
+from ztunnel_py.identity.caclient import LocalCaClient, build_ca_client
 from ztunnel_py.identity.clock import SystemClock
 from ztunnel_py.identity.manager import SecretManager
 from ztunnel_py.proxy.certificates import FetchedCertificates
@@ -32,8 +34,10 @@ from ztunnel_py.state.store import ChangeSet
 from ztunnel_py.telemetry.logging import LevelController
 from ztunnel_py.telemetry.metrics import ConnectionMetrics
 from ztunnel_py.telemetry.sink import ProxyTelemetry
-from ztunnel_py.xds.client import XdsClient, XdsMetrics
 from ztunnel_py.xds.local_source import LocalConfigSource
+
+if TYPE_CHECKING:
+    from ztunnel_py.xds.client import XdsClient
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +97,14 @@ class App:
     def _start_identity(self) -> None:
         """Certificates for this node's workloads, from istiod's CA, the local CA or FAKE_CA."""
         ca = build_ca_client(self.config, self.clock)  # a bad LOCAL_CA_DIR is fatal here
+        roots_created = Counter(
+            "ztunnel_py_local_ca_roots_created",
+            "Local CA roots this daemon created at start (1 after a lost LOCAL_CA_DIR: peers"
+            " that trust the previous root refuse this node)",
+            registry=self.registry,
+        )
+        if isinstance(ca, LocalCaClient) and ca.ca.created:
+            roots_created.inc()
         self.secrets = SecretManager(ca, self.clock, self.rng)
         self.node_certs = NodeCertificates(self.secrets, self.hub.state, self.config.node_name)
         self.dump_providers["certificates"] = self.secrets.dump
@@ -163,7 +175,10 @@ class App:
         if self.config.xds_address is None:
             release_state()  # the local config, if any, is all the configuration there is
         else:
-            # istiod: ready once every watched type has had an ACKed response.
+            # istiod: ready once every watched type has had an ACKed response. Imported here:
+            # grpc and the envoy protos cost ~10 MiB that local mode has no use for.
+            from ztunnel_py.xds.client import XdsClient, XdsMetrics
+
             self.xds = XdsClient(
                 self.config, self.hub.apply, XdsMetrics(self.registry), on_ready=release_state
             )

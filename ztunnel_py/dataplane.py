@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from ztunnel_py.bpf.errors import BpfError  # plain exceptions: no libbpf behind them
 from ztunnel_py.config import PORT_INBOUND_PLAINTEXT, Config, ProxyMode, RedirectMode, WorkloadInfo
 from ztunnel_py.errors import UnsupportedFeature, ZtunnelError
+from ztunnel_py.identity.mtls_health import MtlsHealth
 from ztunnel_py.proxy.certificates import CertificateSource
 from ztunnel_py.proxy.coexist import KernelMapThenConntrack, LocalAddressUnlessRedirected
 from ztunnel_py.proxy.conntrack import ConnectionTracker
@@ -34,7 +35,6 @@ from ztunnel_py.proxy.sockopt import PodSocketFactory, SoOriginalDst
 from ztunnel_py.readiness import Readiness
 from ztunnel_py.redirect.listeners import PodListeners
 from ztunnel_py.redirect.workloads import EnrolledPod, EnrollmentListener, WorkloadManager
-from ztunnel_py.redirect.zds import ZdsClient
 from ztunnel_py.state.hub import StateHub
 from ztunnel_py.state.store import ChangeSet
 from ztunnel_py.telemetry.connections import TelemetrySink
@@ -42,6 +42,7 @@ from ztunnel_py.telemetry.connections import TelemetrySink
 if TYPE_CHECKING:  # the BPF modules load libbpf: imported only when eBPF mode is used
     from ztunnel_py.bpf.loader import BpfLoader
     from ztunnel_py.bpf.reconcile import MapSync
+    from ztunnel_py.redirect.zds import ZdsClient  # protobuf: only when pods come over ZDS
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class DataPlane:
         self.readiness = readiness
         self.spawn = spawn
         self.conntrack = ConnectionTracker()
+        self.mtls_health = MtlsHealth(readiness)
         self.redirect_mode: RedirectMode | None = None
         self.bpf: BpfLoader | None = None
         self.bpf_sync: MapSync | None = None
@@ -170,6 +172,7 @@ class DataPlane:
             conntrack=self.conntrack,
             rng=self._rng,
             demand=self.demand,
+            handshakes=self.mtls_health,
         )
         starter = PodProxyStarter(inputs)
         self.manager = WorkloadManager.from_config(
@@ -181,6 +184,8 @@ class DataPlane:
         if self.config.proxy_mode is ProxyMode.DEDICATED:
             self.spawn("dedicated proxy", self._enroll_own_namespace())
         else:
+            from ztunnel_py.redirect.zds import ZdsClient
+
             self.readiness.block(READY_WORKLOADS, "waiting for the istio-cni node agent")
             self.zds = ZdsClient(self.config.inpod_uds, self.manager, on_ready=self._zds_ready)
             self.spawn("zds", self.zds.run())

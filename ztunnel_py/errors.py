@@ -21,10 +21,21 @@ class ConfigError(ZtunnelError):
         super().__init__(f"invalid {name}={value!r}: expected {expected}")
 
 
+# An error may quote what it refused; a hostile document must not make it megabytes long.
+MAX_ERROR_CHARS = 1024
+
+
+def truncate(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters truncated)"
+
+
 class LocalConfigError(ZtunnelError):
     """A local-config (``LOCAL_XDS_PATH``) document is invalid at ``path``."""
 
     def __init__(self, path: str, reason: str, *, source: str = "") -> None:
+        path, reason = truncate(path, 256), truncate(reason)
         self.path = path
         self.reason = reason
         self.source = source

@@ -4,6 +4,7 @@ fail-closed behaviour and re-adoption of pinned state (root; see conftest.py for
 from __future__ import annotations
 
 import ipaddress
+import select
 import socket
 import stat
 import struct
@@ -413,3 +414,48 @@ def test_restart_refuses_pinned_maps_of_another_abi(pod_env: PodEnv) -> None:
         again.start()
     assert str(pod_env.pin_path) in str(info.value)
     assert "remove" in str(info.value)
+
+
+# ------------------------------------------------------------------ hostile peers
+
+
+def test_outsider_reusing_a_live_source_port_gets_no_original_destination(pod_env: PodEnv) -> None:
+    """A host outside the pod connects to the pod's :15001 from the source port of one of the
+    pod's live redirected connections: the lookup must refuse it, never hand it that
+    connection's destination (and with it the pod's identity)."""
+    loader = pod_env.start_loader()
+    pod_env.enroll()
+    assert pod_env.outbound is not None
+    lookup = loader.original_destinations()
+
+    proc = pod_env.app(VIP, 80)  # the pod's application: redirected, held open below
+    ready, _, _ = select.select([pod_env.outbound], [], [], WAIT_S)
+    assert ready, "the connection to the VIP did not reach the pod's :15001"
+    own, own_peer = pod_env.outbound.accept()
+    pod_env.extra.append(own)
+    live_port = int(own_peer[1])
+    assert lookup.original_destination(own) == (ip(VIP), 80)
+
+    try:
+        attacker = pod_env.peer.socket(socket.AF_INET)
+        pod_env.extra.append(attacker)
+        attacker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        attacker.bind((OUTSIDER_IP, live_port))
+        attacker.settimeout(WAIT_S)
+        attacker.connect((POD_IP, 15001))
+        ready, _, _ = select.select([pod_env.outbound], [], [], WAIT_S)
+        assert ready
+        hostile, hostile_peer = pod_env.outbound.accept()
+        pod_env.extra.append(hostile)
+        assert canonical(str(hostile_peer[0])) == OUTSIDER_IP and hostile_peer[1] == live_port
+
+        with pytest.raises(OSError, match="not from the pod's own redirected sockets"):
+            lookup.original_destination(hostile)
+        # The pod's own connection still resolves: the refusal is about who asks.
+        assert lookup.original_destination(own) == (ip(VIP), 80)
+        own.sendall(b"pong-15001")
+        assert pod_env.result(proc)["received"] == "pong-15001"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

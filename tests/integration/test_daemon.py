@@ -317,3 +317,21 @@ def test_unset_redirect_mode_falls_back_to_iptables_where_ebpf_cannot_work(
         assert d.config_dump()["dataPlane"]["redirectMode"] == "iptables"
         assert "eBPF redirection is not available" in d.log()
         assert "using iptables mode" in d.log()
+
+
+def test_a_new_local_ca_root_is_loud(tmp_path: Path, local_config: Path) -> None:
+    """Losing LOCAL_CA_DIR makes the next start mint a new root that peers do not trust: the
+    log says so as a warning and a metric counts it, while a restart that finds the root
+    stays quiet."""
+    env = base_env(tmp_path, local_config)
+    created = "ztunnel_py_local_ca_roots_created_total 1.0"
+    with run_daemon(env, log_dir=tmp_path / "first", wait="ready") as d:
+        assert created in http(d.stats + "/metrics").text
+        assert "WARN" in d.log() and "created a new local CA root" in d.log()
+    with run_daemon(env, log_dir=tmp_path / "second", wait="ready") as d:
+        assert "ztunnel_py_local_ca_roots_created_total 0.0" in http(d.stats + "/metrics").text
+        assert "created a new local CA root" not in d.log()
+    shutil.rmtree(tmp_path / "ca")  # the state directory is lost
+    with run_daemon(env, log_dir=tmp_path / "third", wait="ready") as d:
+        assert created in http(d.stats + "/metrics").text
+        assert "peers that trust the previous root" in d.log()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tools.testbed.bed import Testbed
+from ztunnel_py.testing.daemon import Daemon
 
 REPO = Path(__file__).resolve().parents[2]
 PACED_SOURCE = REPO / "tools/bench/paced.c"
@@ -75,6 +76,17 @@ def rss_mib(pid: int, key: str = "VmRSS") -> float:
         if line.startswith(f"{key}:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"/proc/{pid}/status has no {key}")
+
+
+def wait_pods_up(daemon: Daemon, count: int, timeout: float = 120) -> int:
+    """Wait until ``count`` pods are Up in the daemon's workload state (or timeout); how many."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = daemon.config_dump().get("workloadState", {})
+        up = sum(1 for s in states.values() if s.get("state") == "Up")
+        if up >= count or time.monotonic() > deadline:
+            return up
+        time.sleep(0.5)
 
 
 def build_paced(out: Path) -> Path:

@@ -56,6 +56,7 @@ from tools.bench.loads import (  # noqa: E402
     paced,
     rss_mib,
     run_in_pod,
+    wait_pods_up,
     wrk,
 )
 from tools.bench.report import (  # noqa: E402
@@ -297,7 +298,7 @@ class Bench:
             t0 = time.monotonic()
             mesh.up()
             daemon = mesh.daemons["node-0"]
-            up = self._pods_up(mesh, count)
+            up = wait_pods_up(daemon, count)
             startup = time.monotonic() - t0
             time.sleep(2)
             idle = rss_mib(daemon.proc.pid)
@@ -337,17 +338,6 @@ class Bench:
             apps.stop()
             mesh.down()
             self.check_clean(tag)
-
-    @staticmethod
-    def _pods_up(mesh: Mesh, count: int) -> int:
-        daemon = mesh.daemons["node-0"]
-        deadline = time.monotonic() + 120
-        while True:
-            states = daemon.config_dump().get("workloadState", {})
-            up = sum(1 for s in states.values() if s.get("state") == "Up")
-            if up >= count or time.monotonic() > deadline:
-                return up
-            time.sleep(0.5)
 
     def run_xds(self) -> list[str]:
         """``tools/bench_xds.py`` (state only, then eBPF maps): its table rows and commands."""

@@ -78,3 +78,15 @@ class OriginalDestinationNotFound(ZtunnelError, OSError):
             f"no original destination for peer port {peer_port} in netns cookie {netns_cookie} "
             "(was the connection redirected by the BPF connect hook?)",
         )
+
+
+class NotRedirected(ZtunnelError, OSError):
+    """A :15001 connection that the connect hook cannot have made (it rewrites to the pod's
+    loopback): a peer reaching the port from outside. Refused before any map lookup."""
+
+    def __init__(self, peer_ip: str, peer_port: int, local_ip: str) -> None:
+        super().__init__(
+            errno_mod.EPERM,
+            f"connection from {peer_ip}:{peer_port} to {local_ip}:15001 refused: not from the "
+            "pod's own redirected sockets (eBPF mode only honours connections on loopback)",
+        )

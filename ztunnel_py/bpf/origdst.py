@@ -5,6 +5,13 @@ application connected; the proxy's peer port is that source port and its accepte
 in the same netns, so ``SO_NETNS_COOKIE`` on it gives the cookie. The family is the one on the
 wire: an IPv6 application socket dialling an IPv4-mapped address makes an IPv4 connection.
 One lookup (one bpf(2) call) per accepted connection.
+
+The key names no socket, only a port: anyone who reaches the pod's :15001 from a port equal to
+a live redirected connection's would get that connection's destination, tunnelled with the
+pod's identity. connect4/6 always rewrite to the pod's loopback, so an entry is only ever
+honoured for a connection between loopback addresses. A packet from outside the pod cannot
+carry a loopback address (the kernel drops it as a martian), so only the pod's own sockets
+pass.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import ipaddress
 import socket
 
 from ztunnel_py.bpf import _types as t
-from ztunnel_py.bpf.errors import KeyNotFound, OriginalDestinationNotFound
+from ztunnel_py.bpf.errors import KeyNotFound, NotRedirected, OriginalDestinationNotFound
 from ztunnel_py.bpf.maps import MapOps
 from ztunnel_py.bpf.projection import be16, from_addr16, from_be16
 from ztunnel_py.netns import netns_cookie
@@ -47,6 +54,14 @@ def wire_family(peer_ip: str) -> int:
     return socket.AF_INET
 
 
+def is_loopback(addr: str) -> bool:
+    """127.0.0.0/8, ::1 and IPv4-mapped loopback (a dual-stack listener's view of 127.0.0.1)."""
+    ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
 class BpfOriginalDestination:
     """The proxy's ``OriginalDestination`` in eBPF mode (``original_destination(sock)``)."""
 
@@ -55,6 +70,9 @@ class BpfOriginalDestination:
 
     def original_destination(self, sock: socket.socket) -> SocketAddr:
         peer = sock.getpeername()
+        local = sock.getsockname()
+        if not (is_loopback(str(peer[0])) and is_loopback(str(local[0]))):
+            raise NotRedirected(str(peer[0]), int(peer[1]), str(local[0]))
         return lookup_original_destination(
             self._map,
             netns_cookie=netns_cookie(sock),

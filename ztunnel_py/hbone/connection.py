@@ -15,6 +15,12 @@ windows. Two things are done here instead, for measured reasons:
   ceiling of ~300 MB/s. Large received frames are also handed out as they arrive instead of
   waiting for the whole frame. Every other frame, and any DATA frame that is not plainly
   valid on an open stream, goes through h2 and gets h2's checks and error handling.
+* **Header blocks** are measured here from the frame headers: h2 buffers HEADERS and
+  CONTINUATION frames until END_HEADERS and applies the header-list limit only when decoding,
+  so a peer could make it hold any amount. A block larger than our advertised
+  ``max_header_list_size`` ends the connection with GOAWAY(ENHANCE_YOUR_CALM) before its
+  payload is read (an HPACK block is never larger than the header list it encodes, give or
+  take padding and priority bytes).
 * **GOAWAY** frames are read here. h2 moves to CLOSED on any GOAWAY, which would abort streams
   that RFC 9113 lets finish (a peer draining gracefully, as Envoy does on shutdown).
   A graceful drain of our own is written here for the same reason.
@@ -78,18 +84,40 @@ DEFAULT_MAX_FRAME_BYTES = 1 * MiB
 CLIENT_MAX_HEADER_LIST_BYTES = 16 * 1024
 SERVER_MAX_HEADER_LIST_BYTES = 64 * 1024
 SERVER_MAX_CONCURRENT_STREAMS = 200
+# Streams the peer cancels before we answered them ("rapid reset", CVE-2023-44487): each one
+# made us start work (an upstream connect) that the cancel throws away. When they outnumber
+# the streams we accepted by more than this, the connection gets GOAWAY(ENHANCE_YOUR_CALM).
+SERVER_MAX_EARLY_RESETS = 100
 DEFAULT_KEEPALIVE_INTERVAL_S = 10.0
 DEFAULT_KEEPALIVE_TIMEOUT_S = 20.0
 
 _H2_DEFAULT_WINDOW = 65535
 _FRAME_HEADER = struct.Struct(">BHBBL")  # length (24 bits as 8+16), type, flags, stream id
 _TYPE_DATA = 0x0
+_TYPE_HEADERS = 0x1
+_TYPE_PUSH_PROMISE = 0x5
 _TYPE_GOAWAY = 0x7
+_TYPE_CONTINUATION = 0x9
+_HEADER_BLOCK_TYPES = (_TYPE_HEADERS, _TYPE_PUSH_PROMISE, _TYPE_CONTINUATION)
 _FLAG_END_STREAM = 0x1
+_FLAG_END_HEADERS = 0x4
+# Padding length, padding and priority fields that a header block's frames may add.
+_HEADER_BLOCK_SLACK = 1 + 255 + 5
 _FLAG_PADDED = 0x8
 _CLIENT_PREFACE_LEN = 24
 _RECV_DATA_STATES = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
 _SEND_DATA_STATES = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
+
+
+# h2 remembers how every closed stream ended (to tell a late frame on a reset stream from a
+# protocol error) up to 65,536 per connection: ~120 bytes per stream a long-lived connection
+# ever carried, never given back. A few hundred recent streams are all that late frames need;
+# older ones are still known closed (below the highest stream id) and answered STREAM_CLOSED.
+CLOSED_STREAMS_REMEMBERED = 256
+
+
+class _H2Connection(h2.connection.H2Connection):
+    MAX_CLOSED_STREAMS = CLOSED_STREAMS_REMEMBERED
 
 
 class Role(enum.Enum):
@@ -106,6 +134,7 @@ class HboneSettings:
     max_frame_size: int = DEFAULT_MAX_FRAME_BYTES
     max_header_list_size: int = CLIENT_MAX_HEADER_LIST_BYTES
     max_concurrent_streams: int = SERVER_MAX_CONCURRENT_STREAMS
+    max_early_resets: int = SERVER_MAX_EARLY_RESETS
     keepalive_interval_s: float = DEFAULT_KEEPALIVE_INTERVAL_S
     keepalive_timeout_s: float = DEFAULT_KEEPALIVE_TIMEOUT_S
 
@@ -175,7 +204,7 @@ class HboneConnection:
         self.role = role
         self.settings = settings or HboneSettings.for_role(role)
         client = role is Role.CLIENT
-        self._h2 = h2.connection.H2Connection(
+        self._h2 = _H2Connection(
             h2.config.H2Configuration(
                 client_side=client,
                 header_encoding=None,
@@ -209,6 +238,9 @@ class HboneConnection:
         self._out: list[bytes | memoryview] = []
         self._events: list[HboneEvent] = []
         self._inbuf = bytearray()
+        self._header_block = 0  # bytes of the header block being received (CONTINUATION)
+        self._early_resets = 0  # server: streams the peer cancelled before our answer
+        self._accepted = 0  # server: streams we answered with 200
         self._preface_left = 0 if client else _CLIENT_PREFACE_LEN
         self._data_sid = 0  # stream of the fast-path DATA payload being received
         self._data_left = 0  # bytes of that payload still to come
@@ -333,8 +365,21 @@ class HboneConnection:
                     )
                     pos = end
                     break
+                if ftype in _HEADER_BLOCK_TYPES and not self._header_block_fits(length):
+                    if slow_from >= 0:
+                        self._feed_h2(bytes(mv[slow_from:pos]))
+                        slow_from = -1
+                    self._calm(
+                        f"peer sent a header block of more than {self._header_block_limit}"
+                        " bytes (HEADERS and CONTINUATION frames)"
+                    )
+                    pos = end
+                    break
                 if end - pos < 9 + length:
                     break
+                if ftype in _HEADER_BLOCK_TYPES:
+                    block = self._header_block + length
+                    self._header_block = 0 if flags & _FLAG_END_HEADERS else block
                 if ftype == _TYPE_GOAWAY and sid == 0 and length >= 8:
                     if slow_from >= 0:
                         self._feed_h2(bytes(mv[slow_from:pos]))
@@ -352,6 +397,21 @@ class HboneConnection:
         if self._window_changed:
             self._window_changed = False
             self._flush_pending()
+
+    @property
+    def _header_block_limit(self) -> int:
+        return self.settings.max_header_list_size + _HEADER_BLOCK_SLACK
+
+    def _header_block_fits(self, length: int) -> bool:
+        """Whether a header-block frame of ``length`` keeps its block within the limit."""
+        return self._header_block + length <= self._header_block_limit
+
+    def _calm(self, reason: str) -> None:
+        """GOAWAY(ENHANCE_YOUR_CALM): the peer is abusing the connection."""
+        self._h2.close_connection(
+            error_code=ErrorCodes.ENHANCE_YOUR_CALM, additional_data=reason.encode()
+        )
+        self._terminate(ErrorCodes.ENHANCE_YOUR_CALM, reason, remote=False)
 
     def _take_fast_data(self, sid: int, length: int) -> bool:
         """Whether a DATA frame can skip h2; if so, its windows are consumed here."""
@@ -447,10 +507,20 @@ class HboneConnection:
 
     def _on_stream_reset(self, ev: h2.events.StreamReset) -> None:
         st = self._drop(ev.stream_id)
-        if st is not None:
-            self._events.append(
-                StreamReset(stream_id=st.id, error_code=int(ev.error_code or 0), remote=True)
-            )
+        if st is None:
+            return
+        self._events.append(
+            StreamReset(stream_id=st.id, error_code=int(ev.error_code or 0), remote=True)
+        )
+        if not st.responded:
+            self._early_resets += 1
+            limit = self.settings.max_early_resets
+            if self._early_resets - self._accepted > limit:
+                self._calm(
+                    f"peer cancelled {self._early_resets} streams before they were answered"
+                    f" ({self._accepted} accepted; the limit is {limit} more cancelled than"
+                    " accepted)"
+                )
 
     def _on_window_updated(self, _ev: h2.events.Event) -> None:
         self._window_changed = True
@@ -529,6 +599,7 @@ class HboneConnection:
         """Server: answer 200; the tunnel is established."""
         self._respond(stream_id, 200, headers, end=False)
         self._streams[stream_id].responded = True
+        self._accepted += 1
 
     def reject(self, stream_id: int, status: int, headers: Iterable[tuple[str, str]] = ()) -> None:
         """Server: answer ``status`` (400, 401, 503...) and finish the stream."""

@@ -25,6 +25,7 @@ certificate.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import fcntl
 import logging
@@ -101,6 +102,7 @@ class LocalCa:
     intermediates: tuple[x509.Certificate, ...]
     roots: tuple[x509.Certificate, ...]
     plugged_in: bool
+    created: bool = False  # this start made the root (first start, or the directory was lost)
 
     @classmethod
     def load_or_create(
@@ -128,9 +130,14 @@ class LocalCa:
         }
         if not present:
             cls._create_root(path, trust_domain=trust_domain, now=now)
-            ca = cls._load(path, now=now, plugged_in=False)
-            log.info(
-                "created a new local CA root",
+            ca = dataclasses.replace(cls._load(path, now=now, plugged_in=False), created=True)
+            # Right on a node's first start; after a lost directory, every peer that trusts
+            # the previous root refuses this node (readiness then goes false: ``mtls``).
+            log.warning(
+                "created a new local CA root in %s: peers that trust the previous root (if this"
+                " node had one) will refuse this node's certificates; restore the directory, or"
+                " plug the mesh's CA files in, to keep one root",
+                path,
                 extra={"fields": {"dir": str(path), "serial": ca.ca_cert.serial_number}},
             )
             return ca
@@ -181,9 +188,24 @@ class LocalCa:
         )
         # The key goes first and the certificate last: a crash in between leaves a directory
         # that load_or_create reports as incomplete instead of silently minting a second root.
-        _write_atomic(path / CA_KEY_FILE, key_pem, 0o600)
-        _write_atomic(path / ROOT_CERT_FILE, cert_pem(cert), 0o644)
-        _write_atomic(path / CA_CERT_FILE, cert_pem(cert), 0o644)
+        # A write that fails (disk full, read-only) takes back what this attempt wrote, so the
+        # next start, with room again, makes the root as on a first start.
+        written: list[Path] = []
+        try:
+            for name, data, mode in (
+                (CA_KEY_FILE, key_pem, 0o600),
+                (ROOT_CERT_FILE, cert_pem(cert), 0o644),
+                (CA_CERT_FILE, cert_pem(cert), 0o644),
+            ):
+                _write_atomic(path / name, data, mode)
+                written.append(path / name)
+        except OSError as e:
+            for done in written:
+                done.unlink(missing_ok=True)
+            raise LocalCaError(
+                f"cannot create the local CA root in {path}: {e.strerror or e}; free space or"
+                " fix the directory's permissions, then start again"
+            ) from None
 
     @classmethod
     def _load(cls, path: Path, *, now: float, plugged_in: bool) -> LocalCa:

@@ -18,6 +18,13 @@ class CertificateSource(Protocol):
     async def server_context(self, identity: Identity) -> ssl.SSLContext: ...
 
 
+class HandshakeObserver(Protocol):
+    """Told how each outbound mTLS handshake went (``identity.mtls_health`` for readiness)."""
+
+    def handshake_succeeded(self) -> None: ...
+    def handshake_failed(self, error: Exception) -> None: ...
+
+
 class FetchedCertificates:
     """A ``CertificateSource`` over any ``fetch(identity) -> WorkloadCertificate``
     (``SecretManager.fetch_certificate`` in the daemon, a test CA in tests)."""

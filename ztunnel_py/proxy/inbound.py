@@ -18,7 +18,9 @@ Order of work (ztunnel ``Inbound::serve_connect``):
 6. answer 200 (with the destination's baggage) and splice.
 
 Every connection and every stream is handled in its own task or callback chain; what a peer
-sends can fail its own stream or connection, never the server.
+sends can fail its own stream or connection, never the server. A stream's task is cancelled
+when the peer resets the stream or drops the connection before the answer, so an upstream
+connection is never opened for nobody ("rapid reset" costs the attacker as much as us).
 """
 
 from __future__ import annotations
@@ -69,8 +71,10 @@ from ztunnel_py.rbac.evaluate import ConnectionInfo
 from ztunnel_py.state.model import IPAddress, NetworkAddress, SocketAddr, Workload
 from ztunnel_py.telemetry.connections import ConnectionRecord, Direction
 from ztunnel_py.telemetry.metrics import ResponseFlags
+from ztunnel_py.telemetry.ratelimit import LimitedLog
 
 log = logging.getLogger(__name__)
+limited_log = LimitedLog(log)
 
 ILLEGAL_PORTS = frozenset({PORT_OUTBOUND, PORT_INBOUND_PLAINTEXT, PORT_HBONE, PORT_SOCKS5})
 # How often accepted connections make us ask for the current certificate (rotation).
@@ -101,6 +105,7 @@ class _InboundConnection(HboneProtocol):
         self.peer: SocketAddr | None = None
         self.local: SocketAddr | None = None  # our :15008, the access log's dst.addr
         self.peer_identity: str | None = None  # the verified client's SPIFFE id
+        self.pending: dict[int, asyncio.Task[None]] = {}  # streams being set up, by id
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -119,6 +124,20 @@ class _InboundConnection(HboneProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self.server._connections.discard(self)
+
+    def stream_abandoned(self, stream_id: int) -> bool:
+        task = self.pending.pop(stream_id, None)
+        if task is None:
+            return False
+        task.cancel()
+        self.server.streams_abandoned += 1
+        limited_log.info(
+            "abandoned",
+            "inbound HBONE stream cancelled by %s before it was answered (%d so far)",
+            self.peer,
+            self.server.streams_abandoned,
+        )
+        return True
 
 
 class InboundServer(ProxyServer):
@@ -147,6 +166,7 @@ class InboundServer(ProxyServer):
         self._context: ssl.SSLContext | None = None
         self._context_checked = 0.0
         self._refreshing = False
+        self.streams_abandoned = 0  # streams reset or dropped by the peer before our answer
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -206,6 +226,7 @@ class InboundServer(ProxyServer):
             self._context_checked = time.monotonic()
         finally:
             self._refreshing = False
+        self.streams_abandoned = 0  # streams reset or dropped by the peer before our answer
 
     # ------------------------------------------------------------------ streams
 
@@ -256,7 +277,9 @@ class InboundServer(ProxyServer):
         except InboundRefused as e:
             self._refuse(proto, ev, record, e)
             return
-        self.tracker.spawn(self._serve_stream(proto, sid, record, target, authorized))
+        task = self.tracker.spawn(self._serve_stream(proto, sid, record, target, authorized))
+        proto.pending[sid] = task
+        task.add_done_callback(lambda _: proto.pending.pop(sid, None))
 
     def _refuse(
         self,

@@ -14,7 +14,7 @@ from typing import Any
 
 from ztunnel_py.config import Config
 from ztunnel_py.proxy.authorization import Authorizer, PermitAll, PolicyAuthorizer
-from ztunnel_py.proxy.certificates import CertificateSource
+from ztunnel_py.proxy.certificates import CertificateSource, HandshakeObserver
 from ztunnel_py.proxy.conntrack import ConnectionTracker
 from ztunnel_py.proxy.pool import HbonePool
 from ztunnel_py.proxy.sockets import OriginalDestination, SocketFactory
@@ -36,6 +36,7 @@ class ProxyInputs:
     ``None`` when the accepted socket's own address already is that (sk_lookup).
     ``conntrack``: the live connections re-checked when policies change.
     ``demand``: with ``XDS_ON_DEMAND``, fetch an address istiod has not sent yet.
+    ``handshakes``: told how each outbound mTLS handshake went (readiness follows it).
     """
 
     config: Config
@@ -47,6 +48,7 @@ class ProxyInputs:
     conntrack: ConnectionTracker | None = None
     rng: random.Random = field(default_factory=random.Random)
     demand: Demand | None = None
+    handshakes: HandshakeObserver | None = None
 
     def authorizer_for(self, workload: Workload) -> PolicyAuthorizer:
         """Authorization against the policies of ``workload`` (logged as configured)."""

@@ -18,7 +18,7 @@ from ztunnel_py.hbone.errors import HboneError
 from ztunnel_py.hbone.headers import Forwarded, TraceParent, new_traceparent, request_headers
 from ztunnel_py.identity.errors import IdentityError
 from ztunnel_py.identity.tls import NO_SNI, TlsVerificationError, handshake_error, verify_server
-from ztunnel_py.proxy.certificates import CertificateSource
+from ztunnel_py.proxy.certificates import CertificateSource, HandshakeObserver
 from ztunnel_py.proxy.errors import UpstreamConnectError
 from ztunnel_py.proxy.inbound import workload_baggage
 from ztunnel_py.proxy.inputs import PodInputs, ProxyInputs
@@ -39,8 +39,10 @@ from ztunnel_py.proxy.tcp import (
 from ztunnel_py.proxy.transport import HboneProtocol
 from ztunnel_py.state.model import NetworkAddress, SocketAddr, Workload
 from ztunnel_py.telemetry.connections import ConnectionRecord, Direction
+from ztunnel_py.telemetry.ratelimit import LimitedLog
 
 log = logging.getLogger(__name__)
+limited_log = LimitedLog(log)
 
 
 class HboneConnector:
@@ -54,12 +56,15 @@ class HboneConnector:
         settings: HboneSettings,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
         handshake_timeout_s: float = TLS_HANDSHAKE_TIMEOUT_S,
+        health: HandshakeObserver | None = None,
     ) -> None:
+        """``health``: told the outcome of every handshake (readiness follows it)."""
         self.certificates = certificates
         self.sockets = sockets
         self.settings = settings
         self.connect_timeout_s = connect_timeout_s
         self.handshake_timeout_s = handshake_timeout_s
+        self.health = health
 
     async def __call__(self, key: WorkloadKey, on_idle: object) -> HboneProtocol:
         ctx = await self.certificates.client_context(key.src_identity)
@@ -83,7 +88,10 @@ class HboneConnector:
             )
         except ssl.SSLError as e:
             sock.close()
-            raise handshake_error(e, role="server") from None
+            error = handshake_error(e, role="server")
+            if self.health is not None:
+                self.health.handshake_failed(error)
+            raise error from None
         except (OSError, TimeoutError) as e:
             sock.close()
             raise UpstreamConnectError(
@@ -94,6 +102,8 @@ class HboneConnector:
         except TlsVerificationError:
             proto.abort("server identity not expected")
             raise
+        if self.health is not None:
+            self.health.handshake_succeeded()  # the chain verified: our roots are the mesh's
         return proto
 
 
@@ -125,7 +135,8 @@ class OutboundServer(ProxyServer):
             src = sockaddr(peer)
             dst = self.original_destination.original_destination(sock)
         except (OSError, ValueError, TypeError) as e:
-            log.warning("outbound connection from %s refused: %s", peer, e)
+            # Anyone reaching :15001 can trigger this (a port scan): rate-limited.
+            limited_log.warning("origdst", "outbound connection from %s refused: %s", peer, e)
             down.reset()
             return
         workload = self.state.workload(self.workload.uid) or self.workload

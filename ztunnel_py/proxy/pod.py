@@ -44,6 +44,7 @@ def pod_pool(inputs: ProxyInputs, sockets: SocketFactory) -> HbonePool:
             certificates=inputs.certificates,
             sockets=sockets,
             settings=hbone_settings(Role.CLIENT, config),
+            health=inputs.handshakes,
         ),
         max_streams_per_connection=config.pool_max_streams_per_connection,
         unused_release_timeout_s=config.pool_unused_release_timeout_s,

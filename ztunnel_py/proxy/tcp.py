@@ -119,6 +119,8 @@ class ServerConnections:
         task = asyncio.get_running_loop().create_task(self._guard(coro))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        # Cancelled before it ran (a stream reset at once): close the coroutine it never awaited.
+        task.add_done_callback(lambda _: coro.close())
         self.handled += 1
         return task
 

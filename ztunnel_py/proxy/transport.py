@@ -14,6 +14,12 @@ Backpressure, both ways:
   passed them on; until then the peer can send at most a stream window (4 MiB) on the stream.
   Should the peer flood us with frames we must answer (PINGs, SETTINGS) while not reading our
   answers, reading stops once the write buffer holds more than a connection window.
+
+Server streams wait in ``_early`` from the request until the server answers them; a stream the
+peer cancels meanwhile, or every one of them when the connection goes away, is reported to
+``stream_abandoned`` so the work started for it (an upstream connect) stops at once. More
+streams waiting than ``max_concurrent_streams`` (the peer opening and cancelling faster than
+we answer) ends the connection with GOAWAY(ENHANCE_YOUR_CALM).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from h2.errors import ErrorCodes
 
 from ztunnel_py.config import Config
 from ztunnel_py.hbone.connection import HboneConnection, HboneSettings, Role
-from ztunnel_py.hbone.errors import HboneError
+from ztunnel_py.hbone.errors import ConnectionClosed, HboneError
 from ztunnel_py.hbone.events import (
     ConnectionTerminated,
     DataReceived,
@@ -41,8 +47,10 @@ from ztunnel_py.hbone.events import (
     TunnelRequested,
     WindowOpened,
 )
+from ztunnel_py.telemetry.ratelimit import LimitedLog
 
 log = logging.getLogger(__name__)
+limited_log = LimitedLog(log)
 
 
 def hbone_settings(role: Role, config: Config) -> HboneSettings:
@@ -161,7 +169,10 @@ class HboneProtocol(asyncio.BufferedProtocol):
         self.close_reason = reason
         sinks = list(self._sinks.values())
         self._sinks.clear()
+        abandoned = list(self._early)
         self._early.clear()
+        for sid in abandoned:
+            self.stream_abandoned(sid)
         for sink in sinks:
             sink.hbone_reset(ErrorCodes.CONNECT_ERROR, reason)
         if self.closed is not None and not self.closed.done():
@@ -227,8 +238,14 @@ class HboneProtocol(asyncio.BufferedProtocol):
     def accept(
         self, stream_id: int, sink: StreamSink, headers: Iterable[tuple[str, str]] = ()
     ) -> None:
-        """Server: answer 200 and attach ``sink``; data that came early is replayed to it."""
+        """Server: answer 200 and attach ``sink``; data that came early is replayed to it.
+
+        ``ConnectionClosed`` when the connection went away meanwhile: the caller closes what it
+        opened for the stream.
+        """
         conn = self._require_conn()
+        if not self.is_open:
+            raise ConnectionClosed(self.close_reason or "connection closed")
         early = self._early.pop(stream_id, None)
         if early is not None and early.reset is not None:
             sink.hbone_reset(early.reset, "the client reset the stream before it was accepted")
@@ -309,6 +326,21 @@ class HboneProtocol(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def stream_abandoned(self, stream_id: int) -> bool:
+        """Server: a stream went away before it was answered. Returns whether the work for it
+        was stopped, so that nothing will answer it (a hook; here, nothing was started)."""
+        return False
+
+    def _enhance_your_calm(self, reason: str) -> None:
+        conn = self.conn
+        if conn is None or conn.is_terminated:
+            return
+        limited_log.warning(
+            "calm", "HBONE connection %s closed with ENHANCE_YOUR_CALM: %s", self.label, reason
+        )
+        conn.close(ErrorCodes.ENHANCE_YOUR_CALM, reason)
+        self.close_reason = reason
+
     async def wait_closed(self) -> None:
         if self.closed is not None:
             await asyncio.shield(self.closed)
@@ -362,6 +394,13 @@ class HboneProtocol(asyncio.BufferedProtocol):
                 early = _Early()
                 early.ended = ev.ended
                 self._early[ev.stream_id] = early
+                limit = self._settings.max_concurrent_streams
+                if len(self._early) > limit:
+                    self._enhance_your_calm(
+                        f"more than {limit} streams waiting for an answer (opened and cancelled"
+                        " faster than they are answered)"
+                    )
+                    return
                 if self._on_request is None:
                     self.reject(ev.stream_id, 503)
                 else:
@@ -383,6 +422,8 @@ class HboneProtocol(asyncio.BufferedProtocol):
                     waiting = self._early.get(ev.stream_id)
                     if waiting is not None:
                         waiting.reset = ev.error_code
+                        if self.stream_abandoned(ev.stream_id):
+                            del self._early[ev.stream_id]
                 self._check_idle()
             elif isinstance(ev, PingAcked):
                 self._arm_timer()
@@ -391,7 +432,15 @@ class HboneProtocol(asyncio.BufferedProtocol):
                 self._check_idle()
             elif isinstance(ev, ConnectionTerminated):
                 self.close_reason = ev.reason
-                log.debug("HBONE connection %s terminated: %s", self.label, ev.reason)
+                if ev.error_code == ErrorCodes.ENHANCE_YOUR_CALM and not ev.remote:
+                    limited_log.warning(
+                        "calm",
+                        "HBONE connection %s closed with ENHANCE_YOUR_CALM: %s",
+                        self.label,
+                        ev.reason,
+                    )
+                else:
+                    log.debug("HBONE connection %s terminated: %s", self.label, ev.reason)
 
     def _early_for(self, stream_id: int) -> _Early:
         early = self._early.get(stream_id)

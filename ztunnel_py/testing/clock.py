@@ -51,6 +51,11 @@ class FakeClock:
             if not fut.done():
                 fut.set_result(None)
 
+    def jump_wall(self, seconds: float) -> None:
+        """Step the wall clock alone, either way (NTP correction, VM resume): the monotonic
+        clock and the sleepers do not notice."""
+        self._wall_offset += seconds
+
     @property
     def sleepers(self) -> int:
         """How many sleeps are pending (cancelled ones excluded)."""

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
-import yaml
 
 from ztunnel_py.errors import LocalConfigError
 from ztunnel_py.ip import IPNetwork
@@ -67,6 +66,7 @@ from ztunnel_py.state.model import (
     frozen_map,
 )
 from ztunnel_py.state.store import UpdateBatch
+from ztunnel_py.xds.yaml_load import MAX_FILE_BYTES, load_yaml, read_config_file
 
 _T = TypeVar("_T")
 _E = TypeVar("_E", bound=enum.Enum)
@@ -596,23 +596,6 @@ def build_policy(path: str, p: PolicySpec) -> Authorization:
     )
 
 
-# --------------------------------------------------------------------------- documents
-
-
-def load_yaml(text: str, *, source: str) -> Any:
-    """The YAML document in ``text``; ``LocalConfigError`` with the line and column if invalid."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = (
-            f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "<document>"
-        )
-        raise LocalConfigError(
-            where, f"not valid YAML: {getattr(e, 'problem', e)}", source=source
-        ) from None
-
-
 def parse_local_config(
     text: str, *, source: str = "LOCAL_XDS", cluster_id: str = DEFAULT_CLUSTER_ID
 ) -> UpdateBatch:
@@ -664,9 +647,8 @@ def _check_unique(section: str, keys: list[str], what: str) -> None:
         seen[key] = i
 
 
-def load_local_config_file(path: Path, *, cluster_id: str = DEFAULT_CLUSTER_ID) -> UpdateBatch:
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise LocalConfigError("<file>", f"cannot read: {e.strerror}", source=str(path)) from None
+def load_local_config_file(
+    path: Path, *, cluster_id: str = DEFAULT_CLUSTER_ID, max_bytes: int = MAX_FILE_BYTES
+) -> UpdateBatch:
+    text = read_config_file(path, max_bytes=max_bytes)
     return parse_local_config(text, source=str(path), cluster_id=cluster_id)

@@ -11,9 +11,9 @@ import pytest
 import pytest_asyncio
 
 from ztunnel_py.config import Config, ProxyMode, RootCert, RootCertKind
-from ztunnel_py.identity.caclient import IstiodCaClient
 from ztunnel_py.identity.clock import SystemClock
 from ztunnel_py.identity.errors import CaError
+from ztunnel_py.identity.istiod_ca import IstiodCaClient
 from ztunnel_py.identity.manager import SecretManager
 from ztunnel_py.identity.spiffe import Identity
 from ztunnel_py.testing.ca import Behaviour, FakeCa, start_tls_server

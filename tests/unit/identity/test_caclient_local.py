@@ -9,9 +9,10 @@ import random
 import pytest
 
 from ztunnel_py.config import Config, RootCert, RootCertKind
-from ztunnel_py.identity.caclient import IstiodCaClient, LocalCaClient, build_ca_client
+from ztunnel_py.identity.caclient import LocalCaClient, build_ca_client
 from ztunnel_py.identity.certificate import WorkloadCertificate
 from ztunnel_py.identity.errors import LocalCaError
+from ztunnel_py.identity.istiod_ca import IstiodCaClient
 from ztunnel_py.identity.localca import CA_KEY_FILE
 from ztunnel_py.identity.manager import SecretManager
 from ztunnel_py.identity.spiffe import Identity
