@@ -9,6 +9,7 @@ Then a policy allows only one caller, and the other is refused.
     python -m tools.demo                    # eBPF redirection (the default)
     python -m tools.demo --redirect iptables
     python -m tools.demo --keep             # leave it running to poke at, Ctrl-C to stop
+    python -m tools.demo --istiod           # against the real istiod and API server (tools/lab)
 """
 
 from __future__ import annotations
@@ -206,9 +207,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--redirect", choices=["ebpf", "iptables"], default="ebpf")
     parser.add_argument("--keep", action="store_true", help="keep the mesh running until Ctrl-C")
+    parser.add_argument(
+        "--istiod",
+        action="store_true",
+        help="use the Istio lab: real istiod and kube-apiserver (built by tools/lab/build.sh)",
+    )
     args = parser.parse_args(argv)
     if args.keep:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    if args.istiod:
+        from tools.lab.demo import run as run_lab  # needs the lab's binaries and client
+
+        return run_lab(args.keep, args.redirect)
     return run(args)
 
 

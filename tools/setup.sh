@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(clang llvm libbpf-dev bpftool iproute2 iptables nginx-light wrk iperf3
-              nghttp2-client openssl procps psmisc make podman runc debootstrap)
+              nghttp2-client openssl procps psmisc make podman runc debootstrap chromium)
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "tools/setup.sh: run as root (it installs Debian packages and mounts bpffs)" >&2

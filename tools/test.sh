@@ -30,6 +30,9 @@ fi
 step "manifests/plain are the current render of Istio's ztunnel chart"
 run python3 tools/k8s/render.py --check
 
+step "Istio lab binaries (tools/lab/build.sh: cached by version, cold build takes minutes)"
+run tools/lab/build.sh
+
 step "tests (pytest)"
 if [ "$(id -u)" -eq 0 ]; then
   export ZT_REQUIRE_PRIVILEGED=1

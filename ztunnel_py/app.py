@@ -17,10 +17,13 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import Counter
 
 import ztunnel_py
+from ztunnel_py.admin.debug import redact
 from ztunnel_py.admin.dump import state_dump
 from ztunnel_py.admin.server import AdminServer, ReadinessServer, StatsServer, new_registry
+from ztunnel_py.admin.views import DebugViews
 from ztunnel_py.config import Config
 from ztunnel_py.dataplane import DataPlane
+from ztunnel_py.debug_sources import DaemonParts, dashboard_facts, debug_providers
 from ztunnel_py.identity.caclient import LocalCaClient, build_ca_client
 from ztunnel_py.identity.clock import SystemClock
 from ztunnel_py.identity.manager import SecretManager
@@ -33,6 +36,7 @@ from ztunnel_py.state.node_identities import NodeCertificates
 from ztunnel_py.state.store import ChangeSet
 from ztunnel_py.telemetry.logging import LevelController
 from ztunnel_py.telemetry.metrics import ConnectionMetrics
+from ztunnel_py.telemetry.runtime import LoopMonitor, RecentLogs
 from ztunnel_py.telemetry.sink import ProxyTelemetry
 from ztunnel_py.xds.local_source import LocalConfigSource
 
@@ -56,11 +60,13 @@ class App:
         self.registry = new_registry()
         self.hub = StateHub()
         self.readiness = Readiness()
+        self.loop_monitor = LoopMonitor(self.registry)
+        self.logs = RecentLogs()  # the last lines and errors, for /debug
         self.dump_providers: dict[str, Callable[[], Any]] = {}
         self._stop = asyncio.Event()
         self._forced = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._servers: list[AdminServer | StatsServer | ReadinessServer] = []
+        self.servers: list[AdminServer | StatsServer | ReadinessServer] = []
         self.clock = SystemClock()
         self.rng = random.Random()
         self.local_source: LocalConfigSource | None = None
@@ -132,7 +138,7 @@ class App:
             "ztunnelPy": ztunnel_py.__version__,
             "generation": self.hub.state.generation,
         }
-        out["config"] = self.config.to_dump()
+        out["config"] = redact(self.config.to_dump())  # e.g. XDS_HEADER_AUTHORIZATION
         if self.local_source is not None:
             out["staticConfig"] = {
                 "source": str(self.config.local_xds_path or "LOCAL_XDS"),
@@ -192,7 +198,22 @@ class App:
         self._follow_certificates()
         self.dataplane.start()  # eBPF programs, ZDS enrollment, per-pod proxies
 
+        self.spawn("loop monitor", self.loop_monitor.run())
+        parts = DaemonParts(
+            config=self.config,
+            hub=self.hub,
+            xds=self.xds,
+            local_source=self.local_source,
+            secrets=self.secrets,
+            dataplane=self.dataplane,
+            telemetry=self.telemetry,
+            servers=lambda: self.servers,
+            logs=self.logs,
+            loop_monitor=self.loop_monitor,
+        )
         admin = AdminServer(
+            debug=DebugViews(debug_providers(parts), logs=self.logs.lines),
+            dashboard=lambda: dashboard_facts(parts),
             dump=self.dump,
             levels=self.levels,
             on_quit=self.request_shutdown,
@@ -206,7 +227,7 @@ class App:
         await admin.start(self.config.admin_port)
         await stats.start(any_host, self.config.stats_port)
         await ready.start(any_host, self.config.readiness_port)
-        self._servers = [admin, stats, ready]
+        self.servers = [admin, stats, ready]
 
     async def run(self) -> int:
         """Run until asked to stop; returns the process exit code."""
@@ -214,6 +235,7 @@ class App:
         loop = asyncio.get_running_loop()
         shutdown = ShutdownController(graceful=self.request_shutdown, force=self.force_shutdown)
         shutdown.install(loop)
+        logging.getLogger().addHandler(self.logs)
         try:
             await self.start()
             log.info(
@@ -227,6 +249,7 @@ class App:
             return await self.shutdown()
         finally:
             ShutdownController.uninstall(loop)
+            logging.getLogger().removeHandler(self.logs)
 
     async def shutdown(self) -> int:
         """Readiness off, listeners closed, connections drained up to the deadline; a second
@@ -249,7 +272,7 @@ class App:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for server in self._servers:
+        for server in self.servers:
             await server.http.close()
         await self.secrets.close()
         log.info("ztunnel-py stopped")

@@ -2,7 +2,8 @@
 
 ``ztunnel-py run`` starts the daemon (``ztunnel-py proxy ztunnel`` is the same, so the
 container args of istio's ztunnel chart work unchanged); ``validate FILE`` checks a local
-config file; ``config-dump`` prints the running daemon's state.
+config file; ``config-dump`` prints the running daemon's state; ``debug dump`` and
+``debug bundle`` read its debug views.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -49,6 +51,21 @@ def _parser() -> argparse.ArgumentParser:
         help="detach and unpin this node's BPF programs and maps (BPF_PIN_PATH); stops redirection",
     )
     b.add_argument("--pin-path", type=Path, help="default: BPF_PIN_PATH or /sys/fs/bpf/ztunnel-py")
+    admin_help = "admin address (default 127.0.0.1:ADMIN_PORT, or :15000)"
+    dbg = sub.add_parser("debug", help="the running daemon's debug views (admin /debug)")
+    dbg_sub = dbg.add_subparsers(dest="debug_command", required=True)
+    dd = dbg_sub.add_parser("dump", help="print /debug/dump (or some of its sections)")
+    dd.add_argument("--section", action="append", default=[], help="e.g. connections, bpf, xds")
+    dd.add_argument("--admin", help=admin_help)
+    db = dbg_sub.add_parser("bundle", help="write a tar.gz of every debug view, metrics, logs")
+    db.add_argument("--admin", help=admin_help)
+    db.add_argument(
+        "--stats",
+        default=f"127.0.0.1:{os.environ.get('STATS_PORT', config_mod.PORT_STATS)}",
+        help="metrics address (127.0.0.1:15020)",
+    )
+    db.add_argument("-o", "--output", type=Path, help="default: ./ztunnel-py-debug-<time>.tar.gz")
+    db.add_argument("--log", type=Path, action="append", default=[], help="a log file to add")
     sub.add_parser("version", help="print the version")
     return p
 
@@ -61,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _validate(args.file)
     if args.command == "config-dump":
         return _config_dump(args.admin)
+    if args.command == "debug":
+        return _debug(args)
     if args.command == "uninstall-bpf":
         return _uninstall_bpf(args.pin_path)
     print(f"ztunnel-py {ztunnel_py.__version__}")
@@ -134,13 +153,30 @@ def _uninstall_bpf(pin_path: Path | None) -> int:
     return 0
 
 
+def _admin_address(admin: str | None) -> str:
+    """``--admin``, else 127.0.0.1 and the admin port the daemon reads from the environment."""
+    return admin or f"127.0.0.1:{config_mod.admin_port_from_env()}"
+
+
+def _debug(args: argparse.Namespace) -> int:
+    from ztunnel_py import debug_client
+
+    try:
+        admin = _admin_address(args.admin)
+    except ConfigError as e:
+        print(f"ztunnel-py: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.debug_command == "dump":
+        return debug_client.dump(admin, args.section)
+    return debug_client.bundle(admin, args.stats, args.output, args.log)
+
+
 def _config_dump(admin: str | None) -> int:
-    if admin is None:
-        try:
-            admin = f"127.0.0.1:{config_mod.admin_port_from_env()}"
-        except ConfigError as e:
-            print(f"ztunnel-py: {e}", file=sys.stderr)
-            return EXIT_CONFIG
+    try:
+        admin = _admin_address(admin)
+    except ConfigError as e:
+        print(f"ztunnel-py: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     url = f"http://{admin}/config_dump"
     try:
         with urllib.request.urlopen(url, timeout=10) as resp:

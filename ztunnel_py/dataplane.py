@@ -54,8 +54,10 @@ DEDICATED_UID = "dedicated"
 class _PodHandle:
     proxy: PodProxy
     pool: HbonePool
+    on_stop: Callable[[], object] = lambda: None
 
     async def stop(self, deadline_s: float) -> None:
+        self.on_stop()
         await self.proxy.stop(deadline_s)
         await self.pool.close()
 
@@ -65,6 +67,7 @@ class PodProxyStarter:
 
     def __init__(self, inputs: ProxyInputs) -> None:
         self._inputs = inputs
+        self.pools: dict[str, HbonePool] = {}  # pod uid -> its pool, while the pod is up
 
     async def start(self, pod: EnrolledPod, listeners: PodListeners) -> _PodHandle:
         if pod.workload is None:
@@ -79,7 +82,8 @@ class PodProxyStarter:
             authorizer=inputs.authorizer_for(pod.workload),
         )
         proxy = await start_pod_proxy(inputs, pod_inputs, listeners.sockets())
-        return _PodHandle(proxy, pool)
+        self.pools[pod.uid] = pool
+        return _PodHandle(proxy, pool, on_stop=lambda: self.pools.pop(pod.uid, None))
 
 
 class DataPlane:
@@ -107,6 +111,7 @@ class DataPlane:
         self.bpf_sync: MapSync | None = None
         self.manager: WorkloadManager | None = None
         self.zds: ZdsClient | None = None
+        self.starter: PodProxyStarter | None = None
         # XDS_ON_DEMAND: the xDS client's lookup, set by the composition root before start().
         self.demand: Demand | None = None
         self._certificates = certificates
@@ -174,7 +179,7 @@ class DataPlane:
             demand=self.demand,
             handshakes=self.mtls_health,
         )
-        starter = PodProxyStarter(inputs)
+        starter = self.starter = PodProxyStarter(inputs)
         self.manager = WorkloadManager.from_config(
             self.config, self.hub.state, starter, self.registry, listeners=listeners
         )
@@ -280,7 +285,90 @@ class DataPlane:
         return out
 
     def workload_state(self) -> dict[str, Any]:
-        return self.manager.dump() if self.manager is not None else {}
+        """ztunnel's ``workloadState``: a pod that is up lists its live connections."""
+        if self.manager is None:
+            return {}
+        out = self.manager.dump()
+        connections = self.conntrack.dump()
+        for uid, pod in self.manager.pods().items():
+            entry = out.get(uid)
+            if entry is not None and entry["state"] == "Up" and pod.workload is not None:
+                none: dict[str, list[Any]] = {"inbound": [], "outbound": []}
+                entry["connections"] = connections.get(pod.workload.uid, none)
+        return out
+
+    def debug_pods(self) -> list[dict[str, Any]]:
+        """Enrolled pods as the debug views show them."""
+        if self.manager is None:
+            return []
+        return [
+            {
+                "uid": uid,
+                "name": pod.info.name,
+                "namespace": pod.info.namespace,
+                "serviceAccount": pod.info.service_account,
+                "state": state.value if (state := self.manager.pod_state(uid)) else None,
+                "workload": pod.workload.uid if pod.workload is not None else None,
+                "ips": [str(ip) for ip in pod.ips],
+                "netnsInode": pod.netns_inode,
+                "netnsCookie": pod.netns_cookie or None,
+            }
+            for uid, pod in sorted(self.manager.pods().items())
+        ]
+
+    def debug_connections(self) -> dict[str, Any]:
+        """Live connections per workload uid, and each pod's HBONE pool."""
+        pools = self.starter.pools if self.starter is not None else {}
+        return {
+            "byWorkload": self.conntrack.dump(),
+            "pools": {uid: pool.dump() for uid, pool in sorted(pools.items())},
+        }
+
+    def debug_listeners(self) -> list[dict[str, Any]]:
+        """Every up pod's proxy ports, inside its network namespace."""
+        pools = self.starter.pools if self.starter is not None else {}
+        if self.manager is None:
+            return []
+        pods = self.manager.pods()
+        return [
+            {
+                "pod": uid,
+                "ips": [str(ip) for ip in pods[uid].ips],
+                "outbound": 15001,
+                "inboundPlaintext": 15006,
+                "inboundHbone": 15008,
+            }
+            for uid in sorted(pools)
+            if uid in pods
+        ]
+
+    def debug_bpf(self) -> dict[str, Any] | None:
+        """Programs, attach points, counters and every map's entries (eBPF mode only)."""
+        if self.bpf is None:
+            return None
+        from ztunnel_py.bpf.dump import dump_every_map
+
+        return {
+            "adopted": self.bpf.adopted,
+            "attachPoints": self.bpf.attach_points(),
+            "counters": self.bpf.read_counters(),
+            "maps": dump_every_map(self.bpf.maps),
+        }
+
+    def debug_redirect(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "mode": self.redirect_mode.value if self.redirect_mode else None,
+            "enabled": self.enabled,
+        }
+        if self.redirect_mode is RedirectMode.IPTABLES:
+            out["rules"] = (
+                "istio-cni's in-pod iptables rules: outbound TCP REDIRECT to 15001, inbound"
+                " non-HBONE TCP to 15006; the proxy reads SO_ORIGINAL_DST"
+            )
+        if self.bpf is not None:
+            out["attachPoints"] = self.bpf.attach_points()
+            out["inheritedPods"] = sorted(self.bpf_sync.inherited) if self.bpf_sync else []
+        return out
 
     async def stop(self, deadline_s: float) -> None:
         """Stop enrolling, close every pod's listeners, drain connections up to the deadline.

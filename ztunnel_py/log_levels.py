@@ -49,3 +49,11 @@ def normalize_target(target: str) -> str:
     if name == "ztunnel" or name.startswith("ztunnel."):
         name = ROOT_TARGET + name[len("ztunnel") :]
     return name
+
+
+def display_target(name: str) -> str:
+    """A logger name as ztunnel's target (``ztunnel_py.proxy.x`` -> ``ztunnel::proxy::x``):
+    what ``/logging`` shows back."""
+    if name == ROOT_TARGET or name.startswith(ROOT_TARGET + "."):
+        name = "ztunnel" + name[len(ROOT_TARGET) :]
+    return name.replace(".", "::")

@@ -57,6 +57,16 @@ def test_daemon_syncs_from_istiod_and_gets_certificates_from_its_ca(tmp_path: Pa
             metrics = http(d.stats + "/metrics").text
             assert "istio_xds_message_total" in metrics
 
+            # /debug/xds: the stream and, per type, what was last ACKed; no token anywhere.
+            view = http(d.admin + "/debug/xds").json()
+            assert view["source"] == "istiod" and view["connected"] is True
+            assert view["address"] == istiod.address
+            for state in view["types"].values():
+                assert state["acked"] is True and state["lastAck"]["nonce"]
+                assert state["lastNack"] is None
+            everything = http(d.admin + "/debug/dump").text
+            assert "good-token" not in everything and "PRIVATE KEY" not in everything
+
 
 def test_wrong_token_keeps_the_daemon_up_and_not_ready(tmp_path: Path) -> None:
     with BackgroundIstiod(config_yaml=MESH, token="good-token") as istiod:

@@ -16,4 +16,7 @@ podman build --quiet --runtime runc --network host \
   --ulimit nofile=16384:16384 --ulimit nproc=4096:4096 \
   --secret "id=ca-bundle,src=${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}" \
   --build-arg "BASE=$base" -t "$image" -f Containerfile . >&2
+# Each code change leaves the previous build's untagged layers (~0.5 GB) behind: drop those older
+# than a day, keeping the recent ones that make the next build a cache hit.
+podman image prune -f --filter until=24h >/dev/null
 echo "$image"

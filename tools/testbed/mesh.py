@@ -148,10 +148,19 @@ class Mesh:
         self.agents[node.name] = agent
 
     def daemon_env(self, node_name: str) -> dict[str, str]:
-        node = self.plan.node(node_name)
         env = {
             "LOCAL_XDS_PATH": str(self.config_path),
             "LOCAL_CA_DIR": str(self.work_dir / "ca"),
+            **self.node_env(node_name),
+        }
+        env.update(self.options.env)
+        return env
+
+    def node_env(self, node_name: str) -> dict[str, str]:
+        """The daemon environment that does not depend on the control plane: the node, its
+        agent's socket, the redirect mode (and in eBPF mode the node's cgroup and pin path)."""
+        node = self.plan.node(node_name)
+        env = {
             "NODE_NAME": node.name,
             "INPOD_UDS": str(self.agent_socket(node.name)),
             "REDIRECT_MODE": self.options.redirect,
@@ -162,7 +171,6 @@ class Mesh:
             assert mount is not None, "the testbed made cgroups, so a cgroup v2 mount exists"
             env["BPF_CGROUP_PATH"] = str(mount / node.cgroup)
             env["BPF_PIN_PATH"] = str(self.bpf_pin_path(node.name))
-        env.update(self.options.env)
         return env
 
     def agent_socket(self, node_name: str) -> Path:

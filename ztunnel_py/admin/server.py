@@ -1,7 +1,8 @@
 """The three small HTTP surfaces: admin (127.0.0.1:15000), metrics (:15020), readiness (:15021).
 
-Admin is bound to 127.0.0.1 only, always, as ztunnel's: it can reconfigure logging and stop
-the daemon. Metrics and readiness listen on all addresses for Prometheus and kubelet.
+Admin is bound to localhost only (127.0.0.1 and ::1), always, as ztunnel's: it can
+reconfigure logging and stop the daemon. Metrics and readiness listen on all addresses for
+Prometheus and kubelet.
 """
 
 from __future__ import annotations
@@ -16,26 +17,15 @@ from prometheus_client import exposition as prom_exposition
 from prometheus_client.openmetrics import exposition as om_exposition
 
 import ztunnel_py
+from ztunnel_py.admin import dashboard
 from ztunnel_py.admin.http import HttpServer, Request, Response
+from ztunnel_py.admin.views import DebugViews
 from ztunnel_py.readiness import Readiness
 from ztunnel_py.telemetry.logging import LevelController
 
 log = logging.getLogger(__name__)
 
-ADMIN_HOST = "127.0.0.1"
-
-_INDEX = """<!doctype html>
-<html><head><title>ztunnel-py admin</title></head><body>
-<h1>ztunnel-py {version}</h1>
-<ul>
-<li><a href="/config_dump">/config_dump</a>: workloads, services, policies, certificates</li>
-<li>/logging (POST): current levels; <code>?level=debug</code> or
-<code>?level=ztunnel::proxy=debug,info</code> to change; <code>?reset</code> to restore</li>
-<li>/quitquitquit (POST): drain connections and exit</li>
-</ul>
-<p>Metrics on :{stats_port}/metrics, readiness on :{ready_port}/healthz/ready.</p>
-</body></html>
-"""
+ADMIN_HOSTS = ("127.0.0.1", "::1")
 
 
 def new_registry() -> CollectorRegistry:
@@ -55,6 +45,8 @@ class AdminServer:
     def __init__(
         self,
         *,
+        debug: DebugViews | None = None,
+        dashboard: Callable[[], dict[str, Any]] | None = None,
         dump: Callable[[], dict[str, Any]],
         levels: LevelController,
         on_quit: Callable[[], None],
@@ -64,9 +56,8 @@ class AdminServer:
         self._dump = dump
         self._levels = levels
         self._on_quit = on_quit
-        self._index = _INDEX.format(
-            version=ztunnel_py.__version__, stats_port=stats_port, ready_port=ready_port
-        )
+        self._dashboard = dashboard or (lambda: {})
+        self._ports = {"stats_port": stats_port, "ready_port": ready_port}
         self.http = HttpServer(
             "admin",
             {
@@ -74,14 +65,18 @@ class AdminServer:
                 "/config_dump": self._config_dump,
                 "/logging": self._logging,
                 "/quitquitquit": self._quit,
+                **(debug.routes() if debug is not None else {}),
             },
         )
 
     async def start(self, port: int) -> None:
-        await self.http.start(ADMIN_HOST, port)
+        await self.http.start(ADMIN_HOSTS, port)
 
     async def _index_page(self, _: Request) -> Response:
-        return Response(200, self._index.encode(), "text/html; charset=utf-8")
+        page = dashboard.render(
+            version=ztunnel_py.__version__, facts=self._dashboard(), **self._ports
+        )
+        return Response(200, page.encode(), "text/html; charset=utf-8")
 
     async def _config_dump(self, _: Request) -> Response:
         body = json.dumps(self._dump(), indent=2, sort_keys=False) + "\n"

@@ -11,11 +11,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ztunnel_py.bpf import _types as t
+from ztunnel_py.bpf.errors import BpfError
 from ztunnel_py.bpf.maps import MapOps
 from ztunnel_py.bpf.projection import RECONCILED_MAPS, from_addr16, from_be16
 
 _DST_KINDS = {t.ZT_DST_WORKLOAD: "workload", t.ZT_DST_SERVICE: "service"}
 _FAMILIES: dict[int, str] = {t.ZT_AF_INET: "IPv4", t.ZT_AF_INET6: "IPv6"}
+_SK_STORAGE = 24  # BPF_MAP_TYPE_SK_STORAGE
 
 
 def _pod_flags(flags: int) -> list[str]:
@@ -123,5 +125,25 @@ def dump_maps(
         if name not in maps:
             continue
         entries = [describe(name, k, v) for k, v in maps[name].items()]
+        out[name] = sorted(entries, key=lambda e: sorted((k, str(v)) for k, v in e.items()))
+    return out
+
+
+def dump_every_map(maps: Mapping[str, MapOps]) -> dict[str, Any]:
+    """Every map the daemon holds, decoded where we know the layout, hex otherwise. A map the
+    kernel will not walk (per-socket storage) or that fails to read says so instead."""
+    out: dict[str, Any] = {}
+    for name in sorted(maps):
+        if name == t.MAP_COUNTERS:
+            continue  # per-CPU: read through BpfLoader.read_counters (summed, by name)
+        spec = t.MAP_SPECS.get(name)
+        if spec is not None and spec.map_type == _SK_STORAGE:
+            out[name] = {"note": "per-socket storage: the kernel does not list its entries"}
+            continue
+        try:
+            entries = [describe(name, k, v) for k, v in maps[name].items()]
+        except (BpfError, OSError) as e:
+            out[name] = {"error": str(e)}
+            continue
         out[name] = sorted(entries, key=lambda e: sorted((k, str(v)) for k, v in e.items()))
     return out

@@ -216,6 +216,22 @@ class SecretManager:
             if e.prefetched and self._valid_cert(e) is None
         )
 
+    def schedule(self) -> list[dict[str, Any]]:
+        """When each identity is fetched or renewed next (the debug views' rotation times)."""
+        now = self._clock.monotonic()
+        return [
+            {
+                "identity": str(e.identity),
+                "nextFetchInSeconds": round(max(0.0, e.due - now), 3),
+                "fetching": e.fetching,
+                "priority": e.priority.name.lower(),
+                "failures": e.failures,
+                "lastError": e.error,
+                "prefetched": e.prefetched,
+            }
+            for e in sorted(self._entries.values(), key=lambda e: str(e.identity))
+        ]
+
     def add_listener(self, callback: Callable[[], None]) -> None:
         """``callback()`` runs after every state change (fetch outcome, forget)."""
         self._listeners.append(callback)

@@ -11,6 +11,11 @@ The destination workload is looked up by uid at re-evaluation time, so a change 
 ``authorization_policies`` (selector policies) counts too. When it has left the state, the
 last copy seen (or the one given to ``register``) stands in, as ztunnel keeps the workload it
 authorized against; a connection with no copy at all is left alone.
+
+Outbound connections are tracked too (``outbound``), only to be listed: ``dump()`` is the
+``connections`` of ztunnel's ``workloadState`` (per workload uid, ``inbound`` and ``outbound``
+with ``src``, ``originalDst``, ``actualDst`` and ``protocol``), which
+``istioctl ztunnel-config connections`` prints.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ import itertools
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
+from ztunnel_py.hbone.headers import format_authority
 from ztunnel_py.rbac.evaluate import ConnectionInfo, Decision, evaluate
-from ztunnel_py.state.model import Workload
+from ztunnel_py.state.model import IPAddress, Workload
 from ztunnel_py.state.store import ProxyState
 
 POLICY_CHANGE_ERROR = "connection closed due to policy change"
@@ -39,11 +46,24 @@ class TrackedConnection:
     close: Callable[[str], None] = field(repr=False)
     id: int = 0
     workload: Workload | None = field(default=None, repr=False)  # last copy seen
+    dest_service: str | None = None  # the service hostname the client asked for, if any
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundConnection:
+    """One live outbound connection of a pod, as ztunnel lists it."""
+
+    workload_uid: str  # the pod's (source) workload
+    src: tuple[IPAddress, int]
+    original_dst: tuple[IPAddress, int]  # where the application connected
+    actual_dst: tuple[IPAddress, int]  # where we connected (``ip:15008`` when tunnelled)
+    protocol: str  # HBONE or TCP
 
 
 class ConnectionTracker:
     def __init__(self) -> None:
         self._live: dict[int, TrackedConnection] = {}
+        self._outbound: dict[int, OutboundConnection] = {}
         self._ids = itertools.count(1)
 
     def register(
@@ -53,10 +73,58 @@ class ConnectionTracker:
         close: Callable[[str], None],
         *,
         workload: Workload | None = None,
+        dest_service: str | None = None,
     ) -> TrackedConnection:
-        handle = TrackedConnection(conn, dst_workload_uid, close, next(self._ids), workload)
+        handle = TrackedConnection(
+            conn, dst_workload_uid, close, next(self._ids), workload, dest_service
+        )
         self._live[handle.id] = handle
         return handle
+
+    @contextlib.contextmanager
+    def outbound(self, connection: OutboundConnection) -> Iterator[None]:
+        """List ``connection`` while inside (outbound connections are never re-authorized)."""
+        key = next(self._ids)
+        self._outbound[key] = connection
+        try:
+            yield
+        finally:
+            del self._outbound[key]
+
+    def outbound_connections(self) -> list[OutboundConnection]:
+        return list(self._outbound.values())
+
+    def dump(self) -> dict[str, dict[str, list[dict[str, Any]]]]:
+        """workload uid -> ``{"inbound": [...], "outbound": [...]}`` in ztunnel's shape, sorted."""
+        out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+
+        def entry(uid: str) -> dict[str, list[dict[str, Any]]]:
+            return out.setdefault(uid, {"inbound": [], "outbound": []})
+
+        for h in self._live.values():
+            c = h.conn
+            entry(h.dst_workload_uid)["inbound"].append(
+                {
+                    "src": format_authority(c.src_ip, c.src_port),
+                    "originalDst": h.dest_service,
+                    "actualDst": format_authority(c.dst_ip, c.dst_port),
+                    # ztunnel: a verified peer identity means it came through the tunnel
+                    "protocol": "HBONE" if c.src_identity is not None else "TCP",
+                }
+            )
+        for o in self._outbound.values():
+            entry(o.workload_uid)["outbound"].append(
+                {
+                    "src": format_authority(*o.src),
+                    "originalDst": format_authority(*o.original_dst),
+                    "actualDst": format_authority(*o.actual_dst),
+                    "protocol": o.protocol,
+                }
+            )
+        for lists in out.values():
+            for conns in lists.values():
+                conns.sort(key=lambda d: (d["src"], d["actualDst"]))
+        return out
 
     def unregister(self, handle: TrackedConnection) -> None:
         """Forget a connection (it ended); unknown or already closed handles are fine."""
@@ -107,6 +175,8 @@ def tracked(
     conn: ConnectionInfo,
     workload: Workload,
     close: Callable[[str], None],
+    *,
+    dest_service: str | None = None,
 ) -> Iterator[None]:
     """Re-authorize ``conn`` on every policy change while inside; ``close`` it when denied.
 
@@ -115,8 +185,22 @@ def tracked(
     if tracker is None:
         yield
         return
-    handle = tracker.register(conn, workload.uid, close, workload=workload)
+    handle = tracker.register(
+        conn, workload.uid, close, workload=workload, dest_service=dest_service
+    )
     try:
         yield
     finally:
         tracker.unregister(handle)
+
+
+@contextlib.contextmanager
+def tracked_outbound(
+    tracker: ConnectionTracker | None, connection: OutboundConnection
+) -> Iterator[None]:
+    """List an outbound connection while inside (nothing without a tracker)."""
+    if tracker is None:
+        yield
+        return
+    with tracker.outbound(connection):
+        yield

@@ -448,7 +448,13 @@ class InboundServer(ProxyServer):
         report_splice(self.telemetry, record, splice, reads_source=False)
         # Re-checked on every policy change; a denial aborts the splice (RST both ways).
         with (
-            tracked(self.conntrack, authorized, self.workload, splice.abort),
+            tracked(
+                self.conntrack,
+                authorized,
+                self.workload,
+                splice.abort,
+                dest_service=record.dst_service,
+            ),
             self.tracker.tracking(splice),
         ):
             result = await splice.done

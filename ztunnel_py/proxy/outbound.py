@@ -19,6 +19,7 @@ from ztunnel_py.hbone.headers import Forwarded, TraceParent, new_traceparent, re
 from ztunnel_py.identity.errors import IdentityError
 from ztunnel_py.identity.tls import NO_SNI, TlsVerificationError, handshake_error, verify_server
 from ztunnel_py.proxy.certificates import CertificateSource, HandshakeObserver
+from ztunnel_py.proxy.conntrack import OutboundConnection, tracked_outbound
 from ztunnel_py.proxy.errors import UpstreamConnectError
 from ztunnel_py.proxy.inbound import workload_baggage
 from ztunnel_py.proxy.inputs import PodInputs, ProxyInputs
@@ -238,7 +239,14 @@ class OutboundServer(ProxyServer):
 
     async def _run(self, splice: HboneSplice | TcpSplice, record: ConnectionRecord) -> None:
         report_splice(self.telemetry, record, splice, reads_source=True)
-        with self.tracker.tracking(splice):
+        listed = OutboundConnection(
+            self.workload.uid,
+            record.src,
+            record.dst,
+            record.dst_addr or record.dst,
+            record.protocol,
+        )
+        with self.tracker.tracking(splice), tracked_outbound(self.conntrack, listed):
             await splice.done
 
 

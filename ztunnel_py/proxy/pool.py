@@ -16,6 +16,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from ztunnel_py.hbone.errors import HboneError
 from ztunnel_py.identity.spiffe import Identity
@@ -74,6 +75,20 @@ class HbonePool:
             entry = self._entries.get(key)
             return list(entry.live) if entry else []
         return [c for e in self._entries.values() for c in e.live]
+
+    def dump(self) -> list[dict[str, Any]]:
+        """Each destination's pooled connections: streams opened on each, streams open now."""
+        return [
+            {
+                "key": str(key),
+                "connecting": entry.connecting is not None,
+                "connections": [
+                    {"streamsOpened": c.streams_opened, "openStreams": c.open_streams}
+                    for c in entry.live
+                ],
+            }
+            for key, entry in sorted(self._entries.items(), key=lambda kv: str(kv[0]))
+        ]
 
     async def open_stream(
         self,

@@ -5,7 +5,8 @@ Structured fields travel in ``extra={"fields": {...}}``; the text format renders
 the one object per line. A span (``extra={"span": Span}``, the access log's ``inbound{id=..}``)
 follows the target in text, as ztunnel writes it, and is one nested object in JSON.
 Targets use ztunnel's names where they exist (``access`` for access
-logs) and our module names otherwise; ``ztunnel::proxy=debug`` is read as ``ztunnel_py.proxy``.
+logs) and our module names otherwise; ``ztunnel::proxy=debug`` is read as ``ztunnel_py.proxy``
+and ``/logging`` shows it back as ``ztunnel::proxy``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any, TextIO
 
-from ztunnel_py.log_levels import LEVELS, ROOT_TARGET, parse_level_spec
+from ztunnel_py.log_levels import LEVELS, ROOT_TARGET, display_target, parse_level_spec
 from ztunnel_py.telemetry.access_log import Span
 
 _NAMES = {v: k for k, v in LEVELS.items() if k != "warning"}
@@ -53,7 +54,10 @@ class LevelController:
     def describe(self) -> str:
         default = logging.getLogger(ROOT_TARGET).level
         parts = [_NAMES.get(default, str(default))]
-        parts += [f"{t}={_NAMES.get(lvl, str(lvl))}" for t, lvl in sorted(self._targets.items())]
+        parts += [
+            f"{display_target(t)}={_NAMES.get(lvl, str(lvl))}"
+            for t, lvl in sorted(self._targets.items())
+        ]
         return ",".join(parts)
 
 

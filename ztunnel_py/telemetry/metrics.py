@@ -19,8 +19,10 @@ call                   reporter=destination (inbound)         reporter=source (o
 ``add_received(n)``    ``istio_tcp_received_bytes_total``     ``istio_tcp_sent_bytes_total``
 =====================  =====================================  =====================================
 
-Only the label set listed in ``LABEL_NAMES`` is exported; ztunnel's optional locality labels
-(``source_region`` and friends) are not.
+``LABEL_NAMES`` is ztunnel's ``CommonTrafficLabels`` including its locality labels
+(``source_region``, ``source_zone``, ``destination_region``, ``destination_zone``). ztunnel
+leaves those four out of a series whose source and destination workloads are both unknown;
+a Prometheus family here has one label set, so such series carry them as ``unknown``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, replace
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ztunnel_py.state.model import Service, Workload
 
@@ -85,6 +87,10 @@ LABEL_NAMES: tuple[str, ...] = (
     "request_protocol",
     "response_flags",
     "connection_security_policy",
+    "source_region",
+    "source_zone",
+    "destination_region",
+    "destination_zone",
 )
 
 
@@ -115,6 +121,10 @@ class ConnectionLabels:
     request_protocol: str = "tcp"
     response_flags: ResponseFlags = ResponseFlags.NONE
     connection_security_policy: SecurityPolicy = SecurityPolicy.UNKNOWN
+    source_region: str = ""
+    source_zone: str = ""
+    destination_region: str = ""
+    destination_zone: str = ""
 
     @classmethod
     def build(
@@ -146,6 +156,8 @@ class ConnectionLabels:
                 source_app=source.canonical_name,
                 source_version=source.canonical_revision,
                 source_cluster=source.cluster_id,
+                source_region=source.locality.region,
+                source_zone=source.locality.zone,
             )
         if destination is not None:
             fields.update(
@@ -157,6 +169,8 @@ class ConnectionLabels:
                 destination_app=destination.canonical_name,
                 destination_version=destination.canonical_revision,
                 destination_cluster=destination.cluster_id,
+                destination_region=destination.locality.region,
+                destination_zone=destination.locality.zone,
             )
         if destination_identity:
             fields["destination_principal"] = destination_identity
@@ -219,6 +233,12 @@ class ConnectionMetrics:
         self.failed = counter(
             "istio_tcp_connections_failed",
             "The total number of TCP connections that failed to establish (unstable)",
+        )
+        self.sockets_open = Gauge(
+            "istio_tcp_sockets_open",
+            "The current number of open TCP sockets (unstable)",
+            ["reporter"],
+            registry=registry,
         )
 
     def recorder(self, labels: ConnectionLabels) -> ConnectionRecorder:

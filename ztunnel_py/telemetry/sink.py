@@ -135,14 +135,41 @@ class ProxyTelemetry:
     # ------------------------------------------------------------------ scrape side
 
     def flush(self) -> None:
-        """Count the bytes every live connection moved since the last flush."""
+        """Count the bytes every live connection moved since the last flush; set
+        ``istio_tcp_sockets_open`` to the connections open now, per reporter."""
+        open_now = dict.fromkeys(Reporter, 0)
         for live in self._live.values():
+            open_now[live.recorder.labels.reporter] += 1
             if live.progress is not None:
                 self._count(live, *live.progress())
+        for reporter, count in open_now.items():
+            self._metrics.sockets_open.labels(reporter.value).set(count)
 
     def live_connections(self) -> list[ConnectionRecord]:
         """The connections opened and not yet closed."""
         return [live.record for live in self._live.values()]
+
+    def dump(self) -> list[dict[str, object]]:
+        """Each live connection with its bytes so far and age (for ``/debug/connections``)."""
+        now = self._clock()
+        out: list[dict[str, object]] = []
+        for live in self._live.values():
+            toward, back = live.progress() if live.progress is not None else (0, 0)
+            record = live.record
+            out.append(
+                {
+                    "direction": record.direction.value,
+                    "src": format_authority(*record.src),
+                    "dst": format_authority(*(record.dst_addr or record.dst)),
+                    "protocol": record.protocol,
+                    "srcIdentity": record.src_identity,
+                    "dstIdentity": record.dst_identity,
+                    "bytesTowardDestination": toward,
+                    "bytesBackToSource": back,
+                    "ageSeconds": round(now - live.started, 3),
+                }
+            )
+        return sorted(out, key=lambda c: (str(c["direction"]), str(c["src"])))
 
     # ------------------------------------------------------------------ internals
 

@@ -112,6 +112,7 @@ class _TypeState:
     # xDS name -> state key, only where they differ (istiod names them the same).
     renamed: dict[str, str] = field(default_factory=dict)
     acked_once: bool = False
+    last_ack: ResponseOutcome | None = None
     last_nack: ResponseOutcome | None = None
 
 
@@ -253,6 +254,8 @@ class DeltaSession:
         )
         if rejected:
             state.last_nack = outcome
+        else:
+            state.last_ack = outcome
         self.last_outcome = outcome
         return update, self._reply(outcome)
 
@@ -266,18 +269,24 @@ class DeltaSession:
     # ------------------------------------------------------------------ introspection
 
     def dump(self) -> dict[str, Any]:
-        """The xDS part of ``/config_dump``: per type the held versions and the last NACK."""
+        """The xDS part of ``/config_dump``: per type the held versions, the last ACK and the
+        last NACK (nonce, what applied, what was refused and why)."""
         out: dict[str, Any] = {}
         for type_url, state in self._types.items():
             nack = state.last_nack
+            ack = state.last_ack
             out[type_url] = {
                 "onDemand": state.subscription.on_demand,
                 "acked": state.acked_once,
                 "resources": dict(sorted(state.versions.items())),
+                "lastAck": None
+                if ack is None
+                else {"nonce": ack.nonce, "applied": ack.applied, "removed": ack.removed},
                 "lastNack": None
                 if nack is None
                 else {
                     "nonce": nack.nonce,
+                    "applied": nack.applied,
                     "rejected": [{"name": r.name, "reason": r.reason} for r in nack.rejected],
                 },
             }

@@ -96,6 +96,10 @@ def mesh_labels(mesh: Mesh, reporter: str, client: PodPlan, server: PodPlan) -> 
         "request_protocol": "tcp",
         "response_flags": "-",
         "connection_security_policy": "mutual_tls",
+        "source_region": "unknown",  # the testbed's workloads have no locality
+        "source_zone": "unknown",
+        "destination_region": "unknown",
+        "destination_zone": "unknown",
     }
 
 

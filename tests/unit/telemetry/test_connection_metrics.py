@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ztunnel_py.state.model import NetworkAddress, Service, Workload
+from ztunnel_py.state.model import Locality, NetworkAddress, Service, Workload
 from ztunnel_py.telemetry.metrics import (
     LABEL_NAMES,
     ConnectionLabels,
@@ -96,7 +97,7 @@ def test_exposed_names_and_exact_label_set() -> None:
         assert name in got, sorted(got)
         (labels, _), *_ = got[name]
         assert sorted(labels) == sorted(LABEL_NAMES)
-    assert len(LABEL_NAMES) == 23
+    assert len(LABEL_NAMES) == 27  # ztunnel's CommonTrafficLabels with its LocalityLabels
 
 
 def test_label_values_from_workloads_service_and_identity() -> None:
@@ -125,6 +126,10 @@ def test_label_values_from_workloads_service_and_identity() -> None:
         "request_protocol": "tcp",
         "response_flags": "-",
         "connection_security_policy": "mutual_tls",
+        "source_region": "unknown",
+        "source_zone": "unknown",
+        "destination_region": "unknown",
+        "destination_zone": "unknown",
     }
 
 
@@ -233,3 +238,13 @@ def test_two_registries_do_not_collide() -> None:
     ConnectionMetrics(second)
     assert value(first, "istio_tcp_connections_opened_total") == 1
     assert value(second, "istio_tcp_connections_opened_total") == 0
+
+
+def test_locality_labels_come_from_each_side_workload() -> None:
+    client = replace(CLIENT, locality=Locality(region="eu", zone="eu-1a", subzone="rack1"))
+    labels = ConnectionLabels.build(
+        reporter=Reporter.SOURCE, source=client, destination=SERVER
+    ).as_dict()
+    assert labels["source_region"] == "eu" and labels["source_zone"] == "eu-1a"
+    # the server sent no locality: unknown, as every missing value
+    assert labels["destination_region"] == "unknown" and labels["destination_zone"] == "unknown"

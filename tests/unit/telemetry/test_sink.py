@@ -507,3 +507,34 @@ async def test_report_splice_clean_close_and_no_telemetry() -> None:
     splice.done.set_result(SpliceResult(1, 2, None))
     await asyncio.sleep(0)
     assert h.value("istio_tcp_connections_closed_total", response_flags="-") == 1
+
+
+def test_sockets_open_counts_live_connections_per_reporter(h: Harness) -> None:
+    h.sink.connection_opened(OUTBOUND, Counters())
+    h.sink.flush()
+    assert h.value("istio_tcp_sockets_open", reporter="source") == 1
+    assert h.value("istio_tcp_sockets_open", reporter="destination") == 0
+    h.sink.connection_closed(OUTBOUND, bytes_sent=0, bytes_received=0, error=None)
+    h.sink.flush()
+    assert h.value("istio_tcp_sockets_open", reporter="source") == 0
+
+
+def test_dump_lists_live_connections_with_their_bytes_and_age(h: Harness) -> None:
+    counters = Counters()
+    h.sink.connection_opened(OUTBOUND, counters)
+    counters.toward, counters.back = 300, 20
+    h.clock.now += 2.5
+    (entry,) = h.sink.dump()
+    assert entry == {
+        "direction": "outbound",
+        "src": "10.0.0.1:40000",
+        "dst": "10.0.0.2:15008",
+        "protocol": "HBONE",
+        "srcIdentity": CLIENT_ID,
+        "dstIdentity": SERVER_ID,
+        "bytesTowardDestination": 300,
+        "bytesBackToSource": 20,
+        "ageSeconds": 2.5,
+    }
+    h.sink.connection_closed(OUTBOUND, bytes_sent=300, bytes_received=20, error=None)
+    assert h.sink.dump() == []

@@ -380,6 +380,9 @@ def test_dump_shape() -> None:
     assert dump["types"][ADDRESS_TYPE]["resources"] == {"cluster1//v1/Pod/ns1/pod-1": "h1"}
     assert dump["types"][ADDRESS_TYPE]["acked"] is True
     assert dump["types"][AUTHORIZATION_TYPE]["lastNack"] is None
+    ack = dump["types"][ADDRESS_TYPE]["lastAck"]
+    assert ack == {"nonce": ack["nonce"], "applied": 1, "removed": 0} and ack["nonce"]
+    assert dump["types"][AUTHORIZATION_TYPE]["lastAck"] is None
 
 
 # --- the session is generic: any resource type through its handler -----------------------------
