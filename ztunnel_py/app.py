@@ -80,7 +80,10 @@ class App:
             )
         self._start_identity()
         self.telemetry = ProxyTelemetry(
-            ConnectionMetrics(self.registry), self.hub.state, network=config.network
+            ConnectionMetrics(self.registry),
+            self.hub.state,
+            network=config.network,
+            access_log_errors_only=config.access_log_errors_only,
         )
         self.dataplane = DataPlane(
             config=config,

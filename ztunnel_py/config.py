@@ -171,6 +171,8 @@ class Config:
     dns_proxy_addr: DnsProxyAddress = field(
         default_factory=lambda: DnsProxyAddress("localhost", PORT_DNS)
     )
+    #: Beyond ztunnel (istio/istio#43376): log only connections that failed or were denied.
+    access_log_errors_only: bool = False
     # admin surface
     admin_port: int = PORT_ADMIN
     stats_port: int = PORT_STATS
@@ -556,6 +558,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         authz_policy_info_logging=boolean("AUTHZ_POLICY_INFO_LOGGING", False),
         dns_proxy=dns_proxy,
         dns_proxy_addr=dns_proxy_addr,
+        access_log_errors_only=boolean("ACCESS_LOG_ERRORS_ONLY", False),
         admin_port=admin_port,
         stats_port=stats_port,
         readiness_port=integer("READINESS_PORT", PORT_READINESS, maximum=65535),

@@ -69,6 +69,7 @@
 
 #define ZT_MAX_PODS 8192
 #define ZT_MAX_DESTINATIONS 131072
+#define ZT_MAX_CIDR_DESTINATIONS 16384
 #define ZT_MAX_LOCAL_ADDRS 32768
 #define ZT_MAX_DENY_RULES 65536
 #define ZT_MAX_ORIG_DST 131072
@@ -115,6 +116,19 @@ struct zt_dst {
 	__u32 kind; /* host order, ZT_DST_* */
 };
 _Static_assert(sizeof(struct zt_dst) == 4, "zt_dst layout");
+
+/* zt_dst_cidr: service CIDR VIPs (an xDS address with a prefix length), as an LPM trie, looked
+ * up when zt_dst has no entry. The prefix covers the port (16 bits), then the address: 16 + 96 + n
+ * for an IPv4 /n (stored IPv4-mapped), 16 + n for an IPv6 /n. Port 0 = every port. Any match
+ * captures; which service serves the address (longest prefix, client's namespace) is the proxy's
+ * decision. */
+struct zt_dst_cidr_key {
+	__u32 prefixlen; /* host order, bits of the fields below that must match */
+	__u16 port;      /* network order; 0 = every port */
+	__u8 addr[16];   /* network order, IPv4 as ::ffff:a.b.c.d */
+	__u8 pad[2];
+};
+_Static_assert(sizeof(struct zt_dst_cidr_key) == 24, "zt_dst_cidr_key layout");
 
 /* zt_local: each enrolled pod's own addresses. Outbound, traffic to them stays local, as with
  * istio-cni's "! -d 127.0.0.1/32 -o lo -j ACCEPT". Inbound, a connection from one of them is the
@@ -216,6 +230,15 @@ struct {
 	__type(value, struct zt_dst);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } zt_dst SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, ZT_MAX_CIDR_DESTINATIONS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct zt_dst_cidr_key);
+	__type(value, struct zt_dst);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} zt_dst_cidr SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

@@ -3,7 +3,7 @@
  * cgroup/connect4, cgroup/connect6: outbound capture.
  *
  * For a TCP socket of an enrolled pod (netns cookie in zt_pods) dialling a mesh destination
- * (zt_dst), connect() is rewritten to the pod's own loopback :15001, where the proxy listens, and
+ * (zt_dst, or a service CIDR VIP in zt_dst_cidr), connect() is rewritten to the pod's own loopback :15001, where the proxy listens, and
  * the dialled address is kept in the socket's storage for sock_ops and getpeername. Everything
  * else is left alone: non-enrolled sockets, other destinations, the pod's own addresses, and the
  * proxy's own sockets (SO_MARK). The rewrite does not depend on a listener being there: with the
@@ -16,15 +16,27 @@
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
-/* The mesh entry of a destination: VIP:port first, then the address on every port. */
+/* The mesh entry of a destination: VIP:port first, then the address on every port, then a
+ * service CIDR VIP containing it (on that port, then on every port). */
 static __always_inline struct zt_dst *zt_mesh_lookup(struct zt_dst_key *key)
 {
+	struct zt_dst_cidr_key cidr = {};
 	struct zt_dst *dst = bpf_map_lookup_elem(&zt_dst, key);
 
 	if (dst)
 		return dst;
+	cidr.port = key->port;
 	key->port = 0;
-	return bpf_map_lookup_elem(&zt_dst, key);
+	dst = bpf_map_lookup_elem(&zt_dst, key);
+	if (dst)
+		return dst;
+	cidr.prefixlen = 16 + 128;
+	__builtin_memcpy(cidr.addr, key->addr, sizeof(cidr.addr));
+	dst = bpf_map_lookup_elem(&zt_dst_cidr, &cidr);
+	if (dst)
+		return dst;
+	cidr.port = 0;
+	return bpf_map_lookup_elem(&zt_dst_cidr, &cidr);
 }
 
 /* Returns 1 when the caller must rewrite the destination to the pod's :15001. */

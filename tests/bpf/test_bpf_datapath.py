@@ -15,6 +15,8 @@ from ztunnel_py.bpf import _types as t
 from ztunnel_py.bpf.errors import IncompatiblePinnedState
 from ztunnel_py.bpf.loader import BpfLoader
 from ztunnel_py.bpf.reconcile import Reconciler
+from ztunnel_py.state.model import CidrVip, GatewayAddress, NetworkAddress, Service, frozen_map
+from ztunnel_py.state.store import UpdateBatch
 from ztunnel_py.testing.bpf import (
     OUTSIDER_IP,
     PEER_IP,
@@ -114,6 +116,51 @@ def test_outbound_to_non_mesh_address_is_not_captured(pod_env: PodEnv) -> None:
     assert not pod_env.pending(pod_env.outbound), "a non-mesh connection reached :15001"
     assert pod_env.counters()["out_passthrough"] == before["out_passthrough"] + 1
     assert pod_env.counters()["out_redirected"] == before["out_redirected"]
+
+
+def test_outbound_to_a_cidr_vip_is_captured_by_prefix_and_port(pod_env: PodEnv) -> None:
+    loader = pod_env.start_loader()
+    pod_env.enroll()
+    assert pod_env.outbound is not None and pod_env.sync is not None
+    waypoint = GatewayAddress(destination=NetworkAddress("", ip(PEER_IP)))
+
+    def cidr_service(name: str, ports: dict[int, int], *prefixes: str) -> Service:
+        return Service(
+            name=name,
+            namespace="default",
+            hostname=f"{name}.default.svc.cluster.local",
+            ports=frozen_map(ports),
+            waypoint=waypoint,
+            cidr_vips=tuple(CidrVip("", ipaddress.ip_network(p)) for p in prefixes),
+        )
+
+    wide = cidr_service("wide", {80: 8080}, "10.200.0.0/16", "fd00:200::/64")
+    narrow = cidr_service("narrow", {}, "10.200.9.0/24")  # no ports: every port
+    pod_env.sync.state_changed(pod_env.state.apply(UpdateBatch(services=(wide, narrow))))
+
+    for host, port, family in (
+        ("10.200.3.4", 80, 4),
+        ("fd00:200::7", 80, 6),
+        ("10.200.9.1", 81, 4),  # the narrower prefix, on a port the wider one lacks
+    ):
+        proc = pod_env.app(host, port, family=family)
+        served = pod_env.serve_one(pod_env.outbound, b"pong-15001")
+        assert served is not None, f"{host}:{port} was not captured"
+        assert loader.original_destinations().original_destination(served.sock) == (ip(host), port)
+        served.sock.close()
+        assert pod_env.result(proc)["received"] == "pong-15001"
+
+    # Outside every prefix, or a port the only covering prefix does not serve: untouched.
+    for host, port in (("10.201.0.1", 80), ("10.200.3.4", 81)):
+        before = pod_env.counters()
+        pod_env.result(pod_env.app(host, port))
+        assert not pod_env.pending(pod_env.outbound), f"{host}:{port} reached :15001"
+        assert pod_env.counters()["out_passthrough"] == before["out_passthrough"] + 1
+
+    # Removing the services takes their prefixes out of the trie.
+    removal = UpdateBatch(removed_addresses=(wide.key, narrow.key))
+    pod_env.sync.state_changed(pod_env.state.apply(removal))
+    assert dict(loader.maps[t.MAP_DST_CIDR].items()) == {}
 
 
 def test_outbound_socket_with_proxy_mark_is_not_redirected(pod_env: PodEnv) -> None:

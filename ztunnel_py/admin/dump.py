@@ -108,6 +108,11 @@ def service_to_dict(s: Service, state: ProxyState) -> JSON:
     }
     if s.waypoint is not None:
         out["waypoint"] = gateway_to_dict(s.waypoint)
+    if s.weighted_waypoints:
+        out["weightedWaypoints"] = [
+            {"destination": gateway_to_dict(w.destination), "weight": w.weight}
+            for w in s.weighted_waypoints
+        ]
     if s.load_balancer is not None:
         out["loadBalancer"] = {
             "routingPreferences": [p.value for p in s.load_balancer.routing_preferences],

@@ -35,6 +35,7 @@ ZT_DST_DNS = 3
 ZT_DST_SERVICE = 2
 ZT_DST_WORKLOAD = 1
 ZT_LOOPBACK_IFINDEX = 1
+ZT_MAX_CIDR_DESTINATIONS = 16384
 ZT_MAX_DENY_RULES = 65536
 ZT_MAX_DESTINATIONS = 131072
 ZT_MAX_LOCAL_ADDRS = 32768
@@ -122,6 +123,25 @@ class ZtDst(ctypes.Structure):
 
 
 SIZEOF_ZT_DST = 4
+
+
+class ZtDstCidrKey(ctypes.Structure):
+    """``struct zt_dst_cidr_key`` (24 bytes)."""
+
+    prefixlen: int
+    port: int
+    addr: ctypes.Array[ctypes.c_uint8]
+    pad: ctypes.Array[ctypes.c_uint8]
+
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("port", ctypes.c_uint16),
+        ("addr", ctypes.c_uint8 * 16),
+        ("pad", ctypes.c_uint8 * 2),
+    ]
+
+
+SIZEOF_ZT_DST_CIDR_KEY = 24
 
 
 class ZtDstKey(ctypes.Structure):
@@ -279,6 +299,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "zt_deny": ZtDeny,
     "zt_deny_key": ZtDenyKey,
     "zt_dst": ZtDst,
+    "zt_dst_cidr_key": ZtDstCidrKey,
     "zt_dst_key": ZtDstKey,
     "zt_local": ZtLocal,
     "zt_local_key": ZtLocalKey,
@@ -294,6 +315,7 @@ SIZEOF: dict[str, int] = {
     "zt_deny": 4,
     "zt_deny_key": 32,
     "zt_dst": 4,
+    "zt_dst_cidr_key": 24,
     "zt_dst_key": 20,
     "zt_local": 4,
     "zt_local_key": 24,
@@ -325,6 +347,7 @@ MAP_CFG = "zt_cfg"
 MAP_COUNTERS = "zt_counters"
 MAP_DENY = "zt_deny"
 MAP_DST = "zt_dst"
+MAP_DST_CIDR = "zt_dst_cidr"
 MAP_INBOUND_SK = "zt_inbound_sk"
 MAP_LOCAL = "zt_local"
 MAP_ORIG_DST = "zt_orig_dst"
@@ -374,6 +397,17 @@ MAP_SPECS: dict[str, MapSpec] = {
         value_type="struct zt_dst",
         value_size=4,
         max_entries=131072,
+        flags=1,
+        pinned=True,
+    ),
+    "zt_dst_cidr": MapSpec(
+        name="zt_dst_cidr",
+        map_type=11,
+        key_type="struct zt_dst_cidr_key",
+        key_size=24,
+        value_type="struct zt_dst",
+        value_size=4,
+        max_entries=16384,
         flags=1,
         pinned=True,
     ),

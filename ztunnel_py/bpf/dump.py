@@ -46,6 +46,19 @@ def _dst(key: bytes, value: bytes) -> dict[str, Any]:
     }
 
 
+def _dst_cidr(key: bytes, value: bytes) -> dict[str, Any]:
+    k = t.ZtDstCidrKey.from_buffer_copy(key)
+    v = t.ZtDst.from_buffer_copy(value)
+    address = from_addr16(bytes(k.addr))  # IPv4 when stored IPv4-mapped
+    bits = k.prefixlen - 16 - (96 if address.version == 4 else 0)
+    port = from_be16(k.port)
+    return {
+        "prefix": str(ipaddress.ip_network((address, bits), strict=False)),
+        "port": port if port else "*",
+        "kind": _DST_KINDS.get(v.kind, str(v.kind)),
+    }
+
+
 def _local(key: bytes, value: bytes) -> dict[str, Any]:
     k = t.ZtLocalKey.from_buffer_copy(key)
     return {"netnsCookie": k.netns_cookie, "address": str(from_addr16(bytes(k.addr)))}
@@ -88,6 +101,7 @@ def _inbound(key: bytes, value: bytes) -> dict[str, Any]:
 DECODERS: dict[str, Callable[[bytes, bytes], dict[str, Any]]] = {
     t.MAP_PODS: _pods,
     t.MAP_DST: _dst,
+    t.MAP_DST_CIDR: _dst_cidr,
     t.MAP_LOCAL: _local,
     t.MAP_DENY: _deny,
     t.MAP_ORIG_DST: _orig,

@@ -1,9 +1,9 @@
 """The desired content of every reconciled BPF map, from mesh state and enrolled pods. Pure.
 
-``project(state, pods)`` returns ``{map name: {key bytes: value bytes}}`` for the four maps
-ztunnel-py owns (``zt_dst``, ``zt_local``, ``zt_deny``, ``zt_pods``); the layouts are
-``bpf/include/zt_maps.h`` through the generated ``_types``. ``reconcile`` diffs this against
-what it applied last.
+``project(state, pods)`` returns ``{map name: {key bytes: value bytes}}`` for the maps
+ztunnel-py owns (``zt_dst``, ``zt_dst_cidr``, ``zt_local``, ``zt_deny``, ``zt_pods``); the
+layouts are ``bpf/include/zt_maps.h`` through the generated ``_types``. ``reconcile`` diffs
+this against what it applied last.
 
 Which destinations are "mesh" (captured by connect4/6 and sent to the pod's :15001)
 -------------------------------------------------------------------------------------
@@ -17,6 +17,10 @@ captured exactly when ztunnel would do more than a plain TCP passthrough for it:
 * a **service VIP** on the node's network, for each of the service's ports (every port when
   the service lists none), when the service has a waypoint, or at least one of its endpoints
   is a workload that needs the proxy or sits on another network (gateway needed).
+* a **service CIDR VIP** under the same rule, in the ``zt_dst_cidr`` trie: an address no
+  ``zt_dst`` entry names is captured when such a prefix contains it. The kernel does not rank
+  prefixes: which service serves the address (longest prefix, client's namespace first) is the
+  proxy's choice, and a plain service there is passed through by the proxy as ztunnel would.
 
 Everything else passes untouched: unknown addresses, plain-TCP workloads, services whose
 endpoints are all plain TCP on this network (kube-proxy or the CNI balances them in the kernel
@@ -54,7 +58,7 @@ DesiredMaps = dict[str, dict[bytes, bytes]]
 
 # The maps the reconciler owns, children first; zt_pods (the parent) is applied last on add and
 # first on delete.
-CHILD_MAPS = (t.MAP_DST, t.MAP_LOCAL, t.MAP_DENY)
+CHILD_MAPS = (t.MAP_DST, t.MAP_DST_CIDR, t.MAP_LOCAL, t.MAP_DENY)
 PARENT_MAP = t.MAP_PODS
 RECONCILED_MAPS = (*CHILD_MAPS, PARENT_MAP)
 # The maps whose entries belong to one pod (their keys start from its netns cookie).
@@ -90,15 +94,19 @@ def project(
     network: str = "",
     compile_deny: DenyCompiler | None = kernel_deny_rules,
     destinations: dict[bytes, bytes] | None = None,
+    cidr_destinations: dict[bytes, bytes] | None = None,
 ) -> DesiredMaps:
     """The desired map contents. ``compile_deny=None`` puts no DENY rule in the kernel (the
-    proxy still enforces every policy; the kernel rules only drop earlier). ``destinations``:
-    ``mesh_destinations(state, network=network)`` computed already (it depends on the state
-    only, not on the pods)."""
+    proxy still enforces every policy; the kernel rules only drop earlier). ``destinations``
+    and ``cidr_destinations``: ``mesh_destinations`` and ``mesh_cidr_destinations`` computed
+    already (they depend on the state only, not on the pods)."""
     if destinations is None:
         destinations = mesh_destinations(state, network=network)
+    if cidr_destinations is None:
+        cidr_destinations = mesh_cidr_destinations(state, network=network)
     desired: DesiredMaps = {
         t.MAP_DST: destinations,
+        t.MAP_DST_CIDR: cidr_destinations,
         t.MAP_LOCAL: {},
         t.MAP_DENY: {},
         t.MAP_PODS: {},
@@ -143,12 +151,29 @@ def service_needs_proxy(state: ProxyState, service: Service, *, network: str = "
     return False
 
 
+def _captured_ports(service: Service) -> list[int]:
+    return sorted(p for p in service.ports if 0 < p < 65536) or [0]
+
+
+def mesh_cidr_destinations(state: ProxyState, *, network: str = "") -> dict[bytes, bytes]:
+    """``zt_dst_cidr``: the CIDR VIPs of the services that need the proxy, per port."""
+    entries: dict[bytes, bytes] = {}
+    for service in state.services():
+        cidrs = [c for c in service.cidr_vips if c.network == network]
+        if not cidrs or not service_needs_proxy(state, service, network=network):
+            continue
+        for cidr in cidrs:
+            for port in _captured_ports(service):
+                entries[dst_cidr_key(cidr.prefix, port)] = _SERVICE_VALUE
+    return entries
+
+
 def mesh_destinations(state: ProxyState, *, network: str = "") -> dict[bytes, bytes]:
     entries: dict[bytes, bytes] = {}
     for service in state.services():
         if not service_needs_proxy(state, service, network=network):
             continue
-        ports = sorted(p for p in service.ports if 0 < p < 65536) or [0]
+        ports = _captured_ports(service)
         for vip in service.vips:
             if vip.network != network:
                 continue
@@ -207,6 +232,19 @@ def pod_value(flags: int) -> bytes:
 def dst_key(ip: IPAddress, port: int) -> bytes:
     key = t.ZtDstKey(port=be16(port))
     fill(key.addr, addr16(ip))
+    return bytes(key)
+
+
+_DST_CIDR_PORT_BITS = 16
+_IPV4_MAPPED_BITS = 96  # ::ffff: before an IPv4 address in the 16-byte layout
+
+
+def dst_cidr_key(prefix: IPNetwork, port: int) -> bytes:
+    """The ``zt_dst_cidr`` trie key of a prefix on one port (0 = every port)."""
+    key = t.ZtDstCidrKey(port=be16(port))
+    fill(key.addr, addr16(prefix.network_address))
+    mapped = _IPV4_MAPPED_BITS if prefix.version == 4 else 0
+    key.prefixlen = _DST_CIDR_PORT_BITS + mapped + prefix.prefixlen
     return bytes(key)
 
 

@@ -35,6 +35,7 @@ from ztunnel_py.bpf.projection import (
     EnrolledPod,
     kernel_deny_rules,
     key_cookie,
+    mesh_cidr_destinations,
     mesh_destinations,
     project,
 )
@@ -169,6 +170,7 @@ class MapSync:
         self._pods: dict[str, EnrolledPod] = {}
         self._deny_cache: dict[str, tuple[Workload, tuple[KernelDenyRule, ...]]] = {}
         self._destinations: dict[bytes, bytes] | None = None  # None: project them again
+        self._cidr_destinations: dict[bytes, bytes] = {}  # projected with _destinations
         # netns cookie -> map name -> entries, of pods a previous daemon enrolled
         self._inherited: dict[int, dict[str, dict[bytes, bytes]]] = {}
 
@@ -184,12 +186,14 @@ class MapSync:
     def desired(self) -> DesiredMaps:
         if self._destinations is None:
             self._destinations = mesh_destinations(self.state, network=self.network)
+            self._cidr_destinations = mesh_cidr_destinations(self.state, network=self.network)
         desired = project(
             self.state,
             self._pods.values(),
             network=self.network,
             compile_deny=self._compile_cached if self.compile_deny is not None else None,
             destinations=self._destinations,
+            cidr_destinations=self._cidr_destinations,
         )
         for entries in self._inherited.values():
             for name, kept in entries.items():

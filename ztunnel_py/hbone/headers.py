@@ -5,6 +5,8 @@ An HBONE request is a classic HTTP/2 CONNECT: ``:method CONNECT`` and ``:authori
 the target was a Service), ``baggage`` (telemetry about the source; the 200 response carries the
 destination's), and ``traceparent`` (a random id per outbound connection). Parsers raise
 ``InvalidHeader``/``BadConnectRequest`` with the offending value; the inbound side answers 400.
+A malformed ``traceparent`` is the exception: it only names the connection in the access log,
+so the request goes on without it (ztunnel does the same).
 """
 
 from __future__ import annotations
@@ -259,6 +261,17 @@ def parse_traceparent(value: str) -> TraceParent:
     return TraceParent(trace_id, span_id, int(flags, 16))
 
 
+def _lenient_traceparent(value: str | None) -> TraceParent | None:
+    """A request's ``traceparent``, or ``None`` when absent or malformed: as in ztunnel, a
+    bad trace id never fails the request (the inbound side then draws a fresh one)."""
+    if value is None:
+        return None
+    try:
+        return parse_traceparent(value)
+    except InvalidHeader:
+        return None
+
+
 # --------------------------------------------------------------------------- requests
 
 
@@ -320,7 +333,7 @@ def parse_connect_request(method: str, authority: str, headers: Headers) -> Conn
         authority=parsed,
         forwarded=parse_forwarded(fwd) if fwd is not None else None,
         baggage=parse_baggage(",".join(bag)) if bag else None,
-        traceparent=parse_traceparent(tp) if tp is not None else None,
+        traceparent=_lenient_traceparent(tp),
         forwarded_network=header_value(headers, X_FORWARDED_NETWORK),
     )
 

@@ -7,7 +7,11 @@ Order of work (ztunnel ``Inbound::serve_connect``):
 2. per stream: parse the request (400 on anything but a classic CONNECT with good headers);
 3. validate ``:authority``: an IP must be this pod's, a hostname must be a service in the pod's
    namespace that the pod backs (400 otherwise); resolve the target port, refuse the proxy's
-   own ports (``SelfCall``, 400) and ports the pod does not serve (503);
+   own ports (``SelfCall``, 400) and ports the pod does not serve (503). Another IP is
+   accepted, and served by this pod on the requested port, when this pod has an application
+   tunnel (it gets the target itself) or is the waypoint of that IP's workload or service
+   (ztunnel's "waypoint sandwich", ``routing.is_waypoint_of``; with ``XDS_ON_DEMAND`` an
+   unknown IP is fetched first);
 4. authorize with dst = pod IP and target port (401 on deny);
 5. connect upstream in the pod's netns (from the client's IP with ``ENABLE_ORIG_SRC``);
    503 when that fails;
@@ -36,6 +40,7 @@ from ztunnel_py.hbone.headers import (
     Authority,
     Baggage,
     ConnectRequest,
+    new_traceparent,
     parse_connect_request,
     response_headers,
 )
@@ -51,6 +56,7 @@ from ztunnel_py.proxy.errors import (
 )
 from ztunnel_py.proxy.inputs import PodInputs, ProxyInputs
 from ztunnel_py.proxy.reporting import report_splice, setup_failure
+from ztunnel_py.proxy.routing import is_waypoint_of
 from ztunnel_py.proxy.server import ProxyServer
 from ztunnel_py.proxy.splice import HboneSplice
 from ztunnel_py.proxy.tcp import (
@@ -62,7 +68,7 @@ from ztunnel_py.proxy.tcp import (
 )
 from ztunnel_py.proxy.transport import HboneProtocol, hbone_settings
 from ztunnel_py.rbac.evaluate import ConnectionInfo
-from ztunnel_py.state.model import IPAddress, SocketAddr, Workload
+from ztunnel_py.state.model import IPAddress, NetworkAddress, SocketAddr, Workload
 from ztunnel_py.telemetry.connections import ConnectionRecord, Direction
 from ztunnel_py.telemetry.metrics import ResponseFlags
 from ztunnel_py.telemetry.ratelimit import LimitedLog
@@ -155,6 +161,7 @@ class InboundServer(ProxyServer):
         self.handshake_timeout_s = handshake_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.certificate_refresh_s = certificate_refresh_s
+        self.demand = inputs.demand
         self._connections: set[_InboundConnection] = set()
         self._context: ssl.SSLContext | None = None
         self._context_checked = 0.0
@@ -225,26 +232,70 @@ class InboundServer(ProxyServer):
 
     def _on_request(self, proto: HboneProtocol, ev: TunnelRequested) -> None:
         assert isinstance(proto, _InboundConnection)
+        try:
+            request = self._parse(ev)
+        except InboundRefused as e:
+            self._refuse(proto, ev, None, e)
+            return
+        unknown = self._unknown_target(request.authority)
+        if unknown is not None and self.demand is not None:
+            self.tracker.spawn(self._fetch_then_admit(proto, ev, request, unknown))
+            return
+        self._admit(proto, ev, request)
+
+    def _unknown_target(self, authority: Authority) -> NetworkAddress | None:
+        """A target IP that is not this pod's and that the state does not know: ztunnel asks
+        istiod for it (``XDS_ON_DEMAND``) before the waypoint check."""
+        w = self.state.workload(self.workload.uid) or self.workload
+        ip = authority.ip
+        if ip is None or ip in w.workload_ips or w.application_tunnel is not None:
+            return None
+        address = NetworkAddress(self.config.network, ip)
+        return address if self.state.find_address(address) is None else None
+
+    async def _fetch_then_admit(
+        self,
+        proto: _InboundConnection,
+        ev: TunnelRequested,
+        request: ConnectRequest,
+        address: NetworkAddress,
+    ) -> None:
+        assert self.demand is not None
+        await self.demand(str(address))  # returns once answered, or on its timeout
+        if proto.is_open:
+            self._admit(proto, ev, request)
+
+    def _admit(
+        self, proto: _InboundConnection, ev: TunnelRequested, request: ConnectRequest
+    ) -> None:
         sid = ev.stream_id
         record: ConnectionRecord | None = None
         try:
-            request = self._parse(ev)
-            target = self._resolve(request.authority)
+            target = self._resolve(request.authority, proto.local)
             record = self._record(proto, request, target)
             authorized = self._authorize(proto, target)
         except InboundRefused as e:
-            log.info(
-                "inbound HBONE request refused (%d): %s",
-                e.status,
-                e.reason,
-                extra={"fields": {"src": proto.peer, "authority": ev.authority}},
-            )
-            proto.reject(sid, e.status)
-            self._report_refused(proto, record, e)
+            self._refuse(proto, ev, record, e)
             return
         task = self.tracker.spawn(self._serve_stream(proto, sid, record, target, authorized))
         proto.pending[sid] = task
         task.add_done_callback(lambda _: proto.pending.pop(sid, None))
+
+    def _refuse(
+        self,
+        proto: _InboundConnection,
+        ev: TunnelRequested,
+        record: ConnectionRecord | None,
+        e: InboundRefused,
+    ) -> None:
+        log.info(
+            "inbound HBONE request refused (%d): %s",
+            e.status,
+            e.reason,
+            extra={"fields": {"src": proto.peer, "authority": ev.authority}},
+        )
+        proto.reject(ev.stream_id, e.status)
+        self._report_refused(proto, record, e)
 
     def _record(
         self, proto: _InboundConnection, request: ConnectRequest, target: SocketAddr
@@ -260,6 +311,7 @@ class InboundServer(ProxyServer):
             dst_service=request.forwarded.host if request.forwarded else None,
             dst_addr=proto.local,
             hbone_addr=str(request.authority),
+            trace_id=(request.traceparent or new_traceparent(self.inputs.rng)).trace_id,
         )
 
     def _report_refused(
@@ -283,17 +335,16 @@ class InboundServer(ProxyServer):
         except (BadConnectRequest, InvalidHeader) as e:
             raise BadRequest(str(e)) from None
 
-    def _resolve(self, authority: Authority) -> SocketAddr:
+    def _resolve(self, authority: Authority, local: SocketAddr | None) -> SocketAddr:
         """Authority -> (pod IP, target port), as ztunnel validates it."""
         w = self.state.workload(self.workload.uid) or self.workload
         ip = authority.ip
         port = authority.port
         if ip is not None:
-            if ip not in w.workload_ips:
-                raise BadRequest(
-                    f"{authority} is not an address of this pod ({w.name}.{w.namespace})"
-                )
-            target_ip: IPAddress = ip
+            if ip in w.workload_ips:
+                target_ip: IPAddress = ip
+            else:
+                target_ip = self._foreign_target(w, authority, ip, local)
         else:
             host = str(authority.host)
             svc = self.state.service_by_hostname(host, prefer_namespace=w.namespace)
@@ -316,6 +367,24 @@ class InboundServer(ProxyServer):
         if tunnel is not None and tunnel.port:
             port = tunnel.port
         return target_ip, port
+
+    def _foreign_target(
+        self, w: Workload, authority: Authority, ip: IPAddress, local: SocketAddr | None
+    ) -> IPAddress:
+        """The pod IP that serves a request for another IP, or ``BadRequest``."""
+        here = local[0] if local is not None and local[0] in w.workload_ips else None
+        if here is None:
+            here = next((a for a in w.workload_ips if a.version == ip.version), None)
+        if here is None:
+            raise BadRequest(f"{authority} is not an address of this pod ({w.name}.{w.namespace})")
+        if w.application_tunnel is not None:
+            return here  # the tunnel tells the app the real target
+        if is_waypoint_of(self.state, NetworkAddress(self.config.network, ip), w, here):
+            return here
+        raise BadRequest(
+            f"{authority} is not an address of this pod ({w.name}.{w.namespace}), and this"
+            " pod is not the waypoint of the workload or service at that address"
+        )
 
     def _authorize(self, proto: _InboundConnection, target: SocketAddr) -> ConnectionInfo:
         assert proto.peer is not None

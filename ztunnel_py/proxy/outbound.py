@@ -15,7 +15,7 @@ import ssl
 
 from ztunnel_py.hbone.connection import HboneSettings, Role
 from ztunnel_py.hbone.errors import HboneError
-from ztunnel_py.hbone.headers import Forwarded, new_traceparent, request_headers
+from ztunnel_py.hbone.headers import Forwarded, TraceParent, new_traceparent, request_headers
 from ztunnel_py.identity.errors import IdentityError
 from ztunnel_py.identity.tls import NO_SNI, TlsVerificationError, handshake_error, verify_server
 from ztunnel_py.proxy.certificates import CertificateSource, HandshakeObserver
@@ -195,7 +195,9 @@ class OutboundServer(ProxyServer):
         )
         return None
 
-    def _record(self, src: SocketAddr, dst: SocketAddr, route: Route) -> ConnectionRecord:
+    def _record(
+        self, src: SocketAddr, dst: SocketAddr, route: Route, trace: TraceParent
+    ) -> ConnectionRecord:
         dest = route.destination_workload
         return ConnectionRecord(
             direction=Direction.OUTBOUND,
@@ -209,6 +211,7 @@ class OutboundServer(ProxyServer):
             protocol="HBONE" if route.kind is RouteKind.HBONE else "TCP",
             dst_addr=route.next_hop,
             hbone_addr=route.authority,
+            trace_id=trace.trace_id,
         )
 
     async def _proxy_hbone(
@@ -222,13 +225,14 @@ class OutboundServer(ProxyServer):
             dst=route.next_hop,
         )
         service = route.destination_service
+        trace = new_traceparent(self.rng)
         headers = request_headers(
             forwarded=Forwarded(src[0], src[1], service.hostname if service else None),
             baggage=self.baggage,
-            traceparent=new_traceparent(self.rng),
+            traceparent=trace,
         )
         splice = HboneSplice(down)
-        record = self._record(src, dst, route)
+        record = self._record(src, dst, route, trace)
         try:
             conn, sid = await self.pool.open_stream(key, route.authority, headers, splice)
         except (UpstreamConnectError, IdentityError, HboneError, OSError) as e:
@@ -250,7 +254,7 @@ class OutboundServer(ProxyServer):
     async def _proxy_tcp(
         self, down: AcceptedSide, src: SocketAddr, dst: SocketAddr, route: Route
     ) -> None:
-        record = self._record(src, dst, route)
+        record = self._record(src, dst, route, new_traceparent(self.rng))
         try:
             up = await connect_tcp(self.sockets, route.next_hop, timeout_s=self.connect_timeout_s)
         except (UpstreamConnectError, OSError) as e:

@@ -8,8 +8,10 @@ to the original destination. Load balancing draws from an injected ``random.Rand
 The steps (reference 4.3):
 
 1. The destination IP is looked up as a workload first, then as a service VIP (preferring the
-   client's namespace).
-2. A service with a waypoint goes to the waypoint, ``:authority`` = the original VIP:port.
+   client's namespace), then in the services' CIDR VIPs, the longest prefix winning
+   (``ProxyState.service_by_vip``).
+2. A service with a waypoint goes to the waypoint, ``:authority`` = the original VIP:port;
+   with weighted waypoints (a canary split) one is sampled per connection by weight.
 3. Otherwise an endpoint is chosen (capacity-weighted; FAILOVER/STRICT rank by locality;
    unhealthy endpoints only with ALLOW_ALL) and the service port is mapped to its target port.
    A service with no usable endpoint is ``NoHealthyUpstream`` unless it is PASSTHROUGH.
@@ -156,9 +158,7 @@ def route_outbound(
     service = address if isinstance(address, Service) else None
 
     if service is not None:
-        # Only the primary waypoint: weighted waypoints are not in our model, and the primary
-        # is what ztunnel falls back to as well.
-        waypoint = service.waypoint
+        waypoint = sample_weighted_waypoint(service, rng) or service.waypoint
         if waypoint is not None:
             via = _resolve_waypoint(state, waypoint, source, target, rng)
             return _waypoint_route(via, source, target, service, hbone_port)
@@ -232,6 +232,17 @@ def _waypoint_route(
     )
 
 
+def sample_weighted_waypoint(service: Service, rng: random.Random) -> GatewayAddress | None:
+    """ztunnel's ``sample_weighted_waypoint``: one of the service's weighted waypoints, in
+    proportion to the weights (a zero weight is never chosen); ``None`` when the set is empty
+    or no weight is positive, and the caller falls back to ``Service.waypoint``."""
+    entries = service.weighted_waypoints
+    weights = [max(w.weight, 0) for w in entries]
+    if sum(weights) <= 0:
+        return None
+    return rng.choices(entries, weights=weights)[0].destination
+
+
 def _resolve_waypoint(
     state: ProxyState,
     gateway: GatewayAddress,
@@ -261,6 +272,38 @@ def _resolve_waypoint(
     return found
 
 
+def is_waypoint_of(
+    state: ProxyState, target: NetworkAddress, local: Workload, local_ip: IPAddress
+) -> bool:
+    """ztunnel's inbound "waypoint sandwich" check: does the HBONE target (a workload IP or a
+    service VIP that is not this pod's) name this pod as its waypoint?
+
+    The target's own waypoint is resolved as ztunnel's ``find_destination`` does; a waypoint
+    service counts when this pod is one of its endpoints, a waypoint workload when the tunnel
+    arrived on one of its IPs. Anything unknown is no.
+    """
+    found = state.find_address(target)
+    gateway = found.waypoint if found is not None else None
+    if gateway is None:
+        return False
+    waypoint = _find_destination(state, gateway.destination)
+    if isinstance(waypoint, Service):
+        return local.uid in state.endpoints(waypoint.key)
+    if isinstance(waypoint, Workload):
+        return local_ip in waypoint.workload_ips
+    return False
+
+
+def _find_destination(
+    state: ProxyState, dest: NetworkAddress | NamespacedHostname
+) -> Workload | Service | None:
+    """ztunnel's ``find_destination``: an address, or a hostname (service first, then a
+    workload with that hostname)."""
+    if isinstance(dest, NetworkAddress):
+        return state.find_address(dest)
+    return state.service(f"{dest.namespace}/{dest.hostname}") or _workload_by_hostname(state, dest)
+
+
 def _workload_by_hostname(state: ProxyState, name: NamespacedHostname) -> Workload | None:
     for w in state.workloads():
         if w.hostname == name.hostname and w.namespace == name.namespace:
@@ -276,21 +319,12 @@ def _source_is_waypoint(
     def is_waypoint(w: Workload) -> bool:
         return w.identity == source.identity and source_ip in w.workload_ips
 
-    dest = gateway.destination
-    if isinstance(dest, NamespacedHostname):
-        svc = state.service(f"{dest.namespace}/{dest.hostname}")
-        if svc is None:
-            workload = _workload_by_hostname(state, dest)
-            return workload is not None and is_waypoint(workload)
-        members = state.endpoints(svc.key).values()
-    else:
-        addr = state.find_address(dest)
-        if isinstance(addr, Workload):
-            return is_waypoint(addr)
-        if addr is None:
-            return False
-        members = state.endpoints(addr.key).values()
-    for ep in members:
+    found = _find_destination(state, gateway.destination)
+    if found is None:
+        return False
+    if isinstance(found, Workload):
+        return is_waypoint(found)
+    for ep in state.endpoints(found.key).values():
         workload = state.workload(ep.workload_uid)
         if workload is not None and is_waypoint(workload):
             return True

@@ -62,6 +62,7 @@ from ztunnel_py.state.model import (
     NetworkMode,
     Service,
     Visibility,
+    WeightedWaypoint,
     Workload,
     frozen_map,
 )
@@ -259,11 +260,12 @@ def service_from_pb(name: str, s: wl_pb.Service) -> Service:
             cidrs.append(CidrVip(addr.network, prefix))
         else:
             vips.append(NetworkAddress(addr.network, ip))
+    weighted: list[WeightedWaypoint] = []
     for i, ww in enumerate(s.weighted_waypoints):
-        # Validated like ztunnel; the state model does not hold weighted waypoints yet.
         if not ww.HasField("destination"):
             raise ConversionError(name, f"weighted_waypoints[{i}] has no destination")
-        _gateway(name, f"weighted_waypoints[{i}]", ww.destination)
+        gateway = _gateway(name, f"weighted_waypoints[{i}]", ww.destination)
+        weighted.append(WeightedWaypoint(gateway, ww.weight))
     load_balancer = None
     if s.HasField("load_balancing"):
         lb = s.load_balancing
@@ -283,6 +285,7 @@ def service_from_pb(name: str, s: wl_pb.Service) -> Service:
         ports=_port_map(name, "ports", s.ports),
         subject_alt_names=tuple(s.subject_alt_names),
         waypoint=_gateway(name, "waypoint", s.waypoint) if s.HasField("waypoint") else None,
+        weighted_waypoints=tuple(weighted),
         load_balancer=load_balancer,
         ip_families=_enum(name, "ip_families", _IP_FAMILIES, s.ip_families),
         canonical=s.canonical,

@@ -131,6 +131,15 @@ class GatewayAddress:
     hbone_mtls_port: int = 15008
 
 
+@dataclass(frozen=True, slots=True)
+class WeightedWaypoint:
+    """One waypoint of a service's weighted set (a canary split): chosen per connection in
+    proportion to ``weight``."""
+
+    destination: GatewayAddress
+    weight: int
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Locality:
     region: str = ""
@@ -223,11 +232,14 @@ class Service:
     ports: Mapping[int, int] = field(default_factory=frozen_map)  # service port -> target port
     subject_alt_names: tuple[str, ...] = ()
     waypoint: GatewayAddress | None = None
+    #: When not empty, routing samples one of these per connection instead of ``waypoint``
+    #: (which istiod keeps as the primary, and which is used when no weight is positive).
+    weighted_waypoints: tuple[WeightedWaypoint, ...] = ()
     load_balancer: LoadBalancer | None = None
     ip_families: IpFamily | None = None
     canonical: bool = False
     visibility: Visibility = Visibility.PUBLIC
-    #: VIPs that are whole prefixes; never indexed as host VIPs (no routing uses them yet).
+    #: VIPs that are whole prefixes: an address no host VIP matches falls back to them.
     cidr_vips: tuple[CidrVip, ...] = ()
 
     @property

@@ -10,6 +10,9 @@ Semantics follow ztunnel's ``ProxyState`` (``src/state.rs``):
   their IP is the node's);
 - services by ``namespace/hostname``, by hostname and by VIP; several services may share a VIP
   (in different namespaces), and lookups prefer the client's namespace;
+- an address that is no service's host VIP falls back to the services' CIDR VIPs
+  (``get_best_by_cidr_vip``): the client's namespace first, then the longest prefix, then a
+  canonical service; a ``Namespace``-visible service is hidden from other namespaces' clients;
 - endpoints come from ``Workload.services``, so workloads and services may arrive in any order;
   endpoints whose service is not known yet are "staged";
 - policies by key, by namespace (scope Namespace) and globally (scope Global); workload-selector
@@ -29,6 +32,7 @@ from ztunnel_py.state.model import (
     NetworkAddress,
     NetworkMode,
     Service,
+    Visibility,
     Workload,
     frozen_map,
 )
@@ -121,6 +125,8 @@ class ProxyState:
         self._services: dict[str, Service] = {}
         self._services_by_vip: dict[NetworkAddress, _OrderedKeys] = {}
         self._services_by_hostname: dict[str, _OrderedKeys] = {}
+        #: Services with CIDR VIPs, in arrival order (an update moves a service to the end).
+        self._services_with_cidrs: dict[str, Service] = {}
         self._endpoints: dict[str, dict[str, Endpoint]] = {}
         self._policies: dict[str, Authorization] = {}
         self._policies_by_namespace: dict[str, _OrderedKeys] = {}
@@ -203,10 +209,13 @@ class ProxyState:
         for vip in service.vips:
             self._services_by_vip.setdefault(vip, _OrderedKeys()).add(service.key)
         self._services_by_hostname.setdefault(service.hostname, _OrderedKeys()).add(service.key)
+        if service.cidr_vips:
+            self._services_with_cidrs[service.key] = service
         t.services.add(service.key)
         t.services_removed.discard(service.key)
 
     def _unindex_service(self, service: Service) -> None:
+        self._services_with_cidrs.pop(service.key, None)
         for vip in service.vips:
             bucket = self._services_by_vip.get(vip)
             if bucket is not None:
@@ -295,12 +304,42 @@ class ProxyState:
         return [self._services[k] for k in bucket] if bucket else []
 
     def service_by_vip(self, vip: NetworkAddress, *, prefer_namespace: str = "") -> Service | None:
-        """The service at a VIP; when several share it, the client's namespace wins."""
-        candidates = self.services_by_vip(vip)
+        """ztunnel's ``get_best_by_vip``: the service at a host VIP (the client's namespace wins
+        when several share it), else the best CIDR VIP containing the address.
+
+        ``prefer_namespace`` is the client's namespace ("" when there is no client, as on the
+        inbound path): services only visible in their own namespace are hidden from others.
+        """
+        candidates = [s for s in self.services_by_vip(vip) if _visible_to(s, prefer_namespace)]
         for svc in candidates:
             if svc.namespace == prefer_namespace:
                 return svc
-        return candidates[0] if candidates else None
+        if candidates:
+            return candidates[0]
+        return self.service_by_cidr_vip(vip, prefer_namespace=prefer_namespace)
+
+    def service_by_cidr_vip(
+        self, addr: NetworkAddress, *, prefer_namespace: str = ""
+    ) -> Service | None:
+        """The service whose CIDR VIP contains ``addr``, ranked as ztunnel ranks them: the
+        client's namespace, then the longest prefix, then ``canonical``; the first to arrive
+        wins a tie."""
+        best: Service | None = None
+        best_rank = (False, -1, False)
+        for svc in self._services_with_cidrs.values():
+            if not _visible_to(svc, prefer_namespace):
+                continue
+            for cidr in svc.cidr_vips:
+                if cidr.network != addr.network or addr.address not in cidr.prefix:
+                    continue  # ``in`` is False across address families
+                rank = (
+                    bool(prefer_namespace) and svc.namespace == prefer_namespace,
+                    cidr.prefix.prefixlen,
+                    svc.canonical,
+                )
+                if rank > best_rank:
+                    best, best_rank = svc, rank
+        return best
 
     def services_by_hostname(self, hostname: str) -> list[Service]:
         """Every service with this hostname (one per namespace that defines it), oldest first."""
@@ -386,3 +425,12 @@ class _Tracker:
             policies_upserted=frozenset(self.policies),
             policies_removed=frozenset(self.policies_removed),
         )
+
+
+def _visible_to(service: Service, client_namespace: str) -> bool:
+    """ztunnel's ``Service::visible_to``; no client namespace means no filtering."""
+    return (
+        not client_namespace
+        or service.visibility is not Visibility.NAMESPACE
+        or service.namespace == client_namespace
+    )

@@ -9,7 +9,10 @@ an opening logs ``connection opened`` at DEBUG. Fields keep ztunnel's names and 
     direction bytes_sent bytes_recv duration error
 
 Missing values are left out (ztunnel's tracing drops ``None`` fields), and the identities only
-appear on mTLS connections. ``bytes_sent``/``bytes_recv`` are from the reporting workload's
+appear on mTLS connections. As in ztunnel, each line sits in the connection's span,
+``inbound{id=<trace id> peer=<addr>}`` or ``outbound{id=<trace id>}``: the trace id is the
+incoming ``traceparent``'s (so a request can be followed across the hops) or the one sent.
+``bytes_sent``/``bytes_recv`` are from the reporting workload's
 point of view, never flipped (unlike the metrics). Records carry the fields in
 ``extra={"fields": ...}``, which ``telemetry.logging`` renders as ``key=value`` or JSON keys.
 """
@@ -25,6 +28,14 @@ from ztunnel_py.telemetry.metrics import ConnectionLabels, Reporter
 
 ACCESS_TARGET = "access"
 _LOGGER = logging.getLogger(ACCESS_TARGET)
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """A tracing span's name and fields, rendered by ``telemetry.logging`` around the line."""
+
+    name: str
+    fields: dict[str, str]
 
 
 def duration_text(seconds: float) -> str:
@@ -47,6 +58,7 @@ class AccessLogContext:
     hbone_addr: str | None = None
     src_workload: str = ""
     dst_workload: str = ""
+    trace_id: int | None = None
 
     @classmethod
     def build(
@@ -58,6 +70,7 @@ class AccessLogContext:
         hbone_addr: str | None = None,
         source: Workload | None = None,
         destination: Workload | None = None,
+        trace_id: int | None = None,
     ) -> AccessLogContext:
         return cls(
             labels=labels,
@@ -70,7 +83,17 @@ class AccessLogContext:
                 if destination is not None
                 else labels.destination_canonical_service
             ),
+            trace_id=trace_id,
         )
+
+    def span(self) -> Span | None:
+        """ztunnel's span around the line: ``inbound`` (``id``, ``peer``) or ``outbound``."""
+        if self.trace_id is None:
+            return None
+        fields: dict[str, str] = {"id": f"{self.trace_id:032x}"}
+        if self.labels.reporter is Reporter.DESTINATION:
+            fields["peer"] = self.src_addr
+        return Span(self.labels.reporter.direction, fields)
 
     def fields(self) -> dict[str, Any]:
         tl = self.labels
@@ -95,7 +118,7 @@ class AccessLogContext:
 
 def log_connection_opened(ctx: AccessLogContext, *, logger: logging.Logger = _LOGGER) -> None:
     if logger.isEnabledFor(logging.DEBUG):
-        logger.debug("connection opened", extra={"fields": ctx.fields()})
+        logger.debug("connection opened", extra={"fields": ctx.fields(), "span": ctx.span()})
 
 
 def log_connection_complete(
@@ -117,7 +140,7 @@ def log_connection_complete(
     fields["duration"] = duration_text(duration)
     if error is not None:
         fields["error"] = error
-    logger.log(level, "connection complete", extra={"fields": fields})
+    logger.log(level, "connection complete", extra={"fields": fields, "span": ctx.span()})
 
 
 def log_connection_failed(

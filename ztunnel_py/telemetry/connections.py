@@ -38,6 +38,9 @@ class ConnectionRecord:
     dst_addr: SocketAddr | None = None
     #: The CONNECT ``:authority`` of a tunnelled connection (``dst.hbone_addr``).
     hbone_addr: str | None = None
+    #: W3C trace id naming the connection in the access log (ztunnel's span ``id``): the one
+    #: sent in the outbound ``traceparent``, or the incoming one (a fresh one when absent).
+    trace_id: int | None = None
 
 
 #: Live byte counts of one connection: (toward the destination, back to the source).

@@ -2,7 +2,9 @@
 
 Structured fields travel in ``extra={"fields": {...}}``; the text format renders them as
 ``key=value`` after the message (as ztunnel's tracing output does), the JSON format as keys of
-the one object per line. Targets use ztunnel's names where they exist (``access`` for access
+the one object per line. A span (``extra={"span": Span}``, the access log's ``inbound{id=..}``)
+follows the target in text, as ztunnel writes it, and is one nested object in JSON.
+Targets use ztunnel's names where they exist (``access`` for access
 logs) and our module names otherwise; ``ztunnel::proxy=debug`` is read as ``ztunnel_py.proxy``
 and ``/logging`` shows it back as ``ztunnel::proxy``.
 """
@@ -17,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any, TextIO
 
 from ztunnel_py.log_levels import LEVELS, ROOT_TARGET, display_target, parse_level_spec
+from ztunnel_py.telemetry.access_log import Span
 
 _NAMES = {v: k for k, v in LEVELS.items() if k != "warning"}
 logging.addLevelName(5, "TRACE")
@@ -68,9 +71,14 @@ class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields: Mapping[str, Any] = getattr(record, "fields", None) or {}
         kv = " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
+        span = _span(record)
+        scope = record.name
+        if span is not None:
+            inner = " ".join(f"{k}={_text_value(v)}" for k, v in span.fields.items())
+            scope += f":{span.name}{{{inner}}}"
         line = (
             f"{_timestamp(record)}  {_NAMES.get(record.levelno, record.levelname).upper():5}"
-            f" {record.name}:"
+            f" {scope}:"
             f" {record.getMessage()}"
         )
         if kv:
@@ -96,9 +104,17 @@ class _JsonFormatter(logging.Formatter):
         fields: Mapping[str, Any] = getattr(record, "fields", None) or {}
         for k, v in fields.items():
             obj[k] = v if isinstance(v, int | float | bool | type(None)) else str(v)
+        span = _span(record)
+        if span is not None:
+            obj[span.name] = dict(span.fields)
         if record.exc_info:
             obj["error_trace"] = self.formatException(record.exc_info)
         return json.dumps(obj, separators=(",", ":"))
+
+
+def _span(record: logging.LogRecord) -> Span | None:
+    span = getattr(record, "span", None)
+    return span if isinstance(span, Span) else None
 
 
 def configure(spec: str, *, json_format: bool, stream: TextIO | None = None) -> LevelController:

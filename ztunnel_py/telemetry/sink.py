@@ -73,8 +73,12 @@ class ProxyTelemetry:
         network: str = "",
         clock: Callable[[], float] = time.monotonic,
         logger: logging.Logger | None = None,
+        access_log_errors_only: bool = False,
     ) -> None:
+        """``access_log_errors_only`` (``ACCESS_LOG_ERRORS_ONLY``, beyond ztunnel): only the
+        lines of connections that failed, were refused or denied; metrics count everything."""
         self._metrics = metrics
+        self._errors_only = access_log_errors_only
         self._state = state
         self._network = network
         self._clock = clock
@@ -104,7 +108,7 @@ class ProxyTelemetry:
         if flags is None:
             flags = ResponseFlags.NONE if error is None else ResponseFlags.CONNECT
         live.recorder.closed(flags)
-        self._complete(live, error)
+        self._complete(live, error, flags)
 
     def connection_failed(
         self, record: ConnectionRecord, *, error: str, flags: ResponseFlags
@@ -115,7 +119,7 @@ class ProxyTelemetry:
         elif live.progress is not None:
             self._count(live, *live.progress())
         live.recorder.closed(flags)
-        self._complete(live, error)
+        self._complete(live, error, flags)
 
     def connection_rejected(
         self, *, direction: Direction, src: SocketAddr, dst: SocketAddr, error: str
@@ -200,8 +204,10 @@ class ProxyTelemetry:
             hbone_addr=record.hbone_addr,
             source=source,
             destination=destination,
+            trace_id=record.trace_id,
         )
-        log_connection_opened(context, logger=self._logger)
+        if not self._errors_only:  # whether it will fail is not known yet
+            log_connection_opened(context, logger=self._logger)
         live = _Live(record, recorder, context, progress, self._clock())
         if keep:
             self._live[id(record)] = live
@@ -258,7 +264,9 @@ class ProxyTelemetry:
             else:
                 recorder.add_sent(down)
 
-    def _complete(self, live: _Live, error: str | None) -> None:
+    def _complete(self, live: _Live, error: str | None, flags: ResponseFlags) -> None:
+        if self._errors_only and error is None and flags is ResponseFlags.NONE:
+            return
         log_connection_complete(
             live.log,
             bytes_sent=live.recorder.bytes_sent,

@@ -109,7 +109,13 @@ class FakeMapOps:
 def fake_maps(*names: str, journal: Journal | None = None) -> dict[str, FakeMapOps]:
     """One fake per map name (default: the maps the reconciler owns), sharing a journal."""
     shared: Journal = journal if journal is not None else []
-    chosen = names or (_types.MAP_DST, _types.MAP_LOCAL, _types.MAP_DENY, _types.MAP_PODS)
+    chosen = names or (
+        _types.MAP_DST,
+        _types.MAP_DST_CIDR,
+        _types.MAP_LOCAL,
+        _types.MAP_DENY,
+        _types.MAP_PODS,
+    )
     return {name: FakeMapOps(name, journal=shared) for name in chosen}
 
 

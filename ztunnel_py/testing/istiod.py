@@ -172,6 +172,8 @@ def service_to_pb(s: Service) -> wl.Service:
         )
     if s.waypoint is not None:
         out.waypoint.CopyFrom(_gateway_to_pb(s.waypoint))
+    for ww in s.weighted_waypoints:
+        out.weighted_waypoints.add(destination=_gateway_to_pb(ww.destination), weight=ww.weight)
     if s.load_balancer is not None:
         lb = s.load_balancer
         out.load_balancing.routing_preference.extend(_LB_SCOPES[x] for x in lb.routing_preferences)

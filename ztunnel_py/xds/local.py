@@ -61,6 +61,7 @@ from ztunnel_py.state.model import (
     NetworkMode,
     Service,
     Visibility,
+    WeightedWaypoint,
     Workload,
     frozen_map,
 )
@@ -210,8 +211,8 @@ class LoadBalancerSpec(_Spec):
 
 
 class WeightedWaypointSpec(_Spec):
-    destination: str | AddressSpec | None = None
-    weight: Count | None = None
+    destination: GatewaySpec  # ztunnel's WeightedWaypoint: a whole GatewayAddress
+    weight: Count = Count(0)
 
 
 class ServiceSpec(_Spec):
@@ -224,7 +225,7 @@ class ServiceSpec(_Spec):
     endpoints: dict[Any, Any] | None = None  # /config_dump's view; the workloads say it
     subject_alt_names: list[str] | None = None
     waypoint: GatewaySpec | None = None
-    weighted_waypoints: list[Any] | None = None
+    weighted_waypoints: list[WeightedWaypointSpec] | None = None
     load_balancer: LoadBalancerSpec | None = None
     ip_families: str | None = None
     canonical: bool | None = None
@@ -514,6 +515,12 @@ def build_service(path: str, s: ServiceSpec) -> Service:
         ports=_port_map(_child(path, "ports"), s.ports),
         subject_alt_names=tuple(s.subject_alt_names or ()),
         waypoint=_gateway(_child(path, "waypoint"), s.waypoint) if s.waypoint else None,
+        weighted_waypoints=tuple(
+            WeightedWaypoint(
+                _gateway(f"{path}.weightedWaypoints[{i}].destination", w.destination), w.weight
+            )
+            for i, w in enumerate(s.weighted_waypoints or ())
+        ),
         load_balancer=load_balancer,
         ip_families=_enum(_child(path, "ipFamilies"), IpFamily, s.ip_families)
         if s.ip_families is not None

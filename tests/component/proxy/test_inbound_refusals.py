@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import ssl
 from collections.abc import AsyncIterator
 
@@ -13,12 +14,14 @@ from ztunnel_py.hbone.connection import HboneSettings
 from ztunnel_py.identity.spiffe import Identity
 from ztunnel_py.identity.tls import NO_SNI
 from ztunnel_py.rbac.evaluate import ConnectionInfo, Decision
-from ztunnel_py.state.model import Service
+from ztunnel_py.state.model import GatewayAddress, NetworkAddress, Service
+from ztunnel_py.state.store import UpdateBatch
 from ztunnel_py.testing.proxy_harness import (
     CLIENT_ID,
     Mesh,
     connect_request,
     echo_app,
+    pod,
     raw_hbone,
     start_mesh,
 )
@@ -74,6 +77,10 @@ async def test_statuses_for_bad_requests(mesh: Mesh) -> None:
         "proxy's own port": (connect_request(f"{ip}:15006"), 400),
         "unknown service host": (connect_request(f"nope.default.svc.cluster.local:{port}"), 400),
         "bad forwarded header": ([*connect_request(f"{ip}:{port}"), ("forwarded", "garbage")], 400),
+        "malformed traceparent is ignored": (
+            [*connect_request(f"{ip}:{port}"), ("traceparent", "00-nope-01")],
+            200,
+        ),
         "denied by policy": (connect_request(f"{ip}:9999"), 401),
         "nothing listening": (connect_request(f"{ip}:1"), 503),
         "allowed": (connect_request(f"{ip}:{port}"), 200),
@@ -120,6 +127,68 @@ async def test_service_hostname_authority_maps_to_target_port() -> None:
         assert [a.status for a in answers] == [200, 503]
     finally:
         await m.stop()
+
+
+@pytest.mark.asyncio
+async def test_waypoint_sandwich_serves_targets_that_name_this_pod_as_waypoint(
+    mesh: Mesh,
+) -> None:
+    port = await mesh.serve_app(echo_app)
+    waypointed = pod(
+        "behind",
+        ipaddress.ip_address(f"{mesh.base}.9"),
+        "behind",
+        waypoint=GatewayAddress(destination=NetworkAddress("", mesh.server_ip)),
+    )
+    plain = pod("plain", ipaddress.ip_address(f"{mesh.base}.10"), "plain")
+    mesh.state.apply(UpdateBatch(workloads=(waypointed, plain)))
+    answers = await raw_hbone(
+        mesh,
+        [
+            connect_request(f"{mesh.base}.9:{port}"),  # this pod is its waypoint: served here
+            connect_request(f"{mesh.base}.10:{port}"),  # no waypoint: not ours
+            connect_request(f"{mesh.base}.9:9999"),  # still authorized as this pod's port
+        ],
+    )
+    assert [a.status for a in answers] == [200, 400, 401]
+    authorizer = mesh.inbound.authorizer
+    assert isinstance(authorizer, DenyPort)
+    assert {c.dst_ip for c in authorizer.seen} == {mesh.server_ip}
+    await assert_still_serving(mesh)
+
+
+@pytest.mark.asyncio
+async def test_waypoint_sandwich_target_unknown_to_the_state_is_fetched_on_demand(
+    mesh: Mesh,
+) -> None:
+    port = await mesh.serve_app(echo_app)
+    behind = pod(
+        "late",
+        ipaddress.ip_address(f"{mesh.base}.11"),
+        "late",
+        waypoint=GatewayAddress(destination=NetworkAddress("", mesh.server_ip)),
+    )
+    asked: list[str] = []
+
+    async def demand(key: str) -> None:  # istiod answers with the workload (or not at all)
+        asked.append(key)
+        if key == f"/{behind.workload_ips[0]}":
+            mesh.state.apply(UpdateBatch(workloads=(behind,)))
+
+    mesh.inbound.demand = demand
+    answers = await raw_hbone(
+        mesh,
+        [
+            connect_request(f"{mesh.base}.11:{port}"),  # fetched, names this pod as waypoint
+            connect_request(f"{mesh.base}.12:{port}"),  # istiod does not know it either
+        ],
+    )
+    assert [a.status for a in answers] == [200, 400]
+    assert sorted(asked) == [f"/{mesh.base}.11", f"/{mesh.base}.12"]
+    # Known now: no second lookup.
+    (again,) = await raw_hbone(mesh, [connect_request(f"{mesh.base}.11:{port}")])
+    assert again.status == 200 and len(asked) == 2
+    await assert_still_serving(mesh)
 
 
 @pytest.mark.asyncio

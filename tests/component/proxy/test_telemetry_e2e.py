@@ -200,6 +200,10 @@ async def test_bytes_while_open_and_at_close_on_both_sides(access_log: io.String
         assert out["src.identity"] == inb["src.identity"] == str(CLIENT_ID)
         assert out["dst.identity"] == inb["dst.identity"] == str(SERVER_ID)
         assert "error" not in out and "error" not in inb
+        # One trace id names the connection on both hops: the client's sent traceparent.
+        assert set(out["outbound"]) == {"id"}
+        assert len(out["outbound"]["id"]) == 32
+        assert inb["inbound"] == {"id": out["outbound"]["id"], "peer": inb["src.addr"]}
     finally:
         await mesh.stop()
 

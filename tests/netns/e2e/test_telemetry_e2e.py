@@ -132,7 +132,8 @@ def access_line(
 def without_variable_fields(record: dict[str, Any], client_ip: str) -> dict[str, Any]:
     assert record["src.addr"].startswith(f"{client_ip}:"), record
     assert re.fullmatch(r"\d+ms", record["duration"]), record
-    return {k: v for k, v in record.items() if k not in {"time", "src.addr", "duration"}}
+    variable = {"time", "src.addr", "duration", "inbound", "outbound"}  # the span: a trace id
+    return {k: v for k, v in record.items() if k not in variable}
 
 
 def delta(before: Scrape, after: Scrape, name: str, labels: dict[str, str]) -> float:
@@ -171,6 +172,9 @@ def test_both_sides_count_and_log_the_exact_bytes(
     assert without_variable_fields(inbound, client.ip) == access_line(
         mesh, "inbound", client, server, port, sent=back, recv=toward
     )
+    # Both daemons name the connection by the trace id the client's daemon sent.
+    assert re.fullmatch(r"[0-9a-f]{32}", outbound["outbound"]["id"]), outbound
+    assert inbound["inbound"]["id"] == outbound["outbound"]["id"]
 
     after = Scrape(src_node), Scrape(dst_node)
     for i, reporter in enumerate(("source", "destination")):

@@ -14,6 +14,7 @@ from ztunnel_py.bpf.projection import (
     EnrolledPod,
     addr16,
     deny_key,
+    dst_cidr_key,
     dst_key,
     from_addr16,
     local_key,
@@ -23,6 +24,7 @@ from ztunnel_py.bpf.projection import (
 from ztunnel_py.ip import IPNetwork
 from ztunnel_py.rbac.model import Action, Authorization, Match, Scope
 from ztunnel_py.state.model import (
+    CidrVip,
     GatewayAddress,
     InboundProtocol,
     NetworkAddress,
@@ -256,3 +258,57 @@ def test_projection_pod_entries_local_addresses_and_deny_rules() -> None:
     unknown = EnrolledPod("uid-b", 43, (), None)
     assert project(state, [unknown])[t.MAP_DENY] == {}
     assert pod_key(43) in project(state, [unknown])[t.MAP_PODS]
+
+
+# ------------------------------------------------------------------ CIDR VIPs (zt_dst_cidr)
+
+
+def cidr_service(name: str, *prefixes: str, network: str = "", **kw: object) -> Service:
+    cidrs = tuple(CidrVip(network, ipaddress.ip_network(p)) for p in prefixes)
+    return service(name, cidr_vips=cidrs, **kw)  # type: ignore[arg-type]
+
+
+def captured_cidrs(state: ProxyState, network: str = "") -> set[tuple[str, int | str]]:
+    maps = project(state, [], network=network)
+    return {
+        (d["prefix"], d["port"])
+        for d in (describe(t.MAP_DST_CIDR, k, v) for k, v in maps[t.MAP_DST_CIDR].items())
+    }
+
+
+def test_projection_cidr_vips_of_a_mesh_service_go_to_the_trie_per_port() -> None:
+    svc = cidr_service("range", "10.200.0.0/16", "fd00:200::/64", ports={80: 8080, 443: 8443})
+    state = state_of(svc, member(workload("a", "10.0.0.5"), svc))
+    assert captured_cidrs(state) == {
+        ("10.200.0.0/16", 80),
+        ("10.200.0.0/16", 443),
+        ("fd00:200::/64", 80),
+        ("fd00:200::/64", 443),
+    }
+    assert ("10.200.0.0", 80) not in captured(state)  # never a host entry
+
+
+def test_projection_cidr_vips_follow_the_vip_rules() -> None:
+    waypoint = GatewayAddress(destination=NetworkAddress("", ip("10.0.9.9")))
+    plain = cidr_service("plain", "10.201.0.0/16")
+    state = state_of(
+        plain,
+        member(workload("b", "10.0.0.6", hbone=False), plain),
+        cidr_service("any-port", "10.202.0.0/16", ports={}, waypoint=waypoint),
+        cidr_service("elsewhere", "10.203.0.0/16", network="west", waypoint=waypoint),
+    )
+    # Plain-TCP endpoints stay in the kernel; no ports means every port; other networks' out.
+    assert captured_cidrs(state) == {("10.202.0.0/16", "*")}
+    assert captured_cidrs(state, network="west") == {("10.203.0.0/16", 80)}
+
+
+def test_cidr_trie_key_counts_the_port_and_the_ipv4_mapping() -> None:
+    v4 = t.ZtDstCidrKey.from_buffer_copy(dst_cidr_key(ipaddress.ip_network("10.200.0.0/16"), 80))
+    v6 = t.ZtDstCidrKey.from_buffer_copy(dst_cidr_key(ipaddress.ip_network("fd00::/8"), 0))
+    assert (v4.prefixlen, bytes(v4.addr)) == (16 + 96 + 16, addr16(ip("10.200.0.0")))
+    assert (v6.prefixlen, bytes(v6.addr)) == (16 + 8, addr16(ip("fd00::")))
+    assert describe(t.MAP_DST_CIDR, bytes(v4), bytes(t.ZtDst(kind=t.ZT_DST_SERVICE))) == {
+        "prefix": "10.200.0.0/16",
+        "port": 80,
+        "kind": "service",
+    }

@@ -23,6 +23,7 @@ from ztunnel_py.bpf.projection import (
 from ztunnel_py.bpf.reconcile import MapOp, MapSync, ReconcileError, Reconciler, plan
 from ztunnel_py.rbac.model import Action, Authorization, Match, Scope
 from ztunnel_py.state.model import (
+    CidrVip,
     GatewayAddress,
     InboundProtocol,
     NetworkAddress,
@@ -306,6 +307,12 @@ class Churn:
             vips=tuple(NetworkAddress("", ip(v)) for v in rng.sample(self.vips, rng.randrange(3))),
             ports=frozen_map({p: p for p in rng.sample([80, 443, 9090], rng.randrange(3))}),
             waypoint=waypoint if rng.random() < 0.2 else None,
+            cidr_vips=tuple(
+                CidrVip(rng.choice(["", "", "west"]), ipaddress.ip_network(c))
+                for c in rng.sample(
+                    ["10.200.0.0/16", "10.200.1.0/24", "fd00:200::/64"], rng.randrange(3)
+                )
+            ),
         )
 
     def policy(self) -> Authorization:

@@ -264,7 +264,33 @@ def test_bad_connect_requests(
 
 def test_bad_optional_header_in_request_is_refused() -> None:
     with pytest.raises(InvalidHeader):
-        parse_connect_request("CONNECT", "10.0.0.2:80", (("traceparent", "nope"),))
+        parse_connect_request("CONNECT", "10.0.0.2:80", (("forwarded", "for=nope"),))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "nope",
+        "",
+        "00-" + "a" * 32 + "-" + "b" * 16,  # a field missing
+        "00-" + "a" * 32 + "-" + "b" * 16 + "-01-extra",
+        "00-" + "g" * 32 + "-" + "b" * 16 + "-01",  # not hex
+        "00-" + "0" * 32 + "-" + "b" * 16 + "-01",  # all-zero trace id
+        "ff-" + "a" * 32 + "-" + "b" * 16 + "-01",  # forbidden version
+        "0" * 55,  # ztunnel's length check alone would take this
+    ],
+)
+def test_malformed_traceparent_is_ignored_not_refused(value: str) -> None:
+    req = parse_connect_request("CONNECT", "10.0.0.2:80", (("traceparent", value),))
+    assert req.traceparent is None
+    assert str(req.authority) == "10.0.0.2:80"
+
+
+def test_incoming_traceparent_is_kept() -> None:
+    text = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    req = parse_connect_request("CONNECT", "10.0.0.2:80", (("traceparent", text),))
+    assert req.traceparent is not None
+    assert req.traceparent.trace_id == 0x4BF92F3577B34DA6A3CE929D0E0E4736
 
 
 def test_hostname_length_limits_and_trailing_dot() -> None:

@@ -204,3 +204,40 @@ def test_schema_errors_name_the_field(doc: str, expected: str) -> None:
     with pytest.raises(LocalConfigError) as info:
         parse_local_config(doc)
     assert f"{info.value.path}: {info.value.reason}" == expected
+
+
+def test_weighted_waypoints_in_ztunnels_shape() -> None:
+    doc = """
+services:
+  - name: s
+    namespace: default
+    hostname: s.default.svc.cluster.local
+    waypoint: {destination: "/10.0.0.100"}
+    weightedWaypoints:
+      - {destination: {destination: "/10.0.0.100"}, weight: 90}
+      - destination: {destination: "default/canary.default.svc.cluster.local", hboneMtlsPort: 15009}
+        weight: 10
+"""
+    (s,) = parse_local_config(doc).services
+    assert [
+        (str(w.destination.destination), w.destination.hbone_mtls_port, w.weight)
+        for w in s.weighted_waypoints
+    ] == [
+        ("/10.0.0.100", 15008, 90),
+        ("default/canary.default.svc.cluster.local", 15009, 10),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("{weight: 5}", "weightedWaypoints[0]"),
+        ("{destination: {destination: '/10.0.0.1'}, weight: -1}", "weightedWaypoints[0].weight"),
+        ("{destination: {destination: 'nope'}}", "weightedWaypoints[0].destination"),
+    ],
+)
+def test_bad_weighted_waypoints_name_their_path(entry: str, message: str) -> None:
+    doc = f"services: [{{name: s, namespace: n, hostname: h, weightedWaypoints: [{entry}]}}]"
+    with pytest.raises(LocalConfigError) as e:
+        parse_local_config(doc)
+    assert message in str(e.value)

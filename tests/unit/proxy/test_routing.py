@@ -19,8 +19,10 @@ from ztunnel_py.proxy.routing import (
     RoutingError,
     UnknownWaypoint,
     route_outbound,
+    sample_weighted_waypoint,
 )
 from ztunnel_py.state.model import (
+    CidrVip,
     GatewayAddress,
     HealthStatus,
     InboundProtocol,
@@ -32,6 +34,7 @@ from ztunnel_py.state.model import (
     NamespacedHostname,
     NetworkAddress,
     Service,
+    WeightedWaypoint,
     Workload,
 )
 from ztunnel_py.state.store import ProxyState, UpdateBatch
@@ -64,6 +67,12 @@ def svc(
         ports=ports if ports is not None else {80: 8080},
         **kw,  # type: ignore[arg-type]
     )
+
+
+def cidr(name: str, prefix: str, **kw: object) -> Service:
+    """A service whose only VIP is a whole prefix."""
+    vip = ipaddress.ip_network(prefix)
+    return replace(svc(name, "0.0.0.0", **kw), vips=(), cidr_vips=(CidrVip("", vip),))  # type: ignore[arg-type]
 
 
 def member(
@@ -525,6 +534,74 @@ CASES = [
         [svc("echo", "10.96.0.1")],
         error=NoHealthyUpstream,
     ),
+    Case(
+        "cidr vip routes to the service's endpoint",
+        "10.200.0.7:80",
+        [wl("server", "10.0.0.2", services=member("range"))],
+        [cidr("range", "10.200.0.0/16")],
+        kind=RouteKind.HBONE,
+        next_hop="10.0.0.2:15008",
+        authority="10.0.0.2:8080",
+        identities=(sid("server"),),
+        service="range",
+    ),
+    Case(
+        "overlapping cidr vips: the longest prefix wins",
+        "10.200.1.7:80",
+        [
+            wl("wide-pod", "10.0.0.2", services=member("wide")),
+            wl("narrow-pod", "10.0.0.3", services=member("narrow")),
+        ],
+        [cidr("wide", "10.200.0.0/16"), cidr("narrow", "10.200.1.0/24")],
+        kind=RouteKind.HBONE,
+        next_hop="10.0.0.3:15008",
+        authority="10.0.0.3:8080",
+        identities=(sid("narrow-pod"),),
+        service="narrow",
+    ),
+    Case(
+        "overlapping cidr vips: outside the narrow prefix the wide one serves",
+        "10.200.2.7:80",
+        [
+            wl("wide-pod", "10.0.0.2", services=member("wide")),
+            wl("narrow-pod", "10.0.0.3", services=member("narrow")),
+        ],
+        [cidr("narrow", "10.200.1.0/24"), cidr("wide", "10.200.0.0/16")],
+        kind=RouteKind.HBONE,
+        next_hop="10.0.0.2:15008",
+        authority="10.0.0.2:8080",
+        identities=(sid("wide-pod"),),
+        service="wide",
+    ),
+    Case(
+        "a workload ip inside a cidr vip is the workload",
+        "10.200.0.9:8080",
+        [wl("inside", "10.200.0.9")],
+        [cidr("range", "10.200.0.0/16")],
+        kind=RouteKind.HBONE,
+        next_hop="10.200.0.9:15008",
+        authority="10.200.0.9:8080",
+        identities=(sid("inside"),),
+    ),
+    Case(
+        "cidr vip with a waypoint goes to the waypoint with the original address",
+        "10.200.0.7:80",
+        [waypoint, wl("server", "10.0.0.2", services=member("range"))],
+        [waypoint_svc, cidr("range", "10.200.0.0/16", waypoint=WAYPOINT_GW)],
+        kind=RouteKind.HBONE,
+        next_hop="10.0.0.100:15008",
+        authority="10.200.0.7:80",
+        identities=(sid("waypoint"),),
+        via_waypoint=True,
+        service="range",
+    ),
+    Case(
+        "cidr vip without a healthy endpoint has no upstream",
+        "10.200.0.7:80",
+        [],
+        [cidr("range", "10.200.0.0/16")],
+        error=NoHealthyUpstream,
+    ),
 ]
 
 
@@ -640,3 +717,67 @@ def test_routes_to_addressed_workloads_need_no_resolution() -> None:
         state, SOURCE, ip("10.0.0.1"), (ip("10.0.0.2"), 80), rng=random.Random(0)
     )
     assert route.resolve_hostname == ""
+
+
+# --------------------------------------------------------------------------- weighted waypoints
+
+PRIMARY = GatewayAddress(destination=NetworkAddress("", ip("10.0.0.100")))
+CANARY = GatewayAddress(destination=NetworkAddress("", ip("10.0.0.101")))
+canary = wl("canary", "10.0.0.101")
+
+
+def weighted(
+    *pairs: tuple[GatewayAddress, int], primary: GatewayAddress | None = PRIMARY
+) -> Service:
+    return svc(
+        "echo",
+        "10.96.0.1",
+        waypoint=primary,
+        weighted_waypoints=tuple(WeightedWaypoint(gw, w) for gw, w in pairs),
+    )
+
+
+def test_sample_weighted_waypoint_follows_ztunnel() -> None:
+    rng = random.Random(0)
+    assert sample_weighted_waypoint(weighted(), rng) is None  # empty: the caller uses `waypoint`
+    primary_only = weighted((PRIMARY, 100), (CANARY, 0))
+    assert {sample_weighted_waypoint(primary_only, rng) for _ in range(50)} == {PRIMARY}
+    canary_only = weighted((PRIMARY, 0), (CANARY, 100))
+    assert {sample_weighted_waypoint(canary_only, rng) for _ in range(50)} == {CANARY}
+    assert sample_weighted_waypoint(weighted((PRIMARY, 0), (CANARY, 0)), rng) is None
+    split = weighted((PRIMARY, 75), (CANARY, 25))
+    # A fixed seed, so the count does not vary; the asymmetric split would show a swapped or
+    # ignored weight.
+    counts = Counter(sample_weighted_waypoint(split, rng) for _ in range(10_000))
+    assert 7_000 < counts[PRIMARY] < 8_000 and counts[PRIMARY] + counts[CANARY] == 10_000
+
+
+def _route_via(service: Service, seed: int) -> Route:
+    state = ProxyState()
+    state.apply(
+        UpdateBatch(
+            workloads=(SOURCE, waypoint, canary, wl("server", "10.0.0.2", services=member("echo"))),
+            services=(service,),
+        )
+    )
+    return route_outbound(
+        state, SOURCE, ip("10.0.0.1"), _addr("10.96.0.1:80"), rng=random.Random(seed)
+    )
+
+
+def test_weighted_waypoints_split_connections_between_waypoints() -> None:
+    service = weighted((PRIMARY, 50), (CANARY, 50))
+    hops = Counter(_route_via(service, seed).next_hop for seed in range(40))
+    assert set(hops) == {_addr("10.0.0.100:15008"), _addr("10.0.0.101:15008")}
+    route = _route_via(weighted((PRIMARY, 0), (CANARY, 1)), 3)
+    assert route.via_waypoint and route.next_hop == _addr("10.0.0.101:15008")
+    assert route.authority == "10.96.0.1:80"  # the original VIP, as for the primary
+    assert route.identities == (Identity.parse(sid("canary")),)
+
+
+def test_all_zero_weights_fall_back_to_the_primary_waypoint() -> None:
+    route = _route_via(weighted((PRIMARY, 0), (CANARY, 0)), 1)
+    assert route.next_hop == _addr("10.0.0.100:15008")
+    # Without a primary, all-zero weights mean no waypoint at all: straight to the endpoint.
+    direct = _route_via(weighted((PRIMARY, 0), (CANARY, 0), primary=None), 1)
+    assert not direct.via_waypoint and direct.next_hop == _addr("10.0.0.2:15008")

@@ -7,6 +7,7 @@ import ipaddress
 import pytest
 from google.protobuf import empty_pb2
 
+from ztunnel_py.admin.dump import service_to_dict
 from ztunnel_py.errors import ConversionError
 from ztunnel_py.protos import authorization_pb2 as az
 from ztunnel_py.protos import workload_pb2 as wl
@@ -26,6 +27,7 @@ from ztunnel_py.state.convert import (
 from ztunnel_py.state.model import (
     AppTunnelProtocol,
     CidrVip,
+    GatewayAddress,
     HealthStatus,
     InboundProtocol,
     IpFamily,
@@ -37,8 +39,11 @@ from ztunnel_py.state.model import (
     NetworkMode,
     Service,
     Visibility,
+    WeightedWaypoint,
     Workload,
 )
+from ztunnel_py.state.store import ProxyState
+from ztunnel_py.testing.istiod import service_to_pb
 
 IP4 = bytes([10, 0, 0, 7])
 IP6 = ipaddress.IPv6Address("fd00::7").packed
@@ -324,6 +329,35 @@ def test_weighted_waypoint_without_destination_is_refused() -> None:
     assert "weighted_waypoints[0]" in rejected(service_from_pb, "k", pb).reason
 
 
+def test_weighted_waypoints_are_kept_in_order_with_their_weights() -> None:
+    primary = wl.GatewayAddress(
+        address=wl.NetworkAddress(address=bytes([10, 0, 0, 1])), hbone_mtls_port=15008
+    )
+    canary = wl.GatewayAddress(
+        hostname=wl.NamespacedHostname(namespace="ns1", hostname="canary.ns1.svc.cluster.local"),
+        hbone_mtls_port=15008,
+    )
+    pb = pb_service(
+        waypoint=primary,
+        weighted_waypoints=[
+            wl.WeightedWaypoint(destination=primary, weight=90),
+            wl.WeightedWaypoint(destination=canary, weight=10),
+        ],
+    )
+    svc = service_from_pb("k", pb)
+    assert [(str(w.destination.destination), w.weight) for w in svc.weighted_waypoints] == [
+        ("/10.0.0.1", 90),
+        ("ns1/canary.ns1.svc.cluster.local", 10),
+    ]
+    assert svc.waypoint == svc.weighted_waypoints[0].destination
+
+
+def test_weighted_waypoint_with_a_bad_address_is_refused() -> None:
+    bad = wl.GatewayAddress(address=wl.NetworkAddress(address=b"\x01\x02"))
+    pb = pb_service(weighted_waypoints=[wl.WeightedWaypoint(destination=bad, weight=1)])
+    assert "weighted_waypoints[0]" in rejected(service_from_pb, "k", pb).reason
+
+
 def test_address_dispatch() -> None:
     assert isinstance(address_from_pb(UID, wl.Address(workload=pb_workload())), Workload)
     assert isinstance(address_from_pb("k", wl.Address(service=pb_service())), Service)
@@ -420,3 +454,21 @@ def test_policy_port_out_of_range_is_refused() -> None:
 
 def test_policy_without_name_is_refused() -> None:
     assert "name" in rejected(authorization_from_pb, "ns1/", pb_policy(name="")).reason
+
+
+def test_weighted_waypoints_round_trip_and_dump() -> None:
+    gw = GatewayAddress(destination=NamespacedHostname("ns1", "wp.ns1.svc.cluster.local"))
+    svc = Service(
+        name="svc",
+        namespace="ns1",
+        hostname="svc.ns1.svc.cluster.local",
+        waypoint=gw,
+        weighted_waypoints=(WeightedWaypoint(gw, 3),),
+    )
+    assert service_from_pb("k", service_to_pb(svc)) == svc
+    assert service_to_dict(svc, ProxyState())["weightedWaypoints"] == [
+        {
+            "destination": {"destination": "ns1/wp.ns1.svc.cluster.local", "hboneMtlsPort": 15008},
+            "weight": 3,
+        }
+    ]

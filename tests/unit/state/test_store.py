@@ -7,9 +7,11 @@ from typing import Any
 
 from ztunnel_py.rbac.model import Action, Authorization, Scope
 from ztunnel_py.state.model import (
+    CidrVip,
     NetworkAddress,
     NetworkMode,
     Service,
+    Visibility,
     Workload,
     frozen_map,
 )
@@ -225,3 +227,104 @@ def test_batch_is_empty_only_without_changes_and_without_replace() -> None:
     assert UpdateBatch().is_empty
     assert not UpdateBatch(removed_policies=("default/p",)).is_empty
     assert not UpdateBatch(replace=True).is_empty  # the whole state: it removes everything
+
+
+# ------------------------------------------------------------------ CIDR VIPs (get_best_by_vip)
+
+
+def cidr_svc(name: str, ns: str = "default", *cidrs: str, **kw: object) -> Service:
+    prefixes = tuple(CidrVip("", ipaddress.ip_network(c)) for c in cidrs)
+    return svc(name, ns, vips=(), cidr_vips=prefixes, **kw)
+
+
+def test_cidr_vip_contains_the_address_v4_and_v6() -> None:
+    state = ProxyState()
+    state.apply(UpdateBatch(services=(cidr_svc("dual", "ns", "10.0.0.0/24", "fd00::/112"),)))
+    assert state.service_by_vip(addr("10.0.0.5")) is not None
+    assert state.service_by_vip(addr("10.0.0.255")) is not None
+    assert state.service_by_vip(addr("fd00::ffff")) is not None
+    assert state.service_by_vip(addr("10.0.1.5")) is None
+    assert state.service_by_vip(addr("fd00::1:0")) is None
+    assert state.service_by_vip(addr("fd01::5")) is None
+
+
+def test_cidr_vip_never_matches_the_other_family() -> None:
+    state = ProxyState()
+    state.apply(UpdateBatch(services=(cidr_svc("v6", "ns", "fd00::/8"),)))
+    assert state.service_by_vip(addr("253.0.0.5")) is None  # 0xfd... as an IPv4 address
+
+
+def test_cidr_vip_is_per_network() -> None:
+    state = ProxyState()
+    state.apply(UpdateBatch(services=(cidr_svc("svc", "ns", "10.0.0.0/24"),)))
+    assert state.service_by_vip(addr("10.0.0.5", network="other")) is None
+
+
+def test_longest_cidr_prefix_wins_whatever_the_arrival_order() -> None:
+    for order in ((16, 24), (24, 16)):
+        state = ProxyState()
+        by_len = {
+            16: cidr_svc("wide", "ns", "10.0.0.0/16"),
+            24: cidr_svc("narrow", "ns", "10.0.0.0/24"),
+        }
+        state.apply(UpdateBatch(services=tuple(by_len[n] for n in order)))
+        assert state.service_by_vip(addr("10.0.0.5")) == by_len[24]
+        assert state.service_by_vip(addr("10.0.1.5")) == by_len[16]
+    state = ProxyState()
+    wide, narrow = cidr_svc("wide", "ns", "fd00::/48"), cidr_svc("narrow", "ns", "fd00::/112")
+    state.apply(UpdateBatch(services=(wide, narrow)))
+    assert state.service_by_vip(addr("fd00::5")) == narrow
+    assert state.service_by_vip(addr("fd00::1:0")) == wide
+
+
+def test_cidr_rank_is_namespace_then_prefix_then_canonical_then_arrival() -> None:
+    state = ProxyState()
+    mine_wide = cidr_svc("mine", "client", "10.0.0.0/8")
+    other_narrow = cidr_svc("other", "elsewhere", "10.0.0.0/24")
+    other_narrow_canonical = cidr_svc("canon", "elsewhere", "10.0.0.0/24", canonical=True)
+    first_tie = cidr_svc("tie-a", "third", "10.9.0.0/16")
+    second_tie = cidr_svc("tie-b", "third", "10.9.0.0/16")
+    state.apply(
+        UpdateBatch(
+            services=(mine_wide, other_narrow, other_narrow_canonical, first_tie, second_tie)
+        )
+    )
+    # A shorter prefix in the client's namespace beats a longer one elsewhere (ztunnel's rank).
+    assert state.service_by_vip(addr("10.0.0.5"), prefer_namespace="client") == mine_wide
+    # Without the namespace: longest prefix, and at equal length the canonical service.
+    assert state.service_by_vip(addr("10.0.0.5"), prefer_namespace="x") == other_narrow_canonical
+    assert state.service_by_vip(addr("10.9.0.5")) == first_tie
+
+
+def test_host_vip_beats_a_cidr_that_contains_it() -> None:
+    state = ProxyState()
+    host = svc("host", "ns", vips=("10.0.0.5",))
+    state.apply(UpdateBatch(services=(cidr_svc("range", "ns", "10.0.0.0/24"), host)))
+    assert state.service_by_vip(addr("10.0.0.5")) == host
+    assert state.service_by_vip(addr("10.0.0.6")).name == "range"  # type: ignore[union-attr]
+
+
+def test_updating_or_removing_a_service_updates_its_cidrs() -> None:
+    state = ProxyState()
+    state.apply(UpdateBatch(services=(cidr_svc("svc", "ns", "10.0.0.0/24"),)))
+    moved = cidr_svc("svc", "ns", "10.1.0.0/24")
+    state.apply(UpdateBatch(services=(moved,)))
+    assert state.service_by_vip(addr("10.0.0.5")) is None
+    assert state.service_by_vip(addr("10.1.0.5")) == moved
+    state.apply(UpdateBatch(removed_addresses=(moved.key,)))
+    assert state.service_by_vip(addr("10.1.0.5")) is None
+
+
+def test_namespace_visibility_hides_host_and_cidr_vips_from_other_namespaces() -> None:
+    state = ProxyState()
+    local = svc("local", "ns-a", vips=("10.2.0.5",), visibility=Visibility.NAMESPACE)
+    local_range = cidr_svc("lrange", "ns-a", "10.1.0.0/16", visibility=Visibility.NAMESPACE)
+    public_range = cidr_svc("prange", "ns-b", "10.2.0.0/16")
+    state.apply(UpdateBatch(services=(local, local_range, public_range)))
+    assert state.service_by_vip(addr("10.2.0.5"), prefer_namespace="ns-a") == local
+    # Hidden exact VIP: the lookup falls through to a visible CIDR, not to nothing.
+    assert state.service_by_vip(addr("10.2.0.5"), prefer_namespace="ns-b") == public_range
+    assert state.service_by_vip(addr("10.1.0.5"), prefer_namespace="ns-a") == local_range
+    assert state.service_by_vip(addr("10.1.0.5"), prefer_namespace="ns-b") is None
+    # No client namespace (the inbound path): nothing is filtered.
+    assert state.service_by_vip(addr("10.1.0.5")) == local_range

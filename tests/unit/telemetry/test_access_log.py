@@ -7,6 +7,7 @@ import ipaddress
 import json
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import pytest
 
@@ -122,6 +123,43 @@ def test_complete_text_renders_key_values_in_order(capture: Capture) -> None:
     assert " INFO  access: connection complete " in line
     expected = " ".join(f"{k}={v}" for k, v in EXPECTED_MTLS_FIELDS.items())
     assert line.endswith(expected)
+
+
+TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
+
+
+def test_trace_id_is_the_span_of_the_line_json(capture: Capture) -> None:
+    out = capture(True)
+    ctx = replace(inbound_context(), trace_id=TRACE_ID)
+    log_connection_complete(ctx, bytes_sent=1, bytes_recv=2, duration=0.0)
+    record = json.loads(out.getvalue())
+    # ztunnel's JSON puts the span's fields under its name.
+    assert record["inbound"] == {"id": "4bf92f3577b34da6a3ce929d0e0e4736", "peer": "10.0.0.1:40000"}
+    assert record["src.addr"] == "10.0.0.1:40000"
+
+
+def test_trace_id_is_the_span_of_the_line_text(capture: Capture) -> None:
+    out = capture(False)
+    ctx = replace(inbound_context(), trace_id=TRACE_ID)
+    log_connection_complete(ctx, bytes_sent=1, bytes_recv=2, duration=0.0)
+    line = out.getvalue().strip()
+    assert (
+        " access:inbound{id=4bf92f3577b34da6a3ce929d0e0e4736 peer=10.0.0.1:40000}:"
+        " connection complete " in line
+    )
+
+
+def test_outbound_span_has_only_the_id_and_no_trace_means_no_span(capture: Capture) -> None:
+    out = capture(True)
+    labels = ConnectionLabels.build(reporter=Reporter.SOURCE, source=CLIENT, destination=SERVER)
+    outbound = AccessLogContext.build(
+        labels, src_addr="10.0.0.1:40000", dst_addr="10.0.0.2:15008", trace_id=1
+    )
+    log_connection_complete(outbound, bytes_sent=1, bytes_recv=2, duration=0.0)
+    log_connection_complete(inbound_context(), bytes_sent=1, bytes_recv=2, duration=0.0)
+    first, second = (json.loads(line) for line in out.getvalue().splitlines())
+    assert first["outbound"] == {"id": "0" * 31 + "1"}
+    assert "inbound" not in second and "outbound" not in second
 
 
 def test_failure_is_an_error_line_with_the_error(capture: Capture) -> None:

@@ -116,12 +116,17 @@ class Counters:
 
 
 class Harness:
-    def __init__(self) -> None:
+    def __init__(self, *, access_log_errors_only: bool = False) -> None:
         self.registry = CollectorRegistry()
         self.state = ProxyState()
         self.state.apply(UpdateBatch(workloads=(CLIENT, SERVER), services=(SERVICE,)))
         self.clock = Clock()
-        self.sink = ProxyTelemetry(ConnectionMetrics(self.registry), self.state, clock=self.clock)
+        self.sink = ProxyTelemetry(
+            ConnectionMetrics(self.registry),
+            self.state,
+            clock=self.clock,
+            access_log_errors_only=access_log_errors_only,
+        )
 
     def value(self, name: str, **labels: str) -> float:
         """Sum of the samples of ``name`` whose labels include ``labels``."""
@@ -423,6 +428,43 @@ def test_rejection_logs_connection_failed(h: Harness, capture: Capture) -> None:
         'src.addr=10.0.0.1:5 dst.addr=[fd00::9]:80 direction=outbound error="no healthy upstream"'
     )
     assert h.value("istio_tcp_connections_opened_total") == 0
+
+
+# ---------------------------------------------------------------------------- errors only
+
+
+def test_errors_only_keeps_failures_denials_and_rejections(capture: Capture) -> None:
+    h = Harness(access_log_errors_only=True)
+    out = capture(True)
+    logging.getLogger("access").setLevel(logging.DEBUG)  # not even the "opened" lines
+    h.sink.connection_opened(OUTBOUND, Counters())
+    h.sink.connection_closed(OUTBOUND, bytes_sent=5, bytes_received=6, error=None)  # clean
+    h.sink.connection_opened(INBOUND, Counters())
+    h.sink.connection_closed(
+        INBOUND, bytes_sent=1, bytes_received=1, error=POLICY_CHANGE_ERROR, flags=ResponseFlags.DENY
+    )
+    h.sink.connection_failed(PLAINTEXT, error="denied", flags=ResponseFlags.DENY)
+    h.sink.connection_rejected(
+        direction=Direction.OUTBOUND, src=(ip("10.0.0.1"), 5), dst=(ip("10.9.9.9"), 80), error="x"
+    )
+    lines = json_lines(out)
+    assert [(r["message"], r["level"]) for r in lines] == [
+        ("connection complete", "error"),
+        ("connection complete", "error"),
+        ("connection failed", "warn"),
+    ]
+    assert [r["error"] for r in lines] == [POLICY_CHANGE_ERROR, "denied", "x"]
+    # Metrics still count every connection, the clean one included.
+    assert h.value("istio_tcp_connections_opened_total") == 3
+    assert h.value("istio_tcp_connections_closed_total", response_flags="-") == 1
+
+
+def test_without_the_filter_clean_connections_are_logged(h: Harness, capture: Capture) -> None:
+    out = capture(True)
+    h.sink.connection_opened(OUTBOUND, Counters())
+    h.sink.connection_closed(OUTBOUND, bytes_sent=5, bytes_received=6, error=None)
+    (line,) = json_lines(out)
+    assert (line["message"], line["level"]) == ("connection complete", "info")
 
 
 # ---------------------------------------------------------------------------- report_splice
