@@ -34,7 +34,8 @@ from tests.netns.e2e.support import (
 )
 from tools.lab.cluster import AMBIENT_LABEL
 from tools.lab.mesh import LabMesh, LabOptions
-from ztunnel_py.testing.daemon import Daemon
+from ztunnel_py.admin.debug import SECTIONS
+from ztunnel_py.testing.daemon import Daemon, http
 from ztunnel_py.testing.poll import eventually, wait_until
 
 # The first test also brings the session's lab up (control plane, testbed, daemons).
@@ -94,6 +95,39 @@ def policy(lab: LabMesh) -> Iterator[str]:
         lab.cluster.delete_authorization_policy(AMBIENT, name)
     except Exception as e:  # absent already is fine
         assert getattr(e, "status", None) == 404, e
+
+
+# ----------------------------------------------------------------------------- debug views
+
+ADDRESS_TYPE = "type.googleapis.com/istio.workload.Address"
+AUTHORIZATION_TYPE = "type.googleapis.com/istio.security.Authorization"
+
+
+def test_debug_dump_shows_the_real_istiod_and_keeps_secrets_out(lab: LabMesh) -> None:
+    """/debug/dump of a daemon fed by the real istiod: the stream, per-type ACKs and the
+    istiod-issued certificates are there; the bound service-account token and keys are not."""
+    for node in lab.plan.nodes:
+        daemon = lab.daemons[node.name]
+        reply = http(daemon.admin + "/debug/dump", timeout=30)
+        assert reply.status == 200, reply.text
+        token = lab.token_path(node.name).read_text().strip()
+        assert token and token not in reply.text
+        assert "PRIVATE KEY" not in reply.text
+        doc = reply.json()
+        assert list(doc) == list(SECTIONS)
+        xds = doc["xds"]
+        assert xds["connected"] is True and xds["lastError"] is None, xds
+        for type_url in (ADDRESS_TYPE, AUTHORIZATION_TYPE):
+            state = xds["types"][type_url]
+            assert state["acked"] and state["lastAck"] is not None, (type_url, state)
+            assert state["lastNack"] is None, (type_url, state)
+        identities = {c["identity"] for c in doc["certificates"]["certificates"]}
+        mine = {
+            spiffe(p.namespace, p.service_account)
+            for p in lab.plan.pods_on(node.name)
+            if p.namespace == AMBIENT
+        }
+        assert mine <= identities, (mine, identities)
 
 
 # ----------------------------------------------------------------------------- enrollment
