@@ -18,17 +18,13 @@ import yaml
 
 from tests.deploy.apiserver import ApiServer, api_server, lab_binaries
 from tests.deploy.support import EBPF_VALUES, IPTABLES_VALUES, load_values, render
-from tools.k8s.render import PLAIN, ROOT
+from tools.k8s.render import PLAIN
 from ztunnel_py.testing.privileged import require
-
-LAB_IN_TREE = (ROOT / "tools" / "lab" / "build.sh").exists()
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
     binaries = lab_binaries()
-    if binaries is None and not LAB_IN_TREE:
-        pytest.skip("the Istio lab (tools/lab, issue 12) is not in this tree: no kube-apiserver")
     require(binaries is not None, "the lab's kube-apiserver, kubectl and etcd (tools/lab/build.sh)")
     assert binaries is not None
     with api_server(binaries, tmp_path_factory.mktemp("apiserver")) as srv:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.netns.e2e.support import MODES, finish_stream, mesh_tag, start_stream
+from tools.lab.binaries import LabBinariesMissing, find_binaries
 from tools.testbed import cgroup2_mount
 from tools.testbed.mesh import ExtraService, Mesh, MeshOptions
 from tools.testbed.plan import ECHO_PORT
@@ -192,15 +193,6 @@ UNUSED_PORT_DENY = {
 
 def lab_istioctl() -> Path:
     """istioctl as the Istio lab builds it (tools/lab/build.sh, from istio's own source)."""
-    try:
-        from tools.lab.binaries import (  # type: ignore[import-not-found,import-untyped,unused-ignore]
-            LabBinariesMissing,
-            find_binaries,
-        )
-    except ImportError:
-        pytest.skip(
-            "the Istio lab (tools/lab) is not in this tree; the dump's shape is checked above"
-        )
     try:
         istioctl: Path = find_binaries().istioctl
     except LabBinariesMissing as e:
