@@ -20,21 +20,12 @@ from prometheus_client import CollectorRegistry, Counter
 
 from ztunnel_py.dns.forwarder import ForwardError, UpstreamForwarder
 from ztunnel_py.state.model import IPAddress, Workload
+from ztunnel_py.telemetry.metrics import SOURCE_LABEL_NAMES
 
 log = logging.getLogger(__name__)
 
 UNKNOWN = "unknown"
-LABEL_NAMES = (
-    "source_workload",
-    "source_canonical_service",
-    "source_canonical_revision",
-    "source_workload_namespace",
-    "source_principal",
-    "source_app",
-    "source_version",
-    "source_cluster",
-    "hostname",
-)
+LABEL_NAMES = (*SOURCE_LABEL_NAMES, "hostname")
 
 
 class OnDemandDnsMetrics:

@@ -63,8 +63,8 @@ class SecurityPolicy(enum.Enum):
     MUTUAL_TLS = "mutual_tls"
 
 
-LABEL_NAMES: tuple[str, ...] = (
-    "reporter",
+# The source half of ztunnel's labels, also the prefix of its on-demand DNS metric's labels.
+SOURCE_LABEL_NAMES: tuple[str, ...] = (
     "source_workload",
     "source_canonical_service",
     "source_canonical_revision",
@@ -73,6 +73,10 @@ LABEL_NAMES: tuple[str, ...] = (
     "source_app",
     "source_version",
     "source_cluster",
+)
+LABEL_NAMES: tuple[str, ...] = (
+    "reporter",
+    *SOURCE_LABEL_NAMES,
     "destination_service",
     "destination_service_namespace",
     "destination_service_name",
