@@ -82,6 +82,14 @@ class IpFamily(enum.Enum):
     IPV4 = "IPv4"
     IPV6 = "IPv6"
 
+    def accepts_ip(self, ip: IPAddress) -> bool:
+        """ztunnel's ``IpFamily::accepts_ip``: a single-stack service takes its family only."""
+        if self is IpFamily.IPV4:
+            return ip.version == 4
+        if self is IpFamily.IPV6:
+            return ip.version == 6
+        return True
+
 
 class Visibility(enum.Enum):
     PUBLIC = "Public"
