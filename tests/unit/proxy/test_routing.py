@@ -788,8 +788,10 @@ def test_all_zero_weights_fall_back_to_the_primary_waypoint() -> None:
 # --------------------------------------------------------------------------- address families
 
 
-def dual(name: str, *addrs: str, **kw: object) -> Workload:
-    return replace(wl(name, None, **kw), workload_ips=tuple(ip(a) for a in addrs))
+def dual(name: str, *addrs: str, services: dict[str, dict[int, int]] | None = None) -> Workload:
+    return replace(
+        wl(name, None, services=services or {}), workload_ips=tuple(ip(a) for a in addrs)
+    )
 
 
 def _service_route(endpoint: Workload, vip: str, family: IpFamily | None, port: int = 80) -> Route:
