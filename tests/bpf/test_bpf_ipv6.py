@@ -14,12 +14,14 @@ import socket
 import pytest
 
 from ztunnel_py.config import PROBE_IP6
+from ztunnel_py.rbac.model import Action, Authorization, Match, Scope
 from ztunnel_py.state.model import InboundProtocol, NetworkAddress, Service, Workload, frozen_map
 from ztunnel_py.state.store import UpdateBatch
 from ztunnel_py.testing.bpf import (
     OUTSIDER_IP6,
     PEER_IP,
     PEER_IP6,
+    POD_IP,
     POD_IP6,
     VIP6,
     WAIT_S,
@@ -279,3 +281,48 @@ def test_inbound_from_the_ipv6_probe_address_reaches_the_application(pod_env: Po
     assert served is not None and ip(served.peer[0]) == PROBE_IP6
     assert nothing_waiting(pod_env.inbound)
     assert pod_env.counters()["in_passthrough"] == before["in_passthrough"] + 1
+
+
+def test_inbound_deny_on_the_pods_ipv6_destination_is_dropped_in_the_kernel(
+    pod_env: PodEnv,
+) -> None:
+    """A DENY naming the pod's IPv6 address as destination becomes a rule on every IPv6
+    source: IPv6 connections are refused in the kernel, IPv4 ones to the same port are not."""
+    pod_env.start_loader()
+    pod_env.enroll()
+    assert pod_env.inbound is not None and pod_env.sync is not None
+    deny6 = Authorization(
+        name="deny-v6-dst",
+        namespace="default",
+        scope=Scope.NAMESPACE,
+        action=Action.DENY,
+        rules=(
+            (
+                (
+                    Match(
+                        destination_ips=(ipaddress.ip_network(f"{POD_IP6}/128"),),
+                        destination_ports=(8081,),
+                    ),
+                ),
+            ),
+        ),
+    )
+    pod_env.sync.state_changed(pod_env.state.apply(UpdateBatch(policies=(deny6,))))
+    app = pod_env.listen(pod_env.pod, "::", 8081)
+    before = pod_env.counters()
+
+    denied = pod_env.peer.socket(socket.AF_INET6)
+    pod_env.extra.append(denied)
+    denied.settimeout(WAIT_S)
+    with pytest.raises(ConnectionRefusedError):
+        denied.connect((POD_IP6, 8081))
+    assert pod_env.counters()["in_dropped_deny"] == before["in_dropped_deny"] + 1
+    assert nothing_waiting(pod_env.inbound) and nothing_waiting(app)
+
+    allowed = pod_env.peer.socket(socket.AF_INET)
+    pod_env.extra.append(allowed)
+    allowed.settimeout(WAIT_S)
+    allowed.connect((POD_IP, 8081))
+    allowed.sendall(b"hi")
+    served = pod_env.serve_one(pod_env.inbound, b"ok")
+    assert served is not None and (served.local[1], served.received) == (8081, b"hi")
