@@ -326,3 +326,60 @@ def test_inbound_deny_on_the_pods_ipv6_destination_is_dropped_in_the_kernel(
     allowed.sendall(b"hi")
     served = pod_env.serve_one(pod_env.inbound, b"ok")
     assert served is not None and (served.local[1], served.received) == (8081, b"hi")
+
+
+# ------------------------------------------------------------------ IPV6_ENABLED=false
+
+
+def test_ipv6_disabled_leaves_ipv6_traffic_alone_and_still_captures_ipv4(pod_env: PodEnv) -> None:
+    """IPV6_ENABLED=false: no IPv6 listeners, so no IPv6 capture (as iptables mode installs no
+    ip6tables rules); IPv4, also from an IPv6 socket (IPv4-mapped), is captured as before."""
+    loader = pod_env.start_loader(ipv6=False)
+    pod_env.enroll()
+    assert pod_env.outbound is not None and pod_env.inbound is not None
+    real = pod_env.listen(pod_env.peer, PEER_IP6, 8080)  # a mesh workload address
+    app = pod_env.listen(pod_env.pod, "::", 8082)
+    upstream = udp_socket(pod_env, False, PEER_IP6, DNS)
+    proxy6 = udp_socket(pod_env, True, "::1", PROXY_DNS)
+    before = pod_env.counters()
+
+    # Outbound IPv6 to a mesh workload: straight to it.
+    proc = pod_env.app(PEER_IP6, 8080, family=6)
+    served = pod_env.serve_one(real, b"pong-real")
+    assert served is not None and pod_env.result(proc)["received"] == "pong-real"
+    assert nothing_waiting(pod_env.outbound)
+
+    # DNS to an IPv6 resolver: straight to it.
+    proc = pod_env.app(PEER_IP6, DNS, family=6, udp=True, send="q")
+    assert answer_one(upstream, b"upstream") is not None
+    assert pod_env.result(proc)["source"] == [PEER_IP6, DNS]
+    assert nothing_waiting(proxy6)
+
+    # Inbound IPv6: the application itself, not :15006.
+    client = pod_env.peer.socket(socket.AF_INET6)
+    pod_env.extra.append(client)
+    client.settimeout(WAIT_S)
+    client.connect((POD_IP6, 8082))
+    client.sendall(b"hello6")
+    assert pod_env.serve_one(app, b"app") is not None
+    assert nothing_waiting(pod_env.inbound)
+
+    after = pod_env.counters()
+    assert after["out_redirected"] == before["out_redirected"]
+    assert after["in_passthrough"] == before["in_passthrough"] + 1
+
+    # IPv4-mapped from an IPv6 socket is IPv4 on the wire: still captured.
+    proc = pod_env.app(f"::ffff:{PEER_IP}", 8080, family=6)
+    served = pod_env.serve_one(pod_env.outbound, b"pong-15001")
+    assert served is not None, "IPv4 (mapped) was not captured with IPv6 disabled"
+    dst = loader.original_destinations().original_destination(served.sock)
+    assert dst == (ip(PEER_IP), 8080)
+    served.sock.close()
+    assert pod_env.result(proc)["received"] == "pong-15001"
+    # And inbound IPv4 is steered as before.
+    client4 = pod_env.peer.socket(socket.AF_INET)
+    pod_env.extra.append(client4)
+    client4.settimeout(WAIT_S)
+    client4.connect((POD_IP, 8082))
+    client4.sendall(b"hello4")
+    assert pod_env.serve_one(pod_env.inbound, b"ok") is not None
