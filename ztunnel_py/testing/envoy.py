@@ -5,7 +5,12 @@ Two roles, as Istio uses Envoy around HBONE:
 * ``hbone_originator``: a TCP listener whose bytes go through ``tcp_proxy`` tunneling, i.e. an
   HTTP/2 CONNECT over mTLS (SPIFFE client certificate; the server's URI SAN must match);
 * ``connect_terminator``: an mTLS HTTP/2 listener that accepts CONNECT, as a waypoint does,
-  requires a client certificate with an expected URI SAN, and routes the tunnel to a TCP app.
+  requires a client certificate with an expected URI SAN, and routes the tunnel to a TCP app;
+* ``eastwest_gateway``: Istio's ambient east-west gateway (``istio-east-west`` class): the
+  outer CONNECT of double HBONE is terminated (mTLS, any client of the trust domain), routed
+  by its ``<service hostname>:<port>`` authority to the service's endpoints on this network,
+  and its bytes (the inner TLS + CONNECT) forwarded unread to ``<pod ip>:15008``; an authority
+  it does not serve is answered 404.
 
 The admin interface binds to 127.0.0.1 on a free port; ``EnvoyProcess.stop`` kills Envoy.
 """
@@ -221,6 +226,120 @@ def connect_terminator(
                 }
             ],
             "clusters": [static_cluster("app", *app)],
+        },
+    }
+
+
+def eastwest_gateway(
+    *,
+    listen: tuple[str, int],
+    services: dict[str, list[tuple[str, int]]],
+    certs: CertFiles,
+    trust_domain: str,
+    admin_port: int,
+) -> dict[str, Any]:
+    """``services``: ``<hostname>:<port>`` -> the endpoints' HBONE addresses (``ip``, 15008).
+
+    Istio builds the same path from ``connect_terminate`` (mTLS, CONNECT), the ``main_internal``
+    listener (match on the authority) and ``inbound-vip|<port>|tcp|<hostname>`` clusters whose
+    endpoints are the pods' :15008, reached as raw TCP (``pilot/pkg/networking/core/
+    listener_waypoint.go``, ``cluster_waypoint.go``); here one HTTP connection manager routes
+    each authority straight to such a cluster.
+    """
+    vhosts: list[dict[str, Any]] = []
+    clusters: list[dict[str, Any]] = []
+    for i, (authority, endpoints) in enumerate(sorted(services.items())):
+        host, _, port = authority.rpartition(":")
+        name = f"inbound-vip|{port}|tcp|{host}"
+        clusters.append(
+            {
+                "name": name,
+                "connect_timeout": "5s",
+                "type": "STATIC",
+                "load_assignment": {
+                    "cluster_name": name,
+                    "endpoints": [
+                        {
+                            "lb_endpoints": [
+                                {
+                                    "endpoint": {
+                                        "address": {
+                                            "socket_address": {"address": ip, "port_value": p}
+                                        }
+                                    }
+                                }
+                                for ip, p in endpoints
+                            ]
+                        }
+                    ],
+                },
+            }
+        )
+        vhosts.append(
+            {
+                "name": f"service-{i}",
+                "domains": [authority],
+                "routes": [
+                    {
+                        "match": {"connect_matcher": {}},
+                        "route": {
+                            "cluster": name,
+                            "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}],
+                        },
+                    }
+                ],
+            }
+        )
+    hcm = {
+        "@type": TYPE_PREFIX
+        + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "connect_terminate",
+        "codec_type": "HTTP2",
+        "http2_protocol_options": {"allow_connect": True, **h2_windows()},
+        "upgrade_configs": [{"upgrade_type": "CONNECT"}],
+        "stream_idle_timeout": "0s",
+        "route_config": {"name": "default", "virtual_hosts": vhosts},
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": TYPE_PREFIX + "extensions.filters.http.router.v3.Router"},
+            }
+        ],
+    }
+    common = tls_context(certs, [])
+    # Any client of the mesh's trust domain, as Istio's connect_terminate accepts.
+    common["validation_context"]["match_typed_subject_alt_names"] = [
+        {"san_type": "URI", "matcher": {"prefix": f"spiffe://{trust_domain}/"}}
+    ]
+    return {
+        "admin": admin_address(admin_port),
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "connect_terminate",
+                    "address": {"socket_address": {"address": listen[0], "port_value": listen[1]}},
+                    "filter_chains": [
+                        {
+                            "transport_socket": {
+                                "name": "envoy.transport_sockets.tls",
+                                "typed_config": {
+                                    "@type": TYPE_PREFIX
+                                    + "extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                                    "require_client_certificate": True,
+                                    "common_tls_context": common,
+                                },
+                            },
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": hcm,
+                                }
+                            ],
+                        }
+                    ],
+                }
+            ],
+            "clusters": clusters,
         },
     }
 
