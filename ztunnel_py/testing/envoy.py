@@ -233,12 +233,14 @@ def connect_terminator(
 def eastwest_gateway(
     *,
     listen: tuple[str, int],
+    source_ip: str | None = None,
     services: dict[str, list[tuple[str, int]]],
     certs: CertFiles,
     trust_domain: str,
     admin_port: int,
 ) -> dict[str, Any]:
-    """``services``: ``<hostname>:<port>`` -> the endpoints' HBONE addresses (``ip``, 15008).
+    """``services``: ``<hostname>:<port>`` -> the endpoints' HBONE addresses (``ip``, 15008);
+    ``source_ip``: the address the gateway connects from (its pod's).
 
     Istio builds the same path from ``connect_terminate`` (mTLS, CONNECT), the ``main_internal``
     listener (match on the authority) and ``inbound-vip|<port>|tcp|<hostname>`` clusters whose
@@ -251,9 +253,15 @@ def eastwest_gateway(
     for i, (authority, endpoints) in enumerate(sorted(services.items())):
         host, _, port = authority.rpartition(":")
         name = f"inbound-vip|{port}|tcp|{host}"
+        bind = (
+            {"upstream_bind_config": {"source_address": {"address": source_ip, "port_value": 0}}}
+            if source_ip
+            else {}
+        )
         clusters.append(
             {
                 "name": name,
+                **bind,
                 "connect_timeout": "5s",
                 "type": "STATIC",
                 "load_assignment": {

@@ -169,6 +169,7 @@ async def nets(tmp_path: Path, envoys: list[EnvoyProcess]) -> AsyncIterator[TwoN
     envoy = EnvoyProcess(
         eastwest_gateway(
             listen=(gw_ip, gw_port),
+            source_ip=gw_ip,  # tunnels reach the pod from the gateway's address
             services={f"{ECHO_HOST}:80": [(server_ip, 15008)]},
             certs=write_certs(
                 pki.ca, f"spiffe://cluster.local/ns/istio-system/sa/{GATEWAY_SA}", tmp_path, "gw"
