@@ -21,5 +21,5 @@ from ztunnel_py.proxy.inbound import from_gateway
 def test_origin_network_other_than_ours_means_through_a_gateway(
     headers: tuple[tuple[str, str], ...], network: str, through_gateway: bool
 ) -> None:
-    request = parse_connect_request("CONNECT", "echo.default.svc.cluster.local:80", list(headers))
+    request = parse_connect_request("CONNECT", "echo.default.svc.cluster.local:80", headers)
     assert from_gateway(request, network) is through_gateway
