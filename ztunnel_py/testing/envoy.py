@@ -163,68 +163,12 @@ def connect_terminator(
     client_sans: list[str],
     admin_port: int,
 ) -> dict[str, Any]:
-    hcm = {
-        "@type": TYPE_PREFIX
-        + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "waypoint",
-        "codec_type": "HTTP2",
-        "http2_protocol_options": {"allow_connect": True, **h2_windows()},
-        "upgrade_configs": [{"upgrade_type": "CONNECT"}],
-        "route_config": {
-            "name": "local",
-            "virtual_hosts": [
-                {
-                    "name": "all",
-                    "domains": ["*"],
-                    "routes": [
-                        {
-                            "match": {"connect_matcher": {}},
-                            "route": {
-                                "cluster": "app",
-                                "upgrade_configs": [
-                                    {"upgrade_type": "CONNECT", "connect_config": {}}
-                                ],
-                            },
-                        }
-                    ],
-                }
-            ],
-        },
-        "http_filters": [
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {"@type": TYPE_PREFIX + "extensions.filters.http.router.v3.Router"},
-            }
-        ],
-    }
+    vhost = {"name": "all", "domains": ["*"], "routes": [_connect_route("app")]}
+    hcm = _connect_hcm("waypoint", "local", [vhost])
     return {
         "admin": admin_address(admin_port),
         "static_resources": {
-            "listeners": [
-                {
-                    "name": "hbone_in",
-                    "address": {"socket_address": {"address": listen[0], "port_value": listen[1]}},
-                    "filter_chains": [
-                        {
-                            "transport_socket": {
-                                "name": "envoy.transport_sockets.tls",
-                                "typed_config": {
-                                    "@type": TYPE_PREFIX
-                                    + "extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-                                    "require_client_certificate": True,
-                                    "common_tls_context": tls_context(certs, client_sans),
-                                },
-                            },
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": hcm,
-                                }
-                            ],
-                        }
-                    ],
-                }
-            ],
+            "listeners": [_mtls_listener("hbone_in", listen, tls_context(certs, client_sans), hcm)],
             "clusters": [static_cluster("app", *app)],
         },
     }
@@ -253,67 +197,21 @@ def eastwest_gateway(
     for i, (authority, endpoints) in enumerate(sorted(services.items())):
         host, _, port = authority.rpartition(":")
         name = f"inbound-vip|{port}|tcp|{host}"
-        bind = (
-            {"upstream_bind_config": {"source_address": {"address": source_ip, "port_value": 0}}}
-            if source_ip
-            else {}
-        )
-        clusters.append(
-            {
-                "name": name,
-                **bind,
-                "connect_timeout": "5s",
-                "type": "STATIC",
-                "load_assignment": {
-                    "cluster_name": name,
-                    "endpoints": [
-                        {
-                            "lb_endpoints": [
-                                {
-                                    "endpoint": {
-                                        "address": {
-                                            "socket_address": {"address": ip, "port_value": p}
-                                        }
-                                    }
-                                }
-                                for ip, p in endpoints
-                            ]
-                        }
-                    ],
-                },
+        cluster = static_cluster(name, *endpoints[0])
+        cluster["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
+            {"endpoint": {"address": {"socket_address": {"address": ip, "port_value": p}}}}
+            for ip, p in endpoints
+        ]
+        if source_ip:
+            cluster["upstream_bind_config"] = {
+                "source_address": {"address": source_ip, "port_value": 0}
             }
-        )
+        clusters.append(cluster)
         vhosts.append(
-            {
-                "name": f"service-{i}",
-                "domains": [authority],
-                "routes": [
-                    {
-                        "match": {"connect_matcher": {}},
-                        "route": {
-                            "cluster": name,
-                            "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}],
-                        },
-                    }
-                ],
-            }
+            {"name": f"service-{i}", "domains": [authority], "routes": [_connect_route(name)]}
         )
-    hcm = {
-        "@type": TYPE_PREFIX
-        + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "connect_terminate",
-        "codec_type": "HTTP2",
-        "http2_protocol_options": {"allow_connect": True, **h2_windows()},
-        "upgrade_configs": [{"upgrade_type": "CONNECT"}],
-        "stream_idle_timeout": "0s",
-        "route_config": {"name": "default", "virtual_hosts": vhosts},
-        "http_filters": [
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {"@type": TYPE_PREFIX + "extensions.filters.http.router.v3.Router"},
-            }
-        ],
-    }
+    hcm = _connect_hcm("connect_terminate", "default", vhosts)
+    hcm["stream_idle_timeout"] = "0s"  # tunnels live as long as their connections
     common = tls_context(certs, [])
     # Any client of the mesh's trust domain, as Istio's connect_terminate accepts.
     common["validation_context"]["match_typed_subject_alt_names"] = [
@@ -322,33 +220,67 @@ def eastwest_gateway(
     return {
         "admin": admin_address(admin_port),
         "static_resources": {
-            "listeners": [
-                {
-                    "name": "connect_terminate",
-                    "address": {"socket_address": {"address": listen[0], "port_value": listen[1]}},
-                    "filter_chains": [
-                        {
-                            "transport_socket": {
-                                "name": "envoy.transport_sockets.tls",
-                                "typed_config": {
-                                    "@type": TYPE_PREFIX
-                                    + "extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-                                    "require_client_certificate": True,
-                                    "common_tls_context": common,
-                                },
-                            },
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": hcm,
-                                }
-                            ],
-                        }
-                    ],
-                }
-            ],
+            "listeners": [_mtls_listener("connect_terminate", listen, common, hcm)],
             "clusters": clusters,
         },
+    }
+
+
+def _connect_route(cluster: str) -> dict[str, Any]:
+    """A CONNECT terminated here, its payload sent to ``cluster`` as plain TCP."""
+    return {
+        "match": {"connect_matcher": {}},
+        "route": {
+            "cluster": cluster,
+            "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}],
+        },
+    }
+
+
+def _connect_hcm(
+    stat_prefix: str, route_name: str, virtual_hosts: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """An HTTP/2 connection manager that accepts CONNECT (ztunnel's windows)."""
+    return {
+        "@type": TYPE_PREFIX
+        + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": stat_prefix,
+        "codec_type": "HTTP2",
+        "http2_protocol_options": {"allow_connect": True, **h2_windows()},
+        "upgrade_configs": [{"upgrade_type": "CONNECT"}],
+        "route_config": {"name": route_name, "virtual_hosts": virtual_hosts},
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": TYPE_PREFIX + "extensions.filters.http.router.v3.Router"},
+            }
+        ],
+    }
+
+
+def _mtls_listener(
+    name: str, listen: tuple[str, int], common_tls: dict[str, Any], hcm: dict[str, Any]
+) -> dict[str, Any]:
+    """A listener that requires a client certificate and serves ``hcm`` over TLS."""
+    return {
+        "name": name,
+        "address": {"socket_address": {"address": listen[0], "port_value": listen[1]}},
+        "filter_chains": [
+            {
+                "transport_socket": {
+                    "name": "envoy.transport_sockets.tls",
+                    "typed_config": {
+                        "@type": TYPE_PREFIX
+                        + "extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                        "require_client_certificate": True,
+                        "common_tls_context": common_tls,
+                    },
+                },
+                "filters": [
+                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+                ],
+            }
+        ],
     }
 
 

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import ipaddress
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -106,16 +106,6 @@ def _sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 total += s.value
     return total
-
-
-@pytest.fixture
-def envoys() -> Iterator[list[EnvoyProcess]]:
-    started: list[EnvoyProcess] = []
-    try:
-        yield started
-    finally:
-        for envoy in started:
-            envoy.stop()
 
 
 @pytest_asyncio.fixture
