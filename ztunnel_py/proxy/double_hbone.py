@@ -20,6 +20,7 @@ import contextlib
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 
+from ztunnel_py.hbone.headers import Baggage, Forwarded, TraceParent, request_headers
 from ztunnel_py.proxy.pool import HbonePool, WorkloadKey
 from ztunnel_py.proxy.splice import HboneSplice, TcpSide
 from ztunnel_py.proxy.transport import HboneProtocol
@@ -31,6 +32,23 @@ OUTER_CLOSE_GRACE_S = 5.0
 #: Dials the inner connection: TLS over the given socket, the server's identity checked
 #: against ``key.dst_identities`` (``HboneConnector.handshake``).
 InnerHandshake = Callable[[socket.socket, WorkloadKey], Awaitable[HboneProtocol]]
+
+
+def tunnel_headers(
+    *, forwarded: Forwarded, baggage: Baggage, traceparent: TraceParent, origin_network: str
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(outer, inner) request headers, as ztunnel's ``create_hbone_request``: the same
+    ``forwarded``, ``baggage`` and ``traceparent`` on both; ``x-forwarded-network`` (this
+    node's ``NETWORK``, even when empty) only on the inner one: the gateway needs none, the
+    final hop learns from it that the tunnel came through a gateway."""
+    outer = request_headers(forwarded=forwarded, baggage=baggage, traceparent=traceparent)
+    inner = request_headers(
+        forwarded=forwarded,
+        baggage=baggage,
+        traceparent=traceparent,
+        forwarded_network=origin_network,
+    )
+    return outer, inner
 
 
 class DoubleTunnel:

@@ -33,7 +33,7 @@ from ztunnel_py.identity.errors import IdentityError
 from ztunnel_py.identity.tls import NO_SNI, TlsVerificationError, handshake_error, verify_server
 from ztunnel_py.proxy.certificates import CertificateSource, HandshakeObserver
 from ztunnel_py.proxy.conntrack import OutboundConnection, tracked_outbound
-from ztunnel_py.proxy.double_hbone import open_double_tunnel
+from ztunnel_py.proxy.double_hbone import open_double_tunnel, tunnel_headers
 from ztunnel_py.proxy.errors import UpstreamConnectError
 from ztunnel_py.proxy.inbound import workload_baggage
 from ztunnel_py.proxy.inputs import PodInputs, ProxyInputs
@@ -297,7 +297,12 @@ class OutboundServer(ProxyServer):
         assert route.authority is not None
         service = route.destination_service
         trace = new_traceparent(self.rng)
-        forwarded = Forwarded(src[0], src[1], service.hostname if service else None)
+        outer_headers, inner_headers = tunnel_headers(
+            forwarded=Forwarded(src[0], src[1], service.hostname if service else None),
+            baggage=self.baggage,
+            traceparent=trace,
+            origin_network=self.config.network,
+        )
         outer_key = WorkloadKey(
             src_identity=self.identity,
             dst_identities=frozenset(route.identities),
@@ -312,7 +317,7 @@ class OutboundServer(ProxyServer):
                 self.pool,
                 outer_key,
                 route.authority,
-                request_headers(forwarded=forwarded, baggage=self.baggage, traceparent=trace),
+                outer_headers,
                 inner_key,
                 self.inner_connector.handshake,
             )
@@ -326,13 +331,7 @@ class OutboundServer(ProxyServer):
             down.reset()
             self._failed(record, e)
             return
-        try:
-            inner_headers = request_headers(
-                forwarded=forwarded,
-                baggage=self.baggage,
-                traceparent=trace,
-                forwarded_network=self.config.network,
-            )
+        try:  # the tunnel is closed however this ends (cancelled at shutdown too)
             try:
                 sid = tunnel.inner.open_stream(route.authority, inner_headers, splice)
                 splice.bind(tunnel.inner, sid)
@@ -345,10 +344,9 @@ class OutboundServer(ProxyServer):
             # The final hop's identity (checked in the handshake already): the destination
             # principal, where a direct tunnel has the next hop's.
             ssl_object = cast(ssl.SSLObject, tunnel.inner.get_extra_info("ssl_object"))
-            peer = verify_server(ssl_object, inner_key.dst_identities)
             record = dataclasses.replace(
                 record,
-                dst_identity=str(peer),
+                dst_identity=str(verify_server(ssl_object, inner_key.dst_identities)),
                 dst_baggage=_lenient_baggage(header_value(answer, BAGGAGE)),
             )
             splice.start()
