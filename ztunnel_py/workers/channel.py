@@ -30,8 +30,12 @@ class ChannelClosed(EOFError):
     """The other process closed its end (it exited, or was killed)."""
 
 
+def _mapping_proxy(items: dict[Any, Any]) -> MappingProxyType[Any, Any]:
+    return MappingProxyType(items)
+
+
 def _reduce_mapping_proxy(m: MappingProxyType[Any, Any]) -> tuple[Any, tuple[dict[Any, Any]]]:
-    return MappingProxyType, (dict(m),)
+    return _mapping_proxy, (dict(m),)
 
 
 class _Pickler(pickle.Pickler):

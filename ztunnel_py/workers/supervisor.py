@@ -196,13 +196,19 @@ class WorkerPool:
         finally:
             for task in (sender, receiver):
                 task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ChannelClosed, OSError):
-                await sender
-            with contextlib.suppress(asyncio.CancelledError, ChannelClosed):
-                await receiver
+            for task in (sender, receiver):
+                try:
+                    await task
+                except (asyncio.CancelledError, ChannelClosed):
+                    pass
+                except Exception:  # our bug: lose this worker (it is replaced), not the daemon
+                    log.exception("worker %d: its channel failed; killing it", link.worker_id)
             link.discard_outbox()
             link.channel.close()
-        code = await exited  # a closed channel means the process is ending anyway
+            if not exited.done():  # the channel is gone: the worker cannot be fed any more
+                with contextlib.suppress(ProcessLookupError):
+                    link.process.kill()
+        code = await exited
         self._gone(link, code)
 
     def _gone(self, link: _Link, code: int) -> None:

@@ -41,7 +41,7 @@ from ztunnel_py.telemetry.sink import ProxyTelemetry
 from ztunnel_py.workers import messages as m
 from ztunnel_py.workers.channel import Channel, ChannelClosed
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ztunnel_py.workers.worker")  # not __main__: run with -m
 
 
 class WorkerProcess:
@@ -76,6 +76,7 @@ class WorkerProcess:
         self._next_request = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._draining: asyncio.Task[None] | None = None
+        self._starting: dict[str, asyncio.Task[None]] = {}  # pod uid -> its start
 
     def spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -138,8 +139,10 @@ class WorkerProcess:
         match message:
             case m.ApplyState(batch):
                 self.hub.apply(batch)
-            case m.ServePod():
-                await self._serve_pod(message, fds)
+            case m.ServePod(uid):
+                # Not awaited here: starting a pod may ask for its certificate, whose answer
+                # comes over this same channel.
+                self._starting[uid] = asyncio.create_task(self._serve_pod(message, fds))
             case m.StopPod(uid, deadline_s):
                 self.spawn(f"stop {uid}", self._stop_pod(uid, deadline_s))
             case m.CertificateReply(request_id):
@@ -154,7 +157,7 @@ class WorkerProcess:
                 self.worker_id = worker_id
                 self.starter = self.dataplane.start_worker(redirect_mode, fds[0] if fds else None)
             case m.SyncDone():
-                await self.channel.send(m.Ready(self.worker_id, os.getpid()))
+                self.spawn("ready", self._ready(list(self._starting.values())))
             case m.Drain(deadline_s):
                 self._start_drain(deadline_s, tell=False)
             case _:
@@ -163,6 +166,12 @@ class WorkerProcess:
                     os.close(fd)
 
     async def _serve_pod(self, message: m.ServePod, fds: list[int]) -> None:
+        try:
+            await self._start_pod(message, fds)
+        finally:
+            self._starting.pop(message.uid, None)
+
+    async def _start_pod(self, message: m.ServePod, fds: list[int]) -> None:
         netns_fd, *listening = fds
         listeners = PodListeners(*(socket.socket(fileno=fd) for fd in listening))
         workload = self.hub.state.workload(message.workload_uid)
@@ -185,7 +194,14 @@ class WorkerProcess:
             return
         self.pods[message.uid] = (handle, netns_fd)
 
+    async def _ready(self, starting: list[asyncio.Task[None]]) -> None:
+        await asyncio.gather(*starting)
+        await self.channel.send(m.Ready(self.worker_id, os.getpid()))
+
     async def _stop_pod(self, uid: str, deadline_s: float) -> None:
+        starting = self._starting.get(uid)
+        if starting is not None:
+            await starting
         entry = self.pods.pop(uid, None)
         if entry is not None:
             handle, netns_fd = entry
@@ -222,6 +238,7 @@ class WorkerProcess:
         if tell:
             with contextlib.suppress(ChannelClosed):
                 await self.channel.send(m.Draining(self.worker_id))
+        await asyncio.gather(*self._starting.values(), return_exceptions=True)
         pods, self.pods = list(self.pods.values()), {}
         await asyncio.gather(*(handle.stop(deadline_s) for handle, _ in pods))
         for _, netns_fd in pods:
