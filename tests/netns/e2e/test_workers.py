@@ -261,7 +261,7 @@ def test_a_policy_change_closes_denied_connections_in_every_worker(
         "namespace": "default",
         "scope": "WorkloadSelector",
         "action": "Deny",
-        "rules": [[{"sourceIps": [f"{outside_ip}/32"]}]],
+        "rules": [[[{"sourceIps": [f"{outside_ip}/32"]}]]],  # rule -> clause -> match
     }
     apply_config(mesh, [block], selected={POD: ["default/wk-block"]})
     try:
