@@ -1,11 +1,12 @@
-"""Multi-worker mode (``ZTUNNEL_WORKER_THREADS=2``) with real daemons, iptables redirection.
+"""Multi-worker mode (``ZTUNNEL_WORKER_THREADS=2``) with real daemons, both redirect modes.
 
 Connections come from outside the mesh (the node's own netns) to pod-0-0's echo app, so each
-one is accepted by whichever worker takes it from the pod's shared :15006 queue; ``ss -p``
-inside the pod says which worker process holds it.
+one is accepted by whichever worker takes it from the pod's shared :15006 queue (reached by
+iptables' REDIRECT or eBPF's sk_lookup); ``ss -p`` inside the pod says which worker holds it.
 
 - connections are spread over both workers and every one is served; the metrics port sums
   the workers' series under ztunnel's names;
+- HBONE between two nodes' workers (certificates come from each node's control plane);
 - SIGTERM to a worker: it stops accepting, its live connections keep working until they
   end, new ones go to the other worker and its replacement, then it exits;
 - SIGKILL to a worker: the other worker's connections survive, a replacement serves;
@@ -26,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from tests.netns.e2e.support import Scrape, _socket_in, apply_config, mesh_tag
+from tests.netns.e2e.support import MODES, Scrape, _socket_in, apply_config, mesh_tag
 from tools.testbed import cgroup2_mount
 from tools.testbed.mesh import Mesh, MeshOptions
 from ztunnel_py.testing.daemon import Daemon
@@ -45,13 +46,15 @@ CLOSED = "istio_tcp_connections_closed_total"
 RECEIVED = "istio_tcp_received_bytes_total"
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+@pytest.fixture(scope="module", params=MODES)
+def mesh(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Mesh]:
     require(cgroup2_mount() is not None, "a cgroup v2 mount (testbed pods live in cgroups)")
+    redirect: str = request.param
     options = MeshOptions(
-        tag=mesh_tag("wk", "iptables"),
-        redirect="iptables",
-        nodes=1,
+        tag=mesh_tag("wk", redirect),
+        redirect=redirect,
         env={"ZTUNNEL_WORKER_THREADS": "2", "CONNECTION_TERMINATION_DEADLINE": "60s"},
     )
     shared = Mesh(options, Path(tmp_path_factory.mktemp(options.tag)))
@@ -81,8 +84,14 @@ def alive(pid: int) -> bool:
     return not Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
 
 
+def parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().split(") ")[1].split()[1])
+
+
 def owners(mesh: Mesh) -> dict[int, set[int]]:
-    """Client port -> pids holding the proxy's accepted end, for pod-0-0's :15006."""
+    """Client port -> the daemon's worker pids holding the proxy's accepted end in pod-0-0
+    (local port 15006 after iptables' REDIRECT, the app's port after eBPF's sk_lookup)."""
+    daemon_pid = mesh.daemons[NODE].proc.pid
     out = subprocess.run(
         [
             "nsenter",
@@ -101,9 +110,11 @@ def owners(mesh: Mesh) -> dict[int, set[int]]:
     found: dict[int, set[int]] = {}
     for line in out.splitlines():
         addrs = [f for f in line.split() if ":" in f and not f.startswith("users:")]
-        if len(addrs) >= 2 and addrs[0].endswith(f":{INBOUND_PLAINTEXT}"):
-            peer = int(addrs[1].rsplit(":", 1)[1])
-            found[peer] = {int(p) for p in re.findall(r"pid=(\d+)", line)}
+        if len(addrs) >= 2 and addrs[0].rsplit(":", 1)[1] in {str(INBOUND_PLAINTEXT), str(ECHO)}:
+            pids = {int(p) for p in re.findall(r"pid=(\d+)", line)}
+            workers = {p for p in pids if alive(p) and parent(p) == daemon_pid}
+            if workers:
+                found.setdefault(int(addrs[1].rsplit(":", 1)[1]), set()).update(workers)
     return found
 
 
@@ -247,6 +258,16 @@ def test_a_killed_worker_is_replaced_and_the_others_connections_survive(
     (replacement,) = set(workers(daemon)) - pids
     clients.spread({replacement, survivor})  # the replacement takes connections too
     assert daemon.proc.poll() is None
+
+
+def test_mesh_traffic_between_nodes_goes_through_workers_on_both_sides(mesh: Mesh) -> None:
+    """HBONE both ways: each side's worker gets its pod's certificate from its control plane."""
+    for node in ("node-0", "node-1"):
+        two_serving(mesh.daemons[node])
+    for _ in range(4):
+        result = mesh.client("pod-0-0", "echo", mesh.pod("pod-1-1").ip, ECHO, "--bytes", "100000")
+        assert result["result"] == "ok", result
+        assert result["sha256"] == result["expected_sha256"]
 
 
 def test_a_policy_change_closes_denied_connections_in_every_worker(
