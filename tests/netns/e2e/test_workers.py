@@ -293,3 +293,13 @@ def test_a_policy_change_closes_denied_connections_in_every_worker(
         apply_config(mesh)
     with contextlib.closing(clients.open()) as sock:  # allowed again
         assert echoes(sock, b"back")
+
+
+def test_workers_never_outlive_a_killed_control_plane(mesh: Mesh) -> None:
+    """Last in the module: it kills the node's daemon. Without their control plane no policy
+    change could reach the workers, so they go with it."""
+    daemon = mesh.daemons[NODE]
+    pids = two_serving(daemon)
+    daemon.proc.kill()
+    daemon.proc.wait(timeout=HANG_GUARD_S)
+    wait_until(lambda: not any(alive(pid) for pid in pids), "the workers to die with it")
