@@ -61,7 +61,7 @@ class App:
         self.registry = new_registry()
         self.hub = StateHub()
         self.readiness = Readiness()
-        self.loop_monitor = LoopMonitor(self.registry)
+        self.loop_monitor = LoopMonitor(self.registry, workers=config.worker_threads)
         self.logs = RecentLogs()  # the last lines and errors, for /debug
         self.dump_providers: dict[str, Callable[[], Any]] = {}
         self._stop = asyncio.Event()
@@ -88,6 +88,7 @@ class App:
                 secrets=self.secrets,
                 readiness=self.readiness,
                 own_registry=self.registry,
+                levels=self.levels,
                 spawn=self.spawn,
             )
         # With workers the connections are theirs: this process's series would only be zeros.

@@ -22,6 +22,7 @@ class Hello:
 
     worker_id: int
     redirect_mode: RedirectMode
+    log_levels: str  # RUST_LOG syntax, as last set on the control plane's /logging
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +59,13 @@ class Drain:
     """Stop accepting everywhere, let live connections finish up to the deadline, then exit."""
 
     deadline_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class LogLevels:
+    """``/logging`` changed the control plane's levels: the same spec for the worker."""
+
+    spec: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,7 @@ from ztunnel_py.redirect.listeners import PodListeners
 from ztunnel_py.redirect.workloads import EnrolledPod
 from ztunnel_py.state.hub import StateHub
 from ztunnel_py.state.store import ChangeSet
+from ztunnel_py.telemetry.logging import LevelController
 from ztunnel_py.workers import messages as m
 from ztunnel_py.workers.channel import Channel, ChannelClosed
 from ztunnel_py.workers.plan import (
@@ -115,6 +116,7 @@ class WorkerPool:
         secrets: SecretManager,
         readiness: Readiness,
         own_registry: CollectorRegistry,
+        levels: LevelController,
         spawn: Callable[[str, Coroutine[Any, Any, None]], None],
     ) -> None:
         self.config = config
@@ -122,6 +124,8 @@ class WorkerPool:
         self.secrets = secrets
         self.readiness = readiness
         self.own_registry = own_registry
+        self.levels = levels
+        levels.followers.append(self._levels_changed)
         self.spawn = spawn
         self.table = WorkerTable(config.worker_threads)
         self.links: dict[int, _Link] = {}
@@ -179,7 +183,7 @@ class WorkerPool:
         link = _Link(record.worker_id, Channel(parent), process)
         self.links[record.worker_id] = link
         map_fds = () if self.orig_dst_map_fd is None else (self.orig_dst_map_fd,)
-        link.enqueue(m.Hello(record.worker_id, self.redirect_mode), map_fds)
+        link.enqueue(m.Hello(record.worker_id, self.redirect_mode, self.levels.spec), map_fds)
         link.enqueue(m.ApplyState(snapshot(self.hub.state)))
         for served in self.pods.values():
             link.enqueue(*served.message())
@@ -286,6 +290,10 @@ class WorkerPool:
         batch = batch_for(changes, self.hub.state)
         for link in self.links.values():  # draining ones too: a new DENY must reach them
             link.enqueue(m.ApplyState(batch))
+
+    def _levels_changed(self, spec: str) -> None:
+        for link in self.links.values():
+            link.enqueue(m.LogLevels(spec))
 
     def _certificates_changed(self) -> None:
         for link in self.links.values():

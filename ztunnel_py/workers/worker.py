@@ -46,8 +46,11 @@ log = logging.getLogger("ztunnel_py.workers.worker")  # not __main__: run with -
 
 
 class WorkerProcess:
-    def __init__(self, config: config_mod.Config, channel: Channel) -> None:
+    def __init__(
+        self, config: config_mod.Config, channel: Channel, levels: zlog.LevelController
+    ) -> None:
         self.config = config
+        self.levels = levels
         self.channel = channel
         self.hub = StateHub()
         self.registry = CollectorRegistry()  # only the data plane's families; no process ones
@@ -154,8 +157,11 @@ class WorkerProcess:
                 self._certificates.clear()
             case m.Collect(request_id):
                 await self.channel.send(self._collected(request_id))
-            case m.Hello(worker_id, redirect_mode):
+            case m.LogLevels(spec):
+                self.levels.apply(spec)
+            case m.Hello(worker_id, redirect_mode, log_levels):
                 self.worker_id = worker_id
+                self.levels.apply(log_levels)
                 self.starter = self.dataplane.start_worker(redirect_mode, fds[0] if fds else None)
             case m.SyncDone():
                 self.spawn("ready", self._ready(list(self._starting.values())))
@@ -267,12 +273,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _die_with_parent()
     config = config_mod.from_env()
-    zlog.configure(config.log_level, json_format=config.log_format is config_mod.LogFormat.JSON)
+    levels = zlog.configure(
+        config.log_level, json_format=config.log_format is config_mod.LogFormat.JSON
+    )
     tune_malloc()
     sock = socket.socket(fileno=int(args[0]))
 
     async def run() -> int:
-        return await WorkerProcess(config, Channel(sock)).run()
+        return await WorkerProcess(config, Channel(sock), levels).run()
 
     try:
         import uvloop

@@ -27,10 +27,18 @@ from typing import Any
 
 import pytest
 
-from tests.netns.e2e.support import MODES, Scrape, _socket_in, apply_config, mesh_tag
+from tests.netns.e2e.support import (
+    MODES,
+    Scrape,
+    _socket_in,
+    access_records,
+    apply_config,
+    log_mark,
+    mesh_tag,
+)
 from tools.testbed import cgroup2_mount
 from tools.testbed.mesh import Mesh, MeshOptions
-from ztunnel_py.testing.daemon import Daemon
+from ztunnel_py.testing.daemon import Daemon, http
 from ztunnel_py.testing.poll import HANG_GUARD_S, wait_until
 from ztunnel_py.testing.privileged import require
 
@@ -55,7 +63,11 @@ def mesh(
     options = MeshOptions(
         tag=mesh_tag("wk", redirect),
         redirect=redirect,
-        env={"ZTUNNEL_WORKER_THREADS": "2", "CONNECTION_TERMINATION_DEADLINE": "60s"},
+        env={
+            "ZTUNNEL_WORKER_THREADS": "2",
+            "CONNECTION_TERMINATION_DEADLINE": "60s",
+            "LOG_FORMAT": "json",
+        },
     )
     shared = Mesh(options, Path(tmp_path_factory.mktemp(options.tag)))
     try:
@@ -293,6 +305,39 @@ def test_a_policy_change_closes_denied_connections_in_every_worker(
         apply_config(mesh)
     with contextlib.closing(clients.open()) as sock:  # allowed again
         assert echoes(sock, b"back")
+
+
+def test_log_levels_set_on_the_admin_port_reach_every_worker(mesh: Mesh, clients: Clients) -> None:
+    daemon = mesh.daemons[NODE]
+    pids = two_serving(daemon)
+    target = {"dst.addr": f"{mesh.pod(POD).ip}:{ECHO}"}
+    labels = {"reporter": "destination", "destination_workload": mesh.pod(POD).app}
+
+    def closed_all(before: Scrape, count: int) -> None:
+        wait_until(
+            lambda: (
+                Scrape(daemon).total(CLOSED, **labels) - before.total(CLOSED, **labels) == count
+            ),
+            "the connections to be counted closed",
+        )
+
+    assert http(f"{daemon.admin}/logging?level=error", method="POST").status == 200
+    try:
+        quiet_mark, before = log_mark(daemon), Scrape(daemon)
+        quiet = sum(len(held) for held in clients.spread(pids).values())
+        clients.close()
+        closed_all(before, quiet)  # done (and not logged) before the levels change back
+    finally:
+        assert http(f"{daemon.admin}/logging?reset", method="POST").status == 200
+    loud_mark, before = log_mark(daemon), Scrape(daemon)
+    assert access_records(daemon, quiet_mark, **target) == []  # INFO was off in every worker
+    loud = sum(len(held) for held in clients.spread(pids).values())
+    clients.close()
+    closed_all(before, loud)
+    wait_until(
+        lambda: len(access_records(daemon, loud_mark, **target)) == loud,
+        "an access-log line per connection, from both workers",
+    )
 
 
 def test_workers_never_outlive_a_killed_control_plane(mesh: Mesh) -> None:
