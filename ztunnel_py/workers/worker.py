@@ -81,6 +81,7 @@ class WorkerProcess:
         self._tasks: set[asyncio.Task[None]] = set()
         self._draining: asyncio.Task[None] | None = None
         self._starting: dict[str, asyncio.Task[None]] = {}  # pod uid -> its start
+        self._drain_started = asyncio.Event()
 
     def spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -123,26 +124,38 @@ class WorkerProcess:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._sigterm)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the control plane
+        # Messages are read while draining too: a policy change must still reach the
+        # connections this worker finishes.
+        receiving = asyncio.create_task(self._receive_all())
         try:
-            while self._draining is None:
-                try:
-                    message, fds = await self.channel.receive()
-                except ChannelClosed:
-                    log.warning("worker %d: the control plane is gone, draining", self.worker_id)
-                    self._start_drain(self.config.connection_termination_deadline_s, tell=False)
-                    break
-                await self._handle(message, fds)
+            await self._drain_started.wait()
             assert self._draining is not None
             await self._draining
         finally:
+            receiving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await receiving
             loop.remove_signal_handler(signal.SIGTERM)
             self.channel.close()
         return 0
+
+    async def _receive_all(self) -> None:
+        while True:
+            try:
+                message, fds = await self.channel.receive()
+            except ChannelClosed:
+                log.warning("worker %d: the control plane is gone, draining", self.worker_id)
+                self._start_drain(self.config.connection_termination_deadline_s, tell=False)
+                return
+            await self._handle(message, fds)
 
     async def _handle(self, message: object, fds: list[int]) -> None:
         match message:
             case m.ApplyState(batch):
                 self.hub.apply(batch)
+            case m.ServePod() if self._draining is not None:
+                for fd in fds:  # sent before the control plane heard of the drain
+                    os.close(fd)
             case m.ServePod(uid):
                 # Not awaited here: starting a pod may ask for its certificate, whose answer
                 # comes over this same channel.
@@ -238,6 +251,7 @@ class WorkerProcess:
     def _start_drain(self, deadline_s: float, *, tell: bool) -> None:
         if self._draining is None:
             self._draining = asyncio.create_task(self._drain(deadline_s, tell=tell))
+            self._drain_started.set()
 
     async def _drain(self, deadline_s: float, *, tell: bool) -> None:
         """Listeners closed at once (the other workers accept on the same queues), live

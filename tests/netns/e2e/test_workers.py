@@ -282,12 +282,8 @@ def test_mesh_traffic_between_nodes_goes_through_workers_on_both_sides(mesh: Mes
         assert result["sha256"] == result["expected_sha256"]
 
 
-def test_a_policy_change_closes_denied_connections_in_every_worker(
-    mesh: Mesh, clients: Clients
-) -> None:
-    daemon = mesh.daemons[NODE]
-    pids = two_serving(daemon)
-    by_worker = clients.spread(pids)
+def deny_outside(mesh: Mesh) -> None:
+    """A DENY of the node's address (where the test clients connect from) on pod-0-0."""
     outside_ip = mesh.plan.node(NODE).gateway
     block = {
         "name": "wk-block",
@@ -297,6 +293,15 @@ def test_a_policy_change_closes_denied_connections_in_every_worker(
         "rules": [[[{"sourceIps": [f"{outside_ip}/32"]}]]],  # rule -> clause -> match
     }
     apply_config(mesh, [block], selected={POD: ["default/wk-block"]})
+
+
+def test_a_policy_change_closes_denied_connections_in_every_worker(
+    mesh: Mesh, clients: Clients
+) -> None:
+    daemon = mesh.daemons[NODE]
+    pids = two_serving(daemon)
+    by_worker = clients.spread(pids)
+    deny_outside(mesh)
     try:
         for pid, held in by_worker.items():
             for sock in held:
@@ -305,6 +310,23 @@ def test_a_policy_change_closes_denied_connections_in_every_worker(
         apply_config(mesh)
     with contextlib.closing(clients.open()) as sock:  # allowed again
         assert echoes(sock, b"back")
+
+
+def test_a_policy_change_reaches_a_draining_worker(mesh: Mesh, clients: Clients) -> None:
+    daemon = mesh.daemons[NODE]
+    pids = two_serving(daemon)
+    by_worker = clients.spread(pids)
+    victim = next(iter(pids))
+    os.kill(victim, signal.SIGTERM)
+    wait_until(lambda: victim not in workers(daemon) and len(workers(daemon)) == 2, "a replacement")
+    assert alive(victim)  # draining (60 s deadline) with its connections open
+    deny_outside(mesh)
+    try:
+        for sock in by_worker[victim]:
+            assert closed_by_peer(sock), "the draining worker kept a denied connection"
+        wait_until(lambda: not alive(victim), "the drained worker to exit, nothing left to serve")
+    finally:
+        apply_config(mesh)
 
 
 def test_log_levels_set_on_the_admin_port_reach_every_worker(mesh: Mesh, clients: Clients) -> None:
