@@ -35,6 +35,7 @@ from ztunnel_py.proxy.conntrack import ConnectionTracker
 from ztunnel_py.proxy.inputs import Demand, HostnameResolver, PodInputs, ProxyInputs
 from ztunnel_py.proxy.pod import PodProxy, pod_pool, start_pod_proxy
 from ztunnel_py.proxy.pool import HbonePool
+from ztunnel_py.proxy.revocation import CrlManager
 from ztunnel_py.proxy.sockets import OriginalDestination
 from ztunnel_py.proxy.sockopt import PodSocketFactory, SoOriginalDst
 from ztunnel_py.readiness import Readiness
@@ -151,6 +152,8 @@ class DataPlane:
         self.starter: PodProxyStarter | None = None
         # XDS_ON_DEMAND: the xDS client's lookup, set by the composition root before start().
         self.demand: Demand | None = None
+        # CRL_PATH: the revocation check of every handshake, set by the composition root.
+        self.revocation: CrlManager | None = None
         self._certificates = certificates
         self._telemetry = telemetry
         self._rng = rng
@@ -212,6 +215,7 @@ class DataPlane:
             rng=self._rng,
             demand=self.demand,
             handshakes=self.mtls_health,
+            revocation=self.revocation,
         )
         starter = self.starter = PodProxyStarter(
             inputs, dns=dns, hostnames=self._on_demand_dns(resolv_conf)

@@ -325,3 +325,11 @@ def test_config_dump_command_refuses_a_bad_admin_port(
     monkeypatch.setenv("ADMIN_PORT", "not-a-port")
     assert main(["config-dump"]) == EXIT_CONFIG
     assert "ADMIN_PORT" in capsys.readouterr().err
+
+
+def test_crl_path_enables_revocation_checks() -> None:
+    assert c.from_env({}).crl_path is None
+    assert c.from_env({"CRL_PATH": ""}).crl_path is None
+    cfg = c.from_env({"CRL_PATH": "/var/run/secrets/istio/crl/ca-crl.pem"})
+    assert cfg.crl_path == Path("/var/run/secrets/istio/crl/ca-crl.pem")
+    assert cfg.to_dump()["crlPath"] == "/var/run/secrets/istio/crl/ca-crl.pem"
