@@ -36,6 +36,7 @@ from ztunnel_py.proxy.inputs import Demand, HostnameResolver, PodInputs, ProxyIn
 from ztunnel_py.proxy.pod import PodProxy, pod_pool, start_pod_proxy
 from ztunnel_py.proxy.pool import HbonePool
 from ztunnel_py.proxy.revocation import CrlManager
+from ztunnel_py.proxy.self_listener import SelfListener, self_listener_wanted
 from ztunnel_py.proxy.sockets import OriginalDestination
 from ztunnel_py.proxy.sockopt import PodSocketFactory, SoOriginalDst
 from ztunnel_py.readiness import Readiness
@@ -150,6 +151,7 @@ class DataPlane:
         self.manager: WorkloadManager | None = None
         self.zds: ZdsClient | None = None
         self.starter: PodProxyStarter | None = None
+        self.self_listener: SelfListener | None = None  # ztunnel's own HBONE listener
         # XDS_ON_DEMAND: the xDS client's lookup, set by the composition root before start().
         self.demand: Demand | None = None
         # CRL_PATH: the revocation check of every handshake, set by the composition root.
@@ -217,6 +219,10 @@ class DataPlane:
             handshakes=self.mtls_health,
             revocation=self.revocation,
         )
+        if self_listener_wanted(self.config):
+            self.self_listener = SelfListener(inputs, self.spawn)
+            self.hub.subscribe("self HBONE listener", self.self_listener.state_changed)
+            self.self_listener.state_changed()
         starter = self.starter = PodProxyStarter(
             inputs, dns=dns, hostnames=self._on_demand_dns(resolv_conf)
         )
@@ -357,6 +363,8 @@ class DataPlane:
         }
         if self.bpf is not None:
             out["bpf"] = self.bpf.dump()
+        if self.self_listener is not None:
+            out["selfListener"] = self.self_listener.dump()
         return out
 
     def workload_state(self) -> dict[str, Any]:
@@ -454,5 +462,7 @@ class DataPlane:
             self.zds.close()
         if self.manager is not None:
             await self.manager.shutdown(deadline_s)
+        if self.self_listener is not None:
+            await self.self_listener.stop(deadline_s)
         if self.bpf is not None:
             await asyncio.to_thread(self.bpf.close)

@@ -297,12 +297,13 @@ async def raw_hbone(
     *,
     identity: Identity = CLIENT_ID,
     ctx: ssl.SSLContext | None = None,
+    address: SocketAddr | None = None,
 ) -> list[RawAnswer]:
-    """Send raw HTTP/2 requests over mTLS to the server pod's :15008 and collect the answers."""
+    """Send raw HTTP/2 requests over mTLS to ``address`` (default: the server pod's :15008)
+    and collect the answers."""
     ctx = ctx or client_context(mesh.pki.cert(identity))
-    reader, writer = await asyncio.open_connection(
-        str(mesh.server_ip), 15008, ssl=ctx, server_hostname=NO_SNI
-    )
+    ip, port = address or (mesh.server_ip, 15008)
+    reader, writer = await asyncio.open_connection(str(ip), port, ssl=ctx, server_hostname=NO_SNI)
     conn = h2.connection.H2Connection(
         h2.config.H2Configuration(client_side=True, validate_outbound_headers=False)
     )
