@@ -186,12 +186,6 @@ class DataPlane:
         original_destination: OriginalDestination = SoOriginalDst()
         inbound_original_destination: OriginalDestination | None = SoOriginalDst()
         self.redirect_mode = self._choose_redirect_mode()
-        if self.config.xds_on_demand and self.redirect_mode is RedirectMode.EBPF:
-            log.warning(
-                "XDS_ON_DEMAND=true with eBPF redirection: the kernel only captures destinations"
-                " the daemon already knows, so unknown ones are never looked up on demand"
-                " (use REDIRECT_MODE=iptables, or wildcard xDS)"
-            )
         if self.redirect_mode is RedirectMode.EBPF:
             try:
                 loader, enrollment = self._start_bpf()
