@@ -100,8 +100,9 @@ class App:
         )
         self.dump_providers["dataPlane"] = self.dataplane.dump
         self.crl: CrlManager | None = None
+        crl_metrics = CrlMetrics(self.registry)  # exported always, as ztunnel does
         if config.crl_path is not None:
-            self.crl = CrlManager(config.crl_path, CrlMetrics(self.registry))
+            self.crl = CrlManager(config.crl_path, crl_metrics)
             self.dataplane.revocation = self.crl
             self.dump_providers["crl"] = self.crl.dump
         self.dump_providers["workloadState"] = self.dataplane.workload_state
