@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtensionOID
 
 from ztunnel_py.identity.errors import IdentityError
@@ -60,12 +61,30 @@ class CrlSet:
     """The CRLs of one load of the file (possibly none)."""
 
     crls: tuple[x509.CertificateRevocationList, ...] = ()
+    # (CRL index, issuer key) -> whether the signature verifies: checked once per load, not
+    # once per handshake or per live connection on a reload.
+    _signatures: dict[tuple[int, bytes], bool] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def __len__(self) -> int:
         return len(self.crls)
 
-    def issued_by(self, issuer: x509.Name) -> list[x509.CertificateRevocationList]:
-        return [c for c in self.crls if c.issuer == issuer]
+    def signed_by(self, issuer: x509.Certificate) -> list[x509.CertificateRevocationList]:
+        """The CRLs named after ``issuer`` whose signature its key verifies."""
+        key = issuer.public_key()
+        key_der = key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        out = []
+        for i, crl in enumerate(self.crls):
+            if crl.issuer != issuer.subject:
+                continue
+            valid = self._signatures.get((i, key_der))
+            if valid is None:
+                valid = crl.is_signature_valid(key)  # type: ignore[arg-type]
+                self._signatures[(i, key_der)] = valid
+            if valid:
+                out.append(crl)
+        return out
 
 
 def parse_crls(data: bytes, source: str) -> CrlSet:
@@ -149,12 +168,14 @@ def find_revocation(
     """The first certificate of ``leaf``'s chain that ``crls`` revoke, or ``None``."""
     if not crls:
         return None
-    chain = build_chain(leaf, authorities)
+    return chain_revocation(build_chain(leaf, authorities), crls)
+
+
+def chain_revocation(chain: Sequence[x509.Certificate], crls: CrlSet) -> Revocation | None:
+    """``find_revocation`` on a chain already built (leaf first)."""
     # Each certificate is judged by its issuer's CRLs, so the anchor itself is never judged.
     for cert, issuer in itertools.pairwise(chain):
-        for crl in crls.issued_by(cert.issuer):
-            if not crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
-                continue
+        for crl in crls.signed_by(issuer):
             if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
                 return Revocation(
                     subject=_describe(cert),

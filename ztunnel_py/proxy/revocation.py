@@ -32,7 +32,7 @@ from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter
 
 from ztunnel_py.errors import truncate
-from ztunnel_py.identity.crl import CrlError, CrlSet, find_revocation, parse_crls
+from ztunnel_py.identity.crl import CrlError, CrlSet, build_chain, chain_revocation, parse_crls
 from ztunnel_py.identity.tls import (
     CertificateRevoked,
     TlsVerificationError,
@@ -72,8 +72,7 @@ class RevocationHandle:
     """One tracked connection; give it back to ``CrlManager.untrack`` when it ends."""
 
     id: int
-    leaf: x509.Certificate = field(repr=False)
-    authorities: tuple[x509.Certificate, ...] = field(repr=False)
+    chain: list[x509.Certificate] = field(repr=False)  # the peer's, leaf first, built once
     reporter: Reporter
     close: Callable[[str], None] = field(repr=False)
 
@@ -190,14 +189,15 @@ class CrlManager:
             # Not a context of ours (no CA certificates to verify a CRL with).
             self.metrics.untracked.labels(reporter.value).inc()
             return None
+        chain = build_chain(leaf, authorities)
         if self.crls is not None:
-            revocation = find_revocation(leaf, authorities, self.crls)
+            revocation = chain_revocation(chain, self.crls)
             if revocation is not None:
                 self.metrics.rejections.labels(reporter.value).inc()
                 error = CertificateRevoked(role, f"{revocation} is revoked by {self.path}")
                 log.warning("TLS peer verification failed (revoked): %s", error.detail)
                 raise error
-        handle = RevocationHandle(next(self._ids), leaf, authorities, reporter, close)
+        handle = RevocationHandle(next(self._ids), chain, reporter, close)
         self._live[handle.id] = handle
         return handle
 
@@ -211,7 +211,7 @@ class CrlManager:
 
     def _recheck(self, crls: CrlSet) -> None:
         for handle in list(self._live.values()):
-            revocation = find_revocation(handle.leaf, handle.authorities, crls)
+            revocation = chain_revocation(handle.chain, crls)
             if revocation is None:
                 continue
             self._live.pop(handle.id, None)
