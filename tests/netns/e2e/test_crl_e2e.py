@@ -28,6 +28,7 @@ from tests.netns.e2e.support import (
     log_records,
     mesh_tag,
     only_one,
+    receiving_from,
     start_stream,
 )
 from tools.testbed import cgroup2_mount
@@ -44,7 +45,6 @@ SERVER = "pod-1-1"
 KEPT, CUT = "pod-0-0", "pod-0-1"  # clients on node-0, service accounts app-0 and app-1
 ECHO = 9000
 CLOSED = "istio_tcp_connections_closed_total"
-RECEIVED = "istio_tcp_received_bytes_total"
 REJECTIONS = "istio_crl_policy_rejections_total"
 
 
@@ -113,15 +113,10 @@ def test_revocation_closes_the_live_stream_refuses_reconnects_and_survives_a_bad
         cut = start_stream(mesh, cut_pod.name, server.ip, ECHO)
         streams.append(cut)
 
-        def both_spliced() -> bool:
-            now = Scrape(dst_node)
-            return all(
-                now.total(RECEIVED, reporter="destination", source_principal=p.identity)
-                > start.total(RECEIVED, reporter="destination", source_principal=p.identity)
-                for p in (kept_pod, cut_pod)
-            )
-
-        wait_until(both_spliced, "both streams to reach the server's app")
+        wait_until(
+            receiving_from(dst_node, start, [kept_pod.identity, cut_pod.identity]),
+            "both streams to reach the server's app",
+        )
         marks = log_mark(src_node), log_mark(dst_node)
         before = Scrape(dst_node)
 
