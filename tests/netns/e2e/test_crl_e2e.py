@@ -6,6 +6,7 @@ by the mesh's CA.
   in ``istio_tcp_connections_closed_total``) and leaves the other one running;
 - the revoked client's new connections are refused at the handshake, counted in the server
   node's ``istio_crl_policy_rejections_total{reporter="destination"}``;
+- the same with two data-plane worker processes per daemon;
 - a CRL file that does not parse is logged naming the file, and the last good CRL stays in
   force: the daemons serve on.
 """
@@ -55,13 +56,20 @@ def crl_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory, crl_path: Path) -> Iterator[Mesh]:
+@pytest.fixture(scope="module", params=["1", "2"], ids=["one-process", "two-workers"])
+def mesh(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, crl_path: Path
+) -> Iterator[Mesh]:
     require(cgroup2_mount() is not None, "a cgroup v2 mount (testbed pods live in cgroups)")
     options = MeshOptions(
         tag=mesh_tag("crl", "iptables"),
         redirect="iptables",
-        env={"LOG_FORMAT": "json", "CRL_PATH": str(crl_path)},
+        # With worker processes each worker checks its own handshakes and connections.
+        env={
+            "LOG_FORMAT": "json",
+            "CRL_PATH": str(crl_path),
+            "ZTUNNEL_WORKER_THREADS": request.param,
+        },
     )
     shared = Mesh(options, Path(tmp_path_factory.mktemp(options.tag)))
     try:
