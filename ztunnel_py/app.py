@@ -29,6 +29,7 @@ from ztunnel_py.identity.clock import SystemClock
 from ztunnel_py.identity.manager import SecretManager
 from ztunnel_py.proxy.certificates import FetchedCertificates
 from ztunnel_py.proxy.memory import tune_malloc
+from ztunnel_py.proxy.revocation import CrlManager, CrlMetrics
 from ztunnel_py.readiness import Readiness
 from ztunnel_py.signals import ShutdownController
 from ztunnel_py.state.hub import StateHub
@@ -112,6 +113,12 @@ class App:
             spawn=self.spawn,
         )
         self.dump_providers["dataPlane"] = self.dataplane.dump
+        self.crl: CrlManager | None = None
+        crl_metrics = CrlMetrics(self.registry)  # exported always, as ztunnel does
+        if config.crl_path is not None:
+            self.crl = CrlManager(config.crl_path, crl_metrics)
+            self.dataplane.revocation = self.crl
+            self.dump_providers["crl"] = self.crl.dump
         if self.workers is not None:
             self.dataplane.serve_elsewhere = self.workers.pods_factory
             self.dataplane.connection_views = self.workers.connections
@@ -213,6 +220,9 @@ class App:
                 self.dataplane.demand = functools.partial(
                     self.xds.fetch_on_demand, timeout=ON_DEMAND_TIMEOUT_S
                 )
+        if self.crl is not None:
+            self.crl.start()  # a missing or bad file is logged; the daemon serves on
+            self.spawn("crl-watch", self.crl.watch())
         self.node_certs.sync_all()
         self._follow_certificates()
         self.dataplane.start()  # eBPF programs, ZDS enrollment, per-pod proxies

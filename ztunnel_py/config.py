@@ -187,6 +187,7 @@ class Config:
     bpf_cgroup_path: Path | None = None  # None: the kubelet's kubepods cgroup, found at start
     bpf_object_dir: Path | None = None  # None: bpf/out next to the package (a source checkout)
     dns_resolv_conf: Path = Path(DEFAULT_RESOLV_CONF)  # the DNS proxy's upstream resolvers
+    crl_path: Path | None = None  # CRL_PATH: peers' chains checked against its CRLs
     #: Data-plane worker processes (ztunnel's ``num_worker_threads``, see ``worker_threads``);
     #: 1 serves in the daemon's own process, as before workers existed.
     worker_threads: int = 1
@@ -582,6 +583,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         bpf_cgroup_path=Path(env["BPF_CGROUP_PATH"]) if env.get("BPF_CGROUP_PATH") else None,
         bpf_object_dir=Path(env["BPF_OBJECT_DIR"]) if env.get("BPF_OBJECT_DIR") else None,
         dns_resolv_conf=Path(get("DNS_RESOLV_CONF") or DEFAULT_RESOLV_CONF),
+        crl_path=Path(env["CRL_PATH"]) if env.get("CRL_PATH") else None,
         worker_threads=worker_threads(env, pc.get("concurrency"), len(os.sched_getaffinity(0))),
     )
 

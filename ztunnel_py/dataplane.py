@@ -35,6 +35,8 @@ from ztunnel_py.proxy.conntrack import ConnectionTracker
 from ztunnel_py.proxy.inputs import Demand, HostnameResolver, PodInputs, ProxyInputs
 from ztunnel_py.proxy.pod import PodProxy, pod_pool, start_pod_proxy
 from ztunnel_py.proxy.pool import HbonePool
+from ztunnel_py.proxy.revocation import CrlManager
+from ztunnel_py.proxy.self_listener import SelfListener, self_listener_wanted
 from ztunnel_py.proxy.sockets import OriginalDestination
 from ztunnel_py.proxy.sockopt import PodSocketFactory, SoOriginalDst
 from ztunnel_py.readiness import Readiness
@@ -154,8 +156,11 @@ class DataPlane:
         self.manager: WorkloadManager | None = None
         self.zds: ZdsClient | None = None
         self.starter: PodProxyStarter | None = None
+        self.self_listener: SelfListener | None = None  # ztunnel's own HBONE listener
         # XDS_ON_DEMAND: the xDS client's lookup, set by the composition root before start().
         self.demand: Demand | None = None
+        # CRL_PATH: the revocation check of every handshake, set by the composition root.
+        self.revocation: CrlManager | None = None
         # Multi-worker mode: pods are served by worker processes (set before start()).
         self.serve_elsewhere: Callable[[PodProxyStarter], PodProxyFactory] | None = None
         # Live connections and HBONE pools as the views show them (the workers' in that mode).
@@ -191,12 +196,6 @@ class DataPlane:
         original_destination: OriginalDestination = SoOriginalDst()
         inbound_original_destination: OriginalDestination | None = SoOriginalDst()
         self.redirect_mode = self._choose_redirect_mode()
-        if self.config.xds_on_demand and self.redirect_mode is RedirectMode.EBPF:
-            log.warning(
-                "XDS_ON_DEMAND=true with eBPF redirection: the kernel only captures destinations"
-                " the daemon already knows, so unknown ones are never looked up on demand"
-                " (use REDIRECT_MODE=iptables, or wildcard xDS)"
-            )
         if self.redirect_mode is RedirectMode.EBPF:
             try:
                 loader, enrollment = self._start_bpf()
@@ -212,6 +211,10 @@ class DataPlane:
                 original_destination = KernelMapThenConntrack(loader.original_destinations())
                 inbound_original_destination = LocalAddressUnlessRedirected(PORT_INBOUND_PLAINTEXT)
         inputs = self.proxy_inputs(original_destination, inbound_original_destination)
+        if self_listener_wanted(self.config):
+            self.self_listener = SelfListener(inputs, self.spawn)
+            self.hub.subscribe("self HBONE listener", self.self_listener.state_changed)
+            self.self_listener.state_changed()
         starter = self.starter = PodProxyStarter(
             inputs, dns=dns, hostnames=self._on_demand_dns(resolv_conf)
         )
@@ -250,6 +253,7 @@ class DataPlane:
             rng=self._rng,
             demand=self.demand,
             handshakes=self.mtls_health,
+            revocation=self.revocation,
         )
 
     def start_worker(
@@ -407,6 +411,8 @@ class DataPlane:
         }
         if self.bpf is not None:
             out["bpf"] = self.bpf.dump()
+        if self.self_listener is not None:
+            out["selfListener"] = self.self_listener.dump()
         return out
 
     def workload_state(self) -> dict[str, Any]:
@@ -504,5 +510,7 @@ class DataPlane:
             self.zds.close()
         if self.manager is not None:
             await self.manager.shutdown(deadline_s)
+        if self.self_listener is not None:
+            await self.self_listener.stop(deadline_s)
         if self.bpf is not None:
             await asyncio.to_thread(self.bpf.close)

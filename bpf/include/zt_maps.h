@@ -40,6 +40,7 @@
 #define ZT_DST_WORKLOAD 1
 #define ZT_DST_SERVICE 2
 #define ZT_DST_DNS 3 /* zt_sk_orig only: a DNS socket sent to the pod's :15053 */
+#define ZT_DST_ON_DEMAND 4 /* zt_sk_orig only: unknown to the maps, captured for an xDS lookup */
 
 /* zt_sk_orig.flags */
 #define ZT_ORIG_PUBLISHED 0x1 /* an entry for this socket is in zt_orig_dst */
@@ -48,6 +49,9 @@
 #define ZT_CFG_VALID 0x1 /* written by the loader; a zeroed entry means "not configured" */
 #define ZT_CFG_DNS_CAPTURE 0x2 /* enrolled pods' port-53 traffic goes to their DNS proxy */
 #define ZT_CFG_IPV4_ONLY 0x4 /* IPV6_ENABLED=false: IPv6 traffic is never captured */
+/* XDS_ON_DEMAND: a destination the maps do not know goes to the proxy too, which asks istiod
+ * for it and then tunnels or passes it through (what istio-cni's iptables rules do). */
+#define ZT_CFG_CAPTURE_UNKNOWN 0x8
 
 /* zt_deny.action */
 #define ZT_DENY_DROP 1

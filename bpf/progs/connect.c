@@ -9,6 +9,9 @@
  * proxy's own sockets (SO_MARK). The rewrite does not depend on a listener being there: with the
  * daemon down nothing listens on :15001 and the application gets ECONNREFUSED, never plaintext.
  *
+ * With ZT_CFG_CAPTURE_UNKNOWN (XDS_ON_DEMAND) a destination the maps do not know is captured as
+ * well, but for loopback: the proxy looks it up on demand, then tunnels it or passes it through.
+ *
  * Before that, DNS capture (zt_dns_capture): a TCP or connected UDP socket to port 53 goes to
  * the pod's DNS proxy on :15053 (dns.c does the same for unconnected UDP sends).
  */
@@ -41,7 +44,7 @@ static __always_inline struct zt_dst *zt_mesh_lookup(struct zt_dst_key *key)
 
 /* Returns 1 when the caller must rewrite the destination to the pod's :15001. */
 static __always_inline int zt_outbound(struct bpf_sock_addr *ctx, struct zt_dst_key *key,
-				       __u8 family)
+				       __u8 family, int to_loopback)
 {
 	struct bpf_sock *sk = ctx->sk;
 	struct zt_pod_key pod_key = {};
@@ -67,13 +70,16 @@ static __always_inline int zt_outbound(struct bpf_sock_addr *ctx, struct zt_dst_
 	__builtin_memcpy(local_key.addr, key->addr, sizeof(local_key.addr));
 
 	dst = zt_mesh_lookup(key);
-	if (!dst) {
+	if (dst) {
+		kind = dst->kind;
+	} else if ((cfg->flags & ZT_CFG_CAPTURE_UNKNOWN) && !to_loopback) {
+		kind = ZT_DST_ON_DEMAND;
+	} else {
 		/* A socket may connect() again after a failed attempt: forget the old original. */
 		bpf_sk_storage_delete(&zt_sk_orig, sk);
 		zt_count(ZT_CNT_OUT_PASSTHROUGH);
 		return 0;
 	}
-	kind = dst->kind;
 	if (bpf_map_lookup_elem(&zt_local, &local_key)) {
 		bpf_sk_storage_delete(&zt_sk_orig, sk);
 		zt_count(ZT_CNT_OUT_LOCAL_SKIPPED);
@@ -113,7 +119,7 @@ int zt_connect4(struct bpf_sock_addr *ctx)
 		ctx->user_port = bpf_htons(ZT_PORT_DNS);
 		return 1;
 	}
-	if (zt_outbound(ctx, &key, ZT_AF_INET)) {
+	if (zt_outbound(ctx, &key, ZT_AF_INET, zt_ip4_is_loopback(ctx->user_ip4))) {
 		ctx->user_ip4 = bpf_htonl(0x7f000001);
 		ctx->user_port = bpf_htons(ZT_PORT_OUTBOUND);
 	}
@@ -139,7 +145,8 @@ int zt_connect6(struct bpf_sock_addr *ctx)
 		zt_dns_proxy6(ctx, mapped);
 		return 1;
 	}
-	if (zt_outbound(ctx, &key, mapped ? ZT_AF_INET : ZT_AF_INET6)) {
+	if (zt_outbound(ctx, &key, mapped ? ZT_AF_INET : ZT_AF_INET6,
+			zt_ip6_is_loopback(w0, w1, w2, w3))) {
 		/* An IPv6 socket dialling an IPv4-mapped address stays on IPv4: ::ffff:127.0.0.1. */
 		ctx->user_ip6[0] = 0;
 		ctx->user_ip6[1] = 0;

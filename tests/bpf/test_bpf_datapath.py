@@ -118,6 +118,36 @@ def test_outbound_to_non_mesh_address_is_not_captured(pod_env: PodEnv) -> None:
     assert pod_env.counters()["out_redirected"] == before["out_redirected"]
 
 
+def test_on_demand_captures_unknown_destinations_but_not_loopback(pod_env: PodEnv) -> None:
+    """XDS_ON_DEMAND: a destination the maps do not know goes to :15001 with its original
+    destination, for the proxy to look up; loopback stays the application's own."""
+    loader = pod_env.start_loader(dns_capture=False, capture_unknown=True)
+    pod_env.enroll()
+    assert pod_env.outbound is not None
+    before = pod_env.counters()
+
+    proc = pod_env.app(OUTSIDER_IP, 8080)
+    served = pod_env.serve_one(pod_env.outbound, b"pong-15001")
+    assert served is not None, "the unknown destination did not reach the pod's :15001"
+    dst = loader.original_destinations().original_destination(served.sock)
+    served.sock.close()
+    result = pod_env.result(proc)
+    assert dst == (ip(OUTSIDER_IP), 8080)
+    assert result["received"] == "pong-15001"
+    assert result["peer"] == [OUTSIDER_IP, 8080], "getpeername must show what was dialled"
+    after = pod_env.counters()
+    assert after["out_redirected"] == before["out_redirected"] + 1
+    assert after["out_passthrough"] == before["out_passthrough"]
+
+    # The pod's own loopback is never captured.
+    local = pod_env.listen(pod_env.pod, "127.0.0.1", 8081)
+    proc = pod_env.app("127.0.0.1", 8081)
+    served = pod_env.serve_one(local, b"pong-local")
+    result = pod_env.result(proc)
+    assert served is not None and result["received"] == "pong-local"
+    assert not pod_env.pending(pod_env.outbound)
+
+
 def test_outbound_to_a_cidr_vip_is_captured_by_prefix_and_port(pod_env: PodEnv) -> None:
     loader = pod_env.start_loader()
     pod_env.enroll()

@@ -411,3 +411,11 @@ def test_worker_threads_reach_the_config() -> None:
     assert c.from_env({"LOCAL_XDS_PATH": "/x", "ZTUNNEL_WORKER_THREADS": "3"}).worker_threads == 3
     pc = "concurrency: 2\n"
     assert c.from_env({"LOCAL_XDS_PATH": "/x", "PROXY_CONFIG": pc}).worker_threads == 2
+
+
+def test_crl_path_enables_revocation_checks() -> None:
+    assert c.from_env({}).crl_path is None
+    assert c.from_env({"CRL_PATH": ""}).crl_path is None
+    cfg = c.from_env({"CRL_PATH": "/var/run/secrets/istio/crl/ca-crl.pem"})
+    assert cfg.crl_path == Path("/var/run/secrets/istio/crl/ca-crl.pem")
+    assert cfg.to_dump()["crlPath"] == "/var/run/secrets/istio/crl/ca-crl.pem"

@@ -323,16 +323,11 @@ class Testbed:
         """Start ``argv`` inside the pod: its netns and its cgroup (so BPF sees it as the pod)."""
         pod = self.plan.pod(pod_name)
         procs = self._cgroup_root() / pod.cgroup / "cgroup.procs"
-
-        def join_cgroup() -> None:
-            with open(procs, "w") as f:
-                f.write(str(os.getpid()))
-
-        return subprocess.Popen(
-            ["nsenter", f"--net={pod.netns_path}", "--", *argv],
-            preexec_fn=join_cgroup,  # noqa: PLW1509 (no threads are forked around it here)
-            **kwargs,
-        )
+        # The child joins the cgroup itself (a shell, then exec): no preexec_fn, so Python
+        # spawns with vfork and no fork handler of a threaded parent (gRPC) runs in the child.
+        join_then_exec = 'echo $$ > "$1" && shift && exec "$@"'
+        in_pod = ["nsenter", f"--net={pod.netns_path}", "--", *argv]
+        return subprocess.Popen(["sh", "-c", join_then_exec, "sh", str(procs), *in_pod], **kwargs)
 
     def run(
         self, pod_name: str, argv: Sequence[str], *, timeout: float = 60.0

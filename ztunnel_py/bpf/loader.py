@@ -87,10 +87,14 @@ class BpfLoader:
         probe_ip6: ipaddress.IPv6Address | None = PROBE_IP6,
         dns_capture: bool = True,
         ipv6: bool = True,
+        capture_unknown: bool = False,
     ) -> None:
+        """``capture_unknown`` (``XDS_ON_DEMAND``): destinations the maps do not know are
+        captured too, for the proxy to look up."""
         self.pin_path = pin_path
         self.dns_capture = dns_capture
         self.ipv6 = ipv6  # False (IPV6_ENABLED=false): IPv6 traffic is never captured
+        self.capture_unknown = capture_unknown
         self.cgroup_path = cgroup_path
         self.packet_mark = packet_mark
         self.mark_mask = mark_mask
@@ -110,6 +114,7 @@ class BpfLoader:
             packet_mark=config.packet_mark,
             dns_capture=config.dns_proxy,
             ipv6=config.ipv6_enabled,
+            capture_unknown=config.xds_on_demand,
         )
 
     # ------------------------------------------------------------------ paths
@@ -166,10 +171,15 @@ class BpfLoader:
 
     def _write_version_and_config(self) -> None:
         zero = struct.pack("=I", 0)
+        flags = t.ZT_CFG_VALID
+        if self.dns_capture:
+            flags |= t.ZT_CFG_DNS_CAPTURE
+        if self.capture_unknown:
+            flags |= t.ZT_CFG_CAPTURE_UNKNOWN
+        if not self.ipv6:
+            flags |= t.ZT_CFG_IPV4_ONLY
         cfg = t.ZtCfg(
-            flags=t.ZT_CFG_VALID
-            | (t.ZT_CFG_DNS_CAPTURE if self.dns_capture else 0)
-            | (0 if self.ipv6 else t.ZT_CFG_IPV4_ONLY),
+            flags=flags,
             mark=self.packet_mark,
             mark_mask=self.mark_mask,
             probe_ip4=int.from_bytes(self.probe_ip4.packed, sys.byteorder) if self.probe_ip4 else 0,

@@ -113,6 +113,12 @@ class MalformedCertificate(TlsVerificationError):
     check = "malformed certificate"
 
 
+class CertificateRevoked(TlsVerificationError):
+    """A certificate of the peer's chain is on a CRL of ``CRL_PATH``."""
+
+    check = "revoked"
+
+
 class HandshakeFailed(TlsVerificationError):
     """OpenSSL refused the handshake for a reason other than the checks above."""
 
@@ -133,6 +139,9 @@ def _refuse(error: TlsVerificationError) -> TlsVerificationError:
 
 _contexts: weakref.WeakKeyDictionary[WorkloadCertificate, dict[tuple[bool, bool], ssl.SSLContext]]
 _contexts = weakref.WeakKeyDictionary()
+# The CA certificates behind each context (roots, then our intermediates), for CRL checks.
+_authorities: weakref.WeakKeyDictionary[ssl.SSLContext, tuple[x509.Certificate, ...]]
+_authorities = weakref.WeakKeyDictionary()
 
 
 def client_context(cert: WorkloadCertificate, *, tls12_enabled: bool = False) -> ssl.SSLContext:
@@ -178,7 +187,19 @@ def _build(cert: WorkloadCertificate, *, server_side: bool, tls12_enabled: bool)
     ctx.set_alpn_protocols([ALPN_H2])
     ctx.load_verify_locations(cadata=cert.roots_pem.decode())
     _load_key_and_chain(ctx, cert)
+    _authorities[ctx] = (*cert.roots, *cert.intermediates)
     return ctx
+
+
+def context_authorities(ctx: ssl.SSLContext) -> tuple[x509.Certificate, ...]:
+    """The CA certificates (roots and our intermediates) a context built here verifies with;
+    empty for a context built elsewhere."""
+    return _authorities.get(ctx, ())
+
+
+def peer_certificate(ssl_object: ssl.SSLObject | ssl.SSLSocket, role: str) -> x509.Certificate:
+    """The verified peer's leaf (``role``: ``client`` or ``server``, for errors)."""
+    return _peer_certificate(ssl_object, role)
 
 
 def _load_key_and_chain(ctx: ssl.SSLContext, cert: WorkloadCertificate) -> None:

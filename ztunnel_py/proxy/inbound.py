@@ -61,6 +61,7 @@ from ztunnel_py.proxy.errors import (
 )
 from ztunnel_py.proxy.inputs import PodInputs, ProxyInputs
 from ztunnel_py.proxy.reporting import report_splice, setup_failure
+from ztunnel_py.proxy.revocation import RevocationHandle
 from ztunnel_py.proxy.routing import is_waypoint_of
 from ztunnel_py.proxy.server import ProxyServer
 from ztunnel_py.proxy.splice import HboneSplice
@@ -75,7 +76,7 @@ from ztunnel_py.proxy.transport import HboneProtocol, hbone_settings
 from ztunnel_py.rbac.evaluate import ConnectionInfo
 from ztunnel_py.state.model import IPAddress, NetworkAddress, SocketAddr, Workload
 from ztunnel_py.telemetry.connections import ConnectionRecord, Direction
-from ztunnel_py.telemetry.metrics import ResponseFlags
+from ztunnel_py.telemetry.metrics import Reporter, ResponseFlags
 from ztunnel_py.telemetry.ratelimit import LimitedLog
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class _InboundConnection(HboneProtocol):
         self.peer: SocketAddr | None = None
         self.local: SocketAddr | None = None  # our :15008, the access log's dst.addr
         self.peer_identity: str | None = None  # the verified client's SPIFFE id
+        self.revocation: RevocationHandle | None = None  # tracked for CRL_PATH
         self.pending: dict[int, asyncio.Task[None]] = {}  # streams being set up, by id
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -127,6 +129,10 @@ class _InboundConnection(HboneProtocol):
             self.peer = sockaddr(peer)
             self.local = sockaddr(transport.get_extra_info("sockname"))
             self.peer_identity = str(verify_client(ssl_object, self.server.trust_domain))
+            if self.server.revocation is not None:
+                self.revocation = self.server.revocation.admit(
+                    ssl_object, reporter=Reporter.DESTINATION, close=self.abort
+                )
         except (TlsVerificationError, ValueError, TypeError) as e:
             log.warning("inbound HBONE connection from %s refused: %s", peer, e)
             cast(asyncio.Transport, transport).abort()
@@ -137,6 +143,8 @@ class _InboundConnection(HboneProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self.server._connections.discard(self)
+        if self.server.revocation is not None:
+            self.server.revocation.untrack(self.revocation)
 
     def stream_abandoned(self, stream_id: int) -> bool:
         task = self.pending.pop(stream_id, None)
@@ -175,6 +183,7 @@ class InboundServer(ProxyServer):
         self.connect_timeout_s = connect_timeout_s
         self.certificate_refresh_s = certificate_refresh_s
         self.demand = inputs.demand
+        self.revocation = inputs.revocation
         self._connections: set[_InboundConnection] = set()
         self._context: ssl.SSLContext | None = None
         self._context_checked = 0.0

@@ -39,6 +39,7 @@ from ztunnel_py.proxy.inbound import workload_baggage
 from ztunnel_py.proxy.inputs import PodInputs, ProxyInputs
 from ztunnel_py.proxy.pool import WorkloadKey
 from ztunnel_py.proxy.reporting import report_splice, setup_failure
+from ztunnel_py.proxy.revocation import CrlManager
 from ztunnel_py.proxy.routing import Route, RouteKind, RoutingError, route_outbound
 from ztunnel_py.proxy.server import ProxyServer
 from ztunnel_py.proxy.sockets import SocketFactory
@@ -54,6 +55,7 @@ from ztunnel_py.proxy.tcp import (
 from ztunnel_py.proxy.transport import HboneProtocol, hbone_settings
 from ztunnel_py.state.model import NetworkAddress, SocketAddr, Workload
 from ztunnel_py.telemetry.connections import ConnectionRecord, Direction
+from ztunnel_py.telemetry.metrics import Reporter
 from ztunnel_py.telemetry.ratelimit import LimitedLog
 
 log = logging.getLogger(__name__)
@@ -72,14 +74,17 @@ class HboneConnector:
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
         handshake_timeout_s: float = TLS_HANDSHAKE_TIMEOUT_S,
         health: HandshakeObserver | None = None,
+        revocation: CrlManager | None = None,
     ) -> None:
-        """``health``: told the outcome of every handshake (readiness follows it)."""
+        """``health``: told the outcome of every handshake (readiness follows it);
+        ``revocation``: ``CRL_PATH``'s check of the server's chain."""
         self.certificates = certificates
         self.sockets = sockets
         self.settings = settings
         self.connect_timeout_s = connect_timeout_s
         self.handshake_timeout_s = handshake_timeout_s
         self.health = health
+        self.revocation = revocation
 
     async def __call__(self, key: WorkloadKey, on_idle: object) -> HboneProtocol:
         ctx = await self.certificates.client_context(key.src_identity)
@@ -127,11 +132,23 @@ class HboneConnector:
             raise UpstreamConnectError(
                 f"{key.dst[0]}:{key.dst[1]}", f"TLS handshake failed: {e}", hbone=True
             ) from None
+        ssl_object = transport.get_extra_info("ssl_object")
         try:
-            verify_server(transport.get_extra_info("ssl_object"), key.dst_identities)
+            verify_server(ssl_object, key.dst_identities)
         except TlsVerificationError:
             proto.abort("server identity not expected")
             raise
+        if self.revocation is not None:
+            try:
+                handle = self.revocation.admit(
+                    ssl_object, reporter=Reporter.SOURCE, close=proto.abort
+                )
+            except TlsVerificationError:
+                proto.abort("server certificate revoked")
+                raise
+            assert proto.closed is not None
+            revocation = self.revocation
+            proto.closed.add_done_callback(lambda _: revocation.untrack(handle))
         if self.health is not None:
             self.health.handshake_succeeded()  # the chain verified: our roots are the mesh's
         return proto

@@ -45,6 +45,7 @@ def pod_pool(inputs: ProxyInputs, sockets: SocketFactory) -> HbonePool:
             sockets=sockets,
             settings=hbone_settings(Role.CLIENT, config),
             health=inputs.handshakes,
+            revocation=inputs.revocation,
         ),
         max_streams_per_connection=config.pool_max_streams_per_connection,
         unused_release_timeout_s=config.pool_unused_release_timeout_s,

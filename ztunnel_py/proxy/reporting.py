@@ -9,6 +9,7 @@ from typing import Protocol
 from ztunnel_py.identity.errors import IdentityError
 from ztunnel_py.identity.tls import TlsVerificationError
 from ztunnel_py.proxy.conntrack import POLICY_CHANGE_ERROR
+from ztunnel_py.proxy.revocation import CERT_REVOKED_ERROR
 from ztunnel_py.proxy.splice import SpliceResult, TunnelRefused
 from ztunnel_py.telemetry.connections import ConnectionRecord, TelemetrySink
 from ztunnel_py.telemetry.metrics import ResponseFlags
@@ -23,6 +24,12 @@ class CountedSplice(Protocol):
     def bytes_out(self) -> int: ...
     @property
     def done(self) -> asyncio.Future[SpliceResult]: ...
+
+
+_CLOSE_FLAGS = {
+    POLICY_CHANGE_ERROR: ResponseFlags.DENY,
+    CERT_REVOKED_ERROR: ResponseFlags.CERT_REVOKED,
+}
 
 
 def report_splice(
@@ -54,8 +61,9 @@ def report_splice(
                 else (result.bytes_out, result.bytes_in)
             )
             error = result.error
-        # A tracked connection aborted on a policy update (conntrack) ends as a denial.
-        flags = ResponseFlags.DENY if error == POLICY_CHANGE_ERROR else None
+        # A tracked connection aborted on a policy update (conntrack) ends as a denial, one
+        # whose peer a new CRL revoked as CERT_REVOKED.
+        flags = _CLOSE_FLAGS.get(error) if error is not None else None
         telemetry.connection_closed(
             record, bytes_sent=toward, bytes_received=back, error=error, flags=flags
         )

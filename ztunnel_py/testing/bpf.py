@@ -162,13 +162,16 @@ class PodEnv:
 
     # ------------------------------------------------------------------ setup
 
-    def start_loader(self, *, dns_capture: bool = True, ipv6: bool = True) -> BpfLoader:
+    def start_loader(
+        self, *, dns_capture: bool = True, ipv6: bool = True, capture_unknown: bool = False
+    ) -> BpfLoader:
         self.loader = BpfLoader(
             pin_path=self.pin_path,
             cgroup_path=self.cgroup_parent,
             object_dir=self.object_dir,
             dns_capture=dns_capture,
             ipv6=ipv6,
+            capture_unknown=capture_unknown,
         )
         self.loader.start()
         self.sync = MapSync(self.state, Reconciler(self.loader.maps))

@@ -149,6 +149,38 @@ class CertificateAuthority:
         cert = builder.sign(self.key, hashes.SHA256())
         return CertificateAuthority(cert=cert, key=key, parents=(self.cert, *self.parents))
 
+    def crl(
+        self,
+        revoked: Iterable[x509.Certificate | int] = (),
+        *,
+        next_update: datetime.timedelta = datetime.timedelta(days=7),
+        delta: bool = False,
+        encoding: serialization.Encoding = serialization.Encoding.PEM,
+    ) -> bytes:
+        """A CRL signed by this CA revoking ``revoked`` (certificates or serial numbers);
+        ``delta`` marks it a delta CRL; ``next_update`` may be negative (an expired CRL)."""
+        now = _now()
+        last_update = min(now - _DEFAULT_BACKDATE, now + next_update - _DEFAULT_BACKDATE)
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.cert.subject)
+            .last_update(last_update)
+            .next_update(now + next_update)
+            .add_extension(x509.CRLNumber(1), critical=False)
+        )
+        if delta:
+            builder = builder.add_extension(x509.DeltaCRLIndicator(1), critical=True)
+        for item in revoked:
+            serial = item if isinstance(item, int) else item.serial_number
+            entry = (
+                x509.RevokedCertificateBuilder()
+                .serial_number(serial)
+                .revocation_date(now - _DEFAULT_BACKDATE)
+                .build()
+            )
+            builder = builder.add_revoked_certificate(entry)
+        return builder.sign(self.key, hashes.SHA256()).public_bytes(encoding)
+
     # --- PEM views ---------------------------------------------------------------------------
 
     @property

@@ -36,6 +36,7 @@ from ztunnel_py.proxy.inputs import PodInputs, ProxyInputs
 from ztunnel_py.proxy.outbound import OutboundServer
 from ztunnel_py.proxy.pod import pod_pool
 from ztunnel_py.proxy.pool import HbonePool
+from ztunnel_py.proxy.revocation import CrlManager
 from ztunnel_py.proxy.sockopt import PodSocketFactory
 from ztunnel_py.state.model import InboundProtocol, IPAddress, Service, SocketAddr, Workload
 from ztunnel_py.state.store import ProxyState, UpdateBatch
@@ -152,6 +153,7 @@ async def start_mesh(
     certificate_refresh_s: float = 30.0,
     conntrack: ConnectionTracker | None = None,
     state: ProxyState | None = None,
+    revocation: CrlManager | None = None,
 ) -> Mesh:
     """``telemetry`` serves both pods unless ``server_telemetry`` is given for the server's
     inbound side (two nodes, each with its own metrics). ``state`` lets a test build objects
@@ -178,6 +180,7 @@ async def start_mesh(
         telemetry=telemetry if telemetry is not None else NoTelemetry(),
         conntrack=conntrack,
         rng=random.Random(1),
+        revocation=revocation,
     )
     sockets = PodSocketFactory(config, mark=False)
     pool = pod_pool(inputs, sockets)
@@ -294,12 +297,13 @@ async def raw_hbone(
     *,
     identity: Identity = CLIENT_ID,
     ctx: ssl.SSLContext | None = None,
+    address: SocketAddr | None = None,
 ) -> list[RawAnswer]:
-    """Send raw HTTP/2 requests over mTLS to the server pod's :15008 and collect the answers."""
+    """Send raw HTTP/2 requests over mTLS to ``address`` (default: the server pod's :15008)
+    and collect the answers."""
     ctx = ctx or client_context(mesh.pki.cert(identity))
-    reader, writer = await asyncio.open_connection(
-        str(mesh.server_ip), 15008, ssl=ctx, server_hostname=NO_SNI
-    )
+    ip, port = address or (mesh.server_ip, 15008)
+    reader, writer = await asyncio.open_connection(str(ip), port, ssl=ctx, server_hostname=NO_SNI)
     conn = h2.connection.H2Connection(
         h2.config.H2Configuration(client_side=True, validate_outbound_headers=False)
     )

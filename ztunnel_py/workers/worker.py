@@ -32,6 +32,7 @@ from ztunnel_py.identity.certificate import WorkloadCertificate
 from ztunnel_py.identity.spiffe import Identity
 from ztunnel_py.proxy.certificates import FetchedCertificates
 from ztunnel_py.proxy.memory import tune_malloc
+from ztunnel_py.proxy.revocation import CrlManager, CrlMetrics
 from ztunnel_py.readiness import Readiness
 from ztunnel_py.redirect.listeners import PodListeners
 from ztunnel_py.redirect.workloads import EnrolledPod, PodProxyHandle
@@ -72,6 +73,11 @@ class WorkerProcess:
             rng=random.Random(),
             spawn=self.spawn,
         )
+        # CRL_PATH: each worker checks its own handshakes and closes its own connections.
+        self.crl: CrlManager | None = None
+        if config.crl_path is not None:
+            self.crl = CrlManager(config.crl_path, CrlMetrics(self.registry))
+            self.dataplane.revocation = self.crl
         self.worker_id = -1
         self.starter: PodProxyStarter | None = None
         self.pods: dict[str, tuple[PodProxyHandle, int]] = {}  # uid -> (proxy, netns fd)
@@ -175,6 +181,9 @@ class WorkerProcess:
             case m.Hello(worker_id, redirect_mode, log_levels):
                 self.worker_id = worker_id
                 self.levels.apply(log_levels)
+                if self.crl is not None:
+                    self.crl.start()
+                    self.spawn("crl-watch", self.crl.watch())
                 self.starter = self.dataplane.start_worker(redirect_mode, fds[0] if fds else None)
             case m.SyncDone():
                 self.spawn("ready", self._ready(list(self._starting.values())))

@@ -139,6 +139,22 @@ class Scrape:
         return sum(value for have, value in self.series(name) if have == dict(labels))
 
 
+def receiving_from(daemon: Daemon, since: Scrape, identities: Sequence[str]) -> Callable[[], bool]:
+    """A ``wait_until`` condition: ``daemon``'s inbound side has received bytes from each of
+    ``identities`` since the scrape ``since`` (their streams reached the application)."""
+
+    def check() -> bool:
+        now = Scrape(daemon)
+        received = "istio_tcp_received_bytes_total"
+        return all(
+            now.total(received, reporter="destination", source_principal=i)
+            > since.total(received, reporter="destination", source_principal=i)
+            for i in identities
+        )
+
+    return check
+
+
 # ----------------------------------------------------------------------------- logs and config
 
 

@@ -37,6 +37,7 @@ from tests.netns.e2e.support import (
     mesh_tag,
     netns_cookies,
     only_one,
+    receiving_from,
     start_stream,
 )
 from tools.testbed import cgroup2_mount
@@ -292,15 +293,11 @@ def test_policy_pushed_during_a_transfer_closes_it_and_spares_allowed_clients(
         cut = start_stream(mesh, cut_pod.name, ON_NODE_1.vip, ECHO)
         streams.append(cut)
 
-        def both_spliced() -> bool:
-            now = Scrape(dst_node)
-            return all(
-                delta(start, now, RECEIVED, reporter="destination", source_principal=p.identity) > 0
-                for p in (kept_pod, cut_pod)
-            )
-
         # Both are spliced through to the app before the policy arrives.
-        wait_until(both_spliced, "both streams to reach the destination's app")
+        wait_until(
+            receiving_from(dst_node, start, [kept_pod.identity, cut_pod.identity]),
+            "both streams to reach the destination's app",
+        )
         mark = log_mark(dst_node)
         before = Scrape(dst_node)
 

@@ -21,6 +21,7 @@ from ztunnel_py.admin.server import new_registry
 from ztunnel_py.bpf.metrics import BpfMetrics
 from ztunnel_py.dns.ondemand import OnDemandDnsMetrics
 from ztunnel_py.dns.telemetry import DnsMetrics, dns_labels
+from ztunnel_py.proxy.revocation import CrlMetrics
 from ztunnel_py.redirect.workloads import WorkloadManagerMetrics
 from ztunnel_py.state.model import Workload
 from ztunnel_py.state.store import ProxyState, UpdateBatch
@@ -118,13 +119,10 @@ ZTUNNEL: dict[str, tuple[str, frozenset[str]]] = {
     "tokio_worker_park_unpark_count": ("counter", frozenset({"worker"})),
 }
 
-NO_CRL = "no CRL checking in ztunnel-py (README: not implemented)"
 ONE_LOOP = "one asyncio event loop: no work-stealing queue, no worker threads to park"
 PROCESS = "prometheus_client's process collector exports these too"
 
 INTENDED: dict[str, str] = {
-    "istio_crl_policy_rejections": NO_CRL,
-    "istio_crl_untracked_connections": NO_CRL,
     "tokio_global_queue_depth": ONE_LOOP,
     "tokio_worker_total_busy_duration_seconds": ONE_LOOP,
     "tokio_worker_park_count": ONE_LOOP,
@@ -171,6 +169,9 @@ def our_families() -> dict[str, tuple[str, frozenset[str]]]:
     dns.upstream_failures.labels(*dns_labels_).inc()
     dns.upstream_duration.labels(*dns_labels_).observe(0.001)
     OnDemandDnsMetrics(registry).count(pod, "ext.example.com")
+    crl = CrlMetrics(registry)
+    crl.rejections.labels("destination").inc()
+    crl.untracked.labels("source").inc()
 
     out: dict[str, tuple[str, frozenset[str]]] = {}
     for family in text_string_to_metric_families(generate_latest(registry).decode()):
