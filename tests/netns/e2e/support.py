@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from ipaddress import ip_address
 from typing import Any, Protocol
 
 import pytest
@@ -56,7 +57,23 @@ def family_tag(family: str) -> str:
 
 def hostport(ip: str, port: int) -> str:
     """``10.0.0.1:80`` / ``[fd00::1]:80``: how the daemons and clients print a socket address."""
-    return format_authority(ip, port)
+    return format_authority(ip_address(ip), port)
+
+
+def host_part(ip: str) -> str:
+    """What a printed socket address of ``ip`` starts with: ``10.0.0.1:`` / ``[fd00::1]:``."""
+    return f"[{ip}]:" if ":" in ip else f"{ip}:"
+
+
+def node_address(mesh: Mesh, node: str, ip: str) -> str:
+    """The node's address toward its pods (its bridge) in the family of ``ip``."""
+    plan = mesh.plan.node(node)
+    return plan.gateway6 if ":" in ip else plan.gateway
+
+
+def any_address(ip: str) -> str:
+    """The wildcard address of ``ip``'s family (``0.0.0.0`` / ``::``)."""
+    return "::" if ":" in ip else "0.0.0.0"
 
 
 PROXY_PORTS = {15001, 15006, 15008}
