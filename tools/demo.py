@@ -38,7 +38,12 @@ from tools.testbed.plan import (
     ipv6_vip,
     local_config,
 )
-from tools.testbed.resolver import RESOLVER_IP, UpstreamResolver, write_resolv_conf
+from tools.testbed.resolver import (
+    RESOLVER_IP,
+    RESOLVER_IP6,
+    UpstreamResolver,
+    write_resolv_conf,
+)
 from ztunnel_py.hbone.headers import format_authority
 from ztunnel_py.testing.daemon import Daemon, http
 
@@ -144,7 +149,8 @@ def resolve(mesh: Mesh, pod: str, name: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="ztunnel-py-demo-"))
-    resolv = write_resolv_conf(work / "resolv.conf", [RESOLVER_IP])
+    upstream = RESOLVER_IP6 if args.ip_family == "ipv6" else RESOLVER_IP
+    resolv = write_resolv_conf(work / "resolv.conf", [upstream])
     options = MeshOptions(
         tag="demo",
         redirect=args.redirect,
@@ -155,7 +161,9 @@ def run(args: argparse.Namespace) -> int:
         f"== building a 2-node {args.ip_family} mesh ({args.redirect} redirection), work dir {work}"
     )
     mesh = Mesh(options, work)
-    resolver = UpstreamResolver(mesh.plan, work / "resolver", {"www.example.test": ["192.0.2.80"]})
+    resolver = UpstreamResolver(
+        mesh.plan, work / "resolver", {"www.example.test": ["192.0.2.80", "2001:db8::80"]}
+    )
     mesh.up()
     try:
         resolver.up()
@@ -175,10 +183,7 @@ def run(args: argparse.Namespace) -> int:
 
         dns = hostport(kube_dns(mesh), 53)
         say(f"\n== {ALLOWED} (node-0) asks DNS ({dns}, captured to its :15053)")
-        names = [f"{SERVICE}.default.svc.cluster.local", SERVICE]
-        if mesh.plan.ip_family == "ipv4":  # the testbed's upstream resolver has IPv4 only
-            names.append("www.example.test")
-        for name in names:
+        for name in (f"{SERVICE}.default.svc.cluster.local", SERVICE, "www.example.test"):
             say(f"   {name:38} -> {resolve(mesh, ALLOWED, name + '.')}")
 
         say(f"\n== {ALLOWED} (node-0) calls http://{hostport(vips[0], 80)}/ three times")
