@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import re
 import signal
 import sys
@@ -61,7 +62,10 @@ def hostport(ip: str, port: int) -> str:
 
 
 def say(text: str = "") -> None:
-    print(text, flush=True)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # whoever read our output went away: carry on, so teardown runs
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (replaces stdout for good)
 
 
 def service_vips(mesh: Mesh) -> tuple[str, ...]:
@@ -288,6 +292,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.keep:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    else:
+        demo_pid = os.getpid()
+
+        def tear_down_on(signum: int, _frame: object) -> None:
+            if os.getpid() != demo_pid:  # a fork (pyroute2's netns helper) just dies, as before
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
+            sys.exit(128 + signum)  # unwinds through the ``finally`` that tears everything down
+
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, tear_down_on)
     if args.istiod:
         if args.ip_family != "ipv4":
             parser.error("--istiod runs the lab's IPv4 cluster; drop --ip-family")

@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,6 +32,14 @@ RESOLVER_IP = "192.168.244.250"
 RESOLVER_IP6 = "fd00:192:168:244::fa"  # on IPv6 and dual-stack testbeds
 UNUSED_IP = "192.168.244.251"  # on the fabric, owned by nobody: queries there go unanswered
 _START_TIMEOUT_S = 10.0
+
+
+def die_with_parent(argv: Sequence[str]) -> list[str]:
+    """``argv`` run so that it gets SIGTERM when the thread that spawns it dies: a SIGKILLed demo
+    or test run then leaves no dnsmasq behind (util-linux's setpriv sets the parent-death signal,
+    which survives the exec into ``ip netns exec`` and dnsmasq). Spawn it from the main thread:
+    the signal follows the spawning thread, not the process."""
+    return ["setpriv", "--pdeathsig", "TERM", "--", *argv]
 
 
 class UpstreamResolver:
@@ -121,7 +130,12 @@ class UpstreamResolver:
             argv.append(f"--edns-packet-max={self.udp_max}")
         stderr = self.work_dir / "dnsmasq.stderr"
         with stderr.open("wb") as err:
-            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=err)
+            on_main = threading.current_thread() is threading.main_thread()
+            self._proc = subprocess.Popen(
+                die_with_parent(argv) if on_main else argv,
+                stdin=subprocess.DEVNULL,
+                stderr=err,
+            )
         deadline = time.monotonic() + _START_TIMEOUT_S
         while not self._answers():
             if self._proc.poll() is not None or time.monotonic() > deadline:
