@@ -224,7 +224,7 @@ class App:
         ready = ReadinessServer(self.readiness)
         # None makes asyncio bind every family (it would set IPV6_V6ONLY on a "::" socket).
         any_host = None if self.config.ipv6_enabled else "0.0.0.0"
-        await admin.start(self.config.admin_port)
+        await admin.start(self.config.admin_port, ipv6=self.config.ipv6_enabled)
         await stats.start(any_host, self.config.stats_port)
         await ready.start(any_host, self.config.readiness_port)
         self.servers = [admin, stats, ready]

@@ -323,8 +323,12 @@ def parse_dns_proxy_addr(name: str, raw: str) -> DnsProxyAddress:
         raise ConfigError(name, raw, expected)
     if host != "localhost":
         bracketed = host.startswith("[") and host.endswith("]")
+        bare, _, zone = (host[1:-1] if bracketed else host).partition("%")
+        if zone and not zone.isdigit():
+            # A socket address (Rust's SocketAddrV6) takes a numeric zone only: [fe80::1%2]:53.
+            raise ConfigError(name, raw, "a numeric IPv6 zone ([fe80::1%2]:<port>), not a name")
         try:
-            ip = ipaddress.ip_address(host[1:-1] if bracketed else host)
+            ip = ipaddress.ip_address(f"{bare}%{zone}" if zone else bare)
         except ValueError:
             raise ConfigError(name, raw, expected) from None
         if (ip.version == 6) != bracketed:

@@ -64,6 +64,18 @@ static __always_inline int zt_is_v4_mapped(__u32 w0, __u32 w1, __u32 w2)
 	return w0 == 0 && w1 == 0 && w2 == bpf_htonl(0xffff);
 }
 
+/*
+ * With IPV6_ENABLED=false the proxy has no IPv6 listeners, as ztunnel's; IPv6 (not IPv4-mapped)
+ * traffic is then left alone, as istio-cni leaves it without ip6tables rules. Older programs
+ * ignore the flag and keep capturing, which fails closed.
+ */
+static __always_inline int zt_ipv6_off(void)
+{
+	struct zt_cfg *cfg = zt_config();
+
+	return cfg && (cfg->flags & ZT_CFG_IPV4_ONLY);
+}
+
 static __always_inline int zt_is_proxy_port(__u32 port_host_order)
 {
 	return port_host_order == ZT_PORT_OUTBOUND || port_host_order == ZT_PORT_INBOUND_PLAINTEXT ||

@@ -47,6 +47,7 @@
 /* zt_cfg.flags */
 #define ZT_CFG_VALID 0x1 /* written by the loader; a zeroed entry means "not configured" */
 #define ZT_CFG_DNS_CAPTURE 0x2 /* enrolled pods' port-53 traffic goes to their DNS proxy */
+#define ZT_CFG_IPV4_ONLY 0x4 /* IPV6_ENABLED=false: IPv6 traffic is never captured */
 
 /* zt_deny.action */
 #define ZT_DENY_DROP 1

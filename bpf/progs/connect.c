@@ -132,6 +132,8 @@ int zt_connect6(struct bpf_sock_addr *ctx)
 
 	zt_ip6_bytes(key.addr, w0, w1, w2, w3);
 	key.port = (__u16)ctx->user_port;
+	if (!mapped && zt_ipv6_off())
+		return 1;
 	if (zt_dns_capture(ctx, key.addr, mapped ? ZT_AF_INET : ZT_AF_INET6,
 			   zt_ip6_is_loopback(w0, w1, w2, w3))) {
 		zt_dns_proxy6(ctx, mapped);

@@ -36,6 +36,8 @@ int zt_sendmsg6(struct bpf_sock_addr *ctx)
 	int mapped = zt_is_v4_mapped(w0, w1, w2);
 	__u8 addr[16];
 
+	if (!mapped && zt_ipv6_off())
+		return 1;
 	zt_ip6_bytes(addr, w0, w1, w2, w3);
 	if (zt_dns_capture(ctx, addr, mapped ? ZT_AF_INET : ZT_AF_INET6,
 			   zt_ip6_is_loopback(w0, w1, w2, w3)))

@@ -59,6 +59,10 @@ int zt_sk_lookup(struct bpf_sk_lookup *ctx)
 	}
 
 	cfg = zt_config();
+	if (ctx->family == ZT_AF_INET6 && cfg && (cfg->flags & ZT_CFG_IPV4_ONLY)) {
+		zt_count(ZT_CNT_IN_PASSTHROUGH); /* IPV6_ENABLED=false: see zt_ipv6_off() */
+		return SK_PASS;
+	}
 	local_key.netns_cookie = zt_pod_netns_cookie;
 	if (ctx->family == ZT_AF_INET) {
 		__u32 src4 = ctx->remote_ip4;

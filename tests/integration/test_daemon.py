@@ -14,6 +14,7 @@ import pytest
 
 from ztunnel_py.testing.daemon import free_port, http, run_daemon
 from ztunnel_py.testing.poll import eventually
+from ztunnel_py.testing.privileged import require
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples/localhost.yaml"
@@ -337,3 +338,23 @@ def test_a_new_local_ca_root_is_loud(tmp_path: Path, local_config: Path) -> None
     with run_daemon(env, log_dir=tmp_path / "third", wait="ready") as d:
         assert created in http(d.stats + "/metrics").text
         assert "peers that trust the previous root" in d.log()
+
+
+@pytest.mark.parametrize("ipv6", [True, False], ids=["IPV6_ENABLED=true", "IPV6_ENABLED=false"])
+def test_ipv6_enabled_decides_the_ipv6_listeners(
+    tmp_path: Path, local_config: Path, ipv6: bool
+) -> None:
+    """ztunnel: with IPV6_ENABLED=false, admin is 127.0.0.1 only and metrics and readiness bind
+    0.0.0.0 instead of [::]; nothing listens on an IPv6 address."""
+    require(Path("/proc/net/if_inet6").exists(), "the host has no IPv6 (::1) to compare with")
+    env = {**base_env(tmp_path, local_config), "IPV6_ENABLED": str(ipv6).lower()}
+    with run_daemon(env, log_dir=tmp_path, wait="ready") as d:
+        for port in (d.admin_port, d.stats_port, d.readiness_port):
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                pass
+            if ipv6:
+                with socket.create_connection(("::1", port), timeout=2):
+                    pass
+            else:
+                with pytest.raises(ConnectionRefusedError):
+                    socket.create_connection(("::1", port), timeout=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import pytest
@@ -185,6 +186,23 @@ def test_fake_ca_disables_the_ca_address() -> None:
             "dns_proxy_addr",
             c.DnsProxyAddress("::1", 15053),
         ),
+        # IPv6 text forms as Rust's SocketAddr reads them: canonical form, IPv4-mapped stays
+        # IPv6, a numeric zone is kept.
+        (
+            {"ISTIO_META_DNS_PROXY_ADDR": "[2001:DB8:0:0::1]:53"},
+            "dns_proxy_addr",
+            c.DnsProxyAddress("2001:db8::1", 53),
+        ),
+        (
+            {"ISTIO_META_DNS_PROXY_ADDR": "[::ffff:127.0.0.1]:15053"},
+            "dns_proxy_addr",
+            c.DnsProxyAddress(str(ipaddress.ip_address("::ffff:127.0.0.1")), 15053),
+        ),
+        (
+            {"ISTIO_META_DNS_PROXY_ADDR": "[fe80::1%2]:15053"},
+            "dns_proxy_addr",
+            c.DnsProxyAddress("fe80::1%2", 15053),
+        ),
         ({"DNS_RESOLV_CONF": "/tmp/r.conf"}, "dns_resolv_conf", Path("/tmp/r.conf")),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
@@ -282,6 +300,12 @@ def test_mesh_config_file_default_config(tmp_path: Path) -> None:
         ({"ISTIO_META_DNS_PROXY_ADDR": "host:53"}, "ISTIO_META_DNS_PROXY_ADDR", "<ip>:<port>"),
         ({"ISTIO_META_DNS_PROXY_ADDR": "::1:53"}, "ISTIO_META_DNS_PROXY_ADDR", "[<ipv6>]"),
         ({"ISTIO_META_DNS_PROXY_ADDR": "localhost:0"}, "ISTIO_META_DNS_PROXY_ADDR", "<port>"),
+        (
+            {"ISTIO_META_DNS_PROXY_ADDR": "[fe80::1%eth0]:15053"},
+            "ISTIO_META_DNS_PROXY_ADDR",
+            "a numeric IPv6 zone",
+        ),
+        ({"ISTIO_META_DNS_PROXY_ADDR": "fe80::1%2:53"}, "ISTIO_META_DNS_PROXY_ADDR", "[<ipv6>]"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], name: str, expected_words: str) -> None:

@@ -1,8 +1,8 @@
 """The three small HTTP surfaces: admin (127.0.0.1:15000), metrics (:15020), readiness (:15021).
 
-Admin is bound to localhost only (127.0.0.1 and ::1), always, as ztunnel's: it can
-reconfigure logging and stop the daemon. Metrics and readiness listen on all addresses for
-Prometheus and kubelet.
+Admin is bound to localhost only (127.0.0.1, and ::1 unless IPV6_ENABLED=false), as ztunnel's:
+it can reconfigure logging and stop the daemon. Metrics and readiness listen on all addresses
+(0.0.0.0 only with IPV6_ENABLED=false) for Prometheus and kubelet.
 """
 
 from __future__ import annotations
@@ -69,8 +69,9 @@ class AdminServer:
             },
         )
 
-    async def start(self, port: int) -> None:
-        await self.http.start(ADMIN_HOSTS, port)
+    async def start(self, port: int, *, ipv6: bool = True) -> None:
+        """``ipv6=False`` (IPV6_ENABLED=false): 127.0.0.1 only, as ztunnel's localhost address."""
+        await self.http.start(ADMIN_HOSTS if ipv6 else ADMIN_HOSTS[:1], port)
 
     async def _index_page(self, _: Request) -> Response:
         page = dashboard.render(

@@ -86,9 +86,11 @@ class BpfLoader:
         probe_ip4: ipaddress.IPv4Address | None = PROBE_IP4,
         probe_ip6: ipaddress.IPv6Address | None = PROBE_IP6,
         dns_capture: bool = True,
+        ipv6: bool = True,
     ) -> None:
         self.pin_path = pin_path
         self.dns_capture = dns_capture
+        self.ipv6 = ipv6  # False (IPV6_ENABLED=false): IPv6 traffic is never captured
         self.cgroup_path = cgroup_path
         self.packet_mark = packet_mark
         self.mark_mask = mark_mask
@@ -107,6 +109,7 @@ class BpfLoader:
             object_dir=config.bpf_object_dir or DEFAULT_OBJECT_DIR,
             packet_mark=config.packet_mark,
             dns_capture=config.dns_proxy,
+            ipv6=config.ipv6_enabled,
         )
 
     # ------------------------------------------------------------------ paths
@@ -164,7 +167,9 @@ class BpfLoader:
     def _write_version_and_config(self) -> None:
         zero = struct.pack("=I", 0)
         cfg = t.ZtCfg(
-            flags=t.ZT_CFG_VALID | (t.ZT_CFG_DNS_CAPTURE if self.dns_capture else 0),
+            flags=t.ZT_CFG_VALID
+            | (t.ZT_CFG_DNS_CAPTURE if self.dns_capture else 0)
+            | (0 if self.ipv6 else t.ZT_CFG_IPV4_ONLY),
             mark=self.packet_mark,
             mark_mask=self.mark_mask,
             probe_ip4=int.from_bytes(self.probe_ip4.packed, sys.byteorder) if self.probe_ip4 else 0,

@@ -113,7 +113,8 @@ def project(
     }
     for pod in pods:
         for ip in pod.ips:
-            desired[t.MAP_LOCAL][local_key(pod.netns_cookie, ip)] = _LOCAL_VALUE
+            if kernel_visible(ip):
+                desired[t.MAP_LOCAL][local_key(pod.netns_cookie, ip)] = _LOCAL_VALUE
         if compile_deny is not None and pod.workload_uid is not None:
             workload = state.workload(pod.workload_uid)
             if workload is not None:
@@ -159,7 +160,7 @@ def mesh_cidr_destinations(state: ProxyState, *, network: str = "") -> dict[byte
     """``zt_dst_cidr``: the CIDR VIPs of the services that need the proxy, per port."""
     entries: dict[bytes, bytes] = {}
     for service in state.services():
-        cidrs = [c for c in service.cidr_vips if c.network == network]
+        cidrs = [c for c in service.cidr_vips if c.network == network and kernel_visible(c.prefix)]
         if not cidrs or not service_needs_proxy(state, service, network=network):
             continue
         for cidr in cidrs:
@@ -175,7 +176,7 @@ def mesh_destinations(state: ProxyState, *, network: str = "") -> dict[bytes, by
             continue
         ports = _captured_ports(service)
         for vip in service.vips:
-            if vip.network != network:
+            if vip.network != network or not kernel_visible(vip.address):
                 continue
             for port in ports:
                 entries[dst_key(vip.address, port)] = _SERVICE_VALUE
@@ -186,8 +187,24 @@ def mesh_destinations(state: ProxyState, *, network: str = "") -> dict[bytes, by
             continue
         if workload_needs_proxy(workload):
             for ip in workload.workload_ips:
-                entries[dst_key(ip, 0)] = _WORKLOAD_VALUE
+                if kernel_visible(ip):
+                    entries[dst_key(ip, 0)] = _WORKLOAD_VALUE
     return entries
+
+
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def kernel_visible(address: IPAddress | IPNetwork) -> bool:
+    """False for an IPv4-mapped IPv6 address or prefix (``::ffff:a.b.c.d``) from xDS or local
+    config. ztunnel keeps such an address as IPv6 but looks connections up by their canonical
+    address, so it never matches one; in the 16-byte layout it would read as the IPv4 address
+    itself and capture (or call local) traffic ztunnel treats as unknown."""
+    if isinstance(address, ipaddress.IPv6Address):
+        return address.ipv4_mapped is None
+    if isinstance(address, ipaddress.IPv6Network):
+        return not address.subnet_of(_IPV4_MAPPED)
+    return True
 
 
 # ----------------------------------------------------------------------------- encodings

@@ -46,6 +46,7 @@ from ztunnel_py.state.model import (
     HealthStatus,
     InboundProtocol,
     IPAddress,
+    IpFamily,
     LoadBalancerHealthPolicy,
     LoadBalancerMode,
     LoadBalancerScope,
@@ -185,7 +186,8 @@ def route_outbound(
         via = _resolve_waypoint(state, workload.waypoint, source, target, rng)
         return _waypoint_route(via, source, target, None, hbone_port)
 
-    ip = _pick_ip(workload, target_ip, resolvable=True)
+    family = upstream.service.ip_families if upstream.service is not None else None
+    ip = _pick_ip(workload, target_ip, resolvable=True, family=family)
     # A hostname-only workload: the adapter resolves it on demand (``Route.resolved``).
     hostname = ""
     if ip is None:
@@ -465,20 +467,36 @@ _UNRESOLVED = ipaddress.IPv4Address(0)  # the next hop of a route still to be re
 @overload
 def _pick_ip(workload: Workload, target_ip: IPAddress) -> IPAddress: ...
 @overload
-def _pick_ip(workload: Workload, target_ip: IPAddress, *, resolvable: bool) -> IPAddress | None: ...
 def _pick_ip(
-    workload: Workload, target_ip: IPAddress, *, resolvable: bool = False
+    workload: Workload, target_ip: IPAddress, *, resolvable: bool, family: IpFamily | None = None
+) -> IPAddress | None: ...
+def _pick_ip(
+    workload: Workload,
+    target_ip: IPAddress,
+    *,
+    resolvable: bool = False,
+    family: IpFamily | None = None,
 ) -> IPAddress | None:
-    """A workload IP of the target's family when there is one (ztunnel's family matching);
-    ``None`` for a hostname-only workload when the caller can resolve it on demand."""
-    if not workload.workload_ips:
-        if resolvable and workload.hostname:
-            return None
-        raise NoValidDestination(workload, "it has no IP address")
-    for ip in workload.workload_ips:
+    """ztunnel's ``pick_workload_destination_or_resolve``: the address dialled when it is one of
+    the workload's; else, among the addresses the service's ``ip_families`` allows, the first of
+    the target's family, or the first allowed one. ``None`` for a workload without a usable IP
+    but with a hostname, when the caller can resolve it on demand."""
+    if target_ip in workload.workload_ips:
+        return target_ip
+    allowed = [ip for ip in workload.workload_ips if family is None or family.accepts_ip(ip)]
+    for ip in allowed:
         if ip.version == target_ip.version:
             return ip
-    return workload.workload_ips[0]
+    if allowed:
+        return allowed[0]
+    if resolvable and workload.hostname:
+        return None
+    if not workload.workload_ips:
+        raise NoValidDestination(workload, "it has no IP address")
+    assert family is not None  # every address is allowed without a restriction
+    raise NoValidDestination(
+        workload, f"none of its IP addresses is of the service's family ({family.value})"
+    )
 
 
 def _identities(workload: Workload, service: Service | None) -> tuple[Identity, ...]:

@@ -21,9 +21,11 @@ not at all; a policy may compile in part, rule by rule):
 - ``source_ips``: one rule per CIDR; ``not_source_ips``: the exact complement of the listed
   CIDRs in both address families, as CIDRs (at most 32 per IPv4 and 128 per IPv6 entry);
 - ``destination_ports``: one rule per port;
-- ``destination_ips`` / ``not_destination_ips``: folded to true or false against the workload's
-  own addresses (the plan is per workload and the kernel applies it to connections addressed
-  to them), when they give the same answer for every address of the workload;
+- ``destination_ips`` / ``not_destination_ips``: folded, per address family, to true or false
+  against the workload's own addresses of that family (the plan is per workload and the kernel
+  applies it to connections addressed to them; a connection's source, which the kernel sees, is
+  of its destination's family), when they give the same answer for every such address: a DENY
+  on the workload's IPv6 addresses becomes a rule on every IPv6 source;
 - AND (fields of a match, clauses of a rule) is the pairwise intersection of rule sets, OR
   (matches of a clause, rules of a policy, policies) is their union.
 
@@ -34,8 +36,8 @@ What does not compile, and why:
   plan is limited by design to address and port matches, so these stay in userspace;
 - ``not_destination_ports``: the IR has no port ranges or negation, and the complement of a port
   set is up to 65535 entries;
-- ``destination_ips`` that match some of the workload's addresses but not others, or a workload
-  without addresses: the IR has no destination address;
+- ``destination_ips`` that match some of the workload's addresses of one family but not others,
+  or a workload without addresses: the IR has no destination address;
 - a rule whose expansion exceeds ``MAX_RULES_PER_POLICY_RULE`` entries (cross products of
   large lists): exact but too large for a map, so it stays in userspace;
 - ALLOW policies (an ALLOW set denies what none of them match, which needs all of them) and
@@ -236,20 +238,32 @@ def _complement(excluded: Iterable[IPNetwork]) -> list[_Net]:
     return pieces
 
 
-def _destination_ips_hold(m: Match, workload_ips: Sequence[IPAddress]) -> bool:
+def _destination_families(m: Match, workload_ips: Sequence[IPAddress]) -> list[_Net]:
+    """The address families (as source universes) of the connections to the workload that the
+    destination fields hold for. A TCP connection's two ends are of one family, so the family
+    of the source the kernel looks up is the destination's; within a family the fields must
+    give one answer for all of the workload's addresses. A family the workload has no address
+    of is left out: denying nothing in the kernel is always sound."""
     if not workload_ips:
         raise _NotCompilable("destination_ips need the workload's addresses, and it has none")
 
     def holds(ip: IPAddress) -> bool:
-        ip = canonical_ip(ip)
         if m.destination_ips and not any(ip in n for n in m.destination_ips):
             return False
         return not (m.not_destination_ips and any(ip in n for n in m.not_destination_ips))
 
-    answers = {holds(ip) for ip in workload_ips}
-    if len(answers) > 1:
-        raise _NotCompilable("destination_ips match some of the workload's addresses only")
-    return answers.pop()
+    own = [canonical_ip(ip) for ip in workload_ips]
+    held = []
+    for universe in _UNIVERSES:
+        answers = {holds(ip) for ip in own if ip.max_prefixlen == universe.bits}
+        if len(answers) > 1:
+            family = 4 if universe.bits == 32 else 6
+            raise _NotCompilable(
+                f"destination_ips match some of the workload's IPv{family} addresses only"
+            )
+        if answers == {True}:
+            held.append(universe)
+    return held
 
 
 def _compile_match(m: Match, workload_ips: Sequence[IPAddress]) -> list[_Rect]:
@@ -260,11 +274,16 @@ def _compile_match(m: Match, workload_ips: Sequence[IPAddress]) -> list[_Rect]:
         raise _NotCompilable(f"matches on identity ({', '.join(identity)})")
     if m.not_destination_ports:
         raise _NotCompilable("not_destination_ports has no kernel form")
-    if (m.destination_ips or m.not_destination_ips) and not _destination_ips_hold(m, workload_ips):
-        return []
     region: list[_Rect] = [_ANY]
+    if m.destination_ips or m.not_destination_ips:
+        families = _destination_families(m, workload_ips)
+        if not families:
+            return []
+        if len(families) < len(_UNIVERSES):
+            region = [(universe, None) for universe in families]
     if m.source_ips:
-        region = _simplify((_net(n), None) for n in m.source_ips)
+        sources = _simplify((_net(n), None) for n in m.source_ips)
+        region = sources if region == [_ANY] else _intersect(region, sources)
     if m.not_source_ips:
         region = _intersect(region, [(n, None) for n in _complement(m.not_source_ips)])
     if m.destination_ports:

@@ -216,7 +216,9 @@ def workload_from_pb(name: str, w: wl_pb.Workload) -> Workload:
         uid=w.uid,
         name=w.name,
         namespace=w.namespace,
-        workload_ips=tuple(ip_from_bytes(name, a) for a in w.addresses),
+        workload_ips=tuple(
+            ip_from_bytes(name, a, f"addresses[{i}]") for i, a in enumerate(w.addresses)
+        ),
         hostname=w.hostname,
         network=w.network,
         protocol=_enum(name, "tunnel_protocol", _TUNNEL_PROTOCOLS, w.tunnel_protocol),

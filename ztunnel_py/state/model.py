@@ -8,7 +8,6 @@ Cross-references are by key (workload uid, ``namespace/hostname``), never by obj
 from __future__ import annotations
 
 import enum
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -16,7 +15,7 @@ from typing import TypeVar
 
 # The model's address vocabulary, re-exported: most of the package imports it from here.
 from ztunnel_py.ip import IPAddress as IPAddress
-from ztunnel_py.ip import IPNetwork
+from ztunnel_py.ip import IPNetwork, parse_ip
 
 #: An IP and a port, as the proxy and telemetry pass them around.
 SocketAddr = tuple[IPAddress, int]
@@ -82,6 +81,14 @@ class IpFamily(enum.Enum):
     IPV4 = "IPv4"
     IPV6 = "IPv6"
 
+    def accepts_ip(self, ip: IPAddress) -> bool:
+        """ztunnel's ``IpFamily::accepts_ip``: a single-stack service takes its family only."""
+        if self is IpFamily.IPV4:
+            return ip.version == 4
+        if self is IpFamily.IPV6:
+            return ip.version == 6
+        return True
+
 
 class Visibility(enum.Enum):
     PUBLIC = "Public"
@@ -104,7 +111,7 @@ class NetworkAddress:
         network, sep, ip = text.rpartition("/")
         if not sep:
             raise ValueError(f"{text!r} is not network/ip (write /{text} for the default network)")
-        return cls(network, ipaddress.ip_address(ip))
+        return cls(network, parse_ip(ip))
 
 
 @dataclass(frozen=True, slots=True, order=True)

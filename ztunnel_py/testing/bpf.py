@@ -11,13 +11,14 @@ keys fail to exercise error paths.
     <cgroup2>/ztpy-<tag>/          the "kubepods" parent: the programs are attached here
     <cgroup2>/ztpy-<tag>/pod/      the pod's cgroup: the application joins it before connecting
     /sys/fs/bpf/ztpy-test-<tag>/   pins (unique per run)
-    netns pod  10.77.0.1/24, fd00:77::1/64   --veth--   netns peer 10.77.0.2, .3, fd00:77::2
+    netns pod  10.77.0.1/24, fd00:77::1/64   --veth--   netns peer 10.77.0.2, .3, fd00:77::2, ::1:3
 
 with the daemon's in-pod listeners (dual-stack [::]:15001 and [::]:15006) created from the
 calling process (so, like the daemon's, outside the pod cgroup), and mesh state: an HBONE
 workload at 10.77.0.2 behind service VIPs 10.96.0.10:80 and [fd00:96::10]:80, the pod's own
-workload at 10.77.0.1 with a DENY for source 10.77.0.3 on port 8080; 10.77.0.3 is outside the
-mesh. Everything is removed afterwards, also when the test fails.
+workload at 10.77.0.1 and fd00:77::1 with a DENY for sources 10.77.0.3 and fd00:77::1:0/112 on
+port 8080; 10.77.0.3 and fd00:77::1:3 are outside the mesh. Everything is removed afterwards,
+also when the test fails.
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ def fake_maps(*names: str, journal: Journal | None = None) -> dict[str, FakeMapO
 WAIT_S = 5.0  # upper bound for things that happen at once; never a performance threshold
 
 POD_IP, PEER_IP, OUTSIDER_IP = "10.77.0.1", "10.77.0.2", "10.77.0.3"
-POD_IP6, PEER_IP6 = "fd00:77::1", "fd00:77::2"
+POD_IP6, PEER_IP6, OUTSIDER_IP6 = "fd00:77::1", "fd00:77::2", "fd00:77::1:3"
+DENIED_NET6 = "fd00:77::1:0/112"  # OUTSIDER_IP6's, in the pod's DENY rule
 VIP, VIP6 = "10.96.0.10", "fd00:96::10"
 ip = ipaddress.ip_address
 
@@ -160,12 +162,13 @@ class PodEnv:
 
     # ------------------------------------------------------------------ setup
 
-    def start_loader(self, *, dns_capture: bool = True) -> BpfLoader:
+    def start_loader(self, *, dns_capture: bool = True, ipv6: bool = True) -> BpfLoader:
         self.loader = BpfLoader(
             pin_path=self.pin_path,
             cgroup_path=self.cgroup_parent,
             object_dir=self.object_dir,
             dns_capture=dns_capture,
+            ipv6=ipv6,
         )
         self.loader.start()
         self.sync = MapSync(self.state, Reconciler(self.loader.maps))
@@ -314,7 +317,10 @@ def mesh_state() -> UpdateBatch:
             (
                 (
                     Match(
-                        source_ips=(ipaddress.ip_network(f"{OUTSIDER_IP}/32"),),
+                        source_ips=(
+                            ipaddress.ip_network(f"{OUTSIDER_IP}/32"),
+                            ipaddress.ip_network(DENIED_NET6),
+                        ),
                         destination_ports=(8080,),
                     ),
                 ),
@@ -366,6 +372,7 @@ def pod_environment(object_dir: Path, client_script: Path) -> Iterator[PodEnv]:
             peer.sh("ip", "addr", "add", f"{OUTSIDER_IP}/24", "dev", peer_if)
             pod.sh("ip", "addr", "add", f"{POD_IP6}/64", "dev", pod_if, "nodad")
             peer.sh("ip", "addr", "add", f"{PEER_IP6}/64", "dev", peer_if, "nodad")
+            peer.sh("ip", "addr", "add", f"{OUTSIDER_IP6}/64", "dev", peer_if, "nodad")
             env = PodEnv(pool, pod, peer, cgroup_parent, pin_path, object_dir, client_script)
             env.state.apply(mesh_state())
             env.outbound = env.listen(pod, "::", 15001)

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from ztunnel_py.errors import LocalConfigError
-from ztunnel_py.ip import IPNetwork
+from ztunnel_py.ip import IPNetwork, ZonedAddressError, parse_ip, parse_network
 from ztunnel_py.rbac.model import (
     MATCH_LISTS,
     Action,
@@ -116,8 +116,11 @@ def _integer(value: Any, *, minimum: int = 0, maximum: int = 2**32 - 1) -> int:
 
 
 def _ip(value: Any) -> IPAddress:
+    text = _text(value)
     try:
-        return ipaddress.ip_address(_text(value))
+        return parse_ip(text)
+    except ZonedAddressError:
+        raise  # its own message: the zone is what to remove
     except ValueError:
         raise ValueError(f"{value!r} is not an IP address") from None
 
@@ -125,7 +128,9 @@ def _ip(value: Any) -> IPAddress:
 def _cidr(value: Any) -> IPNetwork:
     text = _text(value)
     try:
-        return ipaddress.ip_network(text, strict=False)
+        return parse_network(text)
+    except ZonedAddressError:
+        raise
     except ValueError:
         raise ValueError(f"{text!r} is not an IP address or CIDR") from None
 

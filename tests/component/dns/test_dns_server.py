@@ -40,6 +40,15 @@ WEB = Service(
     hostname="web.ns1.svc.cluster.local",
     vips=(NetworkAddress("", ipaddress.ip_address("10.96.0.7")),),
 )
+DUAL = Service(
+    name="dual",
+    namespace="ns1",
+    hostname="dual.ns1.svc.cluster.local",
+    vips=(
+        NetworkAddress("", ipaddress.ip_address("10.96.0.8")),
+        NetworkAddress("", ipaddress.ip_address("fd00:96::8")),
+    ),
+)
 
 
 @dataclass
@@ -78,13 +87,16 @@ class Harness:
     udp: tuple[str, int]
     tcp: tuple[str, int]
 
-    async def udp_query(self, name: str, *, wait: bool = True) -> dns.message.Message | None:
+    async def udp_query(
+        self, name: str, *, wait: bool = True, rdtype: str = "A"
+    ) -> dns.message.Message | None:
         loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        family = socket.AF_INET6 if ":" in self.udp[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
         sock.setblocking(False)
         try:
             sock.connect(self.udp)
-            await loop.sock_sendall(sock, dns.message.make_query(name, "A").to_wire())
+            await loop.sock_sendall(sock, dns.message.make_query(name, rdtype).to_wire())
             if not wait:
                 return None
             return dns.message.from_wire(await asyncio.wait_for(loop.sock_recv(sock, 65535), 10))
@@ -92,7 +104,7 @@ class Harness:
             sock.close()
 
     async def tcp_exchange(self, wire: bytes) -> bytes:
-        reader, writer = await asyncio.open_connection(*self.tcp)
+        reader, writer = await asyncio.open_connection(*self.tcp[:2])
         try:
             writer.write(struct.pack("!H", len(wire)) + wire)
             await writer.drain()
@@ -107,17 +119,18 @@ async def make_harness() -> AsyncIterator[Callable[..., asyncio.Future[Harness]]
     made: list[Harness] = []
     transports: list[asyncio.DatagramTransport] = []
 
-    async def make(mode: str = "answer", **server_args: object) -> Harness:
+    async def make(
+        mode: str = "answer", *, host: str = "127.0.0.1", **server_args: object
+    ) -> Harness:
+        """``host``: the loopback address the proxy and the upstream listen on (``::1``: IPv6)."""
         loop = asyncio.get_running_loop()
         upstream = Upstream(mode)
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: upstream, local_addr=("127.0.0.1", 0)
-        )
+        transport, _ = await loop.create_datagram_endpoint(lambda: upstream, local_addr=(host, 0))
         transports.append(transport)
         port = transport.get_extra_info("sockname")[1]
         state = ProxyState()
-        state.apply(UpdateBatch(services=(WEB,), workloads=(CLIENT,)))
-        conf = ResolvConf(((ipaddress.ip_address("127.0.0.1"), port),), (), 0.5, 1)
+        state.apply(UpdateBatch(services=(WEB, DUAL), workloads=(CLIENT,)))
+        conf = ResolvConf(((ipaddress.ip_address(host), port),), (), 0.5, 1)
 
         def upstream_socket(family: int, kind: int) -> socket.socket:
             sock = socket.socket(family, kind)
@@ -126,12 +139,12 @@ async def make_harness() -> AsyncIterator[Callable[..., asyncio.Future[Harness]]
 
         client = server_args.pop("client", lambda: state.workload("c"))
         server = DnsServer(
-            resolver=MeshResolver(state),
+            resolver=MeshResolver(state, ipv6_enabled=bool(server_args.pop("ipv6_enabled", True))),
             client=client,  # type: ignore[arg-type]
             forwarder=UpstreamForwarder(conf, upstream_socket),
             **server_args,  # type: ignore[arg-type]
         )
-        sockets = bind_dns_sockets(None, DnsProxyAddress("127.0.0.1", 0), ipv6=False)
+        sockets = bind_dns_sockets(None, DnsProxyAddress(host, 0), ipv6=False)
         udp = next(s for s in sockets if s.type == socket.SOCK_DGRAM).getsockname()
         tcp = next(s for s in sockets if s.type == socket.SOCK_STREAM).getsockname()
         await server.start(sockets)
@@ -273,3 +286,36 @@ async def test_on_demand_dns_for_hostname_workloads(make_harness, mode: str) -> 
         if s.name == "istio_on_demand_dns_total" and labels.items() <= s.labels.items()
     ]
     assert [s.value for s in samples] == [1.0]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("host", ["::1", "127.0.0.1"], ids=["over-ipv6", "over-ipv4"])
+async def test_aaaa_answers_are_the_ipv6_vips_over_either_family(make_harness, host: str) -> None:
+    h = await make_harness(host=host)
+    aaaa = await h.udp_query("dual.ns1.svc.cluster.local.", rdtype="AAAA")
+    assert aaaa is not None and [r.address for r in aaaa.answer[0]] == ["fd00:96::8"]
+    a = await h.udp_query("dual.ns1.svc.cluster.local.", rdtype="A")
+    assert a is not None and [r.address for r in a.answer[0]] == ["10.96.0.8"]
+    # An IPv4-only service has no AAAA record: an empty NOERROR answer, not NXDOMAIN.
+    none = await h.udp_query("web.ns1.svc.cluster.local.", rdtype="AAAA")
+    assert none is not None and none.rcode() == dns.rcode.NOERROR and none.answer == []
+    tcp = dns.message.from_wire(
+        await h.tcp_exchange(
+            dns.message.make_query("dual.ns1.svc.cluster.local.", "AAAA").to_wire()
+        )
+    )
+    assert [r.address for r in tcp.answer[0]] == ["fd00:96::8"]
+    # Names outside the mesh go to the upstream resolver, here on the same family.
+    forwarded = await h.udp_query("www.example.test.")
+    assert forwarded is not None and [r.address for r in forwarded.answer[0]] == ["192.0.2.1"]
+    assert h.upstream.received == 1
+
+
+@pytest.mark.asyncio
+async def test_ipv6_disabled_gives_no_aaaa_records(make_harness) -> None:
+    """ztunnel's service_family_allowed: IPV6_ENABLED=false answers AAAA with nothing."""
+    h = await make_harness(ipv6_enabled=False)
+    aaaa = await h.udp_query("dual.ns1.svc.cluster.local.", rdtype="AAAA")
+    assert aaaa is not None and aaaa.rcode() == dns.rcode.NOERROR and aaaa.answer == []
+    a = await h.udp_query("dual.ns1.svc.cluster.local.", rdtype="A")
+    assert a is not None and [r.address for r in a.answer[0]] == ["10.96.0.8"]

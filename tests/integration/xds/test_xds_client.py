@@ -202,7 +202,7 @@ async def test_malformed_address_among_good_ones_is_nacked_alone(harness: Harnes
     )
     (nack,) = await harness.istiod.wait_for(lambda r: r.is_nack)
     assert nack.error == (
-        "cluster1//v1/Pod/default/bad: address is 3 bytes, but an IP address is 4 or 16 bytes"
+        "cluster1//v1/Pod/default/bad: addresses[0] is 3 bytes, but an IP address is 4 or 16 bytes"
     )
     pushed = [r for r in harness.istiod.responses if "cluster1//v1/Pod/default/bad" in r.names]
     assert nack.nonce == pushed[0].nonce

@@ -312,3 +312,20 @@ def test_cidr_trie_key_counts_the_port_and_the_ipv4_mapping() -> None:
         "port": 80,
         "kind": "service",
     }
+
+
+def test_ipv4_mapped_addresses_from_xds_never_reach_the_kernel() -> None:
+    """ztunnel keeps ``::ffff:a.b.c.d`` as an IPv6 address that no connection (looked up by its
+    canonical address) ever matches; in the 16-byte layout it would be a.b.c.d itself."""
+    svc = service("mapped", "::ffff:10.96.0.20", "fd00:96::20")
+    hbone = workload("a", "::ffff:10.0.0.5", "fd00::5")
+    ranges = cidr_service("ranges", "::ffff:10.200.0.0/112", "fd00:200::/64")
+    ranges = replace(
+        ranges, waypoint=GatewayAddress(destination=NetworkAddress("", ip("10.0.9.9")))
+    )
+    state = state_of(svc, member(hbone, svc), ranges)
+    assert captured(state) == {("fd00:96::20", 80), ("fd00::5", "*")}
+    assert captured_cidrs(state) == {("fd00:200::/64", 80)}
+
+    pod = EnrolledPod("uid", 7, (ip("::ffff:10.0.0.5"), ip("fd00::5")))
+    assert set(project(state, [pod])[t.MAP_LOCAL]) == {local_key(7, ip("fd00::5"))}

@@ -241,3 +241,30 @@ def test_bad_weighted_waypoints_name_their_path(entry: str, message: str) -> Non
     with pytest.raises(LocalConfigError) as e:
         parse_local_config(doc)
     assert message in str(e.value)
+
+
+def test_ipv6_text_forms_read_as_ztunnel_reads_them() -> None:
+    """Rust's IpAddr/IpNet: any standard spelling, canonicalised; an IPv4-mapped address stays
+    IPv6 (ztunnel never turns it into IPv4)."""
+    batch = parse_local_config(
+        """
+workloads:
+  - {uid: u1, name: a, namespace: default,
+     workloadIps: ["FD00:0:0:0:0:0:0:1", "fd00::0:2", "::ffff:10.0.0.1"]}
+services:
+  - {name: s, namespace: default, hostname: s.default.svc,
+     vips: ["/FD00:96:0::10", "/::ffff:10.96.0.10"]}
+policies:
+  - {name: p, namespace: default, action: Deny,
+     rules: [[[{sourceIps: ["FD00:0::/16", "::ffff:10.0.0.0/104"]}]]]}
+"""
+    )
+    ip, net = ipaddress.ip_address, ipaddress.ip_network
+    (w,) = batch.workloads
+    assert w.workload_ips == (ip("fd00::1"), ip("fd00::2"), ipaddress.IPv6Address("::ffff:a00:1"))
+    assert all(a.version == 6 for a in w.workload_ips)
+    (s,) = batch.services
+    assert [v.address for v in s.vips] == [ip("fd00:96::10"), ip("::ffff:10.96.0.10")]
+    assert s.vips[1].address.version == 6
+    (p,) = batch.policies
+    assert p.rules[0][0][0].source_ips == (net("fd00::/16"), net("::ffff:10.0.0.0/104"))

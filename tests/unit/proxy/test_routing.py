@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
+from ztunnel_py.hbone.headers import format_authority
 from ztunnel_py.identity.spiffe import Identity
 from ztunnel_py.proxy.routing import (
     CrossNetworkUnsupported,
@@ -26,6 +27,7 @@ from ztunnel_py.state.model import (
     GatewayAddress,
     HealthStatus,
     InboundProtocol,
+    IpFamily,
     LoadBalancer,
     LoadBalancerHealthPolicy,
     LoadBalancerMode,
@@ -781,3 +783,71 @@ def test_all_zero_weights_fall_back_to_the_primary_waypoint() -> None:
     # Without a primary, all-zero weights mean no waypoint at all: straight to the endpoint.
     direct = _route_via(weighted((PRIMARY, 0), (CANARY, 0), primary=None), 1)
     assert not direct.via_waypoint and direct.next_hop == _addr("10.0.0.2:15008")
+
+
+# --------------------------------------------------------------------------- address families
+
+
+def dual(name: str, *addrs: str, services: dict[str, dict[int, int]] | None = None) -> Workload:
+    return replace(
+        wl(name, None, services=services or {}), workload_ips=tuple(ip(a) for a in addrs)
+    )
+
+
+def _service_route(endpoint: Workload, vip: str, family: IpFamily | None, port: int = 80) -> Route:
+    state = ProxyState()
+    service = replace(
+        svc("echo", vip),
+        vips=(NetworkAddress("", ip("10.96.0.1")), NetworkAddress("", ip("fd00:96::1"))),
+        ip_families=family,
+    )
+    state.apply(UpdateBatch(workloads=(SOURCE, endpoint), services=(service,)))
+    return route_outbound(state, SOURCE, ip("10.0.0.1"), (ip(vip), port), rng=random.Random(0))
+
+
+@pytest.mark.parametrize(
+    ("vip", "family", "expected"),
+    [
+        # No restriction or dual stack: the family of the address dialled.
+        ("10.96.0.1", None, "10.0.0.2"),
+        ("fd00:96::1", None, "fd00::2"),
+        ("10.96.0.1", IpFamily.DUAL, "10.0.0.2"),
+        ("fd00:96::1", IpFamily.DUAL, "fd00::2"),
+        # A single-stack service: its family, whichever family the client dialled.
+        ("fd00:96::1", IpFamily.IPV4, "10.0.0.2"),
+        ("10.96.0.1", IpFamily.IPV6, "fd00::2"),
+        ("10.96.0.1", IpFamily.IPV4, "10.0.0.2"),
+    ],
+)
+def test_service_endpoint_address_follows_ip_families(
+    vip: str, family: IpFamily | None, expected: str
+) -> None:
+    endpoint = dual("server", "10.0.0.2", "fd00::2", services=member("echo"))
+    route = _service_route(endpoint, vip, family)
+    assert route.next_hop == (ip(expected), 15008)
+    assert route.authority == format_authority(ip(expected), 8080)
+
+
+def test_single_stack_service_endpoint_without_an_address_of_its_family_is_invalid() -> None:
+    endpoint = dual("server", "10.0.0.2", services=member("echo"))
+    with pytest.raises(NoValidDestination, match=r"service's family \(IPv6\)"):
+        _service_route(endpoint, "10.96.0.1", IpFamily.IPV6)
+
+
+def test_single_stack_service_hostname_endpoint_is_resolved_instead() -> None:
+    endpoint = replace(dual("vm", "10.0.0.2", services=member("echo")), hostname="vm.example")
+    route = _service_route(endpoint, "fd00:96::1", IpFamily.IPV6)
+    assert route.resolve_hostname == "vm.example"
+
+
+def test_workload_dialled_by_one_of_its_addresses_gets_that_address() -> None:
+    """ztunnel uses the address itself, not the first one of its family."""
+    state = ProxyState()
+    server = dual("server", "10.0.0.2", "10.0.0.3", "fd00::2", "fd00::3")
+    state.apply(UpdateBatch(workloads=(SOURCE, server)))
+    for target in ("10.0.0.3", "fd00::3", "fd00::2", "10.0.0.2"):
+        route = route_outbound(
+            state, SOURCE, ip("10.0.0.1"), (ip(target), 80), rng=random.Random(0)
+        )
+        assert route.next_hop == (ip(target), 15008)
+        assert route.authority == format_authority(ip(target), 80)

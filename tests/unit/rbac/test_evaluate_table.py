@@ -177,6 +177,26 @@ CASES = [
         id="IPv4-mapped IPv6 source is compared as IPv4",
     ),
     pytest.param([pol("Allow", "[[[{sourceIps: [0.0.0.0/0]}]]]")], PLAIN, True, P_OK, id="/0 matches every address of its family"),
+    pytest.param(
+        [pol("Deny", "[[[{destinationIps: ['FD00:0:0::2/128']}]]]", name="d")], conn(src="fd00::7", dst="fd00::2"), False, "ns1/d",
+        id="DENY on an IPv6 destination written uncompressed",
+    ),
+    pytest.param(
+        [pol("Deny", "[[[{destinationIps: ['fd00::2/128']}]]]", name="d")], PLAIN, True, None,
+        id="IPv6 destination DENY leaves the IPv4 connection alone",
+    ),
+    pytest.param(
+        [pol("Allow", "[[[{notSourceIps: ['fd00::/112']}]]]")], conn(src="fd00::7", dst="fd00::2"), False, None,
+        id="not_source_ips IPv6 excludes",
+    ),
+    pytest.param(
+        [pol("Allow", "[[[{notSourceIps: ['fd00::/112']}]]]")], conn(src="fd00:1::7", dst="fd00::2"), True, P_OK,
+        id="not_source_ips IPv6 lets other IPv6 through",
+    ),
+    pytest.param(
+        [pol("Allow", "[[[{sourceIps: ['::ffff:10.0.0.0/104']}]]]")], conn(src="::ffff:10.0.0.1"), False, None,
+        id="an IPv4-mapped CIDR is IPv6 and never matches an IPv4 peer (ztunnel's IpNet)",
+    ),
     # --- principals ---
     pytest.param(
         [pol("Allow", "[[[{principals: [cluster.local/ns/ns1/sa/sa1]}]]]")], MTLS_A, True, P_OK,

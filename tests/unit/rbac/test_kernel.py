@@ -90,8 +90,8 @@ def rules_of(rules: str) -> set[KernelDenyRule]:
             id="source_ips minus not_source_ips",
         ),
         pytest.param(
-            "[[[{destinationIps: [10.0.0.0/24], destinationPorts: [80]}]]]", {KernelDenyRule(None, 80)},
-            id="destination_ips holding for the workload fold to true",
+            "[[[{destinationIps: [10.0.0.0/24], destinationPorts: [80]}]]]", {KernelDenyRule(net("0.0.0.0/0"), 80)},
+            id="destination_ips holding for the workload fold to true for its family",
         ),
         pytest.param(
             "[[[{destinationIps: [10.9.0.0/16]}]]]", set(),
@@ -142,11 +142,32 @@ def test_shapes_left_to_userspace(rules: str, reason: str) -> None:
     assert why.startswith("rule 0:") and reason in why
 
 
-def test_destination_ips_that_split_the_workload_stay_in_userspace() -> None:
-    dual = (ipaddress.ip_address("10.0.0.2"), ipaddress.ip_address("fd00::2"))
-    plan = compile_kernel_denies([deny("[[[{destinationIps: [10.0.0.0/8]}]]]")], workload_ips=dual)
+DUAL_STACK = (ipaddress.ip_address("10.0.0.2"), ipaddress.ip_address("fd00::2"))
+
+
+@pytest.mark.parametrize(
+    ("rules", "expected"),
+    [
+        pytest.param("[[[{destinationIps: ['fd00::2']}]]]", {KernelDenyRule(net("::/0"), None)}, id="the IPv6 address: every IPv6 source"),
+        pytest.param("[[[{destinationIps: [10.0.0.0/8], destinationPorts: [80]}]]]", {KernelDenyRule(net("0.0.0.0/0"), 80)}, id="the IPv4 address: every IPv4 source"),
+        pytest.param("[[[{destinationIps: ['fd00::/64'], sourceIps: ['fd00:1::/32', 10.1.0.0/16]}]]]", {KernelDenyRule(net("fd00:1::/32"), None)}, id="IPv6 destination and sources: IPv6 sources only"),
+        pytest.param("[[[{notDestinationIps: ['fd00::2']}]]]", {KernelDenyRule(net("0.0.0.0/0"), None)}, id="not the IPv6 address: every IPv4 source"),
+        pytest.param("[[[{destinationIps: [10.0.0.2, 'fd00::2']}]]]", {KernelDenyRule(None, None)}, id="both: everything"),
+    ],
+)  # fmt: skip
+def test_destination_ips_fold_per_family_on_a_dual_stack_workload(
+    rules: str, expected: set[KernelDenyRule]
+) -> None:
+    plan = compile_kernel_denies([deny(rules)], workload_ips=DUAL_STACK)
+    assert plan.complete == {"ns1/d"}, plan.left_to_userspace
+    assert set(plan.rules) == expected
+
+
+def test_destination_ips_that_split_one_family_of_the_workload_stay_in_userspace() -> None:
+    two = (*DUAL_STACK, ipaddress.ip_address("fd01::2"))
+    plan = compile_kernel_denies([deny("[[[{destinationIps: ['fd00::/16']}]]]")], workload_ips=two)
     assert plan.rules == ()
-    assert "some of the workload's addresses" in plan.left_to_userspace["ns1/d"][0]
+    assert "some of the workload's IPv6 addresses only" in plan.left_to_userspace["ns1/d"][0]
 
 
 def test_destination_ips_without_workload_addresses_stay_in_userspace() -> None:

@@ -335,3 +335,25 @@ def test_kernel_never_denies_what_userspace_allows(
                 if p.key in alone:
                     kernel = alone[p.key].denies(conn.src_ip, conn.dst_port)
                     assert kernel is (not evaluate(conn, [p]).allowed), (p, conn)
+
+
+@given(
+    policy_lists(
+        actions=[Action.DENY],
+        match_strategy=matches(l4_only=True, negated_ports=False),
+        dry_run=True,
+    ),
+    st.sampled_from(V4),
+    st.sampled_from(V6),
+)
+def test_kernel_plan_agrees_exactly_on_a_dual_stack_workload(
+    pols: list[Authorization], ip4: IPAddress, ip6: IPAddress
+) -> None:
+    # One address per family: destination_ips fold to a constant per family.
+    plan = compile_kernel_denies(pols, workload_ips=(ip4, ip6))
+    assert plan.complete == {p.key for p in pols if not p.dry_run}
+    for dst in (ip4, ip6):
+        for conn in _plaintext_grid(dst):
+            assert plan.denies(conn.src_ip, conn.dst_port) is (not evaluate(conn, pols).allowed), (
+                conn
+            )

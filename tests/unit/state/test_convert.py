@@ -472,3 +472,33 @@ def test_weighted_waypoints_round_trip_and_dump() -> None:
             "weight": 3,
         }
     ]
+
+
+# --- IPv6 address bytes ------------------------------------------------------------------------
+
+MAPPED = ipaddress.IPv6Address("::ffff:10.0.0.7")
+
+
+def test_ipv4_mapped_bytes_stay_ipv6_as_in_ztunnel() -> None:
+    """ztunnel's byte_to_ip: 16 bytes are an IPv6 address, also ``::ffff:a.b.c.d``."""
+    w = workload_from_pb(UID, pb_workload(addresses=[IP4, MAPPED.packed]))
+    assert w.workload_ips == (ipaddress.IPv4Address("10.0.0.7"), MAPPED)
+    s = service_from_pb(
+        "ns1/svc",
+        pb_service(
+            addresses=[
+                wl.NetworkAddress(address=MAPPED.packed),
+                wl.NetworkAddress(address=MAPPED.packed, length=120),
+            ]
+        ),
+    )
+    assert s.vips == (NetworkAddress("", MAPPED),)
+    assert s.cidr_vips == (CidrVip("", ipaddress.IPv6Network("::ffff:10.0.0.0/120")),)
+    pb = _with_match(az.Match(source_ips=[az.Address(address=MAPPED.packed, length=104)]))
+    (rule,) = authorization_from_pb("ns1/allow-a", pb).rules
+    assert rule[0][0].source_ips == (ipaddress.IPv6Network("::ffff:10.0.0.0/104"),)
+
+
+def test_wrong_length_workload_address_names_its_index() -> None:
+    err = rejected(workload_from_pb, UID, pb_workload(addresses=[IP6, bytes(6)]))
+    assert err.reason == "addresses[1] is 6 bytes, but an IP address is 4 or 16 bytes"

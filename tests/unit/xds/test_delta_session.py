@@ -183,7 +183,7 @@ def test_partial_nack_names_only_the_failures_and_applies_the_rest() -> None:
     entries = reply.error_detail.message.split("; ")
     assert (
         entries[0]
-        == "cluster1//v1/Pod/ns1/pod-2: address is 3 bytes, but an IP address is 4 or 16 bytes"
+        == "cluster1//v1/Pod/ns1/pod-2: addresses[0] is 3 bytes, but an IP address is 4 or 16 bytes"
     )
     assert entries[1] == "empty: XDS payload without resource"
     assert entries[2].startswith("garbage: decode: ")
