@@ -72,7 +72,11 @@ class ExtraService:
 
     def vips(self, ip_family: str) -> tuple[str, ...]:
         """Its VIPs on a testbed of ``ip_family``, primary first (none when headless)."""
-        return family_addresses(ip_family, self.vip, ipv6_vip(self.vip)) if self.vip else ()
+        if not self.vip:
+            return ()
+        if ip_family == "ipv4":  # any IPv4 VIP; only the ipv6/dual ones need the twin range
+            return (self.vip,)
+        return family_addresses(ip_family, self.vip, ipv6_vip(self.vip))
 
 
 @dataclass
