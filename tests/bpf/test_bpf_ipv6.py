@@ -383,3 +383,42 @@ def test_ipv6_disabled_leaves_ipv6_traffic_alone_and_still_captures_ipv4(pod_env
     client4.connect((POD_IP, 8082))
     client4.sendall(b"hello4")
     assert pod_env.serve_one(pod_env.inbound, b"ok") is not None
+
+
+def test_ipv6_outsider_reusing_a_live_source_port_gets_no_original_destination(
+    pod_env: PodEnv,
+) -> None:
+    """As the IPv4 test in test_bpf_datapath.py: an IPv6 host connecting to the pod's [::]:15001
+    from the source port of a live IPv6 redirected connection is refused the lookup."""
+    loader = pod_env.start_loader()
+    pod_env.enroll()
+    assert pod_env.outbound is not None
+    lookup = loader.original_destinations()
+
+    proc = pod_env.app(VIP6, 80, family=6)
+    ready, _, _ = select.select([pod_env.outbound], [], [], WAIT_S)
+    assert ready, "the connection to the IPv6 VIP did not reach :15001"
+    own, own_peer = pod_env.outbound.accept()
+    pod_env.extra.append(own)
+    assert lookup.original_destination(own) == (ip(VIP6), 80)
+    try:
+        attacker = pod_env.peer.socket(socket.AF_INET6)
+        pod_env.extra.append(attacker)
+        attacker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        attacker.bind((OUTSIDER_IP6, int(own_peer[1])))
+        attacker.settimeout(WAIT_S)
+        attacker.connect((POD_IP6, 15001))
+        ready, _, _ = select.select([pod_env.outbound], [], [], WAIT_S)
+        assert ready
+        hostile, hostile_peer = pod_env.outbound.accept()
+        pod_env.extra.append(hostile)
+        assert ip(hostile_peer[0]) == ip(OUTSIDER_IP6) and hostile_peer[1] == own_peer[1]
+        with pytest.raises(OSError, match="not from the pod's own redirected sockets"):
+            lookup.original_destination(hostile)
+        assert lookup.original_destination(own) == (ip(VIP6), 80)
+        own.sendall(b"pong-15001")
+        assert pod_env.result(proc)["received"] == "pong-15001"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

@@ -169,6 +169,9 @@ class _Upstream:
     workload: Workload
     port: int
     service: Service | None
+    # The address whose family picks the workload's (ztunnel's finalize_upstream target): a
+    # waypoint named by IP is reached on that IP's family, else the connection's.
+    dialled: IPAddress | None = None
 
 
 def route_outbound(
@@ -254,7 +257,8 @@ def _waypoint_route(
     via: _Upstream, source: Workload, target: SocketAddr, service: Service | None, hbone_port: int
 ) -> Route:
     waypoint = via.workload
-    ip = _pick_ip(waypoint, target[0])
+    family = via.service.ip_families if via.service is not None else None
+    ip = _pick_ip(waypoint, via.dialled or target[0], family=family)
     return Route(
         kind=RouteKind.HBONE,
         next_hop=(ip, via.port or hbone_port),
@@ -301,6 +305,8 @@ def _resolve_waypoint(
             found = _Upstream(addr, port, None)
         else:
             found = None
+        if found is not None:
+            found = dataclasses.replace(found, dialled=dest.address)
     if found is None:
         raise UnknownWaypoint(gateway)
     return found
@@ -592,7 +598,9 @@ _UNRESOLVED = ipaddress.IPv4Address(0)  # the next hop of a route still to be re
 
 
 @overload
-def _pick_ip(workload: Workload, target_ip: IPAddress) -> IPAddress: ...
+def _pick_ip(
+    workload: Workload, target_ip: IPAddress, *, family: IpFamily | None = None
+) -> IPAddress: ...
 @overload
 def _pick_ip(
     workload: Workload, target_ip: IPAddress, *, resolvable: bool, family: IpFamily | None = None

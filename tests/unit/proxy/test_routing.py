@@ -850,3 +850,46 @@ def test_workload_dialled_by_one_of_its_addresses_gets_that_address() -> None:
         )
         assert route.next_hop == (ip(target), 15008)
         assert route.authority == format_authority(ip(target), 80)
+
+
+def by_ip(addr: str) -> GatewayAddress:
+    return GatewayAddress(destination=NetworkAddress("", ip(addr)))
+
+
+def _waypoint_hop(gateway: GatewayAddress, target: str, family: IpFamily | None = None) -> Route:
+    state = ProxyState()
+    wp = dual("waypoint", "10.0.0.100", "fd00::100", services=member("waypoint", {15008: 15008}))
+    wp_svc = replace(
+        svc("waypoint", "10.96.0.100", ports={15008: 15008}),
+        vips=(NetworkAddress("", ip("10.96.0.100")), NetworkAddress("", ip("fd00:96::100"))),
+        ip_families=family,
+    )
+    echo = replace(
+        svc("echo", "10.96.0.1", waypoint=gateway),
+        vips=(NetworkAddress("", ip("10.96.0.1")), NetworkAddress("", ip("fd00:96::1"))),
+    )
+    state.apply(UpdateBatch(workloads=(SOURCE, wp), services=(echo, wp_svc)))
+    return route_outbound(state, SOURCE, ip("10.0.0.1"), (ip(target), 80), rng=random.Random(0))
+
+
+@pytest.mark.parametrize(
+    ("gateway", "target", "family", "hop"),
+    [
+        # By hostname: the family of the connection, within the waypoint service's families.
+        (WAYPOINT_GW, "fd00:96::1", None, "fd00::100"),
+        (WAYPOINT_GW, "10.96.0.1", None, "10.0.0.100"),
+        (WAYPOINT_GW, "fd00:96::1", IpFamily.IPV4, "10.0.0.100"),
+        # By address: that address's family, whatever the connection's (ztunnel's note: an
+        # IPv6 call may go to an IPv4 waypoint).
+        (by_ip("10.96.0.100"), "fd00:96::1", None, "10.0.0.100"),
+        (by_ip("10.0.0.100"), "fd00:96::1", None, "10.0.0.100"),
+        (by_ip("fd00:96::100"), "10.96.0.1", None, "fd00::100"),
+    ],
+)  # fmt: skip
+def test_waypoint_address_family_follows_ztunnel(
+    gateway: GatewayAddress, target: str, family: IpFamily | None, hop: str
+) -> None:
+    route = _waypoint_hop(gateway, target, family)
+    assert route.via_waypoint
+    assert route.next_hop == (ip(hop), 15008)
+    assert route.authority == format_authority(ip(target), 80)  # the original destination
