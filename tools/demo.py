@@ -10,6 +10,7 @@ cluster's DNS). Then a policy allows only one caller, and the other is refused.
 
     python -m tools.demo                    # eBPF redirection (the default)
     python -m tools.demo --redirect iptables
+    python -m tools.demo --ip-family ipv6   # IPv6-only pods and VIPs (or dual: dual stack)
     python -m tools.demo --keep             # leave it running to poke at, Ctrl-C to stop
     python -m tools.demo --istiod           # against the real istiod and API server (tools/lab)
 """
@@ -17,6 +18,7 @@ cluster's DNS). Then a policy allows only one caller, and the other is refused.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import re
@@ -30,17 +32,33 @@ from typing import Any
 import yaml
 
 from tools.testbed.mesh import Mesh, MeshOptions
-from tools.testbed.plan import local_config
-from tools.testbed.resolver import RESOLVER_IP, UpstreamResolver, write_resolv_conf
+from tools.testbed.plan import (
+    IP_FAMILIES,
+    SERVICE_IP_FAMILIES,
+    family_addresses,
+    ipv6_vip,
+    local_config,
+)
+from tools.testbed.resolver import (
+    RESOLVER_IP,
+    RESOLVER_IP6,
+    UpstreamResolver,
+    write_resolv_conf,
+)
+from ztunnel_py.hbone.headers import format_authority
 from ztunnel_py.testing.daemon import Daemon, http
 
 SERVICE = "reviews"
-SERVICE_VIP = "10.96.0.50"
+SERVICE_VIP4 = "10.96.0.50"  # its IPv6 twin on ipv6/dual testbeds: ipv6_vip()
 SERVER_PODS = ("pod-1-0", "pod-1-1")  # both on node-1
 ALLOWED, REFUSED = "pod-0-0", "pod-0-1"  # both on node-0, service accounts app-0 and app-1
 POLICY = "default/reviews-callers"
-KUBE_DNS = "10.96.0.53"  # where a pod's resolv.conf points; the capture takes it to :15053
+KUBE_DNS4 = "10.96.0.53"  # where a pod's resolv.conf points; the capture takes it to :15053
 DNS_CLIENT = Path(__file__).parent / "testbed" / "dnsclient.py"
+
+
+def hostport(ip: str, port: int) -> str:
+    return format_authority(ipaddress.ip_address(ip), port)
 
 
 def say(text: str = "") -> None:
@@ -48,6 +66,15 @@ def say(text: str = "") -> None:
         print(text, flush=True)
     except BrokenPipeError:  # whoever read our output went away: carry on, so teardown runs
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (replaces stdout for good)
+
+
+def service_vips(mesh: Mesh) -> tuple[str, ...]:
+    """The ``reviews`` VIPs on the mesh's family, primary (the one the demo calls) first."""
+    return family_addresses(mesh.plan.ip_family, SERVICE_VIP4, ipv6_vip(SERVICE_VIP4))
+
+
+def kube_dns(mesh: Mesh) -> str:
+    return family_addresses(mesh.plan.ip_family, KUBE_DNS4, ipv6_vip(KUBE_DNS4))[0]
 
 
 def mesh_config(mesh: Mesh, *, with_policy: bool) -> dict[str, Any]:
@@ -64,8 +91,9 @@ def mesh_config(mesh: Mesh, *, with_policy: bool) -> dict[str, Any]:
             "name": SERVICE,
             "namespace": "default",
             "hostname": f"{SERVICE}.default.svc.cluster.local",
-            "vips": [f"/{SERVICE_VIP}"],
+            "vips": [f"/{vip}" for vip in service_vips(mesh)],
             "ports": {80: mesh.plan.http_port, 9000: mesh.plan.echo_port},
+            "ipFamilies": SERVICE_IP_FAMILIES[mesh.plan.ip_family],
         }
     )
     if with_policy:
@@ -107,11 +135,13 @@ def fields(line: str, *names: str) -> str:
 
 
 def call(mesh: Mesh, pod: str) -> dict[str, Any]:
-    return mesh.client(pod, "http", SERVICE_VIP, 80)
+    return mesh.client(pod, "http", service_vips(mesh)[0], 80)
 
 
 def resolve(mesh: Mesh, pod: str, name: str) -> str:
-    proc = mesh.bed.run(pod, [sys.executable, str(DNS_CLIENT), "query", KUBE_DNS, name, "A"])
+    qtype = "A" if mesh.plan.ip_family == "ipv4" else "AAAA"
+    argv = [sys.executable, str(DNS_CLIENT), "query", kube_dns(mesh), name, qtype]
+    proc = mesh.bed.run(pod, argv)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     reply = json.loads(lines[-1]) if lines else {"error": proc.stderr.strip()}
     if "rcode" not in reply:
@@ -123,11 +153,21 @@ def resolve(mesh: Mesh, pod: str, name: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="ztunnel-py-demo-"))
-    resolv = write_resolv_conf(work / "resolv.conf", [RESOLVER_IP])
-    options = MeshOptions(tag="demo", redirect=args.redirect, env={"DNS_RESOLV_CONF": str(resolv)})
-    say(f"== building a 2-node mesh ({args.redirect} redirection), work dir {work}")
+    upstream = RESOLVER_IP6 if args.ip_family == "ipv6" else RESOLVER_IP
+    resolv = write_resolv_conf(work / "resolv.conf", [upstream])
+    options = MeshOptions(
+        tag="demo",
+        redirect=args.redirect,
+        ip_family=args.ip_family,
+        env={"DNS_RESOLV_CONF": str(resolv)},
+    )
+    say(
+        f"== building a 2-node {args.ip_family} mesh ({args.redirect} redirection), work dir {work}"
+    )
     mesh = Mesh(options, work)
-    resolver = UpstreamResolver(mesh.plan, work / "resolver", {"www.example.test": ["192.0.2.80"]})
+    resolver = UpstreamResolver(
+        mesh.plan, work / "resolver", {"www.example.test": ["192.0.2.80", "2001:db8::80"]}
+    )
     mesh.up()
     try:
         resolver.up()
@@ -138,17 +178,19 @@ def run(args: argparse.Namespace) -> int:
             mode = d.config_dump()["dataPlane"]["redirectMode"]
             say(f"   {node.name}: ztunnel-py pid {d.proc.pid}, redirect {mode}, admin {d.admin}")
             for pod in mesh.plan.pods_on(node.name):
-                say(f"      {pod.name:8} {pod.ip:12} {pod.identity}")
+                say(f"      {pod.name:8} {', '.join(pod.addresses):30} {pod.identity}")
+        vips = service_vips(mesh)
         say(
-            f"   service {SERVICE}.default.svc.cluster.local  VIP {SERVICE_VIP}:80"
+            f"   service {SERVICE}.default.svc.cluster.local  VIPs {', '.join(vips)} port 80"
             f" -> {', '.join(SERVER_PODS)}"
         )
 
-        say(f"\n== {ALLOWED} (node-0) asks DNS ({KUBE_DNS}:53, captured to its :15053)")
+        dns = hostport(kube_dns(mesh), 53)
+        say(f"\n== {ALLOWED} (node-0) asks DNS ({dns}, captured to its :15053)")
         for name in (f"{SERVICE}.default.svc.cluster.local", SERVICE, "www.example.test"):
             say(f"   {name:38} -> {resolve(mesh, ALLOWED, name + '.')}")
 
-        say(f"\n== {ALLOWED} (node-0) calls http://{SERVICE_VIP}/ three times")
+        say(f"\n== {ALLOWED} (node-0) calls http://{hostport(vips[0], 80)}/ three times")
         marks = (len(node0.log()), len(node1.log()))
         for _ in range(3):
             reply = call(mesh, ALLOWED)
@@ -235,6 +277,12 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m tools.demo", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--redirect", choices=["ebpf", "iptables"], default="ebpf")
+    parser.add_argument(
+        "--ip-family",
+        choices=IP_FAMILIES,
+        default="ipv4",
+        help="the testbed's pods and VIPs: ipv4, ipv6 (IPv6 only) or dual (dual stack)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the mesh running until Ctrl-C")
     parser.add_argument(
         "--istiod",
@@ -257,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, tear_down_on)
     if args.istiod:
+        if args.ip_family != "ipv4":
+            parser.error("--istiod runs the lab's IPv4 cluster; drop --ip-family")
         from tools.lab.demo import run as run_lab  # needs the lab's binaries and client
 
         return run_lab(args.keep, args.redirect)

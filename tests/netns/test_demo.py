@@ -79,6 +79,23 @@ def test_the_demo_runs_every_step_and_tears_down(redirect: str) -> None:
     assert leftovers() == []
 
 
+def test_the_demo_runs_over_ipv6() -> None:
+    """``--ip-family ipv6`` (eBPF: DNS captured by sendmsg6, calls by connect6): AAAA answers,
+    the IPv6 VIP called, IPv6 addresses logged. (The e2e suites cover dual stack.)"""
+    proc = demo("--redirect", "ebpf", "--ip-family", "ipv6")
+    out, _ = proc.communicate(timeout=4 * HANG_GUARD_S)
+    assert proc.returncode == 0, out
+    answers = {m[1]: m[2] for m in re.finditer(r"^   (\S+) +-> (.*)$", out, re.MULTILINE)}
+    assert answers["reviews"] == "NOERROR fd00:10:96::32  (ztunnel-py, from the mesh)"
+    assert answers["www.example.test"] == "NOERROR 2001:db8::80  (forwarded upstream)"
+    assert "calls http://[fd00:10:96::32]:80/ three times" in out
+    assert out.count("(the app sees peer [fd00:10:96::32]:80)") == 3, out
+    assert "dst.addr=[fd00:10:244:1::" in out  # HBONE to node-1's pod over IPv6
+    assert "pod-0-1 (app-1): refused" in out
+    assert "== tearing down" in out
+    assert leftovers() == []
+
+
 def test_a_demo_killed_mid_run_still_tears_everything_down() -> None:
     proc = demo()
     assert proc.stdout is not None

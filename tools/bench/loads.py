@@ -65,6 +65,11 @@ class CpuMeter:
         self.vcpu = (user + system) / CLK_TCK / wall
 
 
+def url_host(ip: str) -> str:
+    """An address as a URL or nginx ``listen`` host: IPv6 in brackets."""
+    return f"[{ip}]" if ":" in ip else ip
+
+
 def cpu_ticks(pid: int) -> tuple[int, int]:
     """(utime, stime) of the whole process (all threads), in clock ticks."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -132,7 +137,14 @@ def wrk(bed: Testbed, pod: str, host: str, *, seconds: int, conns: int = 16) -> 
     out = run_in_pod(
         bed,
         pod,
-        ["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", "--latency", f"http://{host}:{HTTP_PORT}/"],
+        [
+            "wrk",
+            "-t2",
+            f"-c{conns}",
+            f"-d{seconds}s",
+            "--latency",
+            f"http://{url_host(host)}:{HTTP_PORT}/",
+        ],
     )
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if m is None:
@@ -203,7 +215,8 @@ class ServerApps:
             f"  client_body_temp_path {root}/tmp/body;\n  proxy_temp_path {root}/tmp/proxy;\n"
             f"  fastcgi_temp_path {root}/tmp/fcgi;\n  uwsgi_temp_path {root}/tmp/uwsgi;\n"
             f"  scgi_temp_path {root}/tmp/scgi;\n"
-            f"  server {{ listen {ip}:{HTTP_PORT}; location / {{ return 200 'hello'; }} }}\n"
+            f"  server {{ listen {url_host(ip)}:{HTTP_PORT}; "
+            "location / { return 200 'hello'; } }\n"
             "}\n"
         )
         return conf

@@ -3,6 +3,8 @@
  *   paced client HOST PORT CONNS RATE SECONDS SIZE   -> prints "count p50_us p90_us p99_us max_us"
  *   paced server HOST PORT                           -> echoes SIZE-byte requests forever
  *
+ * HOST is an IPv4 or an IPv6 address (one with a ':').
+ *
  * Client: CONNS long-lived connections, each a thread sending one SIZE-byte request at a
  * fixed schedule (RATE/CONNS per second) and reading the SIZE-byte reply. Latency is measured
  * from the *scheduled* send time, so a stall is not hidden (no coordinated omission). wrk2,
@@ -43,11 +45,28 @@ static int full_io(int fd, char *buf, size_t n, int writing) {
     return 0;
 }
 
+/* HOST:PORT as a socket address of HOST's family; exits on an address that does not parse. */
+static socklen_t sockaddr_of(const char *host, int port, struct sockaddr_storage *ss) {
+    memset(ss, 0, sizeof *ss);
+    if (strchr(host, ':')) {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)ss;
+        a->sin6_family = AF_INET6;
+        a->sin6_port = htons(port);
+        if (inet_pton(AF_INET6, host, &a->sin6_addr) != 1) { fprintf(stderr, "bad host %s\n", host); exit(2); }
+        return sizeof *a;
+    }
+    struct sockaddr_in *a = (struct sockaddr_in *)ss;
+    a->sin_family = AF_INET;
+    a->sin_port = htons(port);
+    if (inet_pton(AF_INET, host, &a->sin_addr) != 1) { fprintf(stderr, "bad host %s\n", host); exit(2); }
+    return sizeof *a;
+}
+
 static int dial(const char *host, int port) {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
-    inet_pton(AF_INET, host, &a.sin_addr);
-    if (connect(fd, (struct sockaddr *)&a, sizeof a) < 0) { perror("connect"); exit(2); }
+    struct sockaddr_storage a;
+    socklen_t len = sockaddr_of(host, port, &a);
+    int fd = socket(a.ss_family, SOCK_STREAM, 0);
+    if (connect(fd, (struct sockaddr *)&a, len) < 0) { perror("connect"); exit(2); }
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     return fd;
@@ -100,11 +119,11 @@ static void *echo_thread(void *arg) {
 
 int main(int argc, char **argv) {
     if (argc >= 4 && strcmp(argv[1], "server") == 0) {
-        int ls = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+        struct sockaddr_storage a;
+        socklen_t len = sockaddr_of(argv[2], atoi(argv[3]), &a);
+        int ls = socket(a.ss_family, SOCK_STREAM, 0), one = 1;
         setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[3]))};
-        inet_pton(AF_INET, argv[2], &a.sin_addr);
-        if (bind(ls, (struct sockaddr *)&a, sizeof a) || listen(ls, 128)) { perror("listen"); return 2; }
+        if (bind(ls, (struct sockaddr *)&a, len) || listen(ls, 128)) { perror("listen"); return 2; }
         for (;;) {
             int fd = accept(ls, NULL, NULL);
             if (fd < 0) continue;

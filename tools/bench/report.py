@@ -15,7 +15,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
@@ -349,6 +349,53 @@ class Bar:
             return "n/a"
         ok = r <= self.bound if self.at_most else r >= self.bound
         return "yes" if ok else "**no**"
+
+
+FAMILY_LABELS = {"ipv4": "IPv4", "ipv6": "IPv6 only", "dual": "dual stack (over IPv6)"}
+
+
+def ip_families(
+    info: RunInfo,
+    per_family: Mapping[str, Sequence[Sequence[DataPlaneResult | DestinationResult]]],
+) -> str:
+    """The ``ip-families`` section: the same setups on each testbed family, side by side
+    (medians over the rounds); the IPv6 rows beside the IPv4 ones."""
+    lines = [
+        *info.header(),
+        "**The same shapes on the IPv4, IPv6-only and dual-stack testbeds** "
+        "(tools/testbed/plan.py; on dual stack the traffic goes to the IPv6 addresses). "
+        "Added latency is against the same family's no-mesh run.",
+        "",
+        row("family", "setup", "p50 us", "p90 us", "p99 us", "added p99 us", "proxy vCPU (pair)",
+            "wrk req/s", "iperf3 Gbit/s", "non-mesh p99 us", "non-mesh wrk req/s"),
+        row(*["---"] * 11),
+    ]  # fmt: skip
+    for family, rounds in per_family.items():
+        planes = [{r.setup: r for r in rs if isinstance(r, DataPlaneResult)} for rs in rounds]
+        dests = [{r.setup: r for r in rs if isinstance(r, DestinationResult)} for rs in rounds]
+        plane = {s: _median_plane([p[s] for p in planes]) for s in planes[0]} if planes else {}
+        outside = {s: _median_dest([d[s] for d in dests]) for s in dests[0]} if dests else {}
+        nm = plane.get("nomesh")
+        for s in ("nomesh", "envoy", "iptables", "ebpf"):
+            if s not in plane:
+                continue
+            r, o = plane[s], outside.get(s)
+            lines.append(
+                row(
+                    FAMILY_LABELS.get(family, family),
+                    LABELS[s],
+                    f"{r.paced.p50:.0f}",
+                    f"{r.paced.p90:.0f}",
+                    f"{r.paced.p99:.0f}",
+                    "-" if s == "nomesh" or nm is None else f"{_added(r, nm)[2]:.0f}",
+                    "-" if s == "nomesh" else f"{r.cpu_vcpu:.3f}",
+                    f"{r.wrk.rps:.0f}",
+                    f"{r.bulk_gbps:.2f}",
+                    "-" if o is None else f"{o.paced.p99:.0f}",
+                    "-" if o is None else f"{o.wrk.rps:.0f}",
+                )
+            )
+    return "\n".join(lines)
 
 
 def _data_plane(res: dict[str, DataPlaneResult]) -> list[str]:

@@ -25,6 +25,10 @@ server: the paced shape and wrk. Results go to stdout and, with ``--write``, int
 sections of docs/BENCHMARKS.md.
 
     sudo python tools/bench/run.py [--seconds 20] [--setups ...] [--write docs/BENCHMARKS.md]
+
+``--ip-family ipv4,ipv6,dual`` runs the data-plane setups on each of those testbeds (the first
+one also feeds the usual sections) and adds an ``ip-families`` section with every family's
+figures side by side. The Envoy pair runs on IPv4 only (its capture rules are IPv4 ones).
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ from tools.bench.report import (  # noqa: E402
 )
 from tools.testbed.bed import Testbed, TestbedOptions, cgroup2_mount  # noqa: E402
 from tools.testbed.mesh import BPF_PIN_ROOT, Mesh, MeshOptions  # noqa: E402
-from tools.testbed.plan import CGROUP_ROOT, PREFIX, make_plan  # noqa: E402
+from tools.testbed.plan import CGROUP_ROOT, IP_FAMILIES, PREFIX, make_plan  # noqa: E402
 from ztunnel_py.testing.daemon import http  # noqa: E402
 from ztunnel_py.testing.pki import CertificateAuthority  # noqa: E402
 
@@ -93,6 +97,7 @@ class Bench:
         (self.pki / "root.pem").write_bytes(ca.root_pem)
         self.cleanup_problems: list[str] = []
         self.background: dict[str, list[float]] = {}
+        self.family = "ipv4"  # the testbed family of the setups being run
 
     # ------------------------------------------------------------------ shapes
 
@@ -154,7 +159,7 @@ class Bench:
         """``nomesh`` and ``envoy`` on one bare testbed (no rules, no programs, no daemon)."""
         tag = TAGS["nomesh"]
         bed = Testbed(
-            make_plan(tag, 2, 2),
+            make_plan(tag, 2, 2, ip_family=self.family),
             TestbedOptions(iptables=False, app="none"),
             state_dir=self.work / tag / "testbed",
         )
@@ -168,7 +173,7 @@ class Bench:
                 self.announce("nomesh")
                 out.append(self.mesh_destination(bed, [], "nomesh"))
                 out.append(self.outside_destination(bed, [], "nomesh"))
-            if "envoy" in setups:
+            if "envoy" in setups and self.family == "ipv4":
                 self.announce("envoy")
                 with self.envoy_pair(bed) as pids:
                     out.append(self.mesh_destination(bed, pids, "envoy"))
@@ -260,7 +265,9 @@ class Bench:
 
     def run_mesh(self, redirect: str) -> list[DataPlaneResult | DestinationResult]:
         tag = TAGS[redirect]
-        options = MeshOptions(tag=tag, redirect=redirect, app="none", outside=(OUTSIDE,))
+        options = MeshOptions(
+            tag=tag, redirect=redirect, ip_family=self.family, app="none", outside=(OUTSIDE,)
+        )
         mesh = Mesh(options, self.work / tag)
         apps = ServerApps(mesh.bed, self.work / tag, self.paced_bin)
         try:
@@ -455,8 +462,9 @@ class Bench:
     def announce(self, setup: str) -> None:
         """Start of a setup; how busy the machine is with other work just before it."""
         load = report.background_load()
-        self.background.setdefault(setup, []).append(load)
-        print(f"== {setup} (other load: {load:.2f} vCPU busy)", flush=True)
+        label = setup if self.family == "ipv4" else f"{setup} {self.family}"
+        self.background.setdefault(label, []).append(load)
+        print(f"== {label} (other load: {load:.2f} vCPU busy)", flush=True)
 
     def check_clean(self, tag: str) -> None:
         """What a setup left behind: namespaces, cgroups, BPF pins, processes."""
@@ -520,6 +528,12 @@ def main() -> None:
         help="repeat the data-plane setups (in turn) and report each figure's median",
     )
     parser.add_argument(
+        "--ip-family",
+        default="ipv4",
+        help="testbed families for the data-plane setups, comma-separated: "
+        f"{','.join(IP_FAMILIES)} (ipv6: IPv6 only, dual: dual stack)",
+    )
+    parser.add_argument(
         "--workers",
         type=_counts,
         default=[1, 2, 4],
@@ -532,6 +546,9 @@ def main() -> None:
     unknown = set(setups) - set(SETUPS)
     if unknown:
         parser.error(f"unknown setups {sorted(unknown)}; use {','.join(SETUPS)}")
+    families = list(dict.fromkeys(f for f in args.ip_family.split(",") if f))
+    if not families or set(families) - set(IP_FAMILIES):
+        parser.error(f"--ip-family {args.ip_family!r}: use some of {','.join(IP_FAMILIES)}")
     if os.geteuid() != 0:
         sys.exit("run as root: the benchmark creates namespaces, cgroups and BPF programs")
     if shutil.which("envoy") is None and "envoy" in setups:
@@ -541,23 +558,27 @@ def main() -> None:
             sys.exit(f"testbed {tag!r} is left over: python -m tools.testbed down --tag {tag}")
 
     info = RunInfo.collect(args, setups)
-    rounds: list[list[DataPlaneResult | DestinationResult]] = []
+    per_family: dict[str, list[list[DataPlaneResult | DestinationResult]]] = {}
     pods: PodsResult | None = None
     xds: list[str] = []
     workers: list[report.WorkersResult] = []
     with tempfile.TemporaryDirectory(prefix="ztpy-bench-") as tmp:
         bench = Bench(args, Path(tmp))
-        for i in range(args.rounds):
-            results: list[DataPlaneResult | DestinationResult] = []
-            if args.rounds > 1:
-                print(f"==== round {i + 1} of {args.rounds}", flush=True)
-            if {"nomesh", "envoy"} & set(setups):
-                results += bench.run_bare(setups)
-            for redirect in ("iptables", "ebpf"):
-                if redirect in setups:
-                    results += bench.run_mesh(redirect)
-            bench.args.profile = False  # once is enough
-            rounds.append(results)
+        for family in families:
+            bench.family = family
+            rounds = per_family.setdefault(family, [])
+            for i in range(args.rounds):
+                results: list[DataPlaneResult | DestinationResult] = []
+                if args.rounds > 1:
+                    print(f"==== {family} round {i + 1} of {args.rounds}", flush=True)
+                if {"nomesh", "envoy"} & set(setups):
+                    results += bench.run_bare(setups)
+                for redirect in ("iptables", "ebpf"):
+                    if redirect in setups:
+                        results += bench.run_mesh(redirect)
+                bench.args.profile = False  # once is enough
+                rounds.append(results)
+        bench.family = "ipv4"
         if "pods" in setups:
             pods = bench.run_pods()
         if "xds" in setups:
@@ -566,7 +587,9 @@ def main() -> None:
             workers = bench.run_workers()
         info.background = bench.background
         info.finish(bench.cleanup_problems)
-    sections = report.render(info, rounds, pods, xds)
+    sections = report.render(info, per_family[families[0]], pods, xds)
+    if families != ["ipv4"] and any(per_family.values()):
+        sections["ip-families"] = report.ip_families(info, per_family)
     if workers:
         sections["saturation-by-workers"] = report.render_workers(info, workers)
     for name, body in sections.items():

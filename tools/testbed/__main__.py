@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from tools.testbed.bed import DEFAULT_STATE_DIR, Testbed, TestbedError, TestbedOptions
-from tools.testbed.plan import PlanError, make_plan
+from tools.testbed.plan import IP_FAMILIES, PlanError, make_plan
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--tag", default="tb", help="names carry zttb-<tag>- (1-8 of a-z0-9)")
     up.add_argument("--nodes", type=int, default=2)
     up.add_argument("--pods", type=int, default=2, help="pods per node")
+    up.add_argument(
+        "--ip-family",
+        choices=IP_FAMILIES,
+        default="ipv4",
+        help="ipv4, ipv6 (IPv6 only) or dual (dual stack); see tools/testbed/plan.py",
+    )
     up.add_argument("--iptables", action="store_true", help="install istio-cni's in-pod rules")
     up.add_argument("--app", choices=["python", "nginx", "none"], default="python")
     up.add_argument("--config", help="where to write the local config YAML")
@@ -30,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "up":
-            plan = make_plan(args.tag, args.nodes, args.pods)
+            plan = make_plan(args.tag, args.nodes, args.pods, ip_family=args.ip_family)
             bed = Testbed(
                 plan,
                 TestbedOptions(iptables=args.iptables, app=args.app, config_path=args.config),

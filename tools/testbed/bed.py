@@ -170,6 +170,11 @@ class Testbed:
             raise TestbedError(f"refusing to create {name!r}: not under {self.plan.prefix!r}")
         self._record("netns", name)
         netns.create(name)
+        if 6 in self.plan.versions:
+            # No duplicate address detection: IPv6 addresses are usable the moment they are
+            # added (links made in this netns later inherit "default").
+            for conf in ("all", "default"):
+                self._sysctl(name, f"net/ipv6/conf/{conf}/accept_dad", "0")
         with NetNS(name) as ns:
             ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
 
@@ -192,18 +197,35 @@ class Testbed:
             idx = fab.link_lookup(ifname=node.fabric_ifname)[0]
             fab.link("set", index=idx, master=fab.link_lookup(ifname="br0")[0])
             fab.link("set", index=idx, state="up")
+        v4, v6 = 4 in self.plan.versions, 6 in self.plan.versions
         with NetNS(node.netns) as ns:
             eth0 = ns.link_lookup(ifname="eth0")[0]
-            ns.addr("add", index=eth0, address=node.fabric_ip, prefixlen=node.fabric_prefixlen)
-            ns.link("set", index=eth0, state="up")
             ns.link("add", ifname="br0", kind="bridge")
             br0 = ns.link_lookup(ifname="br0")[0]
-            ns.addr("add", index=br0, address=node.gateway, prefixlen=24)
+            if v4:
+                ns.addr("add", index=eth0, address=node.fabric_ip, prefixlen=node.fabric_prefixlen)
+                ns.addr("add", index=br0, address=node.gateway, prefixlen=24)
+            if v6:
+                ns.addr("add", index=eth0, address=node.fabric_ip6, prefixlen=64)
+                ns.addr("add", index=br0, address=node.gateway6, prefixlen=64)
+            ns.link("set", index=eth0, state="up")
             ns.link("set", index=br0, state="up")
             for other in self.plan.nodes:
-                if other.name != node.name:
+                if other.name == node.name:
+                    continue
+                if v4:
                     ns.route("add", dst=other.pod_cidr, gateway=other.fabric_ip)
-        self._sysctl(node.netns, "net/ipv4/ip_forward", "1")
+                if v6:
+                    ns.route(
+                        "add",
+                        family=socket.AF_INET6,
+                        dst=other.pod_cidr6,
+                        gateway=other.fabric_ip6,
+                    )
+        if v4:
+            self._sysctl(node.netns, "net/ipv4/ip_forward", "1")
+        if v6:
+            self._sysctl(node.netns, "net/ipv6/conf/all/forwarding", "1")
 
     def _build_pod(self, name: str) -> None:
         pod = self.plan.pod(name)
@@ -221,9 +243,14 @@ class Testbed:
             ns.link("set", index=idx, state="up")
         with NetNS(pod.netns) as ns:
             eth0 = ns.link_lookup(ifname="eth0")[0]
-            ns.addr("add", index=eth0, address=pod.ip, prefixlen=pod.prefixlen)
+            for ip in pod.addresses:
+                ns.addr("add", index=eth0, address=ip, prefixlen=64 if ":" in ip else 24)
             ns.link("set", index=eth0, state="up")
-            ns.route("add", dst="0.0.0.0/0", gateway=pod.gateway)
+            for ip in pod.addresses:
+                if ":" in ip:
+                    ns.route("add", family=socket.AF_INET6, dst="::/0", gateway=node.gateway6)
+                else:
+                    ns.route("add", dst="0.0.0.0/0", gateway=node.gateway)
 
     def _sysctl(self, netns_name: str, key: str, value: str) -> None:
         fd = os.open(NETNS_DIR / netns_name, os.O_RDONLY | os.O_CLOEXEC)
@@ -341,7 +368,8 @@ class Testbed:
         pod = self.plan.pod(pod_name)
         fd = os.open(pod.netns_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            sock = run_in_netns(fd, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+            sock = run_in_netns(fd, lambda: socket.socket(family, socket.SOCK_STREAM))
         finally:
             os.close(fd)
         sock.settimeout(timeout)
@@ -354,8 +382,9 @@ class Testbed:
 
     def http_get(self, pod_name: str, ip: str, port: int | None = None) -> str:
         """One HTTP/1.1 GET from inside ``pod_name``; the response body."""
+        host = f"[{ip}]" if ":" in ip else ip
         with self.connect(pod_name, ip, port or self.plan.http_port) as sock:
-            sock.sendall(f"GET / HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n".encode())
+            sock.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
             data = b""
             while chunk := sock.recv(65536):
                 data += chunk
@@ -371,6 +400,7 @@ class Testbed:
             "config": str(self.config_path),
             "iptables": self.options.iptables,
             "app": self.options.app,
+            "ipFamily": self.plan.ip_family,
             "nodes": [
                 {"name": n.name, "netns": n.netns, "podCidr": n.pod_cidr, "up": n.netns in present}
                 for n in self.plan.nodes
@@ -380,13 +410,20 @@ class Testbed:
                     "name": p.name,
                     "node": p.node,
                     "ip": p.ip,
+                    "ips": list(p.addresses),
                     "netns": p.netns,
                     "up": p.netns in present,
                 }
                 for p in self.plan.pods
             ],
             "services": [
-                {"name": s.name, "vip": s.vip, "endpoints": list(s.endpoints)}
+                {
+                    "name": s.name,
+                    "vip": s.vip,
+                    "vips": list(s.vips or (s.vip,)),
+                    "ipFamilies": s.ip_families,
+                    "endpoints": list(s.endpoints),
+                }
                 for s in self.plan.services
             ],
         }

@@ -37,9 +37,10 @@ def connect(host: str, port: int, timeout: float) -> socket.socket:
 
 
 def peer_of(sock: socket.socket) -> str:
-    """What the application believes it is connected to (getpeername)."""
+    """What the application believes it is connected to (getpeername): ``ip:port``, or
+    ``[ip]:port`` for IPv6."""
     host, port = sock.getpeername()[:2]
-    return f"{host}:{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def outcome(e: BaseException) -> str:

@@ -31,8 +31,11 @@ from tools.testbed.plan import (
     HTTP_PORT,
     NAMESPACE,
     SERVICE_HTTP_PORT,
+    SERVICE_IP_FAMILIES,
     NodePlan,
     PodPlan,
+    family_addresses,
+    ipv6_vip,
     local_config,
     make_plan,
 )
@@ -51,7 +54,7 @@ class ExtraService:
     """A service beyond the testbed's own, e.g. one whose only endpoints sit on one node."""
 
     name: str
-    vip: str  # "" for a headless service
+    vip: str  # "" for a headless service; an IPv4 VIP in 10.96.0.0/24 (its IPv6 twin: ipv6_vip)
     endpoints: tuple[str, ...]  # pod names
     ports: Mapping[int, int] = field(
         default_factory=lambda: {SERVICE_HTTP_PORT: HTTP_PORT, ECHO_PORT: ECHO_PORT}
@@ -67,6 +70,14 @@ class ExtraService:
     def key(self) -> str:
         return f"{self.namespace}/{self.hostname}"
 
+    def vips(self, ip_family: str) -> tuple[str, ...]:
+        """Its VIPs on a testbed of ``ip_family``, primary first (none when headless)."""
+        if not self.vip:
+            return ()
+        if ip_family == "ipv4":  # any IPv4 VIP; only the ipv6/dual ones need the twin range
+            return (self.vip,)
+        return family_addresses(ip_family, self.vip, ipv6_vip(self.vip))
+
 
 @dataclass
 class MeshOptions:
@@ -74,6 +85,7 @@ class MeshOptions:
     nodes: int = 2
     pods_per_node: int = 2
     redirect: str = "iptables"  # iptables | ebpf
+    ip_family: str = "ipv4"  # ipv4 | ipv6 | dual (tools/testbed/plan.py)
     app: str = "python"  # the testbed's app server (python | nginx)
     policies: Sequence[Mapping[str, Any]] = ()  # local-config policies to add
     services: Sequence[ExtraService] = ()  # services to add to the testbed's
@@ -105,7 +117,9 @@ class Mesh:
             raise ValueError(f"redirect={options.redirect!r}: use iptables or ebpf")
         self.options = options
         self.work_dir = work_dir
-        self.plan = make_plan(options.tag, options.nodes, options.pods_per_node)
+        self.plan = make_plan(
+            options.tag, options.nodes, options.pods_per_node, ip_family=options.ip_family
+        )
         for name in options.outside:
             self.plan.pod(name)  # a KeyError that names the pods there are
         self.config_path = work_dir / "mesh.yaml"
@@ -234,6 +248,10 @@ class Mesh:
     def pod(self, name: str) -> PodPlan:
         return self.plan.pod(name)
 
+    def vip(self, service: ExtraService) -> str:
+        """The service's primary VIP on this mesh's family (what the suites send traffic to)."""
+        return service.vips(self.options.ip_family)[0]
+
     def client(
         self, pod: str, mode: str, host: str, port: int, *args: str, timeout: float = 60
     ) -> dict[str, Any]:
@@ -271,9 +289,10 @@ class Mesh:
                     "name": svc.name,
                     "namespace": svc.namespace,
                     "hostname": svc.hostname,
-                    "vips": [f"/{svc.vip}"] if svc.vip else [],
+                    "vips": [f"/{vip}" for vip in svc.vips(self.options.ip_family)],
                     "ports": dict(svc.ports),
                     "subjectAltNames": sorted({self.pod(p).identity for p in svc.endpoints}),
+                    "ipFamilies": SERVICE_IP_FAMILIES[self.options.ip_family],
                 }
             )
             for pod_name in svc.endpoints:

@@ -12,7 +12,21 @@ ever touches what it made:
 - services: ``app-<j>`` (VIP ``10.96.0.<10+j>``) groups pod ``j`` of every node, so each has
   endpoints on all nodes; ``echo`` (VIP ``10.96.0.2``) has every pod.
 
-Addresses exist only inside the namespaces; the host netns gets nothing.
+IP families (``ip_family``): ``ipv4`` (the plan above, the default), ``ipv6`` (IPv6 only) and
+``dual`` (both, on the same bridges and links). The IPv6 plan mirrors the IPv4 one in ULA space:
+
+- node ``i``: bridge ``br0`` at ``fd00:10:244:<i>::1/64``, fabric ``eth0`` at
+  ``fd00:192:168:244::<i+1>/64``; each node routes the other nodes' pod /64s via their fabric
+  addresses (``<i>`` and the host parts below are hexadecimal: pod 0 is ``::a``);
+- pod ``j`` of node ``i``: ``fd00:10:244:<i>::<10+j>/64``, default route via the bridge;
+- services: the IPv6 VIP of IPv4 VIP ``10.96.0.<n>`` is ``fd00:10:96::<n>`` (``echo`` at
+  ``fd00:10:96::2``, ``app-<j>`` at ``fd00:10:96::<10+j>``), see ``ipv6_vip``.
+
+A pod's ``ip`` is its primary address: IPv4 on ``ipv4``, IPv6 on ``ipv6`` *and* ``dual``, so the
+suites' traffic on a dual-stack testbed exercises the new family while every workload and
+service also carries its IPv4 address (``ips``, ``vips``). Services carry ``ip_families`` as
+istiod sends them: ``IPv4``, ``IPv6`` or ``Dual``. Duplicate address detection is off in every
+namespace, so IPv6 addresses are usable as soon as they are added.
 """
 
 from __future__ import annotations
@@ -35,6 +49,32 @@ NAMESPACE = "default"
 MAX_NODES = 200
 MAX_PODS_PER_NODE = 240  # pod host parts 10..249
 _TAG = re.compile(r"^[a-z0-9]{1,8}$")
+IP_FAMILIES = ("ipv4", "ipv6", "dual")
+POD_SUPERNET6 = "fd00:10:244::/48"
+FABRIC_CIDR6 = "fd00:192:168:244::/64"
+SERVICE_CIDR6 = "fd00:10:96::/112"
+_SERVICE_CIDR4 = ipaddress.ip_network("10.96.0.0/24")
+# ztunnel's ip_families values (the local config's ``ipFamilies``), per testbed family.
+SERVICE_IP_FAMILIES = {"ipv4": "IPv4", "ipv6": "IPv6", "dual": "Dual"}
+
+
+def ipv6_vip(vip4: str) -> str:
+    """The IPv6 twin of an IPv4 service VIP in ``10.96.0.0/24``: same host part, IPv6 range."""
+    addr = ipaddress.ip_address(vip4)
+    if addr not in _SERVICE_CIDR4:
+        raise PlanError(f"VIP {vip4}: the IPv6 twin is defined for {_SERVICE_CIDR4} only")
+    offset = int(addr) - int(_SERVICE_CIDR4.network_address)
+    return str(ipaddress.ip_network(SERVICE_CIDR6).network_address + offset)
+
+
+def family_addresses(ip_family: str, ip4: str, ip6: str) -> tuple[str, ...]:
+    """The addresses a ``ip_family`` testbed gives something whose IPv4/IPv6 addresses are
+    ``ip4``/``ip6``, primary first (see the module docstring)."""
+    if ip_family == "ipv4":
+        return (ip4,)
+    if ip_family == "ipv6":
+        return (ip6,)
+    return (ip6, ip4)
 
 
 class PlanError(ValueError):
@@ -52,6 +92,10 @@ class NodePlan:
     fabric_prefixlen: int
     fabric_ifname: str  # the node's link on the fabric bridge (in the fabric netns)
     cgroup: str  # relative to the cgroup2 mount
+    # IPv6 (ipv6 and dual testbeds; "" otherwise): the /64 of its pods, its bridge and fabric
+    pod_cidr6: str = ""
+    gateway6: str = ""
+    fabric_ip6: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,12 +108,24 @@ class PodPlan:
     node_index: int
     index: int
     uid: str
-    ip: str
+    ip: str  # the primary address (IPv6 on ipv6 and dual testbeds)
     prefixlen: int
     gateway: str
     netns: str
     node_ifname: str  # the pod's veth peer, on the node's bridge
     cgroup: str
+    ips: tuple[str, ...] = ()  # every address, primary first ("" plan: just ``ip``)
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return self.ips or (self.ip,)
+
+    def address(self, version: int) -> str:
+        """The pod's address of IP version 4 or 6."""
+        for ip in self.addresses:
+            if ipaddress.ip_address(ip).version == version:
+                return ip
+        raise KeyError(f"pod {self.name} has no IPv{version} address ({', '.join(self.addresses)})")
 
     @property
     def netns_path(self) -> str:
@@ -91,9 +147,11 @@ class PodPlan:
 class ServicePlan:
     name: str
     namespace: str
-    vip: str
+    vip: str  # the primary VIP
     ports: dict[int, int]  # service port -> target port
     endpoints: tuple[str, ...]  # pod names
+    vips: tuple[str, ...] = ()  # every VIP, primary first ("": just ``vip``)
+    ip_families: str = "IPv4"  # IPv4 | IPv6 | Dual, as istiod sends it
 
     @property
     def hostname(self) -> str:
@@ -117,6 +175,7 @@ class TestbedPlan:
     http_port: int = HTTP_PORT
     echo_port: int = ECHO_PORT
     extra: dict[str, Any] = field(default_factory=dict)
+    ip_family: str = "ipv4"  # ipv4 | ipv6 | dual
 
     @property
     def prefix(self) -> str:
@@ -154,7 +213,7 @@ class TestbedPlan:
         return cls(
             tag=data["tag"],
             nodes=tuple(NodePlan(**n) for n in data["nodes"]),
-            pods=tuple(PodPlan(**p) for p in data["pods"]),
+            pods=tuple(PodPlan(**{**p, "ips": tuple(p.get("ips", ()))}) for p in data["pods"]),
             services=tuple(
                 ServicePlan(
                     name=s["name"],
@@ -162,6 +221,8 @@ class TestbedPlan:
                     vip=s["vip"],
                     ports={int(k): int(v) for k, v in s["ports"].items()},
                     endpoints=tuple(s["endpoints"]),
+                    vips=tuple(s.get("vips", ())),
+                    ip_families=s.get("ip_families", "IPv4"),
                 )
                 for s in data["services"]
             ),
@@ -170,7 +231,13 @@ class TestbedPlan:
             http_port=data.get("http_port", HTTP_PORT),
             echo_port=data.get("echo_port", ECHO_PORT),
             extra=data.get("extra", {}),
+            ip_family=data.get("ip_family", "ipv4"),
         )
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        """The IP versions the testbed carries, primary first."""
+        return {"ipv4": (4,), "ipv6": (6,), "dual": (6, 4)}[self.ip_family]
 
 
 def make_plan(
@@ -182,7 +249,10 @@ def make_plan(
     fabric_cidr: str = "192.168.244.0/24",
     service_cidr: str = "10.96.0.0/24",
     cluster_id: str = "Kubernetes",
+    ip_family: str = "ipv4",
 ) -> TestbedPlan:
+    if ip_family not in IP_FAMILIES:
+        raise PlanError(f"ip_family={ip_family!r}: use one of {', '.join(IP_FAMILIES)}")
     if not _TAG.match(tag):
         raise PlanError(f"tag {tag!r}: use 1-8 lower-case letters or digits")
     if not 1 <= nodes <= MAX_NODES:
@@ -204,10 +274,14 @@ def make_plan(
 
     prefix = f"{PREFIX}{tag}-"
     node_subnets = list(supernet.subnets(new_prefix=24))
+    v6 = ip_family != "ipv4"
+    supernet6 = ipaddress.ip_network(POD_SUPERNET6)
+    fabric6 = ipaddress.ip_network(FABRIC_CIDR6)
     node_plans: list[NodePlan] = []
     pod_plans: list[PodPlan] = []
     for i in range(nodes):
         subnet = node_subnets[i]
+        subnet6 = ipaddress.ip_network(f"{supernet6.network_address + (i << 64)}/64")
         node_netns = f"{prefix}n{i}"
         node = NodePlan(
             name=f"node-{i}",
@@ -219,10 +293,18 @@ def make_plan(
             fabric_prefixlen=fabric.prefixlen,
             fabric_ifname=f"n{i}",
             cgroup=f"{CGROUP_ROOT}/{node_netns}",
+            pod_cidr6=str(subnet6) if v6 else "",
+            gateway6=str(subnet6.network_address + 1) if v6 else "",
+            fabric_ip6=str(fabric6.network_address + i + 1) if v6 else "",
         )
         node_plans.append(node)
         for j in range(pods_per_node):
             name = f"pod-{i}-{j}"
+            ips = family_addresses(
+                ip_family,
+                str(subnet.network_address + 10 + j),
+                str(subnet6.network_address + 10 + j),
+            )
             pod_plans.append(
                 PodPlan(
                     name=name,
@@ -233,34 +315,36 @@ def make_plan(
                     node_index=i,
                     index=j,
                     uid=f"{cluster_id}//Pod/{NAMESPACE}/{name}",
-                    ip=str(subnet.network_address + 10 + j),
-                    prefixlen=24,
-                    gateway=node.gateway,
+                    ip=ips[0],
+                    prefixlen=64 if v6 else 24,
+                    gateway=node.gateway6 if v6 else node.gateway,
                     netns=f"{prefix}n{i}p{j}",
                     node_ifname=f"p{j}",
                     cgroup=f"{node.cgroup}/{name}",
+                    ips=ips,
                 )
             )
     ports = {SERVICE_HTTP_PORT: HTTP_PORT, ECHO_PORT: ECHO_PORT}
-    services = [
-        ServicePlan(
-            name=f"app-{j}",
+
+    def service(name: str, host: int, endpoints: tuple[str, ...]) -> ServicePlan:
+        vip4 = services_net.network_address + host
+        vip6 = ipaddress.ip_network(SERVICE_CIDR6).network_address + host
+        vips = family_addresses(ip_family, str(vip4), str(vip6))
+        return ServicePlan(
+            name=name,
             namespace=NAMESPACE,
-            vip=str(services_net.network_address + 10 + j),
+            vip=vips[0],
             ports=dict(ports),
-            endpoints=tuple(p.name for p in pod_plans if p.index == j),
+            endpoints=endpoints,
+            vips=vips,
+            ip_families=SERVICE_IP_FAMILIES[ip_family],
         )
+
+    services = [
+        service(f"app-{j}", 10 + j, tuple(p.name for p in pod_plans if p.index == j))
         for j in range(pods_per_node)
     ]
-    services.append(
-        ServicePlan(
-            name="echo",
-            namespace=NAMESPACE,
-            vip=str(services_net.network_address + 2),
-            ports=dict(ports),
-            endpoints=tuple(p.name for p in pod_plans),
-        )
-    )
+    services.append(service("echo", 2, tuple(p.name for p in pod_plans)))
     return TestbedPlan(
         tag=tag,
         nodes=tuple(node_plans),
@@ -268,6 +352,7 @@ def make_plan(
         services=tuple(services),
         fabric_netns=f"{prefix}fab",
         cluster_id=cluster_id,
+        ip_family=ip_family,
     )
 
 
@@ -290,7 +375,7 @@ def local_config(plan: TestbedPlan) -> dict[str, Any]:
             "name": pod.name,
             "namespace": pod.namespace,
             "serviceAccount": pod.service_account,
-            "workloadIps": [pod.ip],
+            "workloadIps": list(pod.addresses),
             "protocol": "HBONE",
             "node": pod.node,
             "network": "",
@@ -308,9 +393,10 @@ def local_config(plan: TestbedPlan) -> dict[str, Any]:
             "name": svc.name,
             "namespace": svc.namespace,
             "hostname": svc.hostname,
-            "vips": [f"/{svc.vip}"],
+            "vips": [f"/{vip}" for vip in svc.vips or (svc.vip,)],
             "ports": dict(svc.ports),
             "subjectAltNames": sorted({plan.pod(p).identity for p in svc.endpoints}),
+            "ipFamilies": svc.ip_families,
         }
         for svc in plan.services
     ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -25,8 +26,10 @@ import dns.query
 from pyroute2 import NetNS, netns
 
 from tools.testbed.plan import TestbedPlan
+from ztunnel_py.netns import run_in_netns
 
 RESOLVER_IP = "192.168.244.250"
+RESOLVER_IP6 = "fd00:192:168:244::fa"  # on IPv6 and dual-stack testbeds
 UNUSED_IP = "192.168.244.251"  # on the fabric, owned by nobody: queries there go unanswered
 _START_TIMEOUT_S = 10.0
 
@@ -74,14 +77,34 @@ class UpstreamResolver:
             idx = fab.link_lookup(ifname="dns0")[0]
             fab.link("set", index=idx, master=fab.link_lookup(ifname="br0")[0])
             fab.link("set", index=idx, state="up")
+        v4, v6 = 4 in self.plan.versions, 6 in self.plan.versions
+        if v6:  # no duplicate address detection: the address answers at once
+            with open(f"/run/netns/{self.netns}") as f:
+                run_in_netns(
+                    f.fileno(),
+                    lambda: Path("/proc/sys/net/ipv6/conf/default/accept_dad").write_text("0"),
+                )
         with NetNS(self.netns) as ns:
             ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
             eth0 = ns.link_lookup(ifname="eth0")[0]
-            ns.addr("add", index=eth0, address=RESOLVER_IP, prefixlen=node0.fabric_prefixlen)
+            if v4:
+                ns.addr("add", index=eth0, address=RESOLVER_IP, prefixlen=node0.fabric_prefixlen)
+            if v6:
+                ns.addr("add", index=eth0, address=RESOLVER_IP6, prefixlen=64)
             ns.link("set", index=eth0, state="up")
             for node in self.plan.nodes:
-                ns.route("add", dst=node.pod_cidr, gateway=node.fabric_ip)
+                if v4:
+                    ns.route("add", dst=node.pod_cidr, gateway=node.fabric_ip)
+                if v6:
+                    ns.route(
+                        "add", family=socket.AF_INET6, dst=node.pod_cidr6, gateway=node.fabric_ip6
+                    )
         self.start_server()
+
+    @property
+    def addresses(self) -> list[str]:
+        """Where it listens: the testbed's families, primary first."""
+        return [RESOLVER_IP6 if v == 6 else RESOLVER_IP for v in self.plan.versions]
 
     def down(self) -> None:
         self.stop_server()
@@ -98,7 +121,7 @@ class UpstreamResolver:
         argv = [
             "ip", "netns", "exec", self.netns,
             "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
-            "--no-hosts", f"--addn-hosts={hosts}", f"--listen-address={RESOLVER_IP}",
+            "--no-hosts", f"--addn-hosts={hosts}", f"--listen-address={','.join(self.addresses)}",
             "--bind-interfaces", "--user=root", "--group=root", "--pid-file=",
             "--log-queries=extra", f"--log-facility={self.log_path}", "--cache-size=0",
             *(f"--local=/{zone}/" for zone in self.zones),
@@ -132,12 +155,11 @@ class UpstreamResolver:
 
     def _answers(self) -> bool:
         """Whether dnsmasq answers yet (asked from inside its own namespace)."""
-        from ztunnel_py.netns import run_in_netns
-
         fd = open(f"/run/netns/{self.netns}", "rb")  # noqa: SIM115 (closed below)
         try:
             query = dns.message.make_query(f"probe.{self.zones[0]}", "A")
-            run_in_netns(fd.fileno(), lambda: dns.query.udp(query, RESOLVER_IP, timeout=0.2))
+            server = self.addresses[0]
+            run_in_netns(fd.fileno(), lambda: dns.query.udp(query, server, timeout=0.2))
         except (dns.exception.Timeout, OSError):
             return False
         finally:

@@ -24,7 +24,8 @@ def make_mesh(tmp_path: Path) -> Iterator[MeshMaker]:
 
     def make(test: str, redirect: str, **options: Any) -> Mesh:
         require(cgroup2_mount() is not None, "a cgroup v2 mount (testbed pods live in cgroups)")
-        opts = MeshOptions(tag=mesh_tag(test, redirect), redirect=redirect, **options)
+        family = options.get("ip_family", "ipv4")
+        opts = MeshOptions(tag=mesh_tag(test, redirect, family), redirect=redirect, **options)
         mesh = Mesh(opts, tmp_path / opts.tag)
         meshes.append(mesh)
         mesh.up()

@@ -19,12 +19,14 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from ipaddress import ip_address
 from typing import Any, Protocol
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tools.testbed.mesh import CLIENT, Mesh
+from ztunnel_py.hbone.headers import format_authority
 from ztunnel_py.netns import run_in_netns
 from ztunnel_py.testing.daemon import Daemon, http
 from ztunnel_py.testing.poll import HANG_GUARD_S, wait_until
@@ -33,6 +35,47 @@ MODES = [
     pytest.param("iptables", id="iptables"),
     pytest.param("ebpf", id="ebpf", marks=pytest.mark.bpf),
 ]
+# The testbed's IP families (tools/testbed/plan.py). The IPv4 testbed runs every test; the
+# IPv6-only and dual-stack ones run each behaviour at least once per redirect mode.
+FAMILIES = ("ipv4", "ipv6", "dual")
+V6_FAMILIES = ("ipv6", "dual")
+
+
+def mode_family_params(families: Sequence[str] = FAMILIES) -> list[Any]:
+    """(redirect mode, IP family) for a module's shared mesh: every mode on every family."""
+    return [
+        pytest.param((mode.values[0], family), id=f"{mode.id}-{family}", marks=mode.marks)
+        for mode in MODES
+        for family in families
+    ]
+
+
+def family_tag(family: str) -> str:
+    """A one-letter tag part for the family, so meshes of different families never collide."""
+    return {"ipv4": "", "ipv6": "s", "dual": "d"}[family]
+
+
+def hostport(ip: str, port: int) -> str:
+    """``10.0.0.1:80`` / ``[fd00::1]:80``: how the daemons and clients print a socket address."""
+    return format_authority(ip_address(ip), port)
+
+
+def host_part(ip: str) -> str:
+    """What a printed socket address of ``ip`` starts with: ``10.0.0.1:`` / ``[fd00::1]:``."""
+    return f"[{ip}]:" if ":" in ip else f"{ip}:"
+
+
+def node_address(mesh: Mesh, node: str, ip: str) -> str:
+    """The node's address toward its pods (its bridge) in the family of ``ip``."""
+    plan = mesh.plan.node(node)
+    return plan.gateway6 if ":" in ip else plan.gateway
+
+
+def any_address(ip: str) -> str:
+    """The wildcard address of ``ip``'s family (``0.0.0.0`` / ``::``)."""
+    return "::" if ":" in ip else "0.0.0.0"
+
+
 PROXY_PORTS = {15001, 15006, 15008}
 
 
@@ -42,11 +85,11 @@ class MeshMaker(Protocol):
         ...
 
 
-def mesh_tag(test: str, redirect: str) -> str:
-    """1-8 of [a-z0-9], unique per test, mode and run (so parallel runs never collide)."""
+def mesh_tag(test: str, redirect: str, family: str = "ipv4") -> str:
+    """1-8 of [a-z0-9], unique per test, mode, family and run (parallel runs never collide)."""
     if not re.fullmatch(r"[a-z]{1,3}", test):
         raise ValueError(f"test tag {test!r}: use 1-3 lower-case letters")
-    return f"{test}{redirect[0]}{secrets.token_hex(2)}"
+    return f"{test}{redirect[0]}{family_tag(family)}{secrets.token_hex(2)}"[:8]
 
 
 # ----------------------------------------------------------------------------- in-pod sockets
@@ -222,10 +265,12 @@ def apply_config(
 # ----------------------------------------------------------------------------- TCP in a netns
 
 
-def _socket_in(netns_path: str) -> socket.socket:
+def _socket_in(netns_path: str, ip: str) -> socket.socket:
+    """A TCP socket of ``ip``'s family, made inside the netns."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return run_in_netns(fd, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        return run_in_netns(fd, lambda: socket.socket(family, socket.SOCK_STREAM))
     finally:
         os.close(fd)
 
@@ -235,7 +280,7 @@ def exchange(netns_path: str, ip: str, port: int, payload: bytes) -> tuple[str, 
 
     Returns (``ok`` | ``refused`` | ``reset`` | ``timeout``, what came back).
     """
-    sock = _socket_in(netns_path)
+    sock = _socket_in(netns_path, ip)
     sock.settimeout(10)
     try:
         sock.connect((ip, port))
@@ -263,7 +308,7 @@ def exchange(netns_path: str, ip: str, port: int, payload: bytes) -> tuple[str, 
 def held_connection(netns_path: str, ip: str, port: int) -> Iterator[socket.socket]:
     """An echo connection from a plain socket in the netns, kept open while the block runs
     (after one round trip, so whoever serves it has accepted it)."""
-    sock = _socket_in(netns_path)
+    sock = _socket_in(netns_path, ip)
     sock.settimeout(10)
     try:
         sock.connect((ip, port))
@@ -289,7 +334,7 @@ class NetnsServer:
         self.connections: list[tuple[str, int]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._listener = _socket_in(netns_path)
+        self._listener = _socket_in(netns_path, ip)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind((ip, port))
         self._listener.listen(64)

@@ -16,6 +16,7 @@ parser; both are compared before and after, so the tests sharing a mesh do not s
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +28,20 @@ from tests.netns.e2e.support import (
     NetnsServer,
     Scrape,
     access_records,
+    any_address,
     apply_config,
     bpf_dump,
     exchange,
     finish_stream,
     held_connection,
+    host_part,
+    hostport,
     log_mark,
     log_records,
     mesh_tag,
+    mode_family_params,
     netns_cookies,
+    node_address,
     only_one,
     receiving_from,
     start_stream,
@@ -62,15 +68,16 @@ SENT = "istio_tcp_sent_bytes_total"  # server -> client
 IN_DROPPED_DENY = {"event": "in_dropped_deny"}
 
 
-@pytest.fixture(scope="module", params=MODES)
+@pytest.fixture(scope="module", params=mode_family_params())
 def mesh(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Mesh]:
     require(cgroup2_mount() is not None, "a cgroup v2 mount (testbed pods live in cgroups)")
-    redirect: str = request.param
+    redirect, family = request.param
     options = MeshOptions(
-        tag=mesh_tag("az", redirect),
+        tag=mesh_tag("az", redirect, family),
         redirect=redirect,
+        ip_family=family,
         services=(ON_NODE_1,),
         env={"LOG_FORMAT": "json"},
     )
@@ -114,8 +121,8 @@ def test_allow_by_principal_admits_one_client_and_refuses_the_other(mesh: Mesh) 
         marks = log_mark(src_node), log_mark(dst_node)
         before = Scrape(src_node), Scrape(dst_node)
 
-        denied = mesh.client(refused.name, "echo", ON_NODE_1.vip, ECHO, "--bytes", "4096")
-        served = mesh.client(allowed.name, "echo", ON_NODE_1.vip, ECHO, "--bytes", str(N))
+        denied = mesh.client(refused.name, "echo", mesh.vip(ON_NODE_1), ECHO, "--bytes", "4096")
+        served = mesh.client(allowed.name, "echo", mesh.vip(ON_NODE_1), ECHO, "--bytes", str(N))
         assert denied["result"] != "ok", denied
         assert denied["received"] == 0
         assert served["result"] == "ok", served
@@ -192,9 +199,11 @@ def test_deny_by_source_ip_block_closes_plaintext_from_outside_the_mesh(mesh: Me
     daemon = mesh.daemons["node-0"]
     node = mesh.plan.node("node-0")
     outside = f"/run/netns/{node.netns}"  # the node itself: not a pod, never enrolled
-    outside_ip = node.gateway  # its address toward the pods
+    outside_ip = node_address(mesh, node.name, pod.ip)  # its address toward the pods
+    # IPv6: a zero-compressed block around the node's address, not just the one address.
+    block_cidr = str(ip_network(f"{outside_ip}/{32 if '.' in outside_ip else 120}", strict=False))
     ebpf = mesh.options.redirect == "ebpf"
-    with NetnsServer(pod.netns_path, "0.0.0.0", RECORDER_PORT, echo=True) as recorder:
+    with NetnsServer(pod.netns_path, any_address(pod.ip), RECORDER_PORT, echo=True) as recorder:
         assert exchange(outside, pod.ip, RECORDER_PORT, b"before") == ("ok", b"before")
         wait_until(lambda: [n for _, n in recorder.seen()] == [6], "the recorder to see it")
         recorder.clear()
@@ -202,7 +211,7 @@ def test_deny_by_source_ip_block_closes_plaintext_from_outside_the_mesh(mesh: Me
         block = policy(
             "az-block",
             "Deny",
-            [{"sourceIps": [f"{outside_ip}/32"]}],
+            [{"sourceIps": [block_cidr]}],
             [{"destinationPorts": [RECORDER_PORT]}],
         )
         apply_config(mesh, [block], selected={pod.name: ["default/az-block"]})
@@ -211,7 +220,7 @@ def test_deny_by_source_ip_block_closes_plaintext_from_outside_the_mesh(mesh: Me
                 wait_until(
                     lambda: (
                         [(e["source"], e["port"]) for e in kernel_denies(daemon, pod)]
-                        == [(f"{outside_ip}/32", RECORDER_PORT)]
+                        == [(block_cidr, RECORDER_PORT)]
                     ),
                     "the DENY rule in the pod's kernel map",
                 )
@@ -222,7 +231,7 @@ def test_deny_by_source_ip_block_closes_plaintext_from_outside_the_mesh(mesh: Me
             # The same client to a port the policy does not name still gets through.
             assert exchange(outside, pod.ip, ECHO, b"other port") == ("ok", b"other port")
             only_one(
-                lambda: access_records(daemon, mark, **{"dst.addr": f"{pod.ip}:{ECHO}"}),
+                lambda: access_records(daemon, mark, **{"dst.addr": hostport(pod.ip, ECHO)}),
                 "the access log of the allowed connection",
             )
 
@@ -235,7 +244,7 @@ def test_deny_by_source_ip_block_closes_plaintext_from_outside_the_mesh(mesh: Me
                 "connection_security_policy": "unknown",
             }
             blocked_records = access_records(
-                daemon, mark, **{"dst.addr": f"{pod.ip}:{RECORDER_PORT}"}
+                daemon, mark, **{"dst.addr": hostport(pod.ip, RECORDER_PORT)}
             )
             if ebpf:
                 # Dropped by sk_lookup: the client is refused, no proxy ever saw it.
@@ -250,7 +259,7 @@ def test_deny_by_source_ip_block_closes_plaintext_from_outside_the_mesh(mesh: Me
                 assert outcome == ("reset", b"")
                 (record,) = blocked_records
                 assert record["direction"] == "inbound"
-                assert record["src.addr"].startswith(f"{outside_ip}:")
+                assert record["src.addr"].startswith(host_part(outside_ip))
                 assert "src.identity" not in record
                 assert record["error"].startswith("connection closed due to policy rejection")
                 assert "denied by policy default/az-block" in record["error"]
@@ -263,6 +272,36 @@ def test_deny_by_source_ip_block_closes_plaintext_from_outside_the_mesh(mesh: Me
             wait_until(lambda: kernel_denies(daemon, pod) == [], "the kernel rule to go")
         assert exchange(outside, pod.ip, RECORDER_PORT, b"after") == ("ok", b"after")
         wait_until(lambda: [n for _, n in recorder.seen()] == [5], "the recorder to see it")
+
+
+def test_deny_by_destination_ip_block_refuses_that_family_only(mesh: Mesh) -> None:
+    """A DENY on a destination block (the server's primary address's subnet: an IPv6 /64 on
+    the IPv6 and dual-stack testbeds) refuses HBONE to the server through that family's VIP;
+    on a dual-stack testbed the same client still reaches the same server over IPv4."""
+    src_node, dst_node = mesh.daemons["node-0"], mesh.daemons["node-1"]
+    client, server = mesh.pod(ALLOWED), mesh.pod(SERVER)
+    subnet = str(ip_network(f"{server.ip}/{server.prefixlen}", strict=False))
+    block = policy("az-dst", "Deny", [{"destinationIps": [subnet]}])
+    apply_config(mesh, [block], selected={SERVER: ["default/az-dst"]})
+    try:
+        mark = log_mark(dst_node)
+        primary, *others = ON_NODE_1.vips(mesh.options.ip_family)
+        denied = mesh.client(client.name, "echo", primary, ECHO, "--bytes", "4096")
+        assert denied["result"] != "ok" and denied["received"] == 0, denied
+        refusal = only_one(
+            lambda: access_records(
+                dst_node, mark, direction="inbound", src_identity=client.identity
+            ),
+            "the destination's access log of the refused connection",
+        )
+        assert "denied by policy default/az-dst" in refusal["error"]
+        assert refusal["dst.addr"] == hostport(server.ip, 15008)  # the HBONE hop
+        for vip in others:  # the other family's address is outside the block
+            served = mesh.client(client.name, "echo", vip, ECHO, "--bytes", "4096")
+            assert served["result"] == "ok" and served["received"] == 4096, served
+        assert src_node.proc.poll() is None and dst_node.proc.poll() is None
+    finally:
+        apply_config(mesh)
 
 
 # ----------------------------------------------------------------------------- live re-evaluation
@@ -279,6 +318,8 @@ def cutting_policy(kind: str, cut: PodPlan, kept: PodPlan) -> tuple[dict[str, An
     )
 
 
+# Re-evaluation is the same code whatever the family: IPv4 only, to keep CI short.
+@pytest.mark.parametrize("mesh", mode_family_params(("ipv4",)), indirect=True)
 @pytest.mark.parametrize("kind", ["deny", "allow"])
 def test_policy_pushed_during_a_transfer_closes_it_and_spares_allowed_clients(
     mesh: Mesh, kind: str
@@ -288,9 +329,9 @@ def test_policy_pushed_during_a_transfer_closes_it_and_spares_allowed_clients(
     streams = []
     try:
         start = Scrape(dst_node)
-        kept = start_stream(mesh, kept_pod.name, ON_NODE_1.vip, ECHO)
+        kept = start_stream(mesh, kept_pod.name, mesh.vip(ON_NODE_1), ECHO)
         streams.append(kept)
-        cut = start_stream(mesh, cut_pod.name, ON_NODE_1.vip, ECHO)
+        cut = start_stream(mesh, cut_pod.name, mesh.vip(ON_NODE_1), ECHO)
         streams.append(cut)
 
         # Both are spliced through to the app before the policy arrives.
@@ -323,7 +364,7 @@ def test_policy_pushed_during_a_transfer_closes_it_and_spares_allowed_clients(
         assert delta(before, Scrape(dst_node), CLOSED, **denial) == 1
 
         # New connections of the cut client are refused; the other client's are not.
-        again = mesh.client(cut_pod.name, "echo", ON_NODE_1.vip, ECHO, "--bytes", "4096")
+        again = mesh.client(cut_pod.name, "echo", mesh.vip(ON_NODE_1), ECHO, "--bytes", "4096")
         assert again["result"] != "ok", again
         assert again["received"] == 0
         refusal = only_one(
@@ -337,7 +378,7 @@ def test_policy_pushed_during_a_transfer_closes_it_and_spares_allowed_clients(
             "the destination's access log of the refused reconnection",
         )
         assert refusal_reason in refusal["error"]
-        fresh = mesh.client(kept_pod.name, "echo", ON_NODE_1.vip, ECHO, "--bytes", "4096")
+        fresh = mesh.client(kept_pod.name, "echo", mesh.vip(ON_NODE_1), ECHO, "--bytes", "4096")
         assert fresh["result"] == "ok", fresh
 
         # The allowed stream ran on, untouched, and ends cleanly with every byte back.
@@ -370,18 +411,20 @@ def test_policy_pushed_during_a_transfer_closes_it_and_spares_allowed_clients(
                 proc.communicate()
 
 
+@pytest.mark.parametrize("mesh", mode_family_params(("ipv4", "ipv6")), indirect=True)
 def test_source_block_pushed_while_plaintext_is_open_closes_it(mesh: Mesh) -> None:
     """The open connection was accepted by the :15006 proxy (after REDIRECT or sk_lookup), so
     the proxy closes it; in eBPF mode the kernel also refuses the next one."""
     pod = mesh.pod("pod-0-0")
     daemon = mesh.daemons["node-0"]
     node = mesh.plan.node("node-0")
-    outside, outside_ip = f"/run/netns/{node.netns}", node.gateway
+    outside, outside_ip = f"/run/netns/{node.netns}", node_address(mesh, node.name, pod.ip)
     mark = log_mark(daemon)
     before = Scrape(daemon)
     try:
         with held_connection(outside, pod.ip, ECHO) as held:
-            block = policy("az-hold", "Deny", [{"sourceIps": [f"{outside_ip}/32"]}])
+            host_bits = 32 if "." in outside_ip else 128
+            block = policy("az-hold", "Deny", [{"sourceIps": [f"{outside_ip}/{host_bits}"]}])
             apply_config(mesh, [block], selected={pod.name: ["default/az-hold"]})
             try:
                 cut = held.recv(64)  # EOF or reset: the proxy closed it
@@ -392,7 +435,7 @@ def test_source_block_pushed_while_plaintext_is_open_closes_it(mesh: Mesh) -> No
             lambda: [
                 r
                 for r in access_records(daemon, mark, direction="inbound")
-                if r["src.addr"].startswith(f"{outside_ip}:")
+                if r["src.addr"].startswith(host_part(outside_ip))
             ],
             "the access log of the closed connection",
         )

@@ -23,11 +23,13 @@ from tests.netns.e2e.support import (
     MeshMaker,
     NetnsServer,
     accepted_on,
+    any_address,
     bpf_dump,
     captured_cookies,
     exchange,
     finish_stream,
     netns_cookies,
+    node_address,
     proxy_listeners,
     start_stream,
     workload_state,
@@ -57,8 +59,10 @@ def assert_node_serves(mesh: Mesh, daemon: Daemon) -> None:
     assert workload_state(daemon) == {p.uid: "Up" for p in mesh.plan.pods_on("node-0")}
     for pod in mesh.plan.pods_on("node-0"):
         assert proxy_listeners(mesh, pod.name) == {p: {daemon.proc.pid} for p in PROXY_PORTS}
-    assert_echo_ok(mesh, "pod-0-0", ON_NODE_1.vip, 9000)  # out of node-0
-    assert_echo_ok(mesh, "pod-1-0", ON_NODE_0.vip, 9000)  # into node-0
+    for vip in ON_NODE_1.vips(mesh.options.ip_family):
+        assert_echo_ok(mesh, "pod-0-0", vip, 9000)  # out of node-0
+    for vip in ON_NODE_0.vips(mesh.options.ip_family):
+        assert_echo_ok(mesh, "pod-1-0", vip, 9000)  # into node-0
 
 
 def link_ids(bpf: dict[str, Any]) -> dict[str, int]:
@@ -71,18 +75,19 @@ def link_ids(bpf: dict[str, Any]) -> dict[str, int]:
 # ----------------------------------------------------------------------------- restart
 
 
+@pytest.mark.parametrize("ip_family", ["ipv4", "dual"])  # dual: both families at once
 @pytest.mark.parametrize("redirect", MODES)
 def test_restarted_daemon_re_enrols_every_pod_and_serves(
-    make_mesh: MeshMaker, redirect: str
+    make_mesh: MeshMaker, redirect: str, ip_family: str
 ) -> None:
-    mesh = make_mesh("dr", redirect, services=(ON_NODE_1, ON_NODE_0))
+    mesh = make_mesh("dr", redirect, ip_family=ip_family, services=(ON_NODE_1, ON_NODE_0))
     old = mesh.daemons["node-0"]
     before = bpf_dump(old) if redirect == "ebpf" else {}
 
     assert mesh.stop_daemon("node-0") == 0  # SIGTERM: drained and exited cleanly
     for pod in mesh.plan.pods_on("node-0"):
         assert proxy_listeners(mesh, pod.name) == {}
-    down = mesh.client("pod-0-0", "echo", ON_NODE_1.vip, 9000)
+    down = mesh.client("pod-0-0", "echo", mesh.vip(ON_NODE_1), 9000)
     assert down["result"] == "refused", down  # still redirected, to nobody
 
     new = mesh.start_daemon("node-0")
@@ -128,15 +133,28 @@ def test_restart_forgets_a_pod_deleted_while_the_daemon_was_down(
 
 
 @pytest.mark.bpf
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])
-def test_ebpf_fails_closed_while_the_daemon_is_down(make_mesh: MeshMaker, signum: int) -> None:
-    mesh = make_mesh("fc", "ebpf", services=(ON_NODE_1,))
+@pytest.mark.parametrize(
+    ("signum", "ip_family"),
+    [
+        (signal.SIGKILL, "ipv4"),
+        (signal.SIGTERM, "ipv4"),
+        (signal.SIGKILL, "ipv6"),
+        (signal.SIGKILL, "dual"),
+    ],
+    ids=["kill", "term", "kill-ipv6", "kill-dual"],
+)
+def test_ebpf_fails_closed_while_the_daemon_is_down(
+    make_mesh: MeshMaker, signum: int, ip_family: str
+) -> None:
+    mesh = make_mesh("fc", "ebpf", ip_family=ip_family, services=(ON_NODE_1,))
     client, target = mesh.pod("pod-0-0"), mesh.pod("pod-1-1")
     node = mesh.plan.node("node-0")
     node_netns = f"/run/netns/{node.netns}"
+    node_ip = node_address(mesh, node.name, client.ip)
+    vip = mesh.vip(ON_NODE_1)
     with (
-        NetnsServer(target.netns_path, "0.0.0.0", RECORDER_PORT) as recorder,
-        NetnsServer(node_netns, node.gateway, OUTSIDE_PORT, echo=True),
+        NetnsServer(target.netns_path, any_address(target.ip), RECORDER_PORT) as recorder,
+        NetnsServer(node_netns, node_ip, OUTSIDE_PORT, echo=True),
     ):
         # Serving: the recorder in the destination pod sees the mesh connection arrive, and
         # plaintext from outside the mesh into the pod goes through the proxy.
@@ -149,12 +167,12 @@ def test_ebpf_fails_closed_while_the_daemon_is_down(make_mesh: MeshMaker, signum
         code = mesh.stop_daemon("node-0", signum=signum)
         assert code == (-signal.SIGKILL if signum == signal.SIGKILL else 0)
 
-        for host, port in ((ON_NODE_1.vip, 9000), (target.ip, RECORDER_PORT)):
+        for host, port in ((vip, 9000), (target.ip, RECORDER_PORT)):
             refused = mesh.client(client.name, "echo", host, port, "--bytes", "1000")
             assert refused["result"] == "refused", refused
         assert exchange(node_netns, client.ip, 9000, b"hello") == ("refused", b"")
         # Not a mesh destination: never captured, so it works with the daemon down.
-        assert_echo_ok(mesh, client.name, node.gateway, OUTSIDE_PORT)
+        assert_echo_ok(mesh, client.name, node_ip, OUTSIDE_PORT)
         assert recorder.seen() == []  # not a byte reached the destination in plaintext
 
         new = mesh.start_daemon("node-0")
@@ -162,7 +180,7 @@ def test_ebpf_fails_closed_while_the_daemon_is_down(make_mesh: MeshMaker, signum
         sent = mesh.client(client.name, "echo", target.ip, RECORDER_PORT, "--bytes", "1000")
         assert sent["result"] == "ok", sent
         wait_until(lambda: [n for _, n in recorder.seen()] == [1000], "the recorder to see it")
-        assert_echo_ok(mesh, client.name, ON_NODE_1.vip, 9000)
+        assert_echo_ok(mesh, client.name, vip, 9000)
         assert exchange(node_netns, client.ip, 9000, b"hello") == ("ok", b"hello")
 
 

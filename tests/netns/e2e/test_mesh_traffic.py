@@ -15,14 +15,15 @@ from pathlib import Path
 import pytest
 
 from tests.netns.e2e.support import (
-    MODES,
     PROXY_PORTS,
     accepted_on,
     captured_cookies,
     exchange,
     held_connection,
+    hostport,
     mesh_tag,
     metric_lines,
+    mode_family_params,
     netns_cookies,
     proxy_listeners,
     socket_owners,
@@ -42,14 +43,17 @@ ON_NODE_0 = ExtraService("only-n0", "10.96.0.100", ("pod-0-1",))
 MIB = 1 << 20
 
 
-@pytest.fixture(scope="module", params=MODES)
+@pytest.fixture(scope="module", params=mode_family_params())
 def mesh(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Mesh]:
     require(cgroup2_mount() is not None, "a cgroup v2 mount (testbed pods live in cgroups)")
-    redirect: str = request.param
+    redirect, family = request.param
     options = MeshOptions(
-        tag=mesh_tag("tr", redirect), redirect=redirect, services=(ON_NODE_1, ON_NODE_0)
+        tag=mesh_tag("tr", redirect, family),
+        redirect=redirect,
+        ip_family=family,
+        services=(ON_NODE_1, ON_NODE_0),
     )
     shared = Mesh(options, Path(tmp_path_factory.mktemp(options.tag)))
     try:
@@ -74,7 +78,7 @@ def test_every_pod_is_up_with_its_listeners_inside_its_own_netns(mesh: Mesh) -> 
             assert proxy_listeners(mesh, pod.name) == {p: {daemon.proc.pid} for p in PROXY_PORTS}
         if mesh.options.redirect == "ebpf":
             cookies = netns_cookies(daemon)
-            assert set(cookies) == {pod.ip for pod in pods}
+            assert set(cookies) == {ip for pod in pods for ip in pod.addresses}
             assert captured_cookies(daemon) == set(cookies.values())
             assert len(dump["dataPlane"]["bpf"]["attachPoints"]["podLinks"]) == len(pods)
     # The daemons run in the host netns but listen there on none of the proxy ports.
@@ -90,21 +94,24 @@ def test_pod_to_service_vip_across_nodes_round_trips_intact(
 ) -> None:
     (endpoint,) = service.endpoints
     assert mesh.pod(client).node != mesh.pod(endpoint).node
-    echoed = mesh.client(client, "echo", service.vip, 9000, "--bytes", str(MIB))
-    assert echoed["result"] == "ok", echoed
-    assert echoed["sent"] == echoed["received"] == MIB
-    assert echoed["sha256"] == echoed["expected_sha256"]
-    assert echoed["peer"] == f"{service.vip}:9000"  # the application still sees the VIP
-    answer = mesh.client(client, "http", service.vip, 80)
-    assert (answer["result"], answer["status"]) == ("ok", "200"), answer
-    assert answer["body"] == f"{endpoint}\n"  # the remote endpoint answered
+    # Every VIP of the service: on a dual-stack testbed, the IPv6 and the IPv4 one.
+    for vip in service.vips(mesh.options.ip_family):
+        echoed = mesh.client(client, "echo", vip, 9000, "--bytes", str(MIB))
+        assert echoed["result"] == "ok", echoed
+        assert echoed["sent"] == echoed["received"] == MIB
+        assert echoed["sha256"] == echoed["expected_sha256"]
+        assert echoed["peer"] == hostport(vip, 9000)  # the application still sees the VIP
+        answer = mesh.client(client, "http", vip, 80)
+        assert (answer["result"], answer["status"]) == ("ok", "200"), answer
+        assert answer["body"] == f"{endpoint}\n"  # the remote endpoint answered
 
 
 def test_plaintext_from_outside_the_mesh_reaches_the_pod_through_its_proxy(mesh: Mesh) -> None:
     pod = mesh.pod("pod-0-0")
     node_netns = f"/run/netns/{mesh.plan.node('node-0').netns}"  # not a pod: no HBONE
     daemon = mesh.daemons["node-0"]
-    assert exchange(node_netns, pod.ip, 9000, b"plaintext") == ("ok", b"plaintext")
+    for ip in pod.addresses:
+        assert exchange(node_netns, ip, 9000, b"plaintext") == ("ok", b"plaintext")
     with held_connection(node_netns, pod.ip, 9000):
         # The daemon holds the accepted end: :15006 after REDIRECT, the original :9000 after
         # sk_lookup (which keeps the destination address).
@@ -146,9 +153,9 @@ def test_destination_verifies_the_clients_mtls_identity(mesh: Mesh) -> None:
     mesh.write_config([deny])
     try:
         wait_until(lambda: "e2e-deny-principal" in _policies(dst_node), "the policy on node-1")
-        refused = mesh.client(denied.name, "echo", ON_NODE_1.vip, 9000, "--bytes", "4096")
+        refused = mesh.client(denied.name, "echo", mesh.vip(ON_NODE_1), 9000, "--bytes", "4096")
         assert refused["received"] == 0, refused
-        served = mesh.client(allowed.name, "echo", ON_NODE_1.vip, 9000, "--bytes", str(MIB))
+        served = mesh.client(allowed.name, "echo", mesh.vip(ON_NODE_1), 9000, "--bytes", str(MIB))
         assert served["result"] == "ok", served
         assert served["sha256"] == served["expected_sha256"]
 

@@ -28,20 +28,22 @@ ON_NODE_1 = ExtraService("only-n1", "10.96.0.101", ("pod-1-1",))
 
 
 def assert_serves_across_nodes(mesh: Mesh, client: str) -> None:
-    echoed = mesh.client(client, "echo", ON_NODE_1.vip, 9000, "--bytes", "200000")
-    assert echoed["result"] == "ok", echoed
-    assert echoed["sha256"] == echoed["expected_sha256"]
+    for vip in ON_NODE_1.vips(mesh.options.ip_family):
+        echoed = mesh.client(client, "echo", vip, 9000, "--bytes", "200000")
+        assert echoed["result"] == "ok", echoed
+        assert echoed["sha256"] == echoed["expected_sha256"]
 
 
 def pod_link_count(mesh: Mesh, node: str) -> int:
     return len(bpf_dump(mesh.daemons[node])["attachPoints"]["podLinks"])
 
 
+@pytest.mark.parametrize("ip_family", ["ipv4", "dual"])  # dual: both families at once
 @pytest.mark.parametrize("redirect", MODES)
 def test_deleted_pod_loses_its_listeners_state_and_capture(
-    make_mesh: MeshMaker, redirect: str
+    make_mesh: MeshMaker, redirect: str, ip_family: str
 ) -> None:
-    mesh = make_mesh("rm", redirect, services=(ON_NODE_1,))
+    mesh = make_mesh("rm", redirect, ip_family=ip_family, services=(ON_NODE_1,))
     daemon = mesh.daemons["node-0"]
     gone, kept = mesh.pod("pod-0-1"), mesh.pod("pod-0-0")
     assert proxy_listeners(mesh, gone.name) == {p: {daemon.proc.pid} for p in PROXY_PORTS}
@@ -58,7 +60,7 @@ def test_deleted_pod_loses_its_listeners_state_and_capture(
         assert captured_cookies(daemon) == {cookies[kept.ip]}
         assert pod_link_count(mesh, "node-0") == 1
         # Not captured any more: a VIP is just an unroutable address to the pod now ...
-        to_vip = mesh.client(gone.name, "echo", ON_NODE_1.vip, 9000)
+        to_vip = mesh.client(gone.name, "echo", mesh.vip(ON_NODE_1), 9000)
         assert to_vip["result"] == "error", to_vip
         assert "unreachable" in to_vip["error"]
         # ... and a pod IP is reached in plaintext (the peer's node captures it inbound).
@@ -66,7 +68,7 @@ def test_deleted_pod_loses_its_listeners_state_and_capture(
         assert direct["result"] == "ok", direct
     else:
         # istio-cni's in-pod rules still redirect, but nothing listens for the pod any more.
-        refused = mesh.client(gone.name, "echo", ON_NODE_1.vip, 9000)
+        refused = mesh.client(gone.name, "echo", mesh.vip(ON_NODE_1), 9000)
         assert refused["result"] == "refused", refused
 
 

@@ -18,14 +18,18 @@ from typing import Any
 import pytest
 
 from tests.netns.e2e.support import (
-    MODES,
     NetnsServer,
     Scrape,
     access_records,
+    any_address,
     exchange,
     finish_stream,
+    host_part,
+    hostport,
     log_mark,
     mesh_tag,
+    mode_family_params,
+    node_address,
     only_one,
     start_stream,
 )
@@ -48,15 +52,16 @@ RECEIVED = "istio_tcp_received_bytes_total"  # client -> server
 SENT = "istio_tcp_sent_bytes_total"  # server -> client
 
 
-@pytest.fixture(scope="module", params=MODES)
+@pytest.fixture(scope="module", params=mode_family_params())
 def mesh(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Mesh]:
     require(cgroup2_mount() is not None, "a cgroup v2 mount (testbed pods live in cgroups)")
-    redirect: str = request.param
+    redirect, family = request.param
     options = MeshOptions(
-        tag=mesh_tag("tm", redirect),
+        tag=mesh_tag("tm", redirect, family),
         redirect=redirect,
+        ip_family=family,
         services=(TELE,),
         env={"LOG_FORMAT": "json"},
     )
@@ -116,8 +121,8 @@ def access_line(
         "src.namespace": client.namespace,
         "src.identity": client.identity,
         "src.cluster": cluster,
-        "dst.addr": f"{server.ip}:15008",
-        "dst.hbone_addr": f"{server.ip}:{port}",
+        "dst.addr": hostport(server.ip, 15008),
+        "dst.hbone_addr": hostport(server.ip, port),
         "dst.service": TELE.hostname,
         "dst.workload": server.name,
         "dst.namespace": server.namespace,
@@ -130,7 +135,7 @@ def access_line(
 
 
 def without_variable_fields(record: dict[str, Any], client_ip: str) -> dict[str, Any]:
-    assert record["src.addr"].startswith(f"{client_ip}:"), record
+    assert record["src.addr"].startswith(host_part(client_ip)), record
     assert re.fullmatch(r"\d+ms", record["duration"]), record
     variable = {"time", "src.addr", "duration", "inbound", "outbound"}  # the span: a trace id
     return {k: v for k, v in record.items() if k not in variable}
@@ -150,10 +155,10 @@ def test_both_sides_count_and_log_the_exact_bytes(
 ) -> None:
     client, server = mesh.pod(CLIENT), mesh.pod(SERVER)
     src_node, dst_node = mesh.daemons["node-0"], mesh.daemons["node-1"]
-    with NetnsServer(server.netns_path, "0.0.0.0", UPLOAD, reply=back):
+    with NetnsServer(server.netns_path, any_address(server.ip), UPLOAD, reply=back):
         marks = log_mark(src_node), log_mark(dst_node)
         before = Scrape(src_node), Scrape(dst_node)
-        result = mesh.client(client.name, "echo", TELE.vip, port, "--bytes", str(toward))
+        result = mesh.client(client.name, "echo", mesh.vip(TELE), port, "--bytes", str(toward))
         assert result["result"] == "ok", result
         assert (result["sent"], result["received"]) == (toward, back)
 
@@ -199,7 +204,7 @@ def test_bytes_are_counted_while_the_connection_lives(mesh: Mesh) -> None:
     labels = [mesh_labels(mesh, r, client, server) for r in ("source", "destination")]
     marks = [log_mark(d) for d in daemons]
     before = [Scrape(d) for d in daemons]
-    stream = start_stream(mesh, client.name, TELE.vip, ECHO)
+    stream = start_stream(mesh, client.name, mesh.vip(TELE), ECHO)
     try:
         live: list[Scrape] = []
 
@@ -259,8 +264,8 @@ def test_plaintext_from_outside_the_mesh_is_counted_without_identities(mesh: Mes
     assert outcome == ("ok", payload)
 
     record = only_one(lambda: access_records(daemon, mark), "the destination's access log")
-    assert record["src.addr"].startswith(f"{node.gateway}:")
-    assert record["dst.addr"] == f"{server.ip}:{ECHO}"
+    assert record["src.addr"].startswith(host_part(node_address(mesh, node.name, server.ip)))
+    assert record["dst.addr"] == hostport(server.ip, ECHO)
     assert record["direction"] == "inbound"
     assert (record["bytes_sent"], record["bytes_recv"]) == (len(payload), len(payload))
     assert "src.identity" not in record and "dst.identity" not in record

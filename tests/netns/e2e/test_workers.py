@@ -139,9 +139,10 @@ class Clients:
         self.socks: list[socket.socket] = []
 
     def open(self) -> socket.socket:
-        sock = _socket_in(self.outside)
+        ip = self.mesh.pod(POD).ip
+        sock = _socket_in(self.outside, ip)
         sock.settimeout(HANG_GUARD_S)
-        sock.connect((self.mesh.pod(POD).ip, ECHO))
+        sock.connect((ip, ECHO))
         self.socks.append(sock)
         assert echoes(sock, b"hello")
         return sock

@@ -46,10 +46,47 @@ def state_dir(tmp_path: Path) -> Path:
 
 
 def new_bed(
-    state_dir: Path, options: TestbedOptions | None = None, nodes: int = 2, pods: int = 2
+    state_dir: Path,
+    options: TestbedOptions | None = None,
+    nodes: int = 2,
+    pods: int = 2,
+    ip_family: str = "ipv4",
 ) -> Testbed:
     require(cgroup2_mount() is not None, "a cgroup v2 mount")
-    return Testbed(make_plan(f"t{secrets.token_hex(3)}", nodes, pods), options, state_dir=state_dir)
+    plan = make_plan(f"t{secrets.token_hex(3)}", nodes, pods, ip_family=ip_family)
+    return Testbed(plan, options, state_dir=state_dir)
+
+
+def addresses_in(bed: Testbed, netns: str, version: int) -> set[str]:
+    out = subprocess.run(
+        ["ip", "-n", netns, f"-{version}", "-o", "addr", "show", "scope", "global"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return {line.split()[3].split("/")[0] for line in out.splitlines()}
+
+
+@pytest.mark.parametrize("ip_family", ["ipv6", "dual"])
+def test_ipv6_and_dual_stack_pods_reach_each_other_across_nodes(
+    state_dir: Path, ip_family: str
+) -> None:
+    bed = new_bed(state_dir, ip_family=ip_family)
+    bed.up()
+    try:
+        for pod in bed.plan.pods:
+            # Exactly the plan's addresses: no IPv4 at all on an IPv6-only testbed.
+            assert addresses_in(bed, pod.netns, 6) == {pod.address(6)}
+            v4 = {pod.address(4)} if ip_family == "dual" else set()
+            assert addresses_in(bed, pod.netns, 4) == v4
+        for src in bed.plan.pods:  # every address of every pod, across nodes, both ways
+            for dst in bed.plan.pods:
+                for ip in dst.addresses:
+                    assert bed.http_get(src.name, ip) == f"{dst.name}\n"
+        assert "fd00:10:244:1::b" in bed.config_path.read_text()
+    finally:
+        bed.down()
+    assert leftovers(bed) == []
 
 
 def test_two_by_two_reaches_across_nodes_and_tears_down_cleanly(state_dir: Path) -> None:

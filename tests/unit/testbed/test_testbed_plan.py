@@ -6,8 +6,15 @@ import ipaddress
 
 import pytest
 
-from tools.testbed.plan import PlanError, TestbedPlan, make_plan, render_local_config
-from ztunnel_py.state.model import InboundProtocol, NetworkAddress
+from tools.testbed.plan import (
+    NodePlan,
+    PlanError,
+    TestbedPlan,
+    ipv6_vip,
+    make_plan,
+    render_local_config,
+)
+from ztunnel_py.state.model import InboundProtocol, IpFamily, NetworkAddress
 from ztunnel_py.state.store import ProxyState
 from ztunnel_py.xds.local import parse_local_config
 
@@ -99,3 +106,66 @@ def test_local_config_loads_as_ztunnel_would() -> None:
     assert {state.workload(uid).node for uid in endpoints} == {"node-0", "node-1"}  # type: ignore[union-attr]
     assert all(ep.ports == {80: 8080, 9000: 9000} for ep in endpoints.values())
     assert set(svc.subject_alt_names) == {"spiffe://cluster.local/ns/default/sa/app-0"}
+
+
+@pytest.mark.parametrize("family", ["ipv6", "dual"])
+def test_ipv6_and_dual_stack_layouts(family: str) -> None:
+    plan = make_plan("t5", nodes=2, pods_per_node=2, ip_family=family)
+    for pod in plan.pods:
+        node = plan.node(pod.node)
+        ip6 = ipaddress.ip_address(pod.address(6))
+        assert ip6 in ipaddress.ip_network(node.pod_cidr6)
+        assert ip6 in ipaddress.ip_network("fd00:10:244::/48")
+        assert int(ip6) & 0xFFFF == 10 + pod.index  # fd00:10:244:<node>::<10+pod>
+        assert pod.ip == str(ip6) and pod.gateway == node.gateway6  # IPv6 is primary
+        assert (pod.prefixlen, ipaddress.ip_address(node.gateway6)) == (64, node_net(node) + 1)
+        if family == "dual":
+            assert pod.addresses == (str(ip6), pod.address(4))
+            assert ipaddress.ip_address(pod.address(4)) in ipaddress.ip_network(node.pod_cidr)
+        else:
+            assert pod.addresses == (str(ip6),)
+            with pytest.raises(KeyError, match="no IPv4 address"):
+                pod.address(4)
+    assert [n.fabric_ip6 for n in plan.nodes] == ["fd00:192:168:244::1", "fd00:192:168:244::2"]
+    assert plan.nodes[0].pod_cidr6 != plan.nodes[1].pod_cidr6
+    echo = next(s for s in plan.services if s.name == "echo")
+    want = ("fd00:10:96::2",) if family == "ipv6" else ("fd00:10:96::2", "10.96.0.2")
+    assert (echo.vip, echo.vips) == (want[0], want)
+    assert echo.ip_families == {"ipv6": "IPv6", "dual": "Dual"}[family]
+    assert TestbedPlan.from_dict(plan.to_dict()) == plan
+
+
+def node_net(node: NodePlan) -> ipaddress.IPv6Address:
+    return ipaddress.IPv6Network(node.pod_cidr6).network_address
+
+
+def test_ipv4_plan_has_no_ipv6_parts() -> None:
+    plan = make_plan("t6", nodes=1, pods_per_node=1)
+    assert plan.versions == (4,)
+    assert (plan.nodes[0].pod_cidr6, plan.nodes[0].fabric_ip6) == ("", "")
+    assert plan.pods[0].addresses == (plan.pods[0].ip,)
+    assert all(s.ip_families == "IPv4" and s.vips == (s.vip,) for s in plan.services)
+
+
+def test_ipv6_vip_twins_keep_the_host_part() -> None:
+    assert ipv6_vip("10.96.0.101") == "fd00:10:96::65"
+    with pytest.raises(PlanError, match=r"10\.96\.0\.0/24"):
+        ipv6_vip("10.97.0.1")
+    with pytest.raises(PlanError, match="ip_family"):
+        make_plan("t7", ip_family="ipv5")
+
+
+@pytest.mark.parametrize("family", ["ipv6", "dual"])
+def test_dual_stack_local_config_loads_both_addresses_and_vips(family: str) -> None:
+    plan = make_plan("t8", nodes=2, pods_per_node=1, ip_family=family)
+    state = ProxyState()
+    state.apply(parse_local_config(render_local_config(plan)))
+    for pod in plan.pods:
+        w = state.workload(pod.uid)
+        assert w is not None
+        assert [str(ip) for ip in w.workload_ips] == list(pod.addresses)
+    for svc in plan.services:
+        for vip in svc.vips:
+            found = state.service_by_vip(NetworkAddress("", ipaddress.ip_address(vip)))
+            assert found is not None and found.hostname == svc.hostname
+            assert found.ip_families is IpFamily(svc.ip_families)
