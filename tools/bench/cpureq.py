@@ -9,7 +9,8 @@ thread), so short runs still resolve microseconds.
 
 ``--code LABEL=DIR`` (repeatable) runs the daemons from another source tree (its
 ``ztunnel_py`` package, put first on ``PYTHONPATH``); the trees are measured in turn within
-each round, so an A/B comparison shares the machine's load of the moment:
+each round (A B, then B A in the next), so an A/B comparison shares the machine's load of
+the moment:
 
     git archive <commit> ztunnel_py | tar -x -C /tmp/base
     sudo python tools/bench/cpureq.py --code before=/tmp/base --code after=. --rounds 3
@@ -37,23 +38,12 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tools.bench.loads import ServerApps, build_paced, paced  # noqa: E402
+from tools.bench.loads import ServerApps, build_paced, paced, thread_cpu_ns  # noqa: E402
 from tools.bench.profile import Breakdown, breakdown, read_collapsed  # noqa: E402
 from tools.testbed.mesh import Mesh, MeshOptions  # noqa: E402
 
 CLIENT, SERVER = "pod-0-0", "pod-1-0"
 TAG = "p2cpu"  # testbed names zttb-p2cpu-*
-
-
-def thread_cpu_ns(pid: int) -> int:
-    """CPU time of every thread of ``pid`` so far, in nanoseconds (schedstat's first field)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (OSError, IndexError, ValueError):
-            continue  # a thread that exited meanwhile
-    return total
 
 
 @dataclass(frozen=True)
@@ -213,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ztpy-cpureq-") as tmp:
         runner = Runner(args, Path(tmp))
         for r in range(args.rounds):
-            for label, root in codes:
+            # A B, then B A: a drift in the machine's load favours neither.
+            for label, root in codes if r % 2 == 0 else codes[::-1]:
                 s = runner.measure(label, root, r + 1)
                 print(
                     f"round {r + 1} {label}: {s.requests} requests, "

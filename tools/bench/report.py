@@ -21,6 +21,8 @@ from pathlib import Path
 from statistics import median
 
 from tools.bench.loads import Paced, Wrk
+from tools.bench.nodemix import NodeMixResult, median_result
+from tools.bench.nodemix import render as render_mix
 
 LABELS = {
     "nomesh": "no mesh",
@@ -42,6 +44,7 @@ class DataPlaneResult:
     cpu_vcpu: float  # the proxies (both), during the paced run
     cpu_user: float
     rss_mib: list[float]  # per proxy process, after the runs
+    workers: int = 1  # worker processes per daemon (Envoy: its --concurrency)
 
 
 @dataclass
@@ -184,17 +187,43 @@ def fmt_ratio(r: float | None) -> str:
     return f"{r:.2f}x" if r is not None else "n/a"
 
 
+def _planes(
+    rounds: Sequence[Sequence[DataPlaneResult | DestinationResult]],
+) -> list[dict[str, DataPlaneResult]]:
+    return [{r.setup: r for r in rs if isinstance(r, DataPlaneResult)} for rs in rounds]
+
+
+def median_planes(
+    rounds: Sequence[Sequence[DataPlaneResult | DestinationResult]],
+) -> dict[str, DataPlaneResult]:
+    """The mesh-destination results of every round, one median result per setup."""
+    planes = _planes(rounds)
+    return {s: _median_plane([p[s] for p in planes]) for s in planes[0]} if planes else {}
+
+
+def median_mix(mixes: Sequence[Sequence[NodeMixResult]]) -> dict[str, NodeMixResult]:
+    """The node-mix results of every round, one median result per setup."""
+    by_setup: dict[str, list[NodeMixResult]] = {}
+    for results in mixes:
+        for r in results:
+            by_setup.setdefault(r.setup, []).append(r)
+    return {s: median_result(rs) for s, rs in by_setup.items()}
+
+
 def render(
     info: RunInfo,
     rounds: Sequence[Sequence[DataPlaneResult | DestinationResult]],
     pods: PodsResult | None,
     xds: Sequence[str],
+    mix: dict[str, NodeMixResult] | None = None,
+    mix_rounds: int = 1,
+    memory_rows: Sequence[str] = (),
 ) -> dict[str, str]:
     """The markdown sections; with several rounds, each figure is the median over the rounds."""
     sections: dict[str, str] = {}
-    planes = [{r.setup: r for r in rs if isinstance(r, DataPlaneResult)} for rs in rounds]
+    planes = _planes(rounds)
     dests = [{r.setup: r for r in rs if isinstance(r, DestinationResult)} for rs in rounds]
-    plane = {s: _median_plane([p[s] for p in planes]) for s in planes[0]} if planes else {}
+    plane = median_planes(rounds)
     outside = {s: _median_dest([d[s] for d in dests]) for s in dests[0]} if dests else {}
     note = (
         [f"Each figure is the median of {len(rounds)} rounds (setups measured in turn, "
@@ -215,18 +244,27 @@ def render(
         sections["pods-memory"] = "\n".join(info.header() + _pods(pods, plane.get("envoy")))
     if xds:
         sections["xds-map-sync"] = "\n".join(info.header() + _xds(xds))
+    if mix:
+        sections["node-mix"] = "\n".join(info.header() + render_mix(mix, mix_rounds))
+    if memory_rows:
+        sections["memory-curve"] = "\n".join(info.header() + list(memory_rows))
     if set(plane) >= set(LABELS) and {"nomesh", "ebpf"} <= set(outside) and pods and xds:
         sections = {"summary": summary(info, plane, outside, pods, xds), **sections}
     return sections
 
 
 def _median_paced(ps: Sequence[Paced]) -> Paced:
+    cdfs = [p.cdf for p in ps]
+    cdf: tuple[float, ...] = ()
+    if all(cdfs) and len({len(c) for c in cdfs}) == 1:
+        cdf = tuple(median(vs) for vs in zip(*cdfs, strict=True))  # per percentile
     return Paced(
         int(median(p.count for p in ps)),
         median(p.p50 for p in ps),
         median(p.p90 for p in ps),
         median(p.p99 for p in ps),
         median(p.max for p in ps),
+        cdf,
     )
 
 
@@ -244,6 +282,7 @@ def _median_plane(rs: Sequence[DataPlaneResult]) -> DataPlaneResult:
         cpu_vcpu=median(r.cpu_vcpu for r in rs),
         cpu_user=median(r.cpu_user for r in rs),
         rss_mib=[median(vs) for vs in zip(*(r.rss_mib for r in rs), strict=True)],
+        workers=rs[0].workers,
     )
 
 
