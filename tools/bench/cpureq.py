@@ -8,9 +8,9 @@ daemons over the paced run comes from ``/proc/<pid>/task/*/schedstat`` (nanoseco
 thread), so short runs still resolve microseconds.
 
 ``--code LABEL=DIR`` (repeatable) runs the daemons from another source tree (its
-``ztunnel_py`` package, put first on ``PYTHONPATH``); the trees are measured in turn within
-each round (A B, then B A in the next), so an A/B comparison shares the machine's load of
-the moment:
+``ztunnel_py`` package, put first on ``PYTHONPATH``); each round brings up one mesh per tree
+and runs their loads at the same time, so an A/B comparison shares the machine's load of the
+moment (other work on it moves single runs by 10-20%; the same moment moves both):
 
     git archive <commit> ztunnel_py | tar -x -C /tmp/base
     sudo python tools/bench/cpureq.py --code before=/tmp/base --code after=. --rounds 3
@@ -24,12 +24,14 @@ by part of the request path (``tools/bench/profile.py``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
@@ -38,12 +40,12 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tools.bench.loads import ServerApps, build_paced, paced, thread_cpu_ns  # noqa: E402
+from tools.bench.loads import Paced, ServerApps, build_paced, paced, thread_cpu_ns  # noqa: E402
 from tools.bench.profile import Breakdown, breakdown, read_collapsed  # noqa: E402
 from tools.testbed.mesh import Mesh, MeshOptions  # noqa: E402
 
 CLIENT, SERVER = "pod-0-0", "pod-1-0"
-TAG = "p2cpu"  # testbed names zttb-p2cpu-*
+TAG = "p2cpu"  # testbed names zttb-p2cpu<N>-*, one per code tree
 
 
 @dataclass(frozen=True)
@@ -113,45 +115,64 @@ class Runner:
         self.work = work
         self.paced_bin = build_paced(work / "paced")
 
-    def measure(self, label: str, root: Path, round_no: int) -> Sample:
-        os.environ["PYTHONPATH"] = str(root)  # the daemons import this tree's ztunnel_py
-        options = MeshOptions(tag=TAG, redirect=self.args.redirect, app="none")
-        work = self.work / f"{label}-{round_no}".replace(" ", "_")
-        mesh = Mesh(options, work)
-        apps = ServerApps(mesh.bed, work, self.paced_bin)
-        try:
-            mesh.up()
-            apps.start(SERVER, iperf=False, http=False)
-            pids = [mesh.daemons[n.name].proc.pid for n in mesh.plan.nodes]
-            host = mesh.plan.pod(SERVER).ip
-            paced(mesh.bed, self.paced_bin, CLIENT, host, seconds=1, rate=200)  # warm up
-            before = [thread_cpu_ns(p) for p in pids]
-            result = paced(
-                mesh.bed, self.paced_bin, CLIENT, host, seconds=self.args.seconds,
-                rate=self.args.rate,
-            )  # fmt: skip
-            after = [thread_cpu_ns(p) for p in pids]
+    def measure_round(self, codes: Sequence[tuple[str, Path]], round_no: int) -> list[Sample]:
+        """One mesh per code tree, all up at once; the paced loads run at the same time, so
+        every tree meets the same load from the rest of the machine."""
+        with contextlib.ExitStack() as stack:
+            setups = [
+                self._mesh(stack, label, root, f"{TAG}{i}", round_no)
+                for i, (label, root) in enumerate(codes)
+            ]
+            for mesh, _, _ in setups:  # connections, TLS and pools up before measuring
+                paced(mesh.bed, self.paced_bin, CLIENT, mesh.plan.pod(SERVER).ip, seconds=1,
+                      rate=200)  # fmt: skip
+            before = [[thread_cpu_ns(p) for p in pids] for _, pids, _ in setups]
+            results = self._paced_everywhere([mesh for mesh, _, _ in setups])
+            after = [[thread_cpu_ns(p) for p in pids] for _, pids, _ in setups]
             if self.args.pyspy:
                 # A run of its own: py-spy stops the process for each native stack it takes,
                 # which would count in the CPU figures above.
-                samplers = self._pyspy(pids, label, round_no)
-                paced(
-                    mesh.bed, self.paced_bin, CLIENT, host, seconds=self.args.seconds,
-                    rate=self.args.rate,
-                )  # fmt: skip
+                samplers = [
+                    proc for _, pids, label in setups for proc in self._pyspy(pids, label, round_no)
+                ]
+                self._paced_everywhere([mesh for mesh, _, _ in setups])
                 for proc in samplers:
                     proc.wait(timeout=60)
-            return Sample(
-                code=label,
-                round=round_no,
-                requests=result.count,
-                cpu_ns=tuple(b - a for a, b in zip(before, after, strict=True)),
-                p50_us=result.p50,
-                p99_us=result.p99,
-            )
-        finally:
-            apps.stop()
-            mesh.down()
+            return [
+                Sample(
+                    code=label,
+                    round=round_no,
+                    requests=result.count,
+                    cpu_ns=tuple(b - a for a, b in zip(b0, b1, strict=True)),
+                    p50_us=result.p50,
+                    p99_us=result.p99,
+                )
+                for (_, _, label), result, b0, b1 in zip(
+                    setups, results, before, after, strict=True
+                )
+            ]
+
+    def _mesh(
+        self, stack: contextlib.ExitStack, label: str, root: Path, tag: str, round_no: int
+    ) -> tuple[Mesh, list[int], str]:
+        os.environ["PYTHONPATH"] = str(root)  # the daemons import this tree's ztunnel_py
+        work = self.work / f"{label}-{round_no}".replace(" ", "_")
+        mesh = Mesh(MeshOptions(tag=tag, redirect=self.args.redirect, app="none"), work)
+        stack.callback(mesh.down)
+        mesh.up()
+        apps = ServerApps(mesh.bed, work, self.paced_bin)
+        stack.callback(apps.stop)
+        apps.start(SERVER, iperf=False, http=False)
+        return mesh, [mesh.daemons[n.name].proc.pid for n in mesh.plan.nodes], label
+
+    def _paced_everywhere(self, meshes: Sequence[Mesh]) -> list[Paced]:
+        with ThreadPoolExecutor(len(meshes)) as pool:
+            futures = [
+                pool.submit(paced, m.bed, self.paced_bin, CLIENT, m.plan.pod(SERVER).ip,
+                            seconds=self.args.seconds, rate=self.args.rate)
+                for m in meshes
+            ]  # fmt: skip
+            return [f.result() for f in futures]
 
     def _pyspy(
         self, pids: Sequence[int], label: str, round_no: int
@@ -203,11 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ztpy-cpureq-") as tmp:
         runner = Runner(args, Path(tmp))
         for r in range(args.rounds):
-            # A B, then B A: a drift in the machine's load favours neither.
-            for label, root in codes if r % 2 == 0 else codes[::-1]:
-                s = runner.measure(label, root, r + 1)
+            for s in runner.measure_round(codes, r + 1):
                 print(
-                    f"round {r + 1} {label}: {s.requests} requests, "
+                    f"round {r + 1} {s.code}: {s.requests} requests, "
                     f"{s.us_per_request:.1f} us CPU/request "
                     f"({s.us_per_request_of(0):.1f} + {s.us_per_request_of(1):.1f})",
                     file=sys.stderr,

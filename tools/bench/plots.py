@@ -81,15 +81,15 @@ def cpu_per_1000rps(
     for setup in ("envoy", "iptables", "ebpf"):
         if setup in planes:
             vcpu = planes[setup].cpu_vcpu  # over the paced run, at PACED_RATE req/s
-            bars.append((LABELS[setup], vcpu * 1000 / PACED_RATE, "one pod pair (paced)"))
+            bars.append((LABELS[setup], vcpu * 1000 / PACED_RATE, "pod pair"))
     bars += [(MIX_LABELS[s], mix[s].vcpu_per_1000rps, "node mix") for s in MIX_SETUPS if s in mix]
     plt = _pyplot()
     if not bars or plt is None:
         return False
-    fig, ax = plt.subplots(figsize=(6.4, 0.5 * len(bars) + 1.4))
+    fig, ax = plt.subplots(figsize=(7.6, 0.5 * len(bars) + 1.4))
     groups = list(dict.fromkeys(g for _, _, g in bars))
     colors = {g: c for g, c in zip(groups, ("tab:blue", "tab:orange"), strict=False)}
-    labels = [f"{label} ({group})" for label, _, group in bars]
+    labels = [f"{label}, {group}" for label, _, group in bars]
     values = [v for _, v, _ in bars]
     ax.barh(labels, values, color=[colors[g] for _, _, g in bars])
     for y, v in enumerate(values):
