@@ -69,7 +69,7 @@ def test_write_all_draws_every_plot_the_results_allow(tmp_path: Path) -> None:
         assert label in cdf_svg
     cpu_svg = (tmp_path / plots.FILES["cpu"]).read_text()
     assert (
-        "Envoy sidecars (node mix)" in cpu_svg and "0.100" in cpu_svg
+        "Envoy sidecars, node mix" in cpu_svg and "0.100" in cpu_svg
     )  # 1 vCPU-s / 10 s / 1000 rps
     rss_svg = (tmp_path / plots.FILES["rss"]).read_text()
     assert "one Envoy sidecar: 70.0 MiB" in rss_svg  # the smaller sidecar of the pair
