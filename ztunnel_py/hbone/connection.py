@@ -113,6 +113,9 @@ _FLAG_PADDED = 0x8
 _CLIENT_PREFACE_LEN = 24
 _RECV_DATA_STATES = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
 _SEND_DATA_STATES = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
+# Read once: an enum member looked up on its class costs ~0.3 us in Python 3.11, five times
+# a global's, and the send path checks it for every DATA frame.
+_CONNECTION_CLOSED = ConnectionState.CLOSED
 
 
 # h2 remembers how every closed stream ended (to tell a late frame on a reset stream from a
@@ -671,7 +674,7 @@ class HboneConnection:
         if (
             hs is None
             or hs.state_machine.state not in _SEND_DATA_STATES
-            or h.state_machine.state is ConnectionState.CLOSED
+            or h.state_machine.state is _CONNECTION_CLOSED
         ):
             raise UnknownStream(st.id)
         window = min(h.outbound_flow_control_window, hs.outbound_flow_control_window)
