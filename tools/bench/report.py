@@ -218,6 +218,7 @@ def render(
     mix: dict[str, NodeMixResult] | None = None,
     mix_rounds: int = 1,
     memory_rows: Sequence[str] = (),
+    memory_points: Sequence[tuple[int, float]] = (),
 ) -> dict[str, str]:
     """The markdown sections; with several rounds, each figure is the median over the rounds."""
     sections: dict[str, str] = {}
@@ -249,7 +250,10 @@ def render(
     if memory_rows:
         sections["memory-curve"] = "\n".join(info.header() + list(memory_rows))
     if set(plane) >= set(LABELS) and {"nomesh", "ebpf"} <= set(outside) and pods and xds:
-        sections = {"summary": summary(info, plane, outside, pods, xds), **sections}
+        sections = {
+            "summary": summary(info, plane, outside, pods, xds, mix, memory_points),
+            **sections,
+        }
     return sections
 
 
@@ -576,6 +580,8 @@ def summary(
     outside: dict[str, DestinationResult],
     pods: PodsResult | None,
     xds: Sequence[str],
+    mix: dict[str, NodeMixResult] | None = None,
+    memory_points: Sequence[tuple[int, float]] = (),
 ) -> str:
     """Every target against this run, one line each (only for a run of every setup)."""
     rows: list[str] = []
@@ -657,6 +663,7 @@ def summary(
             Bar(1, True),
             ratio(pods.rss_after, min(ev.rss_mib)),
         )
+    rows += issue16_rows(plane, pods, mix or {}, memory_points)
     for mode, sync, which, peak_mb in _xds_checks(xds):
         rows.append(
             row(f"DESIGN: 10,000 workloads, 1,000 services, 1,000 policies applied ({mode})",
@@ -673,6 +680,48 @@ def summary(
         *rows,
     ]  # fmt: skip
     return "\n".join(body)
+
+
+def issue16_rows(
+    plane: dict[str, DataPlaneResult],
+    pods: PodsResult | None,
+    mix: dict[str, NodeMixResult],
+    memory_points: Sequence[tuple[int, float]],
+) -> list[str]:
+    """Issue 16's targets: ratios to the Envoy pair (CPU, added p90/p99, saturation, bulk),
+    memory (idle local mode; 100 pods against half a sidecar), the node mix."""
+    rows: list[str] = []
+    ev, nm = plane.get("envoy"), plane.get("nomesh")
+    if ev is None or nm is None:
+        return rows
+
+    def add(target: str, figure: str, bar: Bar, r: float | None) -> None:
+        rows.append(row(f"issue 16: {target}", figure, fmt_ratio(r), str(bar), bar.met(r)))
+
+    for s, cpu_bar in (("ebpf", 0.8), ("iptables", 1.0)):
+        if s not in plane:
+            continue
+        zt, label = plane[s], f"{LABELS[s]} / Envoy"
+        add("proxy CPU at 1000 req/s", label, Bar(cpu_bar, True), ratio(zt.cpu_vcpu, ev.cpu_vcpu))
+        for i, pct in ((1, "p90"), (2, "p99")):
+            add(f"added {pct}", label, Bar(1.0, True), ratio(_added(zt, nm)[i], _added(ev, nm)[i]))
+        add("saturation (wrk req/s)", label, Bar(1.2, False), ratio(zt.wrk.rps, ev.wrk.rps))
+        add("bulk, one stream", label, Bar(1.5, False), ratio(zt.bulk_gbps, ev.bulk_gbps))
+    sidecar = min(ev.rss_mib) if ev.rss_mib else 0.0
+    hundred = [mib for n, mib in memory_points if n == 100]
+    if sidecar and hundred:
+        add("100 pods (idle) under half a sidecar", "daemon / one sidecar", Bar(0.5, True),
+            ratio(hundred[0], sidecar))  # fmt: skip
+    if sidecar and pods is not None:
+        add(f"{pods.pods} pods (after traffic) under half a sidecar", "daemon / one sidecar",
+            Bar(0.5, True), ratio(pods.rss_after, sidecar))  # fmt: skip
+    ebpf = mix.get("nodemix-ebpf")
+    for other, bar in (("nodemix-envoy", 0.5), ("nodemix-iptables", 1.0)):
+        theirs = mix.get(other)
+        if ebpf is not None and theirs is not None:
+            add("node mix, total proxy CPU", f"eBPF / {other.split('-', 1)[1]}",
+                Bar(bar, True), ratio(ebpf.cpu_s, theirs.cpu_s))  # fmt: skip
+    return rows
 
 
 def write_sections(path: Path, sections: dict[str, str]) -> None:

@@ -680,8 +680,16 @@ def main() -> None:
         info.background = bench.background
         info.finish(bench.cleanup_problems)
     mix = report.median_mix(mixes)
+    curve = [(p.pods, p.mib()) for p in mem_points if p.pods]
     sections = report.render(
-        info, rounds, pods, xds, mix, len(mixes), memory.table(mem_points) if mem_points else []
+        info,
+        rounds,
+        pods,
+        xds,
+        mix,
+        len(mixes),
+        memory.table(mem_points) if mem_points else [],
+        curve,
     )
     for name, body in sections.items():
         print(f"\n---- {name}\n{body}")
@@ -689,7 +697,6 @@ def main() -> None:
         report.write_sections(Path(args.write), sections)
     plot_dir = args.plots or (str(Path(args.write).parent / "img") if args.write else "")
     if plot_dir:
-        curve = [(p.pods, p.mib()) for p in mem_points if p.pods]
         written = plots.write_all(Path(plot_dir), rounds, mix, pods, curve)
         print("plots: " + (", ".join(str(p) for p in written) or "none (matplotlib missing)"))
     if info.cleanup_problems:

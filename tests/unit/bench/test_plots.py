@@ -100,3 +100,27 @@ def test_saturation_takes_one_point_per_worker_count(tmp_path: Path) -> None:
 def test_nothing_to_draw_writes_nothing(tmp_path: Path) -> None:
     assert plots.write_all(tmp_path, [], {}, None) == []
     assert list(tmp_path.iterdir()) == []
+
+
+def test_issue16_targets_in_the_summary() -> None:
+    from tools.bench.report import issue16_rows
+
+    medians = median_planes(rounds())
+    mix = {
+        "nodemix-envoy": NodeMixResult("nodemix-envoy", 10, 4.0, 4, {}, {"outside": 10000}),
+        "nodemix-iptables": NodeMixResult("nodemix-iptables", 10, 2.5, 2, {}, {"outside": 10000}),
+        "nodemix-ebpf": NodeMixResult("nodemix-ebpf", 10, 1.5, 2, {}, {"outside": 10000}),
+    }
+    pods = PodsResult(100, 100, "ebpf", 5.0, 60.0, 84.0, 84.0, 100, 200)
+    rows = issue16_rows(medians, pods, mix, [(1, 50.0), (100, 61.6)])
+    cells = {tuple(c.strip() for c in r.strip("|").split("|")) for r in rows}
+    cpu = "issue 16: proxy CPU at 1000 req/s"
+    # Same CPU as the Envoy pair: met in iptables mode (bar 1.0x), not in eBPF mode (0.8x).
+    assert (cpu, "ztunnel-py, eBPF / Envoy", "1.00x", "<= 0.80x", "**no**") in cells
+    assert (cpu, "ztunnel-py, iptables / Envoy", "1.00x", "<= 1.00x", "yes") in cells
+    hundred = "issue 16: 100 pods (idle) under half a sidecar"
+    assert (hundred, "daemon / one sidecar", "0.88x", "<= 0.50x", "**no**") in cells
+    mixed = "issue 16: node mix, total proxy CPU"
+    assert (mixed, "eBPF / envoy", "0.38x", "<= 0.50x", "yes") in cells
+    assert (mixed, "eBPF / iptables", "0.60x", "<= 1.00x", "yes") in cells
+    assert sum("saturation" in r for r in rows) == 2 and sum("bulk" in r for r in rows) == 2
