@@ -124,3 +124,21 @@ def test_issue16_targets_in_the_summary() -> None:
     assert (mixed, "eBPF / envoy", "0.38x", "<= 0.50x", "yes") in cells
     assert (mixed, "eBPF / iptables", "0.60x", "<= 1.00x", "yes") in cells
     assert sum("saturation" in r for r in rows) == 2 and sum("bulk" in r for r in rows) == 2
+
+
+def test_workers_setup_feeds_the_saturation_plot(tmp_path: Path) -> None:
+    from tools.bench.report import WorkersResult
+
+    workers = [
+        WorkersResult(1, "iptables", Wrk(15000, {}), 1.0, 2),
+        WorkersResult(2, "iptables", Wrk(26000, {}), 1.8, 6),
+    ]
+    points = plots.workers_points(rounds(), workers)
+    assert [(p.setup, p.workers, p.wrk.rps) for p in points[:2]] == [
+        ("iptables", 1, 15000),
+        ("iptables", 2, 26000),
+    ]
+    assert {p.setup for p in points[2:]} == {"envoy", "nomesh"}  # the reference lines
+    assert plots.saturation_by_workers(points, tmp_path / "w.svg")
+    # Without the workers setup: the one-worker data-plane runs.
+    assert {p.workers for p in plots.workers_points(rounds(), [])} == {1}
