@@ -27,6 +27,10 @@ APP_PORTS = (ECHO_PORT, HTTP_PORT, IPERF_PORT)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+# The percentiles of paced.c's ``cdf`` line: 0..99 by 1, then 99.5, 99.9 and 100.
+CDF_PERCENTILES = (*(float(q) for q in range(100)), 99.5, 99.9, 100.0)
+
+
 @dataclass(frozen=True)
 class Paced:
     count: int
@@ -34,6 +38,23 @@ class Paced:
     p90: float
     p99: float
     max: float
+    cdf: tuple[float, ...] = ()  # latency at each of CDF_PERCENTILES, when asked for
+
+
+def parse_paced(out: str) -> Paced:
+    """paced.c's output: ``count p50 p90 p99 max``, then with ``cdf`` a line of percentiles."""
+    lines = out.strip().splitlines()
+    if not lines:
+        raise RuntimeError("paced printed nothing")
+    count, p50, p90, p99, worst = lines[0].split()
+    cdf: tuple[float, ...] = ()
+    if len(lines) > 1:
+        cdf = tuple(float(v) for v in lines[1].split())
+        if len(cdf) != len(CDF_PERCENTILES):
+            raise RuntimeError(
+                f"paced's cdf line has {len(cdf)} values, not {len(CDF_PERCENTILES)}"
+            )
+    return Paced(int(count), float(p50), float(p90), float(p99), float(worst), cdf)
 
 
 @dataclass(frozen=True)
@@ -74,6 +95,18 @@ def cpu_ticks(pid: int) -> tuple[int, int]:
     """(utime, stime) of the whole process (all threads), in clock ticks."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]), int(fields[12])
+
+
+def thread_cpu_ns(pid: int) -> int:
+    """CPU time of every thread of ``pid`` so far, in nanoseconds (schedstat's first field):
+    finer than ``cpu_ticks``, so runs of a few seconds still resolve microseconds a request."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, IndexError, ValueError):
+            continue  # a thread that exited meanwhile
+    return total
 
 
 def rss_mib(pid: int, key: str = "VmRSS") -> float:
@@ -122,15 +155,15 @@ def paced(
     rate: int = 1000,
     conns: int = 4,
     size: int = 1024,
+    cdf: bool = False,
 ) -> Paced:
     out = run_in_pod(
         bed,
         pod,
         [str(paced_bin), "client", host, str(ECHO_PORT), str(conns), str(rate), str(seconds),
-         str(size)],
+         str(size), *(["cdf"] if cdf else [])],
     )  # fmt: skip
-    count, p50, p90, p99, worst = out.split()
-    return Paced(int(count), float(p50), float(p90), float(p99), float(worst))
+    return parse_paced(out)
 
 
 def wrk(bed: Testbed, pod: str, host: str, *, seconds: int, conns: int = 16) -> Wrk:

@@ -85,6 +85,15 @@ def with_pods(count: int, redirect: str, work: Path) -> Point:
         mesh.down()
 
 
+def measure(counts: Sequence[int], redirect: str, work: Path) -> list[Point]:
+    """The idle local-mode daemon, then one fresh testbed and daemon per pod count."""
+    points = [idle_local(work / "idle")]
+    for count in counts:
+        points.append(with_pods(count, redirect, work))
+        print(f"{points[-1].label}: {points[-1].mib():.1f} MiB", file=sys.stderr)
+    return points
+
+
 def table(points: Sequence[Point]) -> list[str]:
     """Markdown: RSS and its parts per point, and MiB per pod against the previous point."""
     rows = [
@@ -174,11 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.pods.split(",") if n]
     with tempfile.TemporaryDirectory(prefix="ztpy-memory-") as tmp:
-        work = Path(tmp)
-        points = [idle_local(work / "idle")]
-        for count in counts:
-            points.append(with_pods(count, args.redirect, work))
-            print(f"{points[-1].label}: {points[-1].mib():.1f} MiB", file=sys.stderr)
+        points = measure(counts, args.redirect, Path(tmp))
     print("\n".join(table(points)))
     if args.csv:
         write_csv(points, args.csv)

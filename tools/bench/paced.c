@@ -132,8 +132,9 @@ int main(int argc, char **argv) {
             pthread_detach(t);
         }
     }
-    if (argc != 8 || strcmp(argv[1], "client") != 0) {
-        fprintf(stderr, "usage: paced client HOST PORT CONNS RATE SECONDS SIZE | paced server HOST PORT\n");
+    if ((argc != 8 && argc != 9) || strcmp(argv[1], "client") != 0 ||
+        (argc == 9 && strcmp(argv[8], "cdf") != 0)) {
+        fprintf(stderr, "usage: paced client HOST PORT CONNS RATE SECONDS SIZE [cdf] | paced server HOST PORT\n");
         return 1;
     }
     int conns = atoi(argv[4]);
@@ -158,5 +159,12 @@ int main(int argc, char **argv) {
     qsort(all, total, sizeof(int64_t), cmp64);
 #define PCT(p) (total ? all[(long)((total - 1) * (p))] / 1000.0 : 0.0)
     printf("%ld %.1f %.1f %.1f %.1f\n", total, PCT(0.50), PCT(0.90), PCT(0.99), total ? all[total - 1] / 1000.0 : 0.0);
+    if (argc == 9) {
+        /* The latency distribution for CDF plots: percentiles 0..99 by 1, then the tail. */
+        static const double tail[] = {0.995, 0.999, 1.0};
+        for (int q = 0; q < 100; q++) printf("%s%.1f", q ? " " : "", PCT(q / 100.0));
+        for (int q = 0; q < 3; q++) printf(" %.1f", PCT(tail[q]));
+        printf("\n");
+    }
     return 0;
 }

@@ -21,6 +21,8 @@ from pathlib import Path
 from statistics import median
 
 from tools.bench.loads import Paced, Wrk
+from tools.bench.nodemix import NodeMixResult, median_result
+from tools.bench.nodemix import render as render_mix
 
 LABELS = {
     "nomesh": "no mesh",
@@ -42,6 +44,7 @@ class DataPlaneResult:
     cpu_vcpu: float  # the proxies (both), during the paced run
     cpu_user: float
     rss_mib: list[float]  # per proxy process, after the runs
+    workers: int = 1  # worker processes per daemon (Envoy: its --concurrency)
 
 
 @dataclass
@@ -216,17 +219,44 @@ def fmt_ratio(r: float | None) -> str:
     return f"{r:.2f}x" if r is not None else "n/a"
 
 
+def _planes(
+    rounds: Sequence[Sequence[DataPlaneResult | DestinationResult]],
+) -> list[dict[str, DataPlaneResult]]:
+    return [{r.setup: r for r in rs if isinstance(r, DataPlaneResult)} for rs in rounds]
+
+
+def median_planes(
+    rounds: Sequence[Sequence[DataPlaneResult | DestinationResult]],
+) -> dict[str, DataPlaneResult]:
+    """The mesh-destination results of every round, one median result per setup."""
+    planes = _planes(rounds)
+    return {s: _median_plane([p[s] for p in planes]) for s in planes[0]} if planes else {}
+
+
+def median_mix(mixes: Sequence[Sequence[NodeMixResult]]) -> dict[str, NodeMixResult]:
+    """The node-mix results of every round, one median result per setup."""
+    by_setup: dict[str, list[NodeMixResult]] = {}
+    for results in mixes:
+        for r in results:
+            by_setup.setdefault(r.setup, []).append(r)
+    return {s: median_result(rs) for s, rs in by_setup.items()}
+
+
 def render(
     info: RunInfo,
     rounds: Sequence[Sequence[DataPlaneResult | DestinationResult]],
     pods: PodsResult | None,
     xds: Sequence[str],
+    mix: dict[str, NodeMixResult] | None = None,
+    mix_rounds: int = 1,
+    memory_rows: Sequence[str] = (),
+    memory_points: Sequence[tuple[int, float]] = (),
 ) -> dict[str, str]:
     """The markdown sections; with several rounds, each figure is the median over the rounds."""
     sections: dict[str, str] = {}
-    planes = [{r.setup: r for r in rs if isinstance(r, DataPlaneResult)} for rs in rounds]
+    planes = _planes(rounds)
     dests = [{r.setup: r for r in rs if isinstance(r, DestinationResult)} for rs in rounds]
-    plane = {s: _median_plane([p[s] for p in planes]) for s in planes[0]} if planes else {}
+    plane = median_planes(rounds)
     outside = {s: _median_dest([d[s] for d in dests]) for s in dests[0]} if dests else {}
     note = (
         [f"Each figure is the median of {len(rounds)} rounds (setups measured in turn, "
@@ -247,18 +277,30 @@ def render(
         sections["pods-memory"] = "\n".join(info.header() + _pods(pods, plane.get("envoy")))
     if xds:
         sections["xds-map-sync"] = "\n".join(info.header() + _xds(xds))
+    if mix:
+        sections["node-mix"] = "\n".join(info.header() + render_mix(mix, mix_rounds))
+    if memory_rows:
+        sections["memory-curve"] = "\n".join(info.header() + list(memory_rows))
     if set(plane) >= set(LABELS) and {"nomesh", "ebpf"} <= set(outside) and pods and xds:
-        sections = {"summary": summary(info, plane, outside, pods, xds), **sections}
+        sections = {
+            "summary": summary(info, plane, outside, pods, xds, mix, memory_points),
+            **sections,
+        }
     return sections
 
 
 def _median_paced(ps: Sequence[Paced]) -> Paced:
+    cdfs = [p.cdf for p in ps]
+    cdf: tuple[float, ...] = ()
+    if all(cdfs) and len({len(c) for c in cdfs}) == 1:
+        cdf = tuple(median(vs) for vs in zip(*cdfs, strict=True))  # per percentile
     return Paced(
         int(median(p.count for p in ps)),
         median(p.p50 for p in ps),
         median(p.p90 for p in ps),
         median(p.p99 for p in ps),
         median(p.max for p in ps),
+        cdf,
     )
 
 
@@ -276,6 +318,7 @@ def _median_plane(rs: Sequence[DataPlaneResult]) -> DataPlaneResult:
         cpu_vcpu=median(r.cpu_vcpu for r in rs),
         cpu_user=median(r.cpu_user for r in rs),
         rss_mib=[median(vs) for vs in zip(*(r.rss_mib for r in rs), strict=True)],
+        workers=rs[0].workers,
     )
 
 
@@ -616,6 +659,8 @@ def summary(
     outside: dict[str, DestinationResult],
     pods: PodsResult | None,
     xds: Sequence[str],
+    mix: dict[str, NodeMixResult] | None = None,
+    memory_points: Sequence[tuple[int, float]] = (),
 ) -> str:
     """Every target against this run, one line each (only for a run of every setup)."""
     rows: list[str] = []
@@ -697,6 +742,7 @@ def summary(
             Bar(1, True),
             ratio(pods.rss_after, min(ev.rss_mib)),
         )
+    rows += issue16_rows(plane, pods, mix or {}, memory_points)
     for mode, sync, which, peak_mb in _xds_checks(xds):
         rows.append(
             row(f"DESIGN: 10,000 workloads, 1,000 services, 1,000 policies applied ({mode})",
@@ -713,6 +759,48 @@ def summary(
         *rows,
     ]  # fmt: skip
     return "\n".join(body)
+
+
+def issue16_rows(
+    plane: dict[str, DataPlaneResult],
+    pods: PodsResult | None,
+    mix: dict[str, NodeMixResult],
+    memory_points: Sequence[tuple[int, float]],
+) -> list[str]:
+    """Issue 16's targets: ratios to the Envoy pair (CPU, added p90/p99, saturation, bulk),
+    memory (idle local mode; 100 pods against half a sidecar), the node mix."""
+    rows: list[str] = []
+    ev, nm = plane.get("envoy"), plane.get("nomesh")
+    if ev is None or nm is None:
+        return rows
+
+    def add(target: str, figure: str, bar: Bar, r: float | None) -> None:
+        rows.append(row(f"issue 16: {target}", figure, fmt_ratio(r), str(bar), bar.met(r)))
+
+    for s, cpu_bar in (("ebpf", 0.8), ("iptables", 1.0)):
+        if s not in plane:
+            continue
+        zt, label = plane[s], f"{LABELS[s]} / Envoy"
+        add("proxy CPU at 1000 req/s", label, Bar(cpu_bar, True), ratio(zt.cpu_vcpu, ev.cpu_vcpu))
+        for i, pct in ((1, "p90"), (2, "p99")):
+            add(f"added {pct}", label, Bar(1.0, True), ratio(_added(zt, nm)[i], _added(ev, nm)[i]))
+        add("saturation (wrk req/s)", label, Bar(1.2, False), ratio(zt.wrk.rps, ev.wrk.rps))
+        add("bulk, one stream", label, Bar(1.5, False), ratio(zt.bulk_gbps, ev.bulk_gbps))
+    sidecar = min(ev.rss_mib) if ev.rss_mib else 0.0
+    hundred = [mib for n, mib in memory_points if n == 100]
+    if sidecar and hundred:
+        add("100 pods (idle) under half a sidecar", "daemon / one sidecar", Bar(0.5, True),
+            ratio(hundred[0], sidecar))  # fmt: skip
+    if sidecar and pods is not None:
+        add(f"{pods.pods} pods (after traffic) under half a sidecar", "daemon / one sidecar",
+            Bar(0.5, True), ratio(pods.rss_after, sidecar))  # fmt: skip
+    ebpf = mix.get("nodemix-ebpf")
+    for other, bar in (("nodemix-envoy", 0.5), ("nodemix-iptables", 1.0)):
+        theirs = mix.get(other)
+        if ebpf is not None and theirs is not None:
+            add("node mix, total proxy CPU", f"eBPF / {other.split('-', 1)[1]}",
+                Bar(bar, True), ratio(ebpf.cpu_s, theirs.cpu_s))  # fmt: skip
+    return rows
 
 
 def write_sections(path: Path, sections: dict[str, str]) -> None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import shlex
 import shutil
@@ -45,6 +46,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -52,7 +54,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tools.bench import envoy, report  # noqa: E402 (after the path fix for direct runs)
+from tools.bench import envoy, memory, nodemix, plots, report  # noqa: E402 (after path fix)
 from tools.bench.loads import (  # noqa: E402
     APP_PORTS,
     CpuMeter,
@@ -62,6 +64,7 @@ from tools.bench.loads import (  # noqa: E402
     paced,
     rss_mib,
     run_in_pod,
+    thread_cpu_ns,
     wait_pods_up,
     wrk,
 )
@@ -75,13 +78,24 @@ from tools.testbed.bed import Testbed, TestbedOptions, cgroup2_mount  # noqa: E4
 from tools.testbed.mesh import BPF_PIN_ROOT, Mesh, MeshOptions  # noqa: E402
 from tools.testbed.plan import CGROUP_ROOT, IP_FAMILIES, PREFIX, make_plan  # noqa: E402
 from ztunnel_py.testing.daemon import http  # noqa: E402
+from ztunnel_py.testing.envoy import CertFiles  # noqa: E402
 from ztunnel_py.testing.pki import CertificateAuthority  # noqa: E402
 
 CLIENT, SERVER, OUTSIDE = "pod-0-0", "pod-1-0", "pod-1-1"
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"  # the Envoy pair's own test PKI
 SERVER_ID = "spiffe://cluster.local/ns/default/sa/server"
-TAGS = {"nomesh": "bnone", "iptables": "bipt", "ebpf": "bebpf", "pods": "bpods", "workers": "bwork"}
-SETUPS = ("nomesh", "envoy", "iptables", "ebpf", "pods", "xds", "workers")
+TAGS = {
+    "nomesh": "bnone",
+    "iptables": "bipt",
+    "ebpf": "bebpf",
+    "pods": "bpods",
+    "nodemix-envoy": "bmixenv",
+    "nodemix-iptables": "bmixipt",
+    "nodemix-ebpf": "bmixebpf",
+    "workers": "bwork",
+}
+SETUPS = ("nomesh", "envoy", "iptables", "ebpf", "nodemix", "pods", "memory", "xds", "workers")
+PASSTHROUGH_MARK = 0x539  # what the capture rules (Envoy's here, istio-cni's) let out
 OPENED = "istio_tcp_connections_opened_total"
 
 
@@ -106,7 +120,7 @@ class Bench:
         self._warm_up(bed, host)
         cpu = CpuMeter(pids)
         cpu.start()
-        latency = paced(bed, self.paced_bin, CLIENT, host, seconds=self.args.seconds)
+        latency = paced(bed, self.paced_bin, CLIENT, host, seconds=self.args.seconds, cdf=True)
         cpu.stop()
         saturation = wrk(bed, CLIENT, host, seconds=self.args.wrk_seconds)
         bulk = bulk_gbps(bed, CLIENT, host, seconds=self.args.bulk_seconds)
@@ -185,7 +199,6 @@ class Bench:
 
     @contextlib.contextmanager
     def envoy_pair(self, bed: Testbed) -> Iterator[list[int]]:
-        client_ns = bed.plan.pod(CLIENT).netns
         server_ip = bed.plan.pod(SERVER).ip
         configs = {
             CLIENT: envoy.client_config(
@@ -206,8 +219,19 @@ class Bench:
                 admin_port=15901,
             ),
         }
+        with self.envoy_sidecars(bed, configs, capture=[CLIENT]) as pids:
+            yield pids
+
+    @contextlib.contextmanager
+    def envoy_sidecars(
+        self, bed: Testbed, configs: dict[str, dict[str, Any]], capture: Sequence[str]
+    ) -> Iterator[list[int]]:
+        """One Envoy per pod of ``configs``; the pods of ``capture`` get the outbound capture
+        rule (everything they send goes to their sidecar's :15001). Yields Envoy's pids."""
         procs: list[subprocess.Popen[bytes]] = []
-        subprocess.run(["ip", "netns", "exec", client_ns, *envoy.redirect_argv()], check=True)
+        for pod in capture:
+            netns = bed.plan.pod(pod).netns
+            subprocess.run(["ip", "netns", "exec", netns, *envoy.redirect_argv()], check=True)
         try:
             for pod, config in configs.items():
                 path = self.work / f"envoy-{pod}.yaml"
@@ -222,8 +246,9 @@ class Bench:
                             stderr=subprocess.STDOUT,
                         )
                     )  # fmt: skip
-            self._wait_port(bed, CLIENT, envoy.OUTBOUND_PORT, procs)
-            self._wait_port(bed, SERVER, envoy.HBONE_PORT, procs)
+            for pod in configs:
+                port = envoy.OUTBOUND_PORT if pod in capture else envoy.HBONE_PORT
+                self._wait_port(bed, pod, port, procs)
             for proc in procs:  # nsenter and the envoy launcher exec: the pid is Envoy's
                 comm = Path(f"/proc/{proc.pid}/comm").read_text().strip()
                 if comm != "envoy":
@@ -239,10 +264,12 @@ class Bench:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-            subprocess.run(
-                ["ip", "netns", "exec", client_ns, "iptables", "-t", "nat", "-F", "OUTPUT"],
-                check=False,
-            )
+            for pod in capture:
+                subprocess.run(
+                    ["ip", "netns", "exec", bed.plan.pod(pod).netns, "iptables", "-t", "nat",
+                     "-F", "OUTPUT"],
+                    check=False,
+                )  # fmt: skip
 
     def _wait_port(
         self, bed: Testbed, pod: str, port: int, procs: Sequence[subprocess.Popen[bytes]]
@@ -343,6 +370,127 @@ class Bench:
                 connected=answered,
                 opened=self._opened(mesh),
             )
+        finally:
+            apps.stop()
+            mesh.down()
+            self.check_clean(tag)
+
+    def daemon_env(self) -> dict[str, str]:
+        """Environment of the node-mix daemons beyond the testbed's (options that change the
+        daemons, such as a worker count, add their variables here)."""
+        return {}
+
+    # ------------------------------------------------------------------ node mix
+
+    def run_nodemix(self) -> list[nodemix.NodeMixResult]:
+        """The node-mix shape under Envoy sidecars, ztunnel-py in iptables and eBPF mode."""
+        return [self._nodemix_envoy(), self._nodemix_mesh("iptables"), self._nodemix_mesh("ebpf")]
+
+    def _nodemix_flows(self, bed: Testbed, pids: Sequence[int], setup: str,
+                       mesh: Mesh | None = None) -> nodemix.NodeMixResult:  # fmt: skip
+        flows = nodemix.plan_flows(
+            nodes=2, conns_per_client=8, rate_per_client=self.args.nodemix_rate / 2
+        )
+        warm = [dataclasses.replace(f, rate=max(20.0, f.rate / 10)) for f in flows]
+        nodemix.run_flows(bed, self.paced_bin, warm, 1)
+        opened = self._opened_by_kind(mesh)
+        before = [thread_cpu_ns(p) for p in pids]
+        t0 = time.monotonic()
+        runs = nodemix.run_flows(bed, self.paced_bin, flows, self.args.seconds)
+        wall = time.monotonic() - t0
+        cpu_s = sum(thread_cpu_ns(p) for p in pids) / 1e9 - sum(before) / 1e9
+        if mesh is not None:
+            after = self._opened_by_kind(mesh)
+            proxied = {k: after[k] - opened[k] for k in after}
+            # The point of the mix: eBPF leaves non-mesh connections alone, iptables does not.
+            if (proxied["outside"] == 0) != (mesh.options.redirect == "ebpf"):
+                raise RuntimeError(f"{setup}: {proxied['outside']} outside connections proxied")
+            if not proxied["mesh"]:
+                raise RuntimeError(f"{setup}: no mesh connection was proxied")
+        return nodemix.merge(setup, min(wall, self.args.seconds), cpu_s, len(pids), runs)
+
+    @staticmethod
+    def _opened_by_kind(mesh: Mesh | None) -> dict[str, int]:
+        """Connections the daemons opened so far: to mesh workloads, and to destinations that
+        are no workload of the mesh (``destination_workload="unknown"``)."""
+        counts = {"mesh": 0, "outside": 0}
+        if mesh is None:
+            return counts
+        for daemon in mesh.daemons.values():
+            for line in http(f"{daemon.stats}/metrics", timeout=10).text.splitlines():
+                if line.startswith(OPENED + "{"):
+                    outside = 'destination_workload="unknown"' in line
+                    counts["outside" if outside else "mesh"] += int(float(line.rsplit(" ", 1)[1]))
+        return counts
+
+    def _nodemix_envoy(self) -> nodemix.NodeMixResult:
+        setup = "nodemix-envoy"
+        tag = TAGS[setup]
+        bed = Testbed(
+            make_plan(tag, 2, nodemix.PODS_PER_NODE),
+            TestbedOptions(iptables=False, app="none"),
+            state_dir=self.work / tag / "testbed",
+        )
+        apps = ServerApps(bed, self.work / tag, self.paced_bin)
+        try:
+            bed.up()
+            for pod in nodemix.mesh_servers(2) + nodemix.outside_pods(2):
+                apps.start(pod, iperf=False, http=False)
+            certs = {
+                name: CertFiles(self.pki / f"{name}.pem", self.pki / f"{name}-key.pem",
+                                self.pki / "root.pem")
+                for name in ("client", "server")
+            }  # fmt: skip
+            servers = {bed.plan.pod(p).ip: SERVER_ID for p in nodemix.mesh_servers(2)}
+            configs: dict[str, dict[str, Any]] = {}
+            for i, pod in enumerate(nodemix.clients(2)):
+                configs[pod] = nodemix.envoy_client_config(
+                    mesh_servers=servers,
+                    hbone_port=envoy.HBONE_PORT,
+                    outbound_port=envoy.OUTBOUND_PORT,
+                    certs=certs["client"],
+                    admin_port=15900 + i,
+                    mark=PASSTHROUGH_MARK,
+                )
+            for i, pod in enumerate(nodemix.mesh_servers(2)):
+                configs[pod] = envoy.server_config(
+                    server_ip=bed.plan.pod(pod).ip,
+                    app_ports=APP_PORTS,
+                    cert=certs["server"].cert,
+                    key=certs["server"].key,
+                    root=certs["server"].root,
+                    client_id=CLIENT_ID,
+                    admin_port=15910 + i,
+                )
+            self.announce(setup)
+            with self.envoy_sidecars(bed, configs, capture=nodemix.clients(2)) as pids:
+                return self._nodemix_flows(bed, pids, setup)
+        finally:
+            apps.stop()
+            bed.down()
+            self.check_clean(tag)
+
+    def _nodemix_mesh(self, redirect: str) -> nodemix.NodeMixResult:
+        setup = f"nodemix-{redirect}"
+        tag = TAGS[setup]
+        options = MeshOptions(
+            tag=tag,
+            nodes=2,
+            pods_per_node=nodemix.PODS_PER_NODE,
+            redirect=redirect,
+            app="none",
+            outside=tuple(nodemix.outside_pods(2)),
+            env=self.daemon_env(),
+        )
+        mesh = Mesh(options, self.work / tag)
+        apps = ServerApps(mesh.bed, self.work / tag, self.paced_bin)
+        try:
+            mesh.up()
+            for pod in nodemix.mesh_servers(2) + nodemix.outside_pods(2):
+                apps.start(pod, iperf=False, http=False)
+            pids = [mesh.daemons[node.name].proc.pid for node in mesh.plan.nodes]
+            self.announce(setup)
+            return self._nodemix_flows(mesh.bed, pids, setup, mesh)
         finally:
             apps.stop()
             mesh.down()
@@ -534,6 +682,12 @@ def main() -> None:
         f"{','.join(IP_FAMILIES)} (ipv6: IPv6 only, dual: dual stack)",
     )
     parser.add_argument(
+        "--nodemix-rate", type=float, default=1000, help="node mix: req/s of both clients"
+    )
+    parser.add_argument(
+        "--memory-pods", default="1,10,50,100,200", help="memory: pod counts of the RSS curve"
+    )
+    parser.add_argument(
         "--workers",
         type=_counts,
         default=[1, 2, 4],
@@ -541,6 +695,11 @@ def main() -> None:
     )
     parser.add_argument("--workers-redirect", default="iptables", choices=("ebpf", "iptables"))
     parser.add_argument("--write", default="", help="markdown file to put the results in")
+    parser.add_argument(
+        "--plots",
+        default="",
+        help="directory for the plots (SVG, needs matplotlib); with --write: docs/img",
+    )
     args = parser.parse_args()
     setups = [s for s in args.setups.split(",") if s]
     unknown = set(setups) - set(SETUPS)
@@ -559,7 +718,9 @@ def main() -> None:
 
     info = RunInfo.collect(args, setups)
     per_family: dict[str, list[list[DataPlaneResult | DestinationResult]]] = {}
+    mixes: list[list[nodemix.NodeMixResult]] = []
     pods: PodsResult | None = None
+    mem_points: list[memory.Point] = []
     xds: list[str] = []
     workers: list[report.WorkersResult] = []
     with tempfile.TemporaryDirectory(prefix="ztpy-bench-") as tmp:
@@ -577,17 +738,38 @@ def main() -> None:
                     if redirect in setups:
                         results += bench.run_mesh(redirect)
                 bench.args.profile = False  # once is enough
-                rounds.append(results)
+                if results:
+                    rounds.append(results)
+                if "nodemix" in setups and family == families[0]:
+                    mixes.append(bench.run_nodemix())
         bench.family = "ipv4"
         if "pods" in setups:
             pods = bench.run_pods()
+        if "memory" in setups:
+            bench.announce("memory")
+            mem_points = memory.measure(
+                [int(n) for n in args.memory_pods.split(",") if n], "ebpf", Path(tmp) / "memory"
+            )
+            if args.write:
+                memory.write_csv(mem_points, Path(args.write).parent / "img" / "memory-per-pod.csv")
         if "xds" in setups:
             xds = bench.run_xds()
         if "workers" in setups:
             workers = bench.run_workers()
         info.background = bench.background
         info.finish(bench.cleanup_problems)
-    sections = report.render(info, per_family[families[0]], pods, xds)
+    mix = report.median_mix(mixes)
+    curve = [(p.pods, p.mib()) for p in mem_points if p.pods]
+    sections = report.render(
+        info,
+        per_family[families[0]],
+        pods,
+        xds,
+        mix,
+        len(mixes),
+        memory.table(mem_points) if mem_points else [],
+        curve,
+    )
     if families != ["ipv4"] and any(per_family.values()):
         sections["ip-families"] = report.ip_families(info, per_family)
     if workers:
@@ -596,6 +778,12 @@ def main() -> None:
         print(f"\n---- {name}\n{body}")
     if args.write:
         report.write_sections(Path(args.write), sections)
+    plot_dir = args.plots or (str(Path(args.write).parent / "img") if args.write else "")
+    if plot_dir:
+        written = plots.write_all(
+            Path(plot_dir), rounds, mix, pods, curve, plots.workers_points(rounds, workers)
+        )
+        print("plots: " + (", ".join(str(p) for p in written) or "none (matplotlib missing)"))
     if info.cleanup_problems:
         sys.exit(f"left behind: {info.cleanup_problems}")
 

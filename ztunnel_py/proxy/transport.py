@@ -140,6 +140,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
         self.closed = self._loop.create_future()
         tls.set_write_buffer_limits(WRITE_HIGH_WATER_BYTES, WRITE_LOW_WATER_BYTES)
         self.conn = HboneConnection(self.role, self._settings, now=self._loop.time())
+        self.conn.on_data = self._stream_data
         self._flush()
         self._arm_timer()
 
@@ -441,6 +442,14 @@ class HboneProtocol(asyncio.BufferedProtocol):
                     )
                 else:
                     log.debug("HBONE connection %s terminated: %s", self.label, ev.reason)
+
+    def _stream_data(self, stream_id: int, data: bytes, flow_controlled_length: int) -> None:
+        """Tunnel payload straight from the core (``HboneConnection.on_data``): no event."""
+        sink = self._sinks.get(stream_id)
+        if sink is not None:
+            sink.hbone_data(data, flow_controlled_length)
+        else:
+            self._early_for(stream_id).chunks.append((data, flow_controlled_length))
 
     def _early_for(self, stream_id: int) -> _Early:
         early = self._early.get(stream_id)

@@ -515,3 +515,37 @@ def test_small_acknowledgements_are_batched_and_released_with_the_stream() -> No
     server.reset(sid)
     # Forgetting the stream returns what it still held to the connection window.
     assert manager._bytes_processed == 17_500
+
+
+def test_on_data_takes_fast_path_payload_without_events() -> None:
+    client, server = pair()
+    sid = open_accepted(client, server)
+    got: list[tuple[int, bytes, int]] = []
+    server.on_data = lambda stream_id, data, n: got.append((stream_id, data, n))
+    client.send(sid, b"x" * 1000)
+    client.send(sid, b"y" * 24)
+    events = server.receive_data(client.data_to_send())
+    assert not of_type(events, DataReceived)
+    assert got == [(sid, b"x" * 1000, 1000), (sid, b"y" * 24, 24)]
+
+
+def test_on_data_keeps_order_with_events_of_the_same_read() -> None:
+    client, server = pair()
+    got: list[bytes] = []
+    server.on_data = lambda stream_id, data, n: got.append(data)
+    # The request and payload sent before the answer arrive in one read: the payload must
+    # come after TunnelRequested (the adapter sets the stream up from it), so it stays an event.
+    sid = client.open_tunnel("10.0.0.2:8080")
+    client.send(sid, b"early")
+    events = server.receive_data(client.data_to_send())
+    assert [type(e) for e in events] == [TunnelRequested, DataReceived]
+    assert payload(events, sid) == b"early"
+    assert got == []
+    server.accept(sid)
+    client.receive_data(server.data_to_send())
+    # Payload and the stream's end in one read: the payload goes out first, then the event.
+    client.send(sid, b"late")
+    client.end_stream(sid)
+    events = server.receive_data(client.data_to_send())
+    assert got == [b"late"]
+    assert [type(e) for e in events] == [StreamEnded]
