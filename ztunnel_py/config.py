@@ -151,6 +151,8 @@ class Config:
     inpod_port_reuse: bool = True
     packet_mark: int = DEFAULT_PACKET_MARK
     enable_orig_src: bool | None = None
+    # PROXY app tunnels are dialled loopback to loopback inside the pod (ztunnel's default)
+    localhost_app_tunnel: bool = True
     pool_max_streams_per_connection: int = 100
     pool_unused_release_timeout_s: float = 300.0
     http2_stream_window_size: int = 4 * 1024 * 1024
@@ -555,6 +557,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         ipv6_enabled=boolean("IPV6_ENABLED", True),
         tls12_enabled=boolean("TLS12_ENABLED", False),
         enable_response_baggage=boolean("ENABLE_RESPONSE_BAGGAGE", True),
+        localhost_app_tunnel=boolean("LOCALHOST_APP_TUNNEL", True),
         authz_policy_info_logging=boolean("AUTHZ_POLICY_INFO_LOGGING", False),
         dns_proxy=dns_proxy,
         dns_proxy_addr=dns_proxy_addr,

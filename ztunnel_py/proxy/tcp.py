@@ -73,12 +73,17 @@ async def connect_tcp(
     *,
     source: IPAddress | None = None,
     timeout_s: float = CONNECT_TIMEOUT_S,
+    preface: bytes = b"",
 ) -> TcpSide:
-    """A (paused) ``TcpSide`` connected to ``target``; ``UpstreamConnectError`` or ``OSError``."""
+    """A (paused) ``TcpSide`` connected to ``target``, ``preface`` (a PROXY header) already
+    sent on it; ``UpstreamConnectError`` or ``OSError``."""
     sock = await connect_socket(sockets, target, source=source, timeout_s=timeout_s)
     side = TcpSide()
     loop = asyncio.get_running_loop()
     try:
+        if preface:
+            async with asyncio.timeout(timeout_s):
+                await loop.sock_sendall(sock, preface)
         await loop.create_connection(lambda: side, sock=sock)
     except BaseException:
         sock.close()
