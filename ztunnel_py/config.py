@@ -36,6 +36,9 @@ PORT_SOCKS5 = 15080
 
 DEFAULT_PACKET_MARK = 1337  # 0x539, istio-cni's InpodMark
 PACKET_MARK_MASK = 0xFFF  # istio-cni's InpodMask: the mark bits its rules compare
+# Added to PACKET_MARK on the proxy's original-source sockets (ENABLE_ORIG_SRC): outside the
+# mask, so they still count as the proxy's; eBPF mode routes replies carrying it back locally.
+ORIG_SRC_MARK = 0x1000
 # istio-cni SNATs the kubelet's probes to these: they reach the pod, never the proxy.
 PROBE_IP4 = ipaddress.IPv4Address("169.254.7.127")
 PROBE_IP6 = ipaddress.IPv6Address("fd16:9254:7127:1337:ffff:ffff:ffff:ffff")

@@ -35,10 +35,11 @@ from ztunnel_py.proxy.conntrack import ConnectionTracker
 from ztunnel_py.proxy.inputs import Demand, HostnameResolver, PodInputs, ProxyInputs
 from ztunnel_py.proxy.pod import PodProxy, pod_pool, start_pod_proxy
 from ztunnel_py.proxy.pool import HbonePool
-from ztunnel_py.proxy.sockets import OriginalDestination
+from ztunnel_py.proxy.sockets import OriginalDestination, SpoofedSources
 from ztunnel_py.proxy.sockopt import PodSocketFactory, SoOriginalDst
 from ztunnel_py.readiness import Readiness
 from ztunnel_py.redirect.listeners import PodListeners
+from ztunnel_py.redirect.origsrc import OrigSrcRoutes
 from ztunnel_py.redirect.workloads import EnrolledPod, EnrollmentListener, WorkloadManager
 from ztunnel_py.state.hub import StateHub
 from ztunnel_py.state.model import Workload
@@ -109,7 +110,7 @@ class PodProxyStarter:
         self, pod: EnrolledPod, workload: Workload, listeners: PodListeners, dns: DnsServer | None
     ) -> _PodHandle:
         inputs = self._inputs
-        sockets = PodSocketFactory(inputs.config, pod.netns_fd)
+        sockets = PodSocketFactory(inputs.config, pod.netns_fd, spoofed=inputs.spoofed_sources)
         pool = pod_pool(inputs, sockets)
         pod_inputs = PodInputs(
             workload=workload,
@@ -180,6 +181,7 @@ class DataPlane:
         # iptables REDIRECT: SO_ORIGINAL_DST on both capture ports.
         original_destination: OriginalDestination = SoOriginalDst()
         inbound_original_destination: OriginalDestination | None = SoOriginalDst()
+        spoofed_sources: SpoofedSources | None = None
         self.redirect_mode = self._choose_redirect_mode()
         if self.config.xds_on_demand and self.redirect_mode is RedirectMode.EBPF:
             log.warning(
@@ -201,6 +203,11 @@ class DataPlane:
                 # has its destination in conntrack (proxy/coexist.py).
                 original_destination = KernelMapThenConntrack(loader.original_destinations())
                 inbound_original_destination = LocalAddressUnlessRedirected(PORT_INBOUND_PLAINTEXT)
+                if self.config.enable_orig_src:
+                    # No istio-cni rules to lean on: the daemon routes replies itself and
+                    # keeps sk_lookup off its own spoofed connections.
+                    spoofed_sources = loader.spoofed_sources()
+                    listeners.append(OrigSrcRoutes(self.config))
         inputs = ProxyInputs(
             config=self.config,
             state=self.hub.state,
@@ -212,6 +219,7 @@ class DataPlane:
             rng=self._rng,
             demand=self.demand,
             handshakes=self.mtls_health,
+            spoofed_sources=spoofed_sources,
         )
         starter = self.starter = PodProxyStarter(
             inputs, dns=dns, hostnames=self._on_demand_dns(resolv_conf)

@@ -18,7 +18,7 @@
 #include <bpf/bpf_helpers.h>
 
 /* Plain integer literals only: the generator reads these with the C preprocessor. */
-#define ZT_ABI_VERSION 1
+#define ZT_ABI_VERSION 2
 
 /* In-pod listener ports (ztunnel's, host byte order). */
 #define ZT_PORT_OUTBOUND 15001
@@ -73,6 +73,7 @@
 #define ZT_MAX_LOCAL_ADDRS 32768
 #define ZT_MAX_DENY_RULES 65536
 #define ZT_MAX_ORIG_DST 131072
+#define ZT_MAX_ORIG_SRC 65536
 
 /* zt_cfg[0]: daemon-wide settings, written once at start. */
 struct zt_cfg {
@@ -143,6 +144,23 @@ struct zt_local {
 	__u32 reserved; /* always 0 */
 };
 _Static_assert(sizeof(struct zt_local) == 4, "zt_local layout");
+
+/* zt_orig_src: the proxy's own connections to a pod's application from a client's address
+ * (ENABLE_ORIG_SRC), while they connect. Their SYN looks like a client's, so sk_lookup would
+ * steer it back to the proxy's :15006; the proxy lists its bound (address, port) here between
+ * bind and connect, and sk_lookup lets those through. */
+struct zt_orig_src_key {
+	__u64 netns_cookie; /* host order */
+	__u8 addr[16];      /* network order, IPv4 as ::ffff:a.b.c.d: the spoofed source */
+	__u16 port;         /* network order: its bound port */
+	__u8 pad[6];        /* always 0 */
+};
+_Static_assert(sizeof(struct zt_orig_src_key) == 32, "zt_orig_src_key layout");
+
+struct zt_orig_src {
+	__u32 reserved; /* always 0 */
+};
+_Static_assert(sizeof(struct zt_orig_src) == 4, "zt_orig_src layout");
 
 /* zt_deny: kernel-enforceable DENY rules of a pod's workload, as an LPM trie. The prefix always
  * covers the netns cookie (64 bits) and the port (16 bits); a rule with a source network adds
@@ -248,6 +266,15 @@ struct {
 	__type(value, struct zt_local);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } zt_local SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, ZT_MAX_ORIG_SRC);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct zt_orig_src_key);
+	__type(value, struct zt_orig_src);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} zt_orig_src SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);

@@ -15,6 +15,9 @@
  * outside that claims such a source cannot open a connection: IPv4 drops it as a martian, and
  * for either family the SYN-ACK would stay inside the pod.
  *
+ * The proxy's own connections to the application from a client's address (ENABLE_ORIG_SRC)
+ * are neither: their (source, port) is in zt_orig_src while they connect, and they pass.
+ *
  * SK_DROP makes the TCP lookup find no socket, so the kernel answers with a reset: a source and
  * port that a kernel DENY rule forbids, and an enrolled pod without a listener (daemon down),
  * are refused here, so plaintext never bypasses the proxy.
@@ -41,6 +44,7 @@ int zt_sk_lookup(struct bpf_sk_lookup *ctx)
 	struct zt_pod_key pod_key = {};
 	struct zt_deny_key deny_key = {};
 	struct zt_local_key local_key = {};
+	struct zt_orig_src_key spoofed = {};
 	struct zt_cfg *cfg;
 	struct zt_pod *pod;
 	struct bpf_sock *sk;
@@ -68,6 +72,7 @@ int zt_sk_lookup(struct bpf_sk_lookup *ctx)
 		zt_ip4_mapped(local_key.addr, src4);
 		if (bpf_map_lookup_elem(&zt_local, &local_key))
 			goto local;
+		zt_ip4_mapped(spoofed.addr, src4);
 		if (cfg && cfg->probe_ip4 && src4 == cfg->probe_ip4) {
 			zt_count(ZT_CNT_IN_PASSTHROUGH);
 			return SK_PASS;
@@ -86,6 +91,7 @@ int zt_sk_lookup(struct bpf_sk_lookup *ctx)
 		zt_ip6_bytes(local_key.addr, w0, w1, w2, w3);
 		if (bpf_map_lookup_elem(&zt_local, &local_key))
 			goto local;
+		zt_ip6_bytes(spoofed.addr, w0, w1, w2, w3);
 		if (cfg && zt_ip6_equal(cfg->probe_ip6, w0, w1, w2, w3)) {
 			zt_count(ZT_CNT_IN_PASSTHROUGH);
 			return SK_PASS;
@@ -99,6 +105,11 @@ int zt_sk_lookup(struct bpf_sk_lookup *ctx)
 			zt_ip6_bytes(deny_key.addr, w0, w1, w2, w3);
 		}
 	}
+
+	spoofed.netns_cookie = zt_pod_netns_cookie;
+	spoofed.port = ctx->remote_port; /* already network order */
+	if (bpf_map_lookup_elem(&zt_orig_src, &spoofed))
+		goto local;
 
 	deny_key.netns_cookie_lo = (__u32)zt_pod_netns_cookie;
 	deny_key.netns_cookie_hi = (__u32)(zt_pod_netns_cookie >> 32);

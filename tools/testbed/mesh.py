@@ -78,6 +78,8 @@ class MeshOptions:
     policies: Sequence[Mapping[str, Any]] = ()  # local-config policies to add
     services: Sequence[ExtraService] = ()  # services to add to the testbed's
     workloads: Sequence[Mapping[str, Any]] = ()  # local-config workloads beyond the pods
+    # pod name -> local-config fields to set on its workload (e.g. ``applicationTunnel``)
+    workload_fields: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)  # extra daemon environment
     # Pods left out of the mesh, like pods of a namespace without the ambient label: not in
     # the local config, never enrolled, no in-pod rules. Traffic to them is non-mesh traffic.
@@ -256,6 +258,8 @@ class Mesh:
         doc["policies"] = [dict(p) for p in policies]
         doc["workloads"] = [w for w in doc["workloads"] if w["name"] not in self.options.outside]
         by_name = {w["name"]: w for w in doc["workloads"]}
+        for pod_name, fields in self.options.workload_fields.items():
+            by_name[pod_name].update(fields)
         for pod_name, keys in (selected or {}).items():
             by_name[pod_name]["authorizationPolicies"] = list(keys)
         for svc in self.options.services:

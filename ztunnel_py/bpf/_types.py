@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 # --- constants of bpf/include/zt_maps.h
 
-ZT_ABI_VERSION = 1
+ZT_ABI_VERSION = 2
 ZT_AF_INET = 2
 ZT_AF_INET6 = 10
 ZT_CFG_DNS_CAPTURE = 2
@@ -40,6 +40,7 @@ ZT_MAX_DENY_RULES = 65536
 ZT_MAX_DESTINATIONS = 131072
 ZT_MAX_LOCAL_ADDRS = 32768
 ZT_MAX_ORIG_DST = 131072
+ZT_MAX_ORIG_SRC = 65536
 ZT_MAX_PODS = 8192
 ZT_ORIG_PUBLISHED = 1
 ZT_POD_CAPTURE_INBOUND = 2
@@ -227,6 +228,38 @@ class ZtOrigKey(ctypes.Structure):
 SIZEOF_ZT_ORIG_KEY = 16
 
 
+class ZtOrigSrc(ctypes.Structure):
+    """``struct zt_orig_src`` (4 bytes)."""
+
+    reserved: int
+
+    _fields_ = [
+        ("reserved", ctypes.c_uint32),
+    ]
+
+
+SIZEOF_ZT_ORIG_SRC = 4
+
+
+class ZtOrigSrcKey(ctypes.Structure):
+    """``struct zt_orig_src_key`` (32 bytes)."""
+
+    netns_cookie: int
+    addr: ctypes.Array[ctypes.c_uint8]
+    port: int
+    pad: ctypes.Array[ctypes.c_uint8]
+
+    _fields_ = [
+        ("netns_cookie", ctypes.c_uint64),
+        ("addr", ctypes.c_uint8 * 16),
+        ("port", ctypes.c_uint16),
+        ("pad", ctypes.c_uint8 * 6),
+    ]
+
+
+SIZEOF_ZT_ORIG_SRC_KEY = 32
+
+
 class ZtPod(ctypes.Structure):
     """``struct zt_pod`` (8 bytes)."""
 
@@ -305,6 +338,8 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "zt_local_key": ZtLocalKey,
     "zt_orig": ZtOrig,
     "zt_orig_key": ZtOrigKey,
+    "zt_orig_src": ZtOrigSrc,
+    "zt_orig_src_key": ZtOrigSrcKey,
     "zt_pod": ZtPod,
     "zt_pod_key": ZtPodKey,
     "zt_sk_orig": ZtSkOrig,
@@ -321,6 +356,8 @@ SIZEOF: dict[str, int] = {
     "zt_local_key": 24,
     "zt_orig": 20,
     "zt_orig_key": 16,
+    "zt_orig_src": 4,
+    "zt_orig_src_key": 32,
     "zt_pod": 8,
     "zt_pod_key": 8,
     "zt_sk_orig": 24,
@@ -351,6 +388,7 @@ MAP_DST_CIDR = "zt_dst_cidr"
 MAP_INBOUND_SK = "zt_inbound_sk"
 MAP_LOCAL = "zt_local"
 MAP_ORIG_DST = "zt_orig_dst"
+MAP_ORIG_SRC = "zt_orig_src"
 MAP_PODS = "zt_pods"
 MAP_SK_ORIG = "zt_sk_orig"
 MAP_VERSION = "zt_version"
@@ -442,6 +480,17 @@ MAP_SPECS: dict[str, MapSpec] = {
         value_size=20,
         max_entries=131072,
         flags=0,
+        pinned=True,
+    ),
+    "zt_orig_src": MapSpec(
+        name="zt_orig_src",
+        map_type=1,
+        key_type="struct zt_orig_src_key",
+        key_size=32,
+        value_type="struct zt_orig_src",
+        value_size=4,
+        max_entries=65536,
+        flags=1,
         pinned=True,
     ),
     "zt_pods": MapSpec(

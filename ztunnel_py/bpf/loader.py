@@ -38,6 +38,7 @@ from ztunnel_py.bpf.maps import LibbpfMap
 from ztunnel_py.bpf.mounts import check_cgroup2, ensure_bpffs, mkdir_private, remove_tree
 from ztunnel_py.bpf.objects import DEFAULT_OBJECT_DIR, ObjectFiles
 from ztunnel_py.bpf.origdst import BpfOriginalDestination
+from ztunnel_py.bpf.origsrc import BpfSpoofedSources
 from ztunnel_py.bpf.pods import PodLinks, link_info_at
 from ztunnel_py.bpf.probe import probe_features
 from ztunnel_py.bpf.projection import addr16, fill, pod_key
@@ -206,6 +207,9 @@ class BpfLoader:
 
     def original_destinations(self) -> BpfOriginalDestination:
         return BpfOriginalDestination(self.maps[t.MAP_ORIG_DST])
+
+    def spoofed_sources(self) -> BpfSpoofedSources:
+        return BpfSpoofedSources(self.maps[t.MAP_ORIG_SRC])
 
     def read_counters(self) -> dict[str, int]:
         """Program counters summed over CPUs, by name (``out_redirected``, ...)."""

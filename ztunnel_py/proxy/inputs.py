@@ -17,7 +17,7 @@ from ztunnel_py.proxy.authorization import Authorizer, PermitAll, PolicyAuthoriz
 from ztunnel_py.proxy.certificates import CertificateSource, HandshakeObserver
 from ztunnel_py.proxy.conntrack import ConnectionTracker
 from ztunnel_py.proxy.pool import HbonePool
-from ztunnel_py.proxy.sockets import OriginalDestination, SocketFactory
+from ztunnel_py.proxy.sockets import OriginalDestination, SocketFactory, SpoofedSources
 from ztunnel_py.state.model import IPAddress, Workload
 from ztunnel_py.state.store import ProxyState
 from ztunnel_py.telemetry.connections import NoTelemetry, TelemetrySink
@@ -46,6 +46,7 @@ class ProxyInputs:
     ``conntrack``: the live connections re-checked when policies change.
     ``demand``: with ``XDS_ON_DEMAND``, fetch an address istiod has not sent yet.
     ``handshakes``: told how each outbound mTLS handshake went (readiness follows it).
+    ``spoofed_sources``: told of original-source upstream sockets while they connect (eBPF).
     """
 
     config: Config
@@ -58,6 +59,7 @@ class ProxyInputs:
     rng: random.Random = field(default_factory=random.Random)
     demand: Demand | None = None
     handshakes: HandshakeObserver | None = None
+    spoofed_sources: SpoofedSources | None = None
 
     def authorizer_for(self, workload: Workload) -> PolicyAuthorizer:
         """Authorization against the policies of ``workload`` (logged as configured)."""

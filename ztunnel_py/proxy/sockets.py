@@ -24,3 +24,16 @@ class SocketFactory(Protocol):
     def upstream_socket(self, family: int, *, source: IPAddress | None = None) -> socket.socket:
         """A non-blocking TCP socket; with ``source``, bound to it (original-source spoofing)."""
         ...
+
+    def connected(self, sock: socket.socket) -> None:
+        """The socket's connect is over (done or failed): release what its source held."""
+        ...
+
+
+class SpoofedSources(Protocol):
+    """Where the redirection learns of the proxy's own original-source connections while they
+    connect, so it does not capture them (eBPF mode: ``bpf.origsrc``)."""
+
+    def connecting(self, sock: socket.socket) -> None: ...
+
+    def connected(self, sock: socket.socket) -> None: ...

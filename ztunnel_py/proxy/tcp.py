@@ -50,8 +50,11 @@ async def connect_socket(
     loop = asyncio.get_running_loop()
     where = format_authority(ip, port)
     try:
-        async with asyncio.timeout(timeout_s):
-            await loop.sock_connect(sock, (str(ip), port))
+        try:
+            async with asyncio.timeout(timeout_s):
+                await loop.sock_connect(sock, (str(ip), port))
+        finally:
+            sockets.connected(sock)
     except TimeoutError:
         sock.close()
         raise UpstreamConnectError(
