@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 from ztunnel_py.bpf import _types as t
+from ztunnel_py.bpf.dump import describe
 from ztunnel_py.bpf.origsrc import BpfSpoofedSources, orig_src_key
 from ztunnel_py.netns import netns_cookie
 from ztunnel_py.testing.bpf import FakeMapOps
@@ -31,3 +32,11 @@ def test_an_entry_lives_from_connecting_to_connected() -> None:
         spoofed.connected(sock)
         assert orig_src.entries == {}
         spoofed.connected(sock)  # twice (a failed connect after a cancel): nothing to remove
+
+
+def test_the_dump_shows_each_entry_as_cookie_and_source() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        entry = describe(t.MAP_ORIG_SRC, orig_src_key(sock), bytes(4))
+        assert entry == {"netnsCookie": netns_cookie(sock), "source": f"127.0.0.1:{port}"}
