@@ -47,6 +47,11 @@
 /* zt_cfg.flags */
 #define ZT_CFG_VALID 0x1 /* written by the loader; a zeroed entry means "not configured" */
 #define ZT_CFG_DNS_CAPTURE 0x2 /* enrolled pods' port-53 traffic goes to their DNS proxy */
+/* TRANSPARENT_NETWORK_POLICIES: TCP from a source port in [ZT_HBONE_SPORT_MIN,
+ * ZT_HBONE_SPORT_MAX] is HBONE sent to an application's own port; it goes to :15008. */
+#define ZT_CFG_TRANSPARENT_HBONE 0x4
+#define ZT_HBONE_SPORT_MIN 15100
+#define ZT_HBONE_SPORT_MAX 15199
 
 /* zt_deny.action */
 #define ZT_DENY_DROP 1
@@ -65,7 +70,8 @@
 #define ZT_CNT_IN_DROPPED_NO_LISTENER 10 /* enrolled pod without a :15006 listener (fail closed) */
 #define ZT_CNT_IN_ASSIGN_FAILED 11    /* bpf_sk_assign refused the listener (dropped) */
 #define ZT_CNT_IN_LOCAL_SKIPPED 12    /* from the pod to itself (e.g. the proxy to the app) */
-#define ZT_CNT_MAX 13
+#define ZT_CNT_IN_HBONE_REDIRECTED 13 /* HBONE on an app port assigned to the pod's :15008 */
+#define ZT_CNT_MAX 14
 
 #define ZT_MAX_PODS 8192
 #define ZT_MAX_DESTINATIONS 131072
@@ -310,6 +316,16 @@ struct {
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } zt_inbound_sk SEC(".maps");
+
+/* The pod's :15008 listener, by netns cookie: HBONE arriving on an application's port
+ * (ZT_CFG_TRANSPARENT_HBONE) is assigned to it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, ZT_MAX_PODS);
+	__type(key, struct zt_pod_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} zt_hbone_sk SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

@@ -15,6 +15,11 @@
  * outside that claims such a source cannot open a connection: IPv4 drops it as a martian, and
  * for either family the SYN-ACK would stay inside the pod.
  *
+ * With ZT_CFG_TRANSPARENT_HBONE, a connection from a source port in the HBONE range is HBONE
+ * that a peer proxy sent to the application's own port (so that port-based NetworkPolicies see
+ * it): it goes to the pod's :15008 listener (zt_hbone_sk), which demands mTLS. A plaintext
+ * client that picked such a port gets a TLS server, never the application.
+ *
  * The proxy's own connections to the application from a client's address (ENABLE_ORIG_SRC)
  * are neither: their (source, port) is in zt_orig_src while they connect, and they pass.
  *
@@ -63,6 +68,25 @@ int zt_sk_lookup(struct bpf_sk_lookup *ctx)
 	}
 
 	cfg = zt_config();
+	if (cfg && (cfg->flags & ZT_CFG_TRANSPARENT_HBONE)) {
+		__u16 remote_port = bpf_ntohs(ctx->remote_port);
+
+		if (remote_port >= ZT_HBONE_SPORT_MIN && remote_port <= ZT_HBONE_SPORT_MAX) {
+			sk = bpf_map_lookup_elem(&zt_hbone_sk, &pod_key);
+			if (!sk) {
+				zt_count(ZT_CNT_IN_DROPPED_NO_LISTENER);
+				return SK_DROP;
+			}
+			err = bpf_sk_assign(ctx, sk, 0);
+			bpf_sk_release(sk);
+			if (err) {
+				zt_count(ZT_CNT_IN_ASSIGN_FAILED);
+				return SK_DROP;
+			}
+			zt_count(ZT_CNT_IN_HBONE_REDIRECTED);
+			return SK_PASS;
+		}
+	}
 	local_key.netns_cookie = zt_pod_netns_cookie;
 	if (ctx->family == ZT_AF_INET) {
 		__u32 src4 = ctx->remote_ip4;

@@ -113,6 +113,7 @@ class Mesh:
                 iptables=options.iptables_rules,
                 app=options.app,
                 config_path=str(self.config_path),
+                transparent_hbone=options.env.get("TRANSPARENT_NETWORK_POLICIES") == "true",
             ),
             state_dir=work_dir / "testbed",
         )

@@ -20,6 +20,7 @@ The parts: ``bpf.probe`` (kernel features), ``bpf.mounts`` (bpffs, cgroup v2),
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -87,9 +88,11 @@ class BpfLoader:
         probe_ip4: ipaddress.IPv4Address | None = PROBE_IP4,
         probe_ip6: ipaddress.IPv6Address | None = PROBE_IP6,
         dns_capture: bool = True,
+        transparent_hbone: bool = False,
     ) -> None:
         self.pin_path = pin_path
         self.dns_capture = dns_capture
+        self.transparent_hbone = transparent_hbone
         self.cgroup_path = cgroup_path
         self.packet_mark = packet_mark
         self.mark_mask = mark_mask
@@ -108,6 +111,7 @@ class BpfLoader:
             object_dir=config.bpf_object_dir or DEFAULT_OBJECT_DIR,
             packet_mark=config.packet_mark,
             dns_capture=config.dns_proxy,
+            transparent_hbone=config.transparent_network_policies,
         )
 
     # ------------------------------------------------------------------ paths
@@ -165,7 +169,9 @@ class BpfLoader:
     def _write_version_and_config(self) -> None:
         zero = struct.pack("=I", 0)
         cfg = t.ZtCfg(
-            flags=t.ZT_CFG_VALID | (t.ZT_CFG_DNS_CAPTURE if self.dns_capture else 0),
+            flags=t.ZT_CFG_VALID
+            | (t.ZT_CFG_DNS_CAPTURE if self.dns_capture else 0)
+            | (t.ZT_CFG_TRANSPARENT_HBONE if self.transparent_hbone else 0),
             mark=self.packet_mark,
             mark_mask=self.mark_mask,
             probe_ip4=int.from_bytes(self.probe_ip4.packed, sys.byteorder) if self.probe_ip4 else 0,
@@ -202,6 +208,14 @@ class BpfLoader:
 
     def unregister_inbound_listener(self, netns_cookie: int) -> None:
         self.maps[t.MAP_INBOUND_SK].delete(pod_key(netns_cookie))
+
+    def register_hbone_listener(self, netns_cookie: int, listener: socket.socket) -> None:
+        """Make ``listener`` (the pod's :15008) the target of HBONE on application ports."""
+        self.maps[t.MAP_HBONE_SK].update_socket(pod_key(netns_cookie), listener.fileno())
+
+    def unregister_hbone_listener(self, netns_cookie: int) -> None:
+        with contextlib.suppress(KeyNotFound):
+            self.maps[t.MAP_HBONE_SK].delete(pod_key(netns_cookie))
 
     # ------------------------------------------------------------------ reading
 

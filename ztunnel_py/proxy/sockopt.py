@@ -112,7 +112,9 @@ class PodSocketFactory:
         self._spoofed = spoofed
         self._connecting: set[int] = set()  # fds of spoofed sockets told to ``spoofed``
 
-    def upstream_socket(self, family: int, *, source: IPAddress | None = None) -> socket.socket:
+    def upstream_socket(
+        self, family: int, *, source: IPAddress | None = None, port: int = 0
+    ) -> socket.socket:
         sock = socket_in_netns(self._netns_fd, family, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
@@ -127,6 +129,10 @@ class PodSocketFactory:
                 if self._spoofed is not None:
                     self._spoofed.connecting(sock)
                     self._connecting.add(sock.fileno())
+            elif port:
+                # Sockets that connect to other destinations may share the port.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
         except BaseException:
             sock.close()
             raise
