@@ -37,6 +37,13 @@ PORT_SOCKS5 = 15080
 
 DEFAULT_PACKET_MARK = 1337  # 0x539, istio-cni's InpodMark
 PACKET_MARK_MASK = 0xFFF  # istio-cni's InpodMask: the mark bits its rules compare
+# Added to PACKET_MARK on the proxy's original-source sockets (ENABLE_ORIG_SRC): outside the
+# mask, so they still count as the proxy's; eBPF mode routes replies carrying it back locally.
+ORIG_SRC_MARK = 0x1000
+# TRANSPARENT_NETWORK_POLICIES (beyond ztunnel): HBONE sent to an application's own port comes
+# from a source port in this range, which is how the receiving pod's redirection tells it from
+# plaintext (outside Linux's default ephemeral range, 32768-60999).
+HBONE_SOURCE_PORTS = range(15100, 15200)
 # istio-cni SNATs the kubelet's probes to these: they reach the pod, never the proxy.
 PROBE_IP4 = ipaddress.IPv4Address("169.254.7.127")
 PROBE_IP6 = ipaddress.IPv6Address("fd16:9254:7127:1337:ffff:ffff:ffff:ffff")
@@ -152,6 +159,10 @@ class Config:
     inpod_port_reuse: bool = True
     packet_mark: int = DEFAULT_PACKET_MARK
     enable_orig_src: bool | None = None
+    # PROXY app tunnels are dialled loopback to loopback inside the pod (ztunnel's default)
+    localhost_app_tunnel: bool = True
+    #: Beyond ztunnel (istio/ztunnel#1665): HBONE to a pod keeps the app's port on the wire.
+    transparent_network_policies: bool = False
     pool_max_streams_per_connection: int = 100
     pool_unused_release_timeout_s: float = 300.0
     http2_stream_window_size: int = 4 * 1024 * 1024
@@ -564,6 +575,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         ipv6_enabled=boolean("IPV6_ENABLED", True),
         tls12_enabled=boolean("TLS12_ENABLED", False),
         enable_response_baggage=boolean("ENABLE_RESPONSE_BAGGAGE", True),
+        localhost_app_tunnel=boolean("LOCALHOST_APP_TUNNEL", True),
+        transparent_network_policies=boolean("TRANSPARENT_NETWORK_POLICIES", False),
         authz_policy_info_logging=boolean("AUTHZ_POLICY_INFO_LOGGING", False),
         dns_proxy=dns_proxy,
         dns_proxy_addr=dns_proxy_addr,

@@ -37,10 +37,11 @@ from ztunnel_py.proxy.pod import PodProxy, pod_pool, start_pod_proxy
 from ztunnel_py.proxy.pool import HbonePool
 from ztunnel_py.proxy.revocation import CrlManager
 from ztunnel_py.proxy.self_listener import SelfListener, self_listener_wanted
-from ztunnel_py.proxy.sockets import OriginalDestination
+from ztunnel_py.proxy.sockets import OriginalDestination, SpoofedSources
 from ztunnel_py.proxy.sockopt import PodSocketFactory, SoOriginalDst
 from ztunnel_py.readiness import Readiness
 from ztunnel_py.redirect.listeners import PodListeners
+from ztunnel_py.redirect.origsrc import OrigSrcRoutes
 from ztunnel_py.redirect.workloads import (
     EnrolledPod,
     EnrollmentListener,
@@ -116,7 +117,7 @@ class PodProxyStarter:
         self, pod: EnrolledPod, workload: Workload, listeners: PodListeners, dns: DnsServer | None
     ) -> _PodHandle:
         inputs = self._inputs
-        sockets = PodSocketFactory(inputs.config, pod.netns_fd)
+        sockets = PodSocketFactory(inputs.config, pod.netns_fd, spoofed=inputs.spoofed_sources)
         pool = pod_pool(inputs, sockets)
         pod_inputs = PodInputs(
             workload=workload,
@@ -195,6 +196,7 @@ class DataPlane:
         # iptables REDIRECT: SO_ORIGINAL_DST on both capture ports.
         original_destination: OriginalDestination = SoOriginalDst()
         inbound_original_destination: OriginalDestination | None = SoOriginalDst()
+        spoofed_sources: SpoofedSources | None = None
         self.redirect_mode = self._choose_redirect_mode()
         if self.redirect_mode is RedirectMode.EBPF:
             try:
@@ -210,7 +212,14 @@ class DataPlane:
                 # has its destination in conntrack (proxy/coexist.py).
                 original_destination = KernelMapThenConntrack(loader.original_destinations())
                 inbound_original_destination = LocalAddressUnlessRedirected(PORT_INBOUND_PLAINTEXT)
-        inputs = self.proxy_inputs(original_destination, inbound_original_destination)
+                if self.config.enable_orig_src:
+                    # No istio-cni rules to lean on: the daemon routes replies itself and
+                    # keeps sk_lookup off its own spoofed connections.
+                    spoofed_sources = loader.spoofed_sources()
+                    listeners.append(OrigSrcRoutes(self.config))
+        inputs = self.proxy_inputs(
+            original_destination, inbound_original_destination, spoofed_sources
+        )
         if self_listener_wanted(self.config):
             self.self_listener = SelfListener(inputs, self.spawn)
             self.hub.subscribe("self HBONE listener", self.self_listener.state_changed)
@@ -240,6 +249,7 @@ class DataPlane:
         self,
         original_destination: OriginalDestination,
         inbound_original_destination: OriginalDestination | None,
+        spoofed_sources: SpoofedSources | None = None,
     ) -> ProxyInputs:
         """What every pod's proxy is built from (``ProxyInputs``), for this daemon's state."""
         return ProxyInputs(
@@ -254,6 +264,7 @@ class DataPlane:
             demand=self.demand,
             handshakes=self.mtls_health,
             revocation=self.revocation,
+            spoofed_sources=spoofed_sources,
         )
 
     def start_worker(

@@ -18,7 +18,7 @@
 #include <bpf/bpf_helpers.h>
 
 /* Plain integer literals only: the generator reads these with the C preprocessor. */
-#define ZT_ABI_VERSION 1
+#define ZT_ABI_VERSION 2
 
 /* In-pod listener ports (ztunnel's, host byte order). */
 #define ZT_PORT_OUTBOUND 15001
@@ -52,6 +52,11 @@
 /* XDS_ON_DEMAND: a destination the maps do not know goes to the proxy too, which asks istiod
  * for it and then tunnels or passes it through (what istio-cni's iptables rules do). */
 #define ZT_CFG_CAPTURE_UNKNOWN 0x8
+/* TRANSPARENT_NETWORK_POLICIES: TCP from a source port in [ZT_HBONE_SPORT_MIN,
+ * ZT_HBONE_SPORT_MAX] is HBONE sent to an application's own port; it goes to :15008. */
+#define ZT_CFG_TRANSPARENT_HBONE 0x10
+#define ZT_HBONE_SPORT_MIN 15100
+#define ZT_HBONE_SPORT_MAX 15199
 
 /* zt_deny.action */
 #define ZT_DENY_DROP 1
@@ -70,7 +75,8 @@
 #define ZT_CNT_IN_DROPPED_NO_LISTENER 10 /* enrolled pod without a :15006 listener (fail closed) */
 #define ZT_CNT_IN_ASSIGN_FAILED 11    /* bpf_sk_assign refused the listener (dropped) */
 #define ZT_CNT_IN_LOCAL_SKIPPED 12    /* from the pod to itself (e.g. the proxy to the app) */
-#define ZT_CNT_MAX 13
+#define ZT_CNT_IN_HBONE_REDIRECTED 13 /* HBONE on an app port assigned to the pod's :15008 */
+#define ZT_CNT_MAX 14
 
 #define ZT_MAX_PODS 8192
 #define ZT_MAX_DESTINATIONS 131072
@@ -78,6 +84,7 @@
 #define ZT_MAX_LOCAL_ADDRS 32768
 #define ZT_MAX_DENY_RULES 65536
 #define ZT_MAX_ORIG_DST 131072
+#define ZT_MAX_ORIG_SRC 65536
 
 /* zt_cfg[0]: daemon-wide settings, written once at start. */
 struct zt_cfg {
@@ -148,6 +155,23 @@ struct zt_local {
 	__u32 reserved; /* always 0 */
 };
 _Static_assert(sizeof(struct zt_local) == 4, "zt_local layout");
+
+/* zt_orig_src: the proxy's own connections to a pod's application from a client's address
+ * (ENABLE_ORIG_SRC), while they connect. Their SYN looks like a client's, so sk_lookup would
+ * steer it back to the proxy's :15006; the proxy lists its bound (address, port) here between
+ * bind and connect, and sk_lookup lets those through. */
+struct zt_orig_src_key {
+	__u64 netns_cookie; /* host order */
+	__u8 addr[16];      /* network order, IPv4 as ::ffff:a.b.c.d: the spoofed source */
+	__u16 port;         /* network order: its bound port */
+	__u8 pad[6];        /* always 0 */
+};
+_Static_assert(sizeof(struct zt_orig_src_key) == 32, "zt_orig_src_key layout");
+
+struct zt_orig_src {
+	__u32 reserved; /* always 0 */
+};
+_Static_assert(sizeof(struct zt_orig_src) == 4, "zt_orig_src layout");
 
 /* zt_deny: kernel-enforceable DENY rules of a pod's workload, as an LPM trie. The prefix always
  * covers the netns cookie (64 bits) and the port (16 bits); a rule with a source network adds
@@ -255,6 +279,15 @@ struct {
 } zt_local SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, ZT_MAX_ORIG_SRC);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct zt_orig_src_key);
+	__type(value, struct zt_orig_src);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} zt_orig_src SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, ZT_MAX_DENY_RULES);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -288,6 +321,16 @@ struct {
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } zt_inbound_sk SEC(".maps");
+
+/* The pod's :15008 listener, by netns cookie: HBONE arriving on an application's port
+ * (ZT_CFG_TRANSPARENT_HBONE) is assigned to it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, ZT_MAX_PODS);
+	__type(key, struct zt_pod_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} zt_hbone_sk SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

@@ -15,6 +15,14 @@
  * outside that claims such a source cannot open a connection: IPv4 drops it as a martian, and
  * for either family the SYN-ACK would stay inside the pod.
  *
+ * With ZT_CFG_TRANSPARENT_HBONE, a connection from a source port in the HBONE range is HBONE
+ * that a peer proxy sent to the application's own port (so that port-based NetworkPolicies see
+ * it): it goes to the pod's :15008 listener (zt_hbone_sk), which demands mTLS. A plaintext
+ * client that picked such a port gets a TLS server, never the application.
+ *
+ * The proxy's own connections to the application from a client's address (ENABLE_ORIG_SRC)
+ * are neither: their (source, port) is in zt_orig_src while they connect, and they pass.
+ *
  * SK_DROP makes the TCP lookup find no socket, so the kernel answers with a reset: a source and
  * port that a kernel DENY rule forbids, and an enrolled pod without a listener (daemon down),
  * are refused here, so plaintext never bypasses the proxy.
@@ -41,6 +49,7 @@ int zt_sk_lookup(struct bpf_sk_lookup *ctx)
 	struct zt_pod_key pod_key = {};
 	struct zt_deny_key deny_key = {};
 	struct zt_local_key local_key = {};
+	struct zt_orig_src_key spoofed = {};
 	struct zt_cfg *cfg;
 	struct zt_pod *pod;
 	struct bpf_sock *sk;
@@ -63,6 +72,25 @@ int zt_sk_lookup(struct bpf_sk_lookup *ctx)
 		zt_count(ZT_CNT_IN_PASSTHROUGH); /* IPV6_ENABLED=false: see zt_ipv6_off() */
 		return SK_PASS;
 	}
+	if (cfg && (cfg->flags & ZT_CFG_TRANSPARENT_HBONE)) {
+		__u16 remote_port = bpf_ntohs(ctx->remote_port);
+
+		if (remote_port >= ZT_HBONE_SPORT_MIN && remote_port <= ZT_HBONE_SPORT_MAX) {
+			sk = bpf_map_lookup_elem(&zt_hbone_sk, &pod_key);
+			if (!sk) {
+				zt_count(ZT_CNT_IN_DROPPED_NO_LISTENER);
+				return SK_DROP;
+			}
+			err = bpf_sk_assign(ctx, sk, 0);
+			bpf_sk_release(sk);
+			if (err) {
+				zt_count(ZT_CNT_IN_ASSIGN_FAILED);
+				return SK_DROP;
+			}
+			zt_count(ZT_CNT_IN_HBONE_REDIRECTED);
+			return SK_PASS;
+		}
+	}
 	local_key.netns_cookie = zt_pod_netns_cookie;
 	if (ctx->family == ZT_AF_INET) {
 		__u32 src4 = ctx->remote_ip4;
@@ -72,6 +100,7 @@ int zt_sk_lookup(struct bpf_sk_lookup *ctx)
 		zt_ip4_mapped(local_key.addr, src4);
 		if (bpf_map_lookup_elem(&zt_local, &local_key))
 			goto local;
+		zt_ip4_mapped(spoofed.addr, src4);
 		if (cfg && cfg->probe_ip4 && src4 == cfg->probe_ip4) {
 			zt_count(ZT_CNT_IN_PASSTHROUGH);
 			return SK_PASS;
@@ -90,6 +119,7 @@ int zt_sk_lookup(struct bpf_sk_lookup *ctx)
 		zt_ip6_bytes(local_key.addr, w0, w1, w2, w3);
 		if (bpf_map_lookup_elem(&zt_local, &local_key))
 			goto local;
+		zt_ip6_bytes(spoofed.addr, w0, w1, w2, w3);
 		if (cfg && zt_ip6_equal(cfg->probe_ip6, w0, w1, w2, w3)) {
 			zt_count(ZT_CNT_IN_PASSTHROUGH);
 			return SK_PASS;
@@ -103,6 +133,11 @@ int zt_sk_lookup(struct bpf_sk_lookup *ctx)
 			zt_ip6_bytes(deny_key.addr, w0, w1, w2, w3);
 		}
 	}
+
+	spoofed.netns_cookie = zt_pod_netns_cookie;
+	spoofed.port = ctx->remote_port; /* already network order */
+	if (bpf_map_lookup_elem(&zt_orig_src, &spoofed))
+		goto local;
 
 	deny_key.netns_cookie_lo = (__u32)zt_pod_netns_cookie;
 	deny_key.netns_cookie_hi = (__u32)(zt_pod_netns_cookie >> 32);

@@ -72,6 +72,7 @@ class Pod:
 @dataclass(frozen=True)
 class Listeners:
     inbound_plaintext: socket.socket
+    inbound_hbone: socket.socket  # registered only with TRANSPARENT_NETWORK_POLICIES
 
 
 def test_enrollment_hook_switches_capture_on_and_off(pod_env: PodEnv) -> None:
@@ -81,7 +82,7 @@ def test_enrollment_hook_switches_capture_on_and_off(pod_env: PodEnv) -> None:
     hook = BpfEnrollment(loader, pod_env.sync)
     pod = Pod("pod-uid-a", pod_env.pod.fd, 0, pod_env.state.workload("pod-w"))
 
-    hook.pod_added(pod, Listeners(pod_env.inbound))
+    hook.pod_added(pod, Listeners(pod_env.inbound, pod_env.inbound))
     cookie = pod_env.sync.pods["pod-uid-a"].netns_cookie
     assert cookie > 0
     assert loader.pods.pinned() == ["pod-uid-a"]

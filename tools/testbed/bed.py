@@ -61,6 +61,8 @@ class TestbedOptions:
     iptables: bool = False  # install istio-cni's in-pod rules in every pod (iptables mode)
     app: str = "python"  # python | nginx | none
     config_path: str | None = None  # where to write the local config (default: state dir)
+    # in-pod rules steer HBONE on application ports to :15008 (TRANSPARENT_NETWORK_POLICIES)
+    transparent_hbone: bool = False
 
     def __post_init__(self) -> None:
         if self.app not in APP_KINDS:
@@ -155,7 +157,10 @@ class Testbed:
         self._build_cgroups()
         if self.options.iptables:
             for pod in self.plan.pods:
-                iptables.install(pod.netns_path)
+                iptables.install(
+                    pod.netns_path,
+                    iptables.InpodRules(transparent_hbone=self.options.transparent_hbone),
+                )
         self._record("file", str(self.config_path))
         self.config_path.parent.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(render_local_config(self.plan))

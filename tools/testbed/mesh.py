@@ -90,6 +90,8 @@ class MeshOptions:
     policies: Sequence[Mapping[str, Any]] = ()  # local-config policies to add
     services: Sequence[ExtraService] = ()  # services to add to the testbed's
     workloads: Sequence[Mapping[str, Any]] = ()  # local-config workloads beyond the pods
+    # pod name -> local-config fields to set on its workload (e.g. ``applicationTunnel``)
+    workload_fields: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)  # extra daemon environment
     node_env: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # node -> env
     # Pod name -> local-config fields merged into its workload (e.g. ``network`` and
@@ -129,6 +131,7 @@ class Mesh:
                 iptables=options.iptables_rules,
                 app=options.app,
                 config_path=str(self.config_path),
+                transparent_hbone=options.env.get("TRANSPARENT_NETWORK_POLICIES") == "true",
             ),
             state_dir=work_dir / "testbed",
         )
@@ -279,6 +282,8 @@ class Mesh:
         doc["policies"] = [dict(p) for p in policies]
         doc["workloads"] = [w for w in doc["workloads"] if w["name"] not in self.options.outside]
         by_name = {w["name"]: w for w in doc["workloads"]}
+        for pod_name, fields in self.options.workload_fields.items():
+            by_name[pod_name].update(fields)
         for pod_name, keys in (selected or {}).items():
             by_name[pod_name]["authorizationPolicies"] = list(keys)
         for pod_name, fields in self.options.workload_fields.items():

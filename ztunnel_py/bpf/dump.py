@@ -64,6 +64,12 @@ def _local(key: bytes, value: bytes) -> dict[str, Any]:
     return {"netnsCookie": k.netns_cookie, "address": str(from_addr16(bytes(k.addr)))}
 
 
+def _orig_src(key: bytes, value: bytes) -> dict[str, Any]:
+    k = t.ZtOrigSrcKey.from_buffer_copy(key)
+    address = str(from_addr16(bytes(k.addr)))
+    return {"netnsCookie": k.netns_cookie, "source": f"{address}:{from_be16(k.port)}"}
+
+
 def _deny(key: bytes, value: bytes) -> dict[str, Any]:
     k = t.ZtDenyKey.from_buffer_copy(key)
     port = from_be16(k.port)
@@ -103,6 +109,7 @@ DECODERS: dict[str, Callable[[bytes, bytes], dict[str, Any]]] = {
     t.MAP_DST: _dst,
     t.MAP_DST_CIDR: _dst_cidr,
     t.MAP_LOCAL: _local,
+    t.MAP_ORIG_SRC: _orig_src,
     t.MAP_DENY: _deny,
     t.MAP_ORIG_DST: _orig,
     t.MAP_INBOUND_SK: _inbound,

@@ -43,6 +43,8 @@ class PodLike(Protocol):
 class ListenersLike(Protocol):
     @property
     def inbound_plaintext(self) -> socket.socket: ...
+    @property
+    def inbound_hbone(self) -> socket.socket: ...
 
 
 class BpfEnrollment:
@@ -55,6 +57,8 @@ class BpfEnrollment:
         cookie = pod.netns_cookie or cookie_of_netns(pod.netns_fd)
         self._cookies[pod.uid] = cookie
         self.loader.register_inbound_listener(cookie, listeners.inbound_plaintext)
+        if self.loader.transparent_hbone:
+            self.loader.register_hbone_listener(cookie, listeners.inbound_hbone)
         self.loader.pods.attach(pod.uid, pod.netns_fd, cookie)
         workload_uid = pod.workload.uid if pod.workload is not None else None
         try:
@@ -73,6 +77,8 @@ class BpfEnrollment:
             self.loader.pods.detach(pod.uid)
             if cookie:
                 self.loader.unregister_inbound_listener(cookie)
+                if self.loader.transparent_hbone:
+                    self.loader.unregister_hbone_listener(cookie)
         except (BpfError, OSError) as e:
             log.error("cannot detach the sk_lookup program of pod %s: %s", pod.uid, e)
 

@@ -20,6 +20,7 @@ The parts: ``bpf.probe`` (kernel features), ``bpf.mounts`` (bpffs, cgroup v2),
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -38,6 +39,7 @@ from ztunnel_py.bpf.maps import LibbpfMap
 from ztunnel_py.bpf.mounts import check_cgroup2, ensure_bpffs, mkdir_private, remove_tree
 from ztunnel_py.bpf.objects import DEFAULT_OBJECT_DIR, ObjectFiles
 from ztunnel_py.bpf.origdst import BpfOriginalDestination
+from ztunnel_py.bpf.origsrc import BpfSpoofedSources
 from ztunnel_py.bpf.pods import PodLinks, link_info_at
 from ztunnel_py.bpf.probe import probe_features
 from ztunnel_py.bpf.projection import addr16, fill, pod_key
@@ -88,6 +90,7 @@ class BpfLoader:
         dns_capture: bool = True,
         ipv6: bool = True,
         capture_unknown: bool = False,
+        transparent_hbone: bool = False,
     ) -> None:
         """``capture_unknown`` (``XDS_ON_DEMAND``): destinations the maps do not know are
         captured too, for the proxy to look up."""
@@ -95,6 +98,7 @@ class BpfLoader:
         self.dns_capture = dns_capture
         self.ipv6 = ipv6  # False (IPV6_ENABLED=false): IPv6 traffic is never captured
         self.capture_unknown = capture_unknown
+        self.transparent_hbone = transparent_hbone
         self.cgroup_path = cgroup_path
         self.packet_mark = packet_mark
         self.mark_mask = mark_mask
@@ -115,6 +119,7 @@ class BpfLoader:
             dns_capture=config.dns_proxy,
             ipv6=config.ipv6_enabled,
             capture_unknown=config.xds_on_demand,
+            transparent_hbone=config.transparent_network_policies,
         )
 
     # ------------------------------------------------------------------ paths
@@ -178,6 +183,8 @@ class BpfLoader:
             flags |= t.ZT_CFG_CAPTURE_UNKNOWN
         if not self.ipv6:
             flags |= t.ZT_CFG_IPV4_ONLY
+        if self.transparent_hbone:
+            flags |= t.ZT_CFG_TRANSPARENT_HBONE
         cfg = t.ZtCfg(
             flags=flags,
             mark=self.packet_mark,
@@ -217,10 +224,21 @@ class BpfLoader:
     def unregister_inbound_listener(self, netns_cookie: int) -> None:
         self.maps[t.MAP_INBOUND_SK].delete(pod_key(netns_cookie))
 
+    def register_hbone_listener(self, netns_cookie: int, listener: socket.socket) -> None:
+        """Make ``listener`` (the pod's :15008) the target of HBONE on application ports."""
+        self.maps[t.MAP_HBONE_SK].update_socket(pod_key(netns_cookie), listener.fileno())
+
+    def unregister_hbone_listener(self, netns_cookie: int) -> None:
+        with contextlib.suppress(KeyNotFound):
+            self.maps[t.MAP_HBONE_SK].delete(pod_key(netns_cookie))
+
     # ------------------------------------------------------------------ reading
 
     def original_destinations(self) -> BpfOriginalDestination:
         return BpfOriginalDestination(self.maps[t.MAP_ORIG_DST])
+
+    def spoofed_sources(self) -> BpfSpoofedSources:
+        return BpfSpoofedSources(self.maps[t.MAP_ORIG_SRC])
 
     def read_counters(self) -> dict[str, int]:
         """Program counters summed over CPUs, by name (``out_redirected``, ...)."""

@@ -13,8 +13,9 @@ Order of work (ztunnel ``Inbound::serve_connect``):
    (ztunnel's "waypoint sandwich", ``routing.is_waypoint_of``; with ``XDS_ON_DEMAND`` an
    unknown IP is fetched first);
 4. authorize with dst = pod IP and target port (401 on deny);
-5. connect upstream in the pod's netns (from the client's IP with ``ENABLE_ORIG_SRC``);
-   503 when that fails;
+5. connect upstream in the pod's netns (from the client's IP with ``ENABLE_ORIG_SRC``; a PROXY
+   app tunnel loopback to loopback with ``LOCALHOST_APP_TUNNEL``) and, for a PROXY app
+   tunnel, write the PROXY v2 header (``proxy/app_tunnel.py``); 503 when that fails;
 6. answer 200 (with the destination's baggage) and splice.
 
 Telemetry takes the source's ``baggage`` for the labels a known source workload does not
@@ -50,6 +51,13 @@ from ztunnel_py.hbone.headers import (
     response_headers,
 )
 from ztunnel_py.identity.tls import TlsVerificationError, verify_client
+from ztunnel_py.proxy.app_tunnel import (
+    AppTunnelError,
+    TunnelRequest,
+    proxy_v2_header,
+    tunnel_request,
+    upstream_route,
+)
 from ztunnel_py.proxy.conntrack import tracked
 from ztunnel_py.proxy.errors import (
     BadRequest,
@@ -74,7 +82,14 @@ from ztunnel_py.proxy.tcp import (
 )
 from ztunnel_py.proxy.transport import HboneProtocol, hbone_settings
 from ztunnel_py.rbac.evaluate import ConnectionInfo
-from ztunnel_py.state.model import IPAddress, NetworkAddress, SocketAddr, Workload
+from ztunnel_py.state.model import (
+    AppTunnelProtocol,
+    IPAddress,
+    NetworkAddress,
+    Service,
+    SocketAddr,
+    Workload,
+)
 from ztunnel_py.telemetry.connections import ConnectionRecord, Direction
 from ztunnel_py.telemetry.metrics import Reporter, ResponseFlags
 from ztunnel_py.telemetry.ratelimit import LimitedLog
@@ -293,13 +308,15 @@ class InboundServer(ProxyServer):
         sid = ev.stream_id
         record: ConnectionRecord | None = None
         try:
-            target = self._resolve(request.authority, proto.local)
+            target, tunnel = self._resolve(request.authority, proto.local)
             record = self._record(proto, request, target)
             authorized = self._authorize(proto, target)
         except InboundRefused as e:
             self._refuse(proto, ev, record, e)
             return
-        task = self.tracker.spawn(self._serve_stream(proto, sid, record, target, authorized))
+        task = self.tracker.spawn(
+            self._serve_stream(proto, sid, record, target, authorized, tunnel)
+        )
         proto.pending[sid] = task
         task.add_done_callback(lambda _: proto.pending.pop(sid, None))
 
@@ -359,11 +376,15 @@ class InboundServer(ProxyServer):
         except (BadConnectRequest, InvalidHeader) as e:
             raise BadRequest(str(e)) from None
 
-    def _resolve(self, authority: Authority, local: SocketAddr | None) -> SocketAddr:
-        """Authority -> (pod IP, target port), as ztunnel validates it."""
+    def _resolve(
+        self, authority: Authority, local: SocketAddr | None
+    ) -> tuple[SocketAddr, TunnelRequest | None]:
+        """Authority -> (pod IP, target port) as ztunnel validates it, and what the pod's
+        application tunnel (if any) is to be told about the target."""
         w = self.state.workload(self.workload.uid) or self.workload
         ip = authority.ip
         port = authority.port
+        svc: Service | None = None
         if ip is not None:
             if ip in w.workload_ips:
                 target_ip: IPAddress = ip
@@ -387,10 +408,20 @@ class InboundServer(ProxyServer):
             port = mapped
         if port in ILLEGAL_PORTS:
             raise SelfCall(f"port {port} is the proxy's own port; refusing a call to itself")
-        tunnel = w.application_tunnel
-        if tunnel is not None and tunnel.port:
-            port = tunnel.port
-        return target_ip, port
+        try:
+            tunnel = tunnel_request(
+                w, target_ip=ip, port=authority.port, service=svc, network=self.config.network
+            )
+        except AppTunnelError as e:
+            raise UpstreamUnavailable(str(e)) from None
+        if w.application_tunnel is not None and w.application_tunnel.port:
+            port = w.application_tunnel.port
+            if port in ILLEGAL_PORTS:
+                raise SelfCall(
+                    f"the application tunnel of {w.name}.{w.namespace} names port {port}, one"
+                    " of the proxy's own ports; fix the workload's applicationTunnel.port"
+                )
+        return (target_ip, port), tunnel
 
     def _foreign_target(
         self, w: Workload, authority: Authority, ip: IPAddress, local: SocketAddr | None
@@ -432,14 +463,25 @@ class InboundServer(ProxyServer):
         record: ConnectionRecord,
         target: SocketAddr,
         authorized: ConnectionInfo,
+        tunnel: TunnelRequest | None,
     ) -> None:
         assert proto.peer is not None
-        source = proto.peer[0] if self.config.enable_orig_src else None
+        source, dial = upstream_route(
+            target,
+            tunnel,
+            peer_ip=proto.peer[0],
+            orig_src=bool(self.config.enable_orig_src),
+            localhost_app_tunnel=self.config.localhost_app_tunnel,
+        )
         try:
+            preface = b""
+            if tunnel is not None and tunnel.protocol is AppTunnelProtocol.PROXY:
+                preface = proxy_v2_header(proto.peer, tunnel.target, proto.peer_identity)
             tcp = await connect_tcp(
-                self.sockets, target, source=source, timeout_s=self.connect_timeout_s
-            )
-        except (UpstreamConnectError, OSError) as e:
+                self.sockets, dial, source=source, timeout_s=self.connect_timeout_s,
+                preface=preface,
+            )  # fmt: skip
+        except (UpstreamConnectError, AppTunnelError, OSError) as e:
             log.info("inbound upstream unavailable (503): %s", e)
             if proto.is_open:
                 proto.reject(sid, UpstreamUnavailable.status)

@@ -18,7 +18,7 @@ from ztunnel_py.proxy.certificates import CertificateSource, HandshakeObserver
 from ztunnel_py.proxy.conntrack import ConnectionTracker
 from ztunnel_py.proxy.pool import HbonePool
 from ztunnel_py.proxy.revocation import CrlManager
-from ztunnel_py.proxy.sockets import OriginalDestination, SocketFactory
+from ztunnel_py.proxy.sockets import OriginalDestination, SocketFactory, SpoofedSources
 from ztunnel_py.state.model import IPAddress, Workload
 from ztunnel_py.state.store import ProxyState
 from ztunnel_py.telemetry.connections import NoTelemetry, TelemetrySink
@@ -48,6 +48,7 @@ class ProxyInputs:
     ``demand``: with ``XDS_ON_DEMAND``, fetch an address istiod has not sent yet.
     ``handshakes``: told how each outbound mTLS handshake went (readiness follows it).
     ``revocation``: with ``CRL_PATH``, checks every handshake's peer and tracks the connection.
+    ``spoofed_sources``: told of original-source upstream sockets while they connect (eBPF).
     """
 
     config: Config
@@ -61,6 +62,7 @@ class ProxyInputs:
     demand: Demand | None = None
     handshakes: HandshakeObserver | None = None
     revocation: CrlManager | None = None
+    spoofed_sources: SpoofedSources | None = None
 
     def authorizer_for(self, workload: Workload) -> PolicyAuthorizer:
         """Authorization against the policies of ``workload`` (logged as configured)."""

@@ -16,6 +16,7 @@ import socket
 import ssl
 from typing import cast
 
+from ztunnel_py.config import HBONE_SOURCE_PORTS, PORT_HBONE
 from ztunnel_py.hbone.connection import HboneSettings, Role
 from ztunnel_py.hbone.errors import HboneError, InvalidHeader
 from ztunnel_py.hbone.headers import (
@@ -88,8 +89,14 @@ class HboneConnector:
 
     async def __call__(self, key: WorkloadKey, on_idle: object) -> HboneProtocol:
         ctx = await self.certificates.client_context(key.src_identity)
+        # HBONE on a port other than 15008 (TRANSPARENT_NETWORK_POLICIES) comes from a
+        # source port the receiving pod's redirection recognises.
         sock = await connect_socket(
-            self.sockets, key.dst, timeout_s=self.connect_timeout_s, hbone=True
+            self.sockets,
+            key.dst,
+            timeout_s=self.connect_timeout_s,
+            hbone=True,
+            source_ports=HBONE_SOURCE_PORTS if key.dst[1] != PORT_HBONE else None,
         )
         return await self._handshake(sock, key, ctx, on_idle)
 
@@ -202,7 +209,13 @@ class OutboundServer(ProxyServer):
                 await self.demand(str(address))  # returns once answered, or on its timeout
         try:
             route = route_outbound(
-                self.state, workload, src[0], dst, rng=self.rng, network=self.config.network
+                self.state,
+                workload,
+                src[0],
+                dst,
+                rng=self.rng,
+                network=self.config.network,
+                keep_port=self.config.transparent_network_policies,
             )
         except RoutingError as e:
             log.warning("outbound connection to %s:%s refused: %s", dst[0], dst[1], e)

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import overload
 
-from ztunnel_py.config import PORT_HBONE
+from ztunnel_py.config import PORT_HBONE, PORT_INBOUND_PLAINTEXT, PORT_OUTBOUND, PORT_SOCKS5
 from ztunnel_py.errors import ZtunnelError
 from ztunnel_py.hbone.headers import format_authority
 from ztunnel_py.identity.errors import InvalidSpiffeId
@@ -65,6 +65,8 @@ from ztunnel_py.state.node_identities import workload_identity
 from ztunnel_py.state.store import ProxyState
 
 SocketAddr = tuple[IPAddress, int]
+# Never dialled as an HBONE destination port, even with keep_port.
+_PROXY_PORTS = frozenset({PORT_OUTBOUND, PORT_INBOUND_PLAINTEXT, PORT_HBONE, PORT_SOCKS5})
 
 
 class RouteKind(enum.Enum):
@@ -183,8 +185,12 @@ def route_outbound(
     rng: random.Random,
     network: str = "",
     hbone_port: int = PORT_HBONE,
+    keep_port: bool = False,
 ) -> Route:
-    """The route for a connection from ``source`` (at ``source_ip``) to ``target``."""
+    """The route for a connection from ``source`` (at ``source_ip``) to ``target``.
+
+    ``keep_port`` (``TRANSPARENT_NETWORK_POLICIES``): HBONE straight to another pod goes to
+    the target port instead of ``hbone_port``; waypoints and the pod itself keep 15008."""
     target_ip, target_port = target
     address = state.find_address(
         NetworkAddress(network, target_ip), prefer_namespace=source.namespace
@@ -230,9 +236,10 @@ def route_outbound(
     if ip is None:
         hostname, ip = workload.hostname, _UNRESOLVED
     if workload.protocol is InboundProtocol.HBONE:
+        keep = keep_port and workload.uid != source.uid and upstream.port not in _PROXY_PORTS
         return Route(
             kind=RouteKind.HBONE,
-            next_hop=(ip, hbone_port),
+            next_hop=(ip, upstream.port if keep else hbone_port),
             authority=format_authority(ip, upstream.port),
             identities=_identities(workload, upstream.service),
             destination_workload=workload,

@@ -21,6 +21,22 @@ class OriginalDestination(Protocol):
 class SocketFactory(Protocol):
     """Upstream sockets, made in the pod's netns with the daemon's mark and keepalives."""
 
-    def upstream_socket(self, family: int, *, source: IPAddress | None = None) -> socket.socket:
-        """A non-blocking TCP socket; with ``source``, bound to it (original-source spoofing)."""
+    def upstream_socket(
+        self, family: int, *, source: IPAddress | None = None, port: int = 0
+    ) -> socket.socket:
+        """A non-blocking TCP socket; with ``source``, bound to it (original-source spoofing);
+        with ``port``, bound to that source port (``OSError`` EADDRINUSE when taken)."""
         ...
+
+    def connected(self, sock: socket.socket) -> None:
+        """The socket's connect is over (done or failed): release what its source held."""
+        ...
+
+
+class SpoofedSources(Protocol):
+    """Where the redirection learns of the proxy's own original-source connections while they
+    connect, so it does not capture them (eBPF mode: ``bpf.origsrc``)."""
+
+    def connecting(self, sock: socket.socket) -> None: ...
+
+    def connected(self, sock: socket.socket) -> None: ...

@@ -13,8 +13,9 @@ import ipaddress
 import socket
 import struct
 
-from ztunnel_py.config import Config
+from ztunnel_py.config import ORIG_SRC_MARK, Config
 from ztunnel_py.netns import socket_in_netns
+from ztunnel_py.proxy.sockets import SpoofedSources
 from ztunnel_py.state.model import IPAddress
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
@@ -96,13 +97,24 @@ def bind_transparent(sock: socket.socket, source: IPAddress) -> None:
 class PodSocketFactory:
     """Upstream sockets for one pod (``netns_fd=None``: the daemon's own namespace)."""
 
-    def __init__(self, config: Config, netns_fd: int | None = None, *, mark: bool = True) -> None:
+    def __init__(
+        self,
+        config: Config,
+        netns_fd: int | None = None,
+        *,
+        mark: bool = True,
+        spoofed: SpoofedSources | None = None,
+    ) -> None:
         self._config = config
         self._netns_fd = netns_fd
         self._mark = config.packet_mark if mark else None
         self.spoofing = bool(config.enable_orig_src)
+        self._spoofed = spoofed
+        self._connecting: set[int] = set()  # fds of spoofed sockets told to ``spoofed``
 
-    def upstream_socket(self, family: int, *, source: IPAddress | None = None) -> socket.socket:
+    def upstream_socket(
+        self, family: int, *, source: IPAddress | None = None, port: int = 0
+    ) -> socket.socket:
         sock = socket_in_netns(self._netns_fd, family, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
@@ -111,8 +123,22 @@ class PodSocketFactory:
             set_keepalive(sock, self._config)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if source is not None and self.spoofing:
+                if self._mark is not None:
+                    set_mark(sock, self._mark | ORIG_SRC_MARK)  # replies routed back to us
                 bind_transparent(sock, source)
+                if self._spoofed is not None:
+                    self._spoofed.connecting(sock)
+                    self._connecting.add(sock.fileno())
+            elif port:
+                # Sockets that connect to other destinations may share the port.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
         except BaseException:
             sock.close()
             raise
         return sock
+
+    def connected(self, sock: socket.socket) -> None:
+        if self._spoofed is not None and sock.fileno() in self._connecting:
+            self._connecting.discard(sock.fileno())
+            self._spoofed.connected(sock)

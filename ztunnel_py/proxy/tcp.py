@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
+import random
 import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -43,15 +45,55 @@ async def connect_socket(
     source: IPAddress | None = None,
     timeout_s: float = CONNECT_TIMEOUT_S,
     hbone: bool = False,
+    source_ports: range | None = None,
 ) -> socket.socket:
-    """A connected non-blocking socket to ``target``, or ``UpstreamConnectError``."""
+    """A connected non-blocking socket to ``target``, or ``UpstreamConnectError``.
+
+    ``source_ports``: bind a source port from this range (the first one free for this
+    destination, from a random start)."""
+    if source_ports is None:
+        return await _connect_once(sockets, target, source, 0, timeout_s, hbone)
+    start = random.randrange(len(source_ports))
+    for i in range(len(source_ports)):
+        port = source_ports[(start + i) % len(source_ports)]
+        try:
+            return await _connect_once(sockets, target, source, port, timeout_s, hbone)
+        except _SourcePortTaken:
+            continue
+    raise UpstreamConnectError(
+        format_authority(*target),
+        f"every source port {source_ports.start}-{source_ports.stop - 1} is in use towards it",
+        hbone=hbone,
+    )
+
+
+class _SourcePortTaken(Exception):
+    pass
+
+
+async def _connect_once(
+    sockets: SocketFactory,
+    target: SocketAddr,
+    source: IPAddress | None,
+    source_port: int,
+    timeout_s: float,
+    hbone: bool,
+) -> socket.socket:
     ip, port = target
-    sock = sockets.upstream_socket(family_of(ip), source=source)
+    try:
+        sock = sockets.upstream_socket(family_of(ip), source=source, port=source_port)
+    except OSError as e:
+        if source_port and e.errno == errno.EADDRINUSE:
+            raise _SourcePortTaken from None
+        raise
     loop = asyncio.get_running_loop()
     where = format_authority(ip, port)
     try:
-        async with asyncio.timeout(timeout_s):
-            await loop.sock_connect(sock, (str(ip), port))
+        try:
+            async with asyncio.timeout(timeout_s):
+                await loop.sock_connect(sock, (str(ip), port))
+        finally:
+            sockets.connected(sock)
     except TimeoutError:
         sock.close()
         raise UpstreamConnectError(
@@ -59,6 +101,8 @@ async def connect_socket(
         ) from None
     except OSError as e:
         sock.close()
+        if source_port and e.errno in (errno.EADDRNOTAVAIL, errno.EADDRINUSE):
+            raise _SourcePortTaken from None  # that 4-tuple is taken: another port
         reason = "connection refused" if isinstance(e, ConnectionRefusedError) else str(e)
         raise UpstreamConnectError(where, reason, hbone=hbone) from None
     except BaseException:
@@ -73,12 +117,17 @@ async def connect_tcp(
     *,
     source: IPAddress | None = None,
     timeout_s: float = CONNECT_TIMEOUT_S,
+    preface: bytes = b"",
 ) -> TcpSide:
-    """A (paused) ``TcpSide`` connected to ``target``; ``UpstreamConnectError`` or ``OSError``."""
+    """A (paused) ``TcpSide`` connected to ``target``, ``preface`` (a PROXY header) already
+    sent on it; ``UpstreamConnectError`` or ``OSError``."""
     sock = await connect_socket(sockets, target, source=source, timeout_s=timeout_s)
     side = TcpSide()
     loop = asyncio.get_running_loop()
     try:
+        if preface:
+            async with asyncio.timeout(timeout_s):
+                await loop.sock_sendall(sock, preface)
         await loop.create_connection(lambda: side, sock=sock)
     except BaseException:
         sock.close()

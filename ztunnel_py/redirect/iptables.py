@@ -8,7 +8,9 @@ gets the rules istio-cni installs (its ``default.golden``, REDIRECT variant):
   (``fwmark 0x111/0xfff lookup 100``, table 100 = ``local default dev lo``) hands those replies
   back to ztunnel's spoofed-source sockets;
 - nat ``ISTIO_PRERT``: inbound TCP to anything but :15008 and 127.0.0.1, not marked 0x539 and
-  not from the kubelet probe address, is REDIRECTed to :15006;
+  not from the kubelet probe address, is REDIRECTed to :15006; with ``transparent_hbone``
+  (ztunnel-py's ``TRANSPARENT_NETWORK_POLICIES``, not istio-cni's) TCP from a source port in
+  15100-15199 is HBONE sent to the application's own port and goes to :15008 first;
 - nat ``ISTIO_OUTPUT``: outbound TCP not marked 0x539 (and not via lo, not to 127.0.0.1, not on
   a 0x111 connection) is REDIRECTed to :15001; with DNS capture (istio-cni's default), UDP and
   TCP to port 53 not marked 0x539 go to ztunnel's DNS proxy on :15053 first;
@@ -29,6 +31,7 @@ from pathlib import Path
 
 from ztunnel_py.config import (
     DEFAULT_PACKET_MARK,
+    HBONE_SOURCE_PORTS,
     PACKET_MARK_MASK,
     PORT_DNS,
     PORT_HBONE,
@@ -71,6 +74,7 @@ class InpodRules:
     probe_ip6: str = str(PROBE_IP6)
     ipv6: bool = True
     dns_capture: bool = True  # istio-cni's ambient.dnsCapture default
+    transparent_hbone: bool = False  # ztunnel-py's TRANSPARENT_NETWORK_POLICIES (one more rule)
     outbound_port: int = PORT_OUTBOUND
     inbound_plaintext_port: int = PORT_INBOUND_PLAINTEXT
     hbone_port: int = PORT_HBONE
@@ -78,7 +82,12 @@ class InpodRules:
 
     @classmethod
     def from_config(cls, config: Config) -> InpodRules:
-        return cls(mark=config.packet_mark, ipv6=config.ipv6_enabled, dns_capture=config.dns_proxy)
+        return cls(
+            mark=config.packet_mark,
+            ipv6=config.ipv6_enabled,
+            dns_capture=config.dns_proxy,
+            transparent_hbone=config.transparent_network_policies,
+        )
 
     def chain_rules(self, family: int) -> dict[str, list[str]]:
         """The ``-A`` lines of our chains for ``family`` 4 or 6, per table (pure)."""
@@ -91,8 +100,15 @@ class InpodRules:
             f"-A {CHAIN_OUTPUT} -m connmark --mark {tmark} "
             "-j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff",
         ]
-        nat = [
-            f"-A {CHAIN_PRERT} -s {probe} -p tcp -j ACCEPT",
+        nat = [f"-A {CHAIN_PRERT} -s {probe} -p tcp -j ACCEPT"]
+        if self.transparent_hbone:
+            sports = f"{HBONE_SOURCE_PORTS[0]}:{HBONE_SOURCE_PORTS[-1]}"
+            hbone = self.hbone_port
+            nat.append(
+                f"-A {CHAIN_PRERT} -p tcp -m tcp --sport {sports} ! --dport {hbone} "
+                f"-m mark ! --mark {mark} -j REDIRECT --to-ports {hbone}"
+            )
+        nat += [
             f"-A {CHAIN_PRERT} ! -d {lo_addr} -p tcp -m tcp ! --dport {self.hbone_port} "
             f"-m mark ! --mark {mark} -j REDIRECT --to-ports {self.inbound_plaintext_port}",
             f"-A {CHAIN_OUTPUT} -d {probe} -p tcp -j ACCEPT",

@@ -157,3 +157,17 @@ def test_install_runs_restore_and_policy_routing_for_both_families() -> None:
     calls.clear()
     iptables.install("/run/netns/unused", InpodRules(ipv6=False), runner=runner)
     assert not any(argv[0].startswith("ip6tables") or argv[:2] == ("ip", "-6") for argv, _ in calls)
+
+
+def test_transparent_hbone_rule_comes_before_the_plaintext_redirect() -> None:
+    assert (
+        InpodRules().chain_rules(4)["nat"]
+        == InpodRules(transparent_hbone=False).chain_rules(4)["nat"]
+    )
+    nat = InpodRules(transparent_hbone=True).chain_rules(4)["nat"]
+    hbone = (
+        "-A ISTIO_PRERT -p tcp -m tcp --sport 15100:15199 ! --dport 15008 "
+        "-m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15008"
+    )
+    assert nat.index(hbone) < next(i for i, r in enumerate(nat) if "--to-ports 15006" in r)
+    assert hbone not in InpodRules().chain_rules(4)["nat"]
