@@ -90,12 +90,10 @@ class MeshOptions:
     policies: Sequence[Mapping[str, Any]] = ()  # local-config policies to add
     services: Sequence[ExtraService] = ()  # services to add to the testbed's
     workloads: Sequence[Mapping[str, Any]] = ()  # local-config workloads beyond the pods
-    # pod name -> local-config fields to set on its workload (e.g. ``applicationTunnel``)
-    workload_fields: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)  # extra daemon environment
     node_env: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # node -> env
-    # Pod name -> local-config fields merged into its workload (e.g. ``network`` and
-    # ``networkGateway`` for a multi-network mesh).
+    # Pod name -> local-config fields merged into its workload (e.g. ``applicationTunnel``, or
+    # ``network`` and ``networkGateway`` for a multi-network mesh).
     workload_fields: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # Pods left out of the mesh, like pods of a namespace without the ambient label: not in
     # the local config, never enrolled, no in-pod rules. Traffic to them is non-mesh traffic.

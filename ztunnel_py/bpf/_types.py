@@ -235,6 +235,38 @@ class ZtOrigKey(ctypes.Structure):
 SIZEOF_ZT_ORIG_KEY = 16
 
 
+class ZtOrigSrc(ctypes.Structure):
+    """``struct zt_orig_src`` (4 bytes)."""
+
+    reserved: int
+
+    _fields_ = [
+        ("reserved", ctypes.c_uint32),
+    ]
+
+
+SIZEOF_ZT_ORIG_SRC = 4
+
+
+class ZtOrigSrcKey(ctypes.Structure):
+    """``struct zt_orig_src_key`` (32 bytes)."""
+
+    netns_cookie: int
+    addr: ctypes.Array[ctypes.c_uint8]
+    port: int
+    pad: ctypes.Array[ctypes.c_uint8]
+
+    _fields_ = [
+        ("netns_cookie", ctypes.c_uint64),
+        ("addr", ctypes.c_uint8 * 16),
+        ("port", ctypes.c_uint16),
+        ("pad", ctypes.c_uint8 * 6),
+    ]
+
+
+SIZEOF_ZT_ORIG_SRC_KEY = 32
+
+
 class ZtPod(ctypes.Structure):
     """``struct zt_pod`` (8 bytes)."""
 
@@ -313,6 +345,8 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "zt_local_key": ZtLocalKey,
     "zt_orig": ZtOrig,
     "zt_orig_key": ZtOrigKey,
+    "zt_orig_src": ZtOrigSrc,
+    "zt_orig_src_key": ZtOrigSrcKey,
     "zt_pod": ZtPod,
     "zt_pod_key": ZtPodKey,
     "zt_sk_orig": ZtSkOrig,
@@ -329,6 +363,8 @@ SIZEOF: dict[str, int] = {
     "zt_local_key": 24,
     "zt_orig": 20,
     "zt_orig_key": 16,
+    "zt_orig_src": 4,
+    "zt_orig_src_key": 32,
     "zt_pod": 8,
     "zt_pod_key": 8,
     "zt_sk_orig": 24,
@@ -356,9 +392,11 @@ MAP_COUNTERS = "zt_counters"
 MAP_DENY = "zt_deny"
 MAP_DST = "zt_dst"
 MAP_DST_CIDR = "zt_dst_cidr"
+MAP_HBONE_SK = "zt_hbone_sk"
 MAP_INBOUND_SK = "zt_inbound_sk"
 MAP_LOCAL = "zt_local"
 MAP_ORIG_DST = "zt_orig_dst"
+MAP_ORIG_SRC = "zt_orig_src"
 MAP_PODS = "zt_pods"
 MAP_SK_ORIG = "zt_sk_orig"
 MAP_VERSION = "zt_version"
@@ -382,7 +420,7 @@ MAP_SPECS: dict[str, MapSpec] = {
         key_size=4,
         value_type="__u64",
         value_size=8,
-        max_entries=13,
+        max_entries=14,
         flags=0,
         pinned=True,
     ),
@@ -419,6 +457,17 @@ MAP_SPECS: dict[str, MapSpec] = {
         flags=1,
         pinned=True,
     ),
+    "zt_hbone_sk": MapSpec(
+        name="zt_hbone_sk",
+        map_type=18,
+        key_type="struct zt_pod_key",
+        key_size=8,
+        value_type="__u64",
+        value_size=8,
+        max_entries=8192,
+        flags=0,
+        pinned=True,
+    ),
     "zt_inbound_sk": MapSpec(
         name="zt_inbound_sk",
         map_type=18,
@@ -450,6 +499,17 @@ MAP_SPECS: dict[str, MapSpec] = {
         value_size=20,
         max_entries=131072,
         flags=0,
+        pinned=True,
+    ),
+    "zt_orig_src": MapSpec(
+        name="zt_orig_src",
+        map_type=1,
+        key_type="struct zt_orig_src_key",
+        key_size=32,
+        value_type="struct zt_orig_src",
+        value_size=4,
+        max_entries=65536,
+        flags=1,
         pinned=True,
     ),
     "zt_pods": MapSpec(
