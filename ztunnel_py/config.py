@@ -186,6 +186,9 @@ class Config:
     bpf_cgroup_path: Path | None = None  # None: the kubelet's kubepods cgroup, found at start
     bpf_object_dir: Path | None = None  # None: bpf/out next to the package (a source checkout)
     dns_resolv_conf: Path = Path(DEFAULT_RESOLV_CONF)  # the DNS proxy's upstream resolvers
+    # ZTUNNEL_PY_KERNEL_SPLICE: None (auto) splices same-node connections in the kernel when it
+    # can, True insists (start fails without it), False copies them in Python.
+    kernel_splice: bool | None = None
 
     @property
     def uses_local_xds(self) -> bool:
@@ -574,7 +577,20 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         bpf_cgroup_path=Path(env["BPF_CGROUP_PATH"]) if env.get("BPF_CGROUP_PATH") else None,
         bpf_object_dir=Path(env["BPF_OBJECT_DIR"]) if env.get("BPF_OBJECT_DIR") else None,
         dns_resolv_conf=Path(get("DNS_RESOLV_CONF") or DEFAULT_RESOLV_CONF),
+        kernel_splice=_kernel_splice(get(KERNEL_SPLICE_ENV)),
     )
+
+
+KERNEL_SPLICE_ENV = "ZTUNNEL_PY_KERNEL_SPLICE"
+
+
+def _kernel_splice(raw: str | None) -> bool | None:
+    if raw is None or raw.strip().lower() in {"", "auto"}:
+        return None
+    try:
+        return parse_bool(KERNEL_SPLICE_ENV, raw)
+    except ConfigError:
+        raise ConfigError(KERNEL_SPLICE_ENV, raw, "auto, true or false") from None
 
 
 def _prefixed(env: Mapping[str, str], prefix: str) -> dict[str, str]:

@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry
 
 from ztunnel_py.bpf.errors import BpfError  # plain exceptions: no libbpf behind them
-from ztunnel_py.config import PORT_INBOUND_PLAINTEXT, Config, ProxyMode, RedirectMode, WorkloadInfo
+from ztunnel_py.config import (
+    KERNEL_SPLICE_ENV,
+    PORT_INBOUND_PLAINTEXT,
+    Config,
+    ProxyMode,
+    RedirectMode,
+    WorkloadInfo,
+)
 from ztunnel_py.dns.ondemand import OnDemandDnsMetrics, OnDemandResolver
 from ztunnel_py.dns.proxy import DnsProxyStarter, pod_forwarder, read_resolv_conf
 from ztunnel_py.dns.resolvconf import ResolvConf
@@ -33,6 +40,7 @@ from ztunnel_py.proxy.certificates import CertificateSource
 from ztunnel_py.proxy.coexist import KernelMapThenConntrack, LocalAddressUnlessRedirected
 from ztunnel_py.proxy.conntrack import ConnectionTracker
 from ztunnel_py.proxy.inputs import Demand, HostnameResolver, PodInputs, ProxyInputs
+from ztunnel_py.proxy.kernel_splice import KernelSplicer
 from ztunnel_py.proxy.pod import PodProxy, pod_pool, start_pod_proxy
 from ztunnel_py.proxy.pool import HbonePool
 from ztunnel_py.proxy.sockets import OriginalDestination
@@ -149,6 +157,7 @@ class DataPlane:
         self.manager: WorkloadManager | None = None
         self.zds: ZdsClient | None = None
         self.starter: PodProxyStarter | None = None
+        self.kernel_splice: KernelSplicer | None = None
         # XDS_ON_DEMAND: the xDS client's lookup, set by the composition root before start().
         self.demand: Demand | None = None
         self._certificates = certificates
@@ -201,6 +210,7 @@ class DataPlane:
                 # has its destination in conntrack (proxy/coexist.py).
                 original_destination = KernelMapThenConntrack(loader.original_destinations())
                 inbound_original_destination = LocalAddressUnlessRedirected(PORT_INBOUND_PLAINTEXT)
+        splicer = self.kernel_splice = start_kernel_splice(self.config)
         inputs = ProxyInputs(
             config=self.config,
             state=self.hub.state,
@@ -212,6 +222,7 @@ class DataPlane:
             rng=self._rng,
             demand=self.demand,
             handshakes=self.mtls_health,
+            kernel_splice=splicer if splicer.enabled else None,
         )
         starter = self.starter = PodProxyStarter(
             inputs, dns=dns, hostnames=self._on_demand_dns(resolv_conf)
@@ -439,6 +450,8 @@ class DataPlane:
         if self.bpf is not None:
             out["attachPoints"] = self.bpf.attach_points()
             out["inheritedPods"] = sorted(self.bpf_sync.inherited) if self.bpf_sync else []
+        if self.kernel_splice is not None:
+            out["kernelSplice"] = self.kernel_splice.debug()
         return out
 
     async def stop(self, deadline_s: float) -> None:
@@ -450,5 +463,40 @@ class DataPlane:
             self.zds.close()
         if self.manager is not None:
             await self.manager.shutdown(deadline_s)
+        if self.kernel_splice is not None:
+            self.kernel_splice.close()
         if self.bpf is not None:
             await asyncio.to_thread(self.bpf.close)
+
+
+def start_kernel_splice(config: Config) -> KernelSplicer:
+    """The kernel splice of same-node connections, or why it is off (said once, at start)."""
+    if config.kernel_splice is False:
+        log.info(
+            "kernel splice off (%s=false): same-node connections are copied by the proxy",
+            KERNEL_SPLICE_ENV,
+        )
+        return KernelSplicer(None, f"off: {KERNEL_SPLICE_ENV}=false")
+    from ztunnel_py.bpf.objects import DEFAULT_OBJECT_DIR
+    from ztunnel_py.bpf.splice import SpliceMaps
+
+    try:
+        maps = SpliceMaps.load(config.bpf_object_dir or DEFAULT_OBJECT_DIR)
+        try:
+            maps.self_test()
+        except BaseException:
+            maps.close()
+            raise
+    except (BpfError, OSError) as e:
+        if config.kernel_splice:
+            raise UnsupportedFeature(
+                "kernel splice (sockhash + sk_skb stream verdict)",
+                f"{e}; unset {KERNEL_SPLICE_ENV} to copy same-node connections in Python",
+            ) from e
+        log.warning(
+            "kernel splice not available (%s): same-node connections are copied by the proxy",
+            e,
+        )
+        return KernelSplicer(None, f"off: {e}")
+    log.info("kernel splice on: allowed same-node connections are carried by the kernel")
+    return KernelSplicer(maps, "on")

@@ -16,6 +16,7 @@ from ztunnel_py.config import Config
 from ztunnel_py.proxy.authorization import Authorizer, PermitAll, PolicyAuthorizer
 from ztunnel_py.proxy.certificates import CertificateSource, HandshakeObserver
 from ztunnel_py.proxy.conntrack import ConnectionTracker
+from ztunnel_py.proxy.kernel_splice import KernelSplicer
 from ztunnel_py.proxy.pool import HbonePool
 from ztunnel_py.proxy.sockets import OriginalDestination, SocketFactory
 from ztunnel_py.state.model import IPAddress, Workload
@@ -46,6 +47,7 @@ class ProxyInputs:
     ``conntrack``: the live connections re-checked when policies change.
     ``demand``: with ``XDS_ON_DEMAND``, fetch an address istiod has not sent yet.
     ``handshakes``: told how each outbound mTLS handshake went (readiness follows it).
+    ``kernel_splice``: same-node connections spliced in the kernel once authorized.
     """
 
     config: Config
@@ -58,6 +60,7 @@ class ProxyInputs:
     rng: random.Random = field(default_factory=random.Random)
     demand: Demand | None = None
     handshakes: HandshakeObserver | None = None
+    kernel_splice: KernelSplicer | None = None
 
     def authorizer_for(self, workload: Workload) -> PolicyAuthorizer:
         """Authorization against the policies of ``workload`` (logged as configured)."""

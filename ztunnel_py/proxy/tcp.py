@@ -8,12 +8,12 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from ztunnel_py.hbone.headers import format_authority
 from ztunnel_py.proxy.errors import UpstreamConnectError
 from ztunnel_py.proxy.sockets import SocketFactory
-from ztunnel_py.proxy.splice import HboneSplice, TcpSide, TcpSplice
+from ztunnel_py.proxy.splice import TcpSide
 from ztunnel_py.state.model import IPAddress, SocketAddr
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,11 @@ async def connect_tcp(
     return side
 
 
-Splice = HboneSplice | TcpSplice
+class Splice(Protocol):
+    """A live connection a draining server can cut (``HboneSplice``, ``TcpSplice``, or the
+    kernel splice)."""
+
+    def abort(self, reason: str) -> None: ...
 
 
 class AcceptedSide(TcpSide):
