@@ -30,10 +30,12 @@ _Static_assert(sizeof(struct zt_splice_key) == 8, "zt_splice_key layout");
 struct zt_splice_conn {
 	__u64 peer_cookie; /* host order: the socket this one's received bytes are sent out of */
 	__u64 bytes;       /* host order: bytes received on this socket and sent on (the counter) */
+	__u64 passed;      /* host order: bytes handed up to the proxy since it last resumed this
+			    * socket; while not 0, everything is handed up (order) */
 	__u64 peer_base;   /* host order: the peer's tcpi_bytes_acked that are not from `bytes` */
 	__u64 window;      /* host order: most bytes sent on and not yet acknowledged by the peer's
 			    * receiver; past it, data stays with the proxy (backpressure) */
 };
-_Static_assert(sizeof(struct zt_splice_conn) == 32, "zt_splice_conn layout");
+_Static_assert(sizeof(struct zt_splice_conn) == 40, "zt_splice_conn layout");
 
 #endif /* ZT_SPLICE_H */

@@ -12,8 +12,9 @@
  * The kernel queues redirected skbs on the peer without limit, so the program keeps its own
  * window: bytes sent on minus what the peer's receiver acknowledged (tcp_sock.bytes_acked).
  * Past the window, or when the peer has left the maps (closed, reset), the skb is passed up
- * instead: the socket turns readable and the proxy takes over that direction (it stops this
- * program on the socket, lets the peer drain, moves what was passed up, and resumes).
+ * instead (and counted in `passed`): the socket turns readable and the proxy takes over that
+ * direction (it stops this program on the socket, lets the peer drain, moves exactly what was
+ * passed up, and resumes).
  *
  * FIN and RST are not seen here: the socket turns readable with an EOF or an error, and the
  * proxy propagates them once the redirected bytes are on the peer.
@@ -60,13 +61,18 @@ struct {
 	__type(value, __u64);
 } zt_splice_events SEC(".maps");
 
-static __always_inline int zt_splice_hand_up(void)
+static __always_inline int zt_splice_hand_up(struct zt_splice_conn *conn, __u32 len)
 {
 	__u32 index = ZT_SPLICE_CNT_HANDED_UP;
 	__u64 *value = bpf_map_lookup_elem(&zt_splice_events, &index);
 
 	if (value)
 		*value += 1; /* per-CPU slot: no other writer */
+	/* The proxy reads exactly this many bytes back, in order, before it resumes the kernel:
+	 * a handed-up skb may wait in the socket's psock queue while newer data already sits in
+	 * its TCP receive queue, which a plain read would return first. */
+	if (conn)
+		__sync_fetch_and_add(&conn->passed, len);
 	return SK_PASS;
 }
 
@@ -91,19 +97,23 @@ int zt_splice_verdict(struct __sk_buff *skb)
 		return SK_DROP;
 	conn = bpf_map_lookup_elem(&zt_splice_conns, &key);
 	if (!conn)
-		return zt_splice_hand_up();
+		return zt_splice_hand_up(0, len);
+	/* Once one skb was handed up, every later one is too, until the proxy has moved them
+	 * and resumes (it zeroes `passed`): sending a later one on would overtake them. */
+	if (conn->passed)
+		return zt_splice_hand_up(conn, len);
 	peer.cookie = conn->peer_cookie;
 	peer_sk = bpf_map_lookup_elem(&zt_splice_tx, &peer);
 	if (!peer_sk)
-		return zt_splice_hand_up(); /* closed or reset: the proxy sees the error */
+		return zt_splice_hand_up(conn, len); /* closed or reset: the proxy sees the error */
 	tp = bpf_skc_to_tcp_sock(peer_sk);
 	acked = tp ? BPF_CORE_READ(tp, bytes_acked) : 0;
 	bpf_sk_release(peer_sk);
 	unacked = (__s64)(conn->bytes - (acked - conn->peer_base));
 	if (unacked + len > (__s64)conn->window)
-		return zt_splice_hand_up();
+		return zt_splice_hand_up(conn, len);
 	if (bpf_sk_redirect_hash(skb, &zt_splice_tx, &peer, 0) != SK_PASS)
-		return zt_splice_hand_up();
+		return zt_splice_hand_up(conn, len);
 	__sync_fetch_and_add(&conn->bytes, len);
 	events = bpf_map_lookup_elem(&zt_splice_events, &index);
 	if (events)

@@ -286,22 +286,24 @@ SIZEOF_ZT_SK_ORIG = 24
 
 
 class ZtSpliceConn(ctypes.Structure):
-    """``struct zt_splice_conn`` (32 bytes)."""
+    """``struct zt_splice_conn`` (40 bytes)."""
 
     peer_cookie: int
     bytes: int
+    passed: int
     peer_base: int
     window: int
 
     _fields_ = [
         ("peer_cookie", ctypes.c_uint64),
         ("bytes", ctypes.c_uint64),
+        ("passed", ctypes.c_uint64),
         ("peer_base", ctypes.c_uint64),
         ("window", ctypes.c_uint64),
     ]
 
 
-SIZEOF_ZT_SPLICE_CONN = 32
+SIZEOF_ZT_SPLICE_CONN = 40
 
 
 class ZtSpliceKey(ctypes.Structure):
@@ -363,7 +365,7 @@ SIZEOF: dict[str, int] = {
     "zt_pod": 8,
     "zt_pod_key": 8,
     "zt_sk_orig": 24,
-    "zt_splice_conn": 32,
+    "zt_splice_conn": 40,
     "zt_splice_key": 8,
     "zt_version": 8,
 }
@@ -517,7 +519,7 @@ MAP_SPECS: dict[str, MapSpec] = {
         key_type="struct zt_splice_key",
         key_size=8,
         value_type="struct zt_splice_conn",
-        value_size=32,
+        value_size=40,
         max_entries=65536,
         flags=1,
         pinned=False,

@@ -61,6 +61,13 @@ def tcp_progress(sock: socket.socket) -> TcpProgress:
     return TcpProgress(info[0], int(acked), int(queued))
 
 
+def handed_up_bytes(sock: socket.socket) -> int:
+    """Bytes the program passed up that wait in ``sock``'s psock queue (FIONREAD on a socket
+    in a sockmap counts those, not its TCP receive queue)."""
+    (n,) = struct.unpack("=i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))
+    return int(n)
+
+
 def kick(sock: socket.socket) -> None:
     """Make the kernel run the verdict program on what already waits in ``sock``'s receive
     queue: setting SO_RCVLOWAT calls the socket's data-ready hook, which a freshly inserted
@@ -146,18 +153,26 @@ class SpliceMaps:
         kick(b)
         return Pairing(ca, cb, base_a, base_b)
 
-    def set_conn(self, cookie: int, *, peer: int, sent: int, peer_base: int, window: int) -> None:
+    def set_conn(
+        self, cookie: int, *, peer: int, sent: int, peer_base: int, window: int, passed: int = 0
+    ) -> None:
         """Write a socket's entry; only while the program does not run on that socket."""
-        value = t.ZtSpliceConn(peer_cookie=peer, bytes=sent, peer_base=peer_base, window=window)
+        value = t.ZtSpliceConn(
+            peer_cookie=peer, bytes=sent, passed=passed, peer_base=peer_base, window=window
+        )
         self.conns.update(_key(cookie), bytes(value))
 
-    def sent(self, cookie: int) -> int:
-        """Bytes received on the socket and sent on by the kernel (0 once forgotten)."""
+    def conn(self, cookie: int) -> t.ZtSpliceConn | None:
         try:
             raw = self.conns.lookup(_key(cookie))
         except KeyNotFound:
-            return 0
-        return int(t.ZtSpliceConn.from_buffer_copy(raw).bytes)
+            return None
+        return t.ZtSpliceConn.from_buffer_copy(raw)
+
+    def sent(self, cookie: int) -> int:
+        """Bytes received on the socket and sent on by the kernel (0 once forgotten)."""
+        entry = self.conn(cookie)
+        return int(entry.bytes) if entry is not None else 0
 
     def stop(self, sock: socket.socket, cookie: int) -> None:
         """The program stops running on this socket: what arrives waits in its queue.

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ztunnel_py.bpf.errors import BpfError, LibbpfError, MapFull
-from ztunnel_py.bpf.splice import Pairing, SpliceMaps, tcp_progress
+from ztunnel_py.bpf.splice import Pairing, SpliceMaps, handed_up_bytes, tcp_progress
 from ztunnel_py.proxy.splice import SpliceResult, TcpSide, error_text
 from ztunnel_py.proxy.tcp import sockaddr
 from ztunnel_py.proxy.transport import HboneProtocol
@@ -53,9 +53,8 @@ log = logging.getLogger(__name__)
 
 # How far a destination's receiver may fall behind before the kernel hands data back to us.
 DEFAULT_WINDOW_BYTES = 8 * 1024 * 1024
-# What one takeover moves at most before the kernel is given the direction back.
+# The most one read moves during a takeover.
 _TAKEOVER_CHUNK = 256 * 1024
-_TAKEOVER_MAX = 4 * 1024 * 1024
 _DRAIN_POLL_FIRST_S = 0.001
 _DRAIN_POLL_MAX_S = 0.05
 _LINGER_RST = struct.pack("ii", 1, 0)
@@ -75,7 +74,7 @@ class _Direction:
         self.src_cookie = src_cookie
         self.peer_cookie = 0
         self.dst_base = dst_base  # written into dst before the splice (its SYN)
-        self.copied = 0  # moved by the proxy (takeovers)
+        self.copied = 0  # handed up by the program and moved by the proxy (takeovers)
         self.final_sent: int | None = None  # the kernel's count, kept once forgotten
         self.finished = False  # EOF propagated
         self.task: asyncio.Task[None] | None = None
@@ -163,14 +162,15 @@ class KernelSplice:
             if not await self._caught_up(d):
                 self._reset("connection reset by peer")
                 return
-            eof = await self._move(d)
-            if eof:
-                await self._propagate_eof(d)
-                return
+            entry = self._maps.conn(d.src_cookie)
+            if entry is None:
+                raise BpfError("the connection's zt_splice_conns entry is gone")
+            await self._move(d, int(entry.passed))
             self._maps.set_conn(
                 d.src_cookie,
                 peer=d.peer_cookie,
-                sent=self._maps.sent(d.src_cookie),
+                sent=int(entry.bytes),
+                passed=0,  # all moved: the kernel may send on again
                 peer_base=d.dst_base + d.copied,  # what dst acknowledges beyond the kernel's
                 window=self._window,
             )
@@ -183,27 +183,38 @@ class KernelSplice:
             log.warning("kernel splice lost a connection's map entry: %s", e)
             self._reset(f"kernel splice failed: {e}")
 
-    async def _move(self, d: _Direction) -> bool:
-        """Copy what waits on ``src`` (passed up, then queued) to ``dst``; True on EOF."""
-        moved = 0
-        while moved < _TAKEOVER_MAX:
-            try:
-                chunk = d.src.recv(_TAKEOVER_CHUNK)
-            except (BlockingIOError, InterruptedError):
-                return False
+    async def _move(self, d: _Direction, pending: int) -> None:
+        """Copy the ``pending`` bytes the program handed up on ``src`` to ``dst``, in order.
+
+        Only those: they sit in src's psock queue, possibly not all there yet (the kernel
+        moves them from a backlog), while newer data may already wait in its TCP receive
+        queue, which a read would return whenever the psock queue is momentarily empty. So
+        each read takes no more than what the psock queue holds (FIONREAD); the newer data is
+        left to the kernel once it resumes."""
+        delay = _DRAIN_POLL_FIRST_S
+        while pending > 0:
+            ready = min(handed_up_bytes(d.src), pending, _TAKEOVER_CHUNK)
+            if ready <= 0:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _DRAIN_POLL_MAX_S)
+                continue
+            delay = _DRAIN_POLL_FIRST_S
+            chunk = d.src.recv(ready)
             if not chunk:
-                return True
+                raise ConnectionResetError("connection closed with handed-up bytes unread")
             await self._loop.sock_sendall(d.dst, chunk)
             d.copied += len(chunk)
             self._splicer.copied_bytes += len(chunk)
-            moved += len(chunk)
-        return False
+            pending -= len(chunk)
 
     async def _propagate_eof(self, d: _Direction) -> None:
         try:
             if not await self._caught_up(d):
                 self._reset("connection reset by peer")
                 return
+            entry = self._maps.conn(d.src_cookie)
+            if entry is not None and entry.passed:  # handed up just before the FIN
+                await self._move(d, int(entry.passed))
             d.dst.shutdown(socket.SHUT_WR)
         except OSError as e:
             self._reset(error_text(e))
