@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import sys
@@ -43,7 +44,10 @@ DNS_CLIENT = Path(__file__).parent / "testbed" / "dnsclient.py"
 
 
 def say(text: str = "") -> None:
-    print(text, flush=True)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # whoever read our output went away: carry on, so teardown runs
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (replaces stdout for good)
 
 
 def mesh_config(mesh: Mesh, *, with_policy: bool) -> dict[str, Any]:
@@ -240,6 +244,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.keep:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    else:
+        demo_pid = os.getpid()
+
+        def tear_down_on(signum: int, _frame: object) -> None:
+            if os.getpid() != demo_pid:  # a fork (pyroute2's netns helper) just dies, as before
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
+            sys.exit(128 + signum)  # unwinds through the ``finally`` that tears everything down
+
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, tear_down_on)
     if args.istiod:
         from tools.lab.demo import run as run_lab  # needs the lab's binaries and client
 

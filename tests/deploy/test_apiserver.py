@@ -2,9 +2,8 @@
 plain manifests, first as a server-side dry run, then created for real (strict field
 validation, so an unknown or misspelt field is an error, not a silently dropped one).
 
-The binaries come from the Istio lab (tools/lab/build.sh, issue 12). Where the lab is part of
-the tree they must be there (CI builds them in tools/setup.sh); before it lands, the test
-uses them if a lab build left them on this machine, and otherwise skips and says why.
+The API server is the Istio lab's (tools/lab/controlplane.py, binaries from tools/lab/build.sh,
+which CI runs before the tests), started without CRDs or istiod.
 """
 
 from __future__ import annotations
@@ -16,20 +15,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.deploy.apiserver import ApiServer, api_server, lab_binaries
 from tests.deploy.support import EBPF_VALUES, IPTABLES_VALUES, load_values, render
 from tools.k8s.render import PLAIN
-from ztunnel_py.testing.privileged import require
+from tools.lab.controlplane import ControlPlane
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
-    binaries = lab_binaries()
-    require(binaries is not None, "the lab's kube-apiserver, kubectl and etcd (tools/lab/build.sh)")
-    assert binaries is not None
-    with api_server(binaries, tmp_path_factory.mktemp("apiserver")) as srv:
-        srv.kubectl("create", "namespace", "istio-system")
-        yield srv
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    plane = ControlPlane(tmp_path_factory.mktemp("apiserver"))
+    plane.start_kubernetes()
+    try:
+        plane.kubectl("create", "namespace", "istio-system")
+        yield plane
+    finally:
+        plane.stop()
 
 
 def manifests(tmp_path: Path) -> dict[str, Path]:
@@ -46,17 +45,17 @@ def manifests(tmp_path: Path) -> dict[str, Path]:
     return files
 
 
-def test_the_api_server_accepts_every_manifest(server: ApiServer, tmp_path: Path) -> None:
+def test_the_api_server_accepts_every_manifest(server: ControlPlane, tmp_path: Path) -> None:
     image = load_values(IPTABLES_VALUES[0])["image"]
     files = manifests(tmp_path)
     assert set(files) == {"helm-iptables", "helm-ebpf", "plain-ztunnel-py", "plain-ztunnel-py-ebpf"}
     for name, path in files.items():
         dry = server.kubectl("apply", "--dry-run=server", "--validate=strict", "-f", str(path))
-        assert "(server dry run)" in dry.stdout, (name, dry.stdout)
-        assert server.kubectl("get", "daemonset", "-n", "istio-system", check=False).stdout == ""
+        assert "(server dry run)" in dry, (name, dry)
+        assert server.kubectl_result("get", "daemonset", "-n", "istio-system").stdout == ""
         server.kubectl("create", "--validate=strict", "-f", str(path))
         stored = json.loads(
-            server.kubectl("get", "daemonset", "ztunnel", "-n", "istio-system", "-o", "json").stdout
+            server.kubectl("get", "daemonset", "ztunnel", "-n", "istio-system", "-o", "json")
         )
         (container,) = stored["spec"]["template"]["spec"]["containers"]
         assert container["image"] == image, name
@@ -67,15 +66,13 @@ def test_the_api_server_accepts_every_manifest(server: ApiServer, tmp_path: Path
 
 
 def test_a_misspelt_field_is_refused_so_acceptance_means_something(
-    server: ApiServer, tmp_path: Path
+    server: ControlPlane, tmp_path: Path
 ) -> None:
     docs = [d for d in yaml.safe_load_all((PLAIN / "ztunnel-py.yaml").read_text()) if d]
     (daemonset,) = [d for d in docs if d["kind"] == "DaemonSet"]
     daemonset["spec"]["template"]["spec"]["containers"][0]["readOnlyRootFilesytem"] = True
     path = tmp_path / "typo.yaml"
     path.write_text(yaml.safe_dump_all(docs))
-    out = server.kubectl(
-        "apply", "--dry-run=server", "--validate=strict", "-f", str(path), check=False
-    )
+    out = server.kubectl_result("apply", "--dry-run=server", "--validate=strict", "-f", str(path))
     assert out.returncode != 0
     assert 'unknown field "spec.template.spec.containers[0].readOnlyRootFilesytem"' in out.stderr

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Build helm and fetch Istio's ztunnel chart, once per pinned version (tools/k8s/versions.env),
+# Build helm and fetch Istio's ztunnel chart, once per pinned version (tools/k8s/versions.env; Istio's pin is the lab's),
 # cached outside the tree. Prints `HELM=<binary>` and `ZTUNNEL_CHART=<dir>` for the callers
 # (tools/k8s/render.py, the manifest tests). Cold: ~7 min on 2 cores; cached: well under 1 s.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=tools/k8s/versions.env
 . "$here/versions.env"
+# shellcheck source=tools/lab/versions.env
+. "$here/../lab/versions.env"
 CACHE=${ZTPY_CACHE:-/var/cache/ztunnel-py}
 helm_dir="$CACHE/helm-$HELM_VERSION"
 

@@ -135,11 +135,19 @@ class ControlPlane:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
+        self.start_kubernetes()
+        try:
+            self._timed("crds", self._apply_crds)
+            self._timed("istiod", self.start_istiod)
+        except BaseException:
+            self.stop()
+            raise
+
+    def start_kubernetes(self) -> None:
+        """etcd and the API server only (no CRDs, no istiod): enough to validate manifests."""
         try:
             self._timed("etcd", self._start_etcd)
             self._timed("kube-apiserver", self._start_apiserver)
-            self._timed("crds", self._apply_crds)
-            self._timed("istiod", self.start_istiod)
         except BaseException:
             self.stop()
             raise
@@ -306,9 +314,11 @@ class ControlPlane:
             ),
         )
 
-    def kubectl(self, *args: str, input_text: str | None = None, timeout: float = 120) -> str:
-        """Run the lab's kubectl against this API server; its stdout (LabError on failure)."""
-        proc = subprocess.run(
+    def kubectl_result(
+        self, *args: str, input_text: str | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the lab's kubectl against this API server, whatever its exit status."""
+        return subprocess.run(
             [str(self.binaries.kubectl), f"--kubeconfig={self.kubeconfig}", *args],
             input=input_text,
             capture_output=True,
@@ -316,6 +326,10 @@ class ControlPlane:
             timeout=timeout,
             check=False,
         )
+
+    def kubectl(self, *args: str, input_text: str | None = None, timeout: float = 120) -> str:
+        """Run the lab's kubectl against this API server; its stdout (LabError on failure)."""
+        proc = self.kubectl_result(*args, input_text=input_text, timeout=timeout)
         if proc.returncode != 0:
             raise LabError(
                 f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}"

@@ -14,6 +14,7 @@ import contextlib
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,6 +29,14 @@ from tools.testbed.plan import TestbedPlan
 RESOLVER_IP = "192.168.244.250"
 UNUSED_IP = "192.168.244.251"  # on the fabric, owned by nobody: queries there go unanswered
 _START_TIMEOUT_S = 10.0
+
+
+def die_with_parent(argv: Sequence[str]) -> list[str]:
+    """``argv`` run so that it gets SIGTERM when the thread that spawns it dies: a SIGKILLed demo
+    or test run then leaves no dnsmasq behind (util-linux's setpriv sets the parent-death signal,
+    which survives the exec into ``ip netns exec`` and dnsmasq). Spawn it from the main thread:
+    the signal follows the spawning thread, not the process."""
+    return ["setpriv", "--pdeathsig", "TERM", "--", *argv]
 
 
 class UpstreamResolver:
@@ -98,7 +107,12 @@ class UpstreamResolver:
             argv.append(f"--edns-packet-max={self.udp_max}")
         stderr = self.work_dir / "dnsmasq.stderr"
         with stderr.open("wb") as err:
-            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=err)
+            on_main = threading.current_thread() is threading.main_thread()
+            self._proc = subprocess.Popen(
+                die_with_parent(argv) if on_main else argv,
+                stdin=subprocess.DEVNULL,
+                stderr=err,
+            )
         deadline = time.monotonic() + _START_TIMEOUT_S
         while not self._answers():
             if self._proc.poll() is not None or time.monotonic() > deadline:
