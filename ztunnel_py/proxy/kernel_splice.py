@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ class _Direction:
         self.peer_cookie = 0
         self.dst_base = dst_base  # written into dst before the splice (its SYN)
         self.copied = 0  # handed up by the program and moved by the proxy (takeovers)
+        self.early = 0  # read by the proxy before the splice, written by it before the pair
         self.final_sent: int | None = None  # the kernel's count, kept once forgotten
         self.finished = False  # EOF propagated
         self.task: asyncio.Task[None] | None = None
@@ -95,6 +97,8 @@ class KernelSplice:
         b: socket.socket,
         pairing: Pairing,
         window: int,
+        *,
+        early: tuple[bytes, bytes] = (b"", b""),
     ) -> None:
         self._splicer = splicer
         self._maps = maps
@@ -106,6 +110,9 @@ class KernelSplice:
         self._back = _Direction(b, a, pairing.cookie_b, pairing.base_a)
         self._forward.peer_cookie = pairing.cookie_b
         self._back.peer_cookie = pairing.cookie_a
+        self._forward.early = len(early[0])
+        self._back.early = len(early[1])
+        splicer.copied_bytes += len(early[0]) + len(early[1])
         self.done: asyncio.Future[SpliceResult] = self._loop.create_future()
         for d in (self._forward, self._back):
             self._loop.add_reader(d.src.fileno(), self._readable, d)
@@ -114,7 +121,7 @@ class KernelSplice:
 
     def _sent(self, d: _Direction) -> int:
         kernel = d.final_sent if d.final_sent is not None else self._maps.sent(d.src_cookie)
-        return kernel + d.copied
+        return kernel + d.copied + d.early
 
     @property
     def bytes_in(self) -> int:
@@ -126,8 +133,8 @@ class KernelSplice:
 
     @property
     def copied(self) -> int:
-        """Bytes the proxy moved itself (takeovers under backpressure)."""
-        return self._forward.copied + self._back.copied
+        """Bytes the proxy moved itself (read before the splice, takeovers)."""
+        return sum(d.copied + d.early for d in (self._forward, self._back))
 
     # ------------------------------------------------------------------ events
 
@@ -253,6 +260,10 @@ class KernelSplice:
         self.done.set_result(SpliceResult(self.bytes_in, self.bytes_out, error))
 
 
+class KernelSpliceFailed(OSError):
+    """Pairing failed after bytes read early were written: the connection must be reset."""
+
+
 @dataclass(eq=False, slots=True)
 class SpliceOffer:
     """An outbound stream to a pod of this node, waiting to be claimed by its inbound side."""
@@ -294,6 +305,7 @@ class KernelSplicer:
             return None
         offer = SpliceOffer(key, down)
         self._offers[key] = offer
+        log.debug("kernel splice offer for stream %s", key)
         return offer
 
     def withdraw(self, offer: SpliceOffer) -> None:
@@ -306,12 +318,29 @@ class KernelSplicer:
         """The inbound side of an offered stream: splice both sockets, or ``None``."""
         maps = self.maps
         offer = self._offers.pop((peer, local, stream_id), None)
-        if maps is None or offer is None or not (offer.down.untouched and up.untouched):
+        if maps is None or offer is None:
+            return None
+        if not (offer.down.untouched and up.untouched):
+            log.debug(
+                "kernel splice skipped stream %s: a side was already read (%s, %s)",
+                offer.key,
+                offer.down.untouched,
+                up.untouched,
+            )
             return None
         a_sock = _socket_of(offer.down)
         b_sock = _socket_of(up)
+        early = (offer.down.take_early(), up.take_early())
+
+        def write_early() -> None:
+            # Read before the pause took effect: older than anything the kernel will send on.
+            for data, to in ((early[0], b_sock), (early[1], a_sock)):
+                # The transports' sockets are non-blocking and offer no send(): write the fd.
+                if data and os.write(to.fileno(), data) != len(data):
+                    raise BlockingIOError(f"{len(data)} early bytes did not fit the send buffer")
+
         try:
-            pairing = maps.pair(a_sock, b_sock, window=self.window)
+            pairing = maps.pair(a_sock, b_sock, window=self.window, first=write_early)
         except (MapFull, BpfError, LibbpfError, OSError) as e:
             self.failed_total += 1
             if isinstance(e, LibbpfError) and e.errno == errno.EOPNOTSUPP:
@@ -319,10 +348,15 @@ class KernelSplicer:
                 log.debug("kernel splice skipped a connection already closing: %s", e)
             else:
                 log.warning("kernel splice refused a connection, copying it instead: %s", e)
+            if any(early):
+                # Some early bytes may have been written: the connection cannot be resumed.
+                offer.down.reset()
+                up.reset()
+                raise KernelSpliceFailed(f"kernel splice failed after early bytes: {e}") from e
             return None
         a = offer.down.release()
         b = up.release()
-        splice = KernelSplice(self, maps, a, b, pairing, self.window)
+        splice = KernelSplice(self, maps, a, b, pairing, self.window, early=early)
         offer.spliced = splice
         self._live.add(splice)
         self.spliced_total += 1

@@ -164,8 +164,14 @@ class TcpSide(asyncio.Protocol):
 
     @property
     def untouched(self) -> bool:
-        """Connected, and nothing read from it or seen on it yet (it can be handed over)."""
-        return self.transport is not None and not (self._early or self.eof or self.lost)
+        """Connected, not attached, no EOF or error seen: it can be handed over (with what
+        ``take_early`` returns, read before the pause took effect)."""
+        return self.transport is not None and self.owner is None and not (self.eof or self.lost)
+
+    def take_early(self) -> bytes:
+        """What was read before this side was paused (at most one read); forgotten here."""
+        early, self._early = self._early, []
+        return b"".join(early)
 
     def release(self) -> socket.socket:
         """Hand the connection over (the kernel splice): a non-blocking duplicate of its

@@ -28,15 +28,17 @@ import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
 from ztunnel_py.bpf.splice import SpliceMaps
+from ztunnel_py.dataplane import start_kernel_splice
+from ztunnel_py.errors import UnsupportedFeature
 from ztunnel_py.proxy.conntrack import POLICY_CHANGE_ERROR, ConnectionTracker
 from ztunnel_py.proxy.kernel_splice import KernelSplice, KernelSplicer
 from ztunnel_py.state.store import ProxyState, UpdateBatch
 from ztunnel_py.telemetry import logging as ztlogging
 from ztunnel_py.telemetry.metrics import ConnectionMetrics
 from ztunnel_py.telemetry.sink import ProxyTelemetry
-from ztunnel_py.testing.proxy_harness import Mesh, echo_app, pattern, start_mesh
+from ztunnel_py.testing.proxy_harness import Mesh, echo_app, make_config, pattern, start_mesh
 
-pytestmark = pytest.mark.bpf
+pytestmark = [pytest.mark.bpf, pytest.mark.root]
 
 _LINGER_RST = struct.pack("ii", 1, 0)
 
@@ -126,7 +128,7 @@ async def spliced_mesh(
 
 
 def _objects() -> Path:
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     proc = subprocess.run(
         ["make", "-s", "-C", str(root / "bpf")], capture_output=True, text=True, check=False
     )
@@ -147,6 +149,8 @@ async def test_bytes_both_ways_are_counted_by_the_kernel_and_never_copied(
     mesh = spliced.mesh
     port = await mesh.serve_app(echo_app)
     reader, writer = await mesh.dial(port)
+    # Spliced as soon as the tunnel is up, before any byte: nothing is ever read by Python.
+    await until(lambda: spliced.splicer.spliced_total == 1, "the connection is spliced")
     up = pattern(3 * 1024 * 1024, 1)
     writer.write(up)
     echoed = await reader.readexactly(len(up))
@@ -338,3 +342,43 @@ async def test_unspliced_paths_are_unchanged_when_the_destination_is_on_another_
         assert await reader.readexactly(4) == b"ping"
         writer.close()
         assert spliced.splicer.spliced_total == 0 and not spliced.splicer._offers
+
+
+@pytest.mark.asyncio
+async def test_bytes_sent_before_the_splice_come_first_and_are_counted(spliced: Spliced) -> None:
+    """The client writes at once: the event loop may read once before the pause takes effect;
+    those bytes are written to the destination before the kernel sends anything on."""
+    mesh = spliced.mesh
+    port = await mesh.serve_app(echo_app)
+    reader, writer = await mesh.dial(port)
+    up = pattern(2 * 1024 * 1024, 3)
+    writer.write(up)
+    assert await reader.readexactly(len(up)) == up
+    splice = spliced.live()
+    assert (splice.bytes_in, splice.bytes_out) == (len(up), len(up))
+    assert splice.copied <= 256 * 1024  # one read of the event loop at most
+    assert spliced.bytes("source") == (len(up), len(up))
+    writer.close()
+
+
+def test_a_kernel_without_the_pieces_falls_back_to_the_copy_and_says_why(tmp_path: Path) -> None:
+    """No splice.o (as with a kernel or build that lacks it): off with the reason, or a
+    start-up error when it was asked for."""
+    config = make_config(bpf_object_dir=tmp_path)
+    splicer = start_kernel_splice(config)
+    assert not splicer.enabled
+    assert splicer.status.startswith("off: BPF object") and "make -C bpf" in splicer.status
+    assert splicer.debug()["status"] == splicer.status
+    with pytest.raises(UnsupportedFeature, match="unset ZTUNNEL_PY_KERNEL_SPLICE"):
+        start_kernel_splice(make_config(bpf_object_dir=tmp_path, kernel_splice=True))
+    off = start_kernel_splice(make_config(kernel_splice=False))
+    assert off.status == "off: ZTUNNEL_PY_KERNEL_SPLICE=false" and not off.enabled
+
+
+def test_on_this_kernel_it_starts_after_its_self_test() -> None:
+    splicer = start_kernel_splice(make_config(bpf_object_dir=_objects()))
+    try:
+        assert splicer.enabled and splicer.status == "on"
+        assert splicer.debug()["program_events"]["redirected"] >= 2  # the self-test's bytes
+    finally:
+        splicer.close()
