@@ -239,11 +239,25 @@ class SpliceMaps:
             finally:
                 self.forget(ca)
                 self.forget(cb)
+            # The takeover reads exactly what FIONREAD says the psock queue holds: a kernel
+            # whose FIONREAD counts the TCP receive queue instead would let it read newer bytes.
+            self.tx.update_socket(_key(ca), a.fileno())
+            try:
+                client.sendall(b"queued")
+                select.select([a], [], [], timeout_s)
+                fionread = handed_up_bytes(a)
+            finally:
+                self.forget(ca)
         except OSError as e:
             raise BpfError(f"kernel splice self-test failed: {e}") from e
         finally:
             for s in opened:
                 s.close()
+        if fionread != 0:
+            raise BpfError(
+                "kernel splice self-test failed: FIONREAD on a sockmap socket counts its TCP "
+                f"receive queue ({fionread} bytes), so backpressure could reorder bytes"
+            )
         if got_server != b"early-ping" or got_client != b"pong" or sent != (10, 4):
             raise BpfError(
                 "kernel splice self-test failed: the kernel carried "

@@ -256,11 +256,10 @@ class OutboundServer(ProxyServer):
                 self.kernel_splice.withdraw(offer)  # type: ignore[union-attr]
         if offer is not None and offer.spliced is not None:
             # The destination's inbound side took both sockets: the kernel carries the bytes,
-            # the stream only had to exist for mTLS and authorization.
-            try:
-                await self._run(offer.spliced, record)
-            finally:
-                splice.abort("spliced in the kernel")
+            # the stream only had to exist for mTLS and authorization. Ending it now frees its
+            # slot on the pooled connection (neither side's sockets are its any more).
+            splice.abort("spliced in the kernel")
+            await self._run(offer.spliced, record)
             return
         splice.start()
         await self._run(splice, record)

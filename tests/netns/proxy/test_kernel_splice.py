@@ -163,6 +163,9 @@ async def test_bytes_both_ways_are_counted_by_the_kernel_and_never_copied(
     assert spliced.splicer.maps.event_counts()["redirected"] > 0
     assert spliced.bytes("source") == (len(up), len(up))
     assert spliced.bytes("destination") == (len(up), len(up))
+    # The HBONE stream was only needed for mTLS and authorization: its slot is free again.
+    (hbone,) = mesh.pool.connections()
+    assert hbone.open_streams == 0
     writer.write_eof()
     assert await reader.read() == b""  # echo_app closes after our EOF: FIN came back
     writer.close()
