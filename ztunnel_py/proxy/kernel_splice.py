@@ -331,9 +331,12 @@ class KernelSplicer:
         a_sock = _socket_of(offer.down)
         b_sock = _socket_of(up)
         early = (offer.down.take_early(), up.take_early())
+        wrote = False
 
         def write_early() -> None:
             # Read before the pause took effect: older than anything the kernel will send on.
+            nonlocal wrote
+            wrote = any(early)
             for data, to in ((early[0], b_sock), (early[1], a_sock)):
                 # The transports' sockets are non-blocking and offer no send(): write the fd.
                 if data and os.write(to.fileno(), data) != len(data):
@@ -348,11 +351,13 @@ class KernelSplicer:
                 log.debug("kernel splice skipped a connection already closing: %s", e)
             else:
                 log.warning("kernel splice refused a connection, copying it instead: %s", e)
-            if any(early):
+            if wrote:
                 # Some early bytes may have been written: the connection cannot be resumed.
                 offer.down.reset()
                 up.reset()
                 raise KernelSpliceFailed(f"kernel splice failed after early bytes: {e}") from e
+            offer.down.put_back_early(early[0])  # the Python splice replays them
+            up.put_back_early(early[1])
             return None
         a = offer.down.release()
         b = up.release()

@@ -173,6 +173,10 @@ class TcpSide(asyncio.Protocol):
         early, self._early = self._early, []
         return b"".join(early)
 
+    def put_back_early(self, data: bytes) -> None:
+        """Undo ``take_early`` (the hand-over did not happen): replayed on ``attach``."""
+        self._early = [data] if data else []
+
     def release(self) -> socket.socket:
         """Hand the connection over (the kernel splice): a non-blocking duplicate of its
         socket. This side then neither reads, writes, resets nor closes the connection; its

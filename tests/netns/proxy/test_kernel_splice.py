@@ -385,3 +385,16 @@ def test_on_this_kernel_it_starts_after_its_self_test() -> None:
         assert splicer.debug()["program_events"]["redirected"] >= 2  # the self-test's bytes
     finally:
         splicer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_client_that_closes_at_once_is_served_by_the_copy(spliced: Spliced) -> None:
+    """Data and FIN sent before the tunnel is up: the sockhash refuses a socket past
+    ESTABLISHED, so the proxy copies this one, early bytes included (nothing is reset)."""
+    mesh = spliced.mesh
+    port = await mesh.serve_app(echo_app)
+    reader, writer = await mesh.dial(port)
+    writer.write(b"z" * 5000)
+    writer.write_eof()
+    assert await reader.read() == b"z" * 5000
+    writer.close()
