@@ -14,7 +14,7 @@ import random
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import Counter
+from prometheus_client import CollectorRegistry, Counter
 
 import ztunnel_py
 from ztunnel_py.admin.debug import redact
@@ -38,6 +38,7 @@ from ztunnel_py.telemetry.logging import LevelController
 from ztunnel_py.telemetry.metrics import ConnectionMetrics
 from ztunnel_py.telemetry.runtime import LoopMonitor, RecentLogs
 from ztunnel_py.telemetry.sink import ProxyTelemetry
+from ztunnel_py.workers.supervisor import WorkerPool
 from ztunnel_py.xds.local_source import LocalConfigSource
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ class App:
         self.registry = new_registry()
         self.hub = StateHub()
         self.readiness = Readiness()
-        self.loop_monitor = LoopMonitor(self.registry)
+        self.loop_monitor = LoopMonitor(self.registry, workers=config.worker_threads)
         self.logs = RecentLogs()  # the last lines and errors, for /debug
         self.dump_providers: dict[str, Callable[[], Any]] = {}
         self._stop = asyncio.Event()
@@ -79,8 +80,21 @@ class App:
                 cluster_id=config.cluster_id,
             )
         self._start_identity()
+        self.workers: WorkerPool | None = None
+        if config.worker_threads > 1:
+            self.workers = WorkerPool(
+                config=config,
+                hub=self.hub,
+                secrets=self.secrets,
+                readiness=self.readiness,
+                own_registry=self.registry,
+                levels=self.levels,
+                spawn=self.spawn,
+            )
+        # With workers the connections are theirs: this process's series would only be zeros.
+        connection_registry = self.registry if self.workers is None else CollectorRegistry()
         self.telemetry = ProxyTelemetry(
-            ConnectionMetrics(self.registry),
+            ConnectionMetrics(connection_registry),
             self.hub.state,
             network=config.network,
             access_log_errors_only=config.access_log_errors_only,
@@ -98,6 +112,11 @@ class App:
             spawn=self.spawn,
         )
         self.dump_providers["dataPlane"] = self.dataplane.dump
+        if self.workers is not None:
+            self.dataplane.serve_elsewhere = self.workers.pods_factory
+            self.dataplane.connection_views = self.workers.connections
+            self.dataplane.pool_views = self.workers.pools
+            self.dump_providers["workers"] = self.workers.dump
         self.dump_providers["workloadState"] = self.dataplane.workload_state
 
     def _start_identity(self) -> None:
@@ -197,6 +216,9 @@ class App:
         self.node_certs.sync_all()
         self._follow_certificates()
         self.dataplane.start()  # eBPF programs, ZDS enrollment, per-pod proxies
+        if self.workers is not None and self.dataplane.redirect_mode is not None:
+            await self.workers.start(self.dataplane.redirect_mode, self.dataplane.orig_dst_map_fd())
+            self.spawn("worker views", self.workers.refresh_views())
 
         self.spawn("loop monitor", self.loop_monitor.run())
         parts = DaemonParts(
@@ -220,7 +242,12 @@ class App:
             stats_port=self.config.stats_port,
             ready_port=self.config.readiness_port,
         )
-        stats = StatsServer(self.registry, before_scrape=[self.telemetry.flush])
+        if self.workers is None:
+            stats = StatsServer(self.registry, before_scrape=[self.telemetry.flush])
+        else:
+            stats = StatsServer(
+                self.workers.exposed_registry(), before_scrape=[self.workers.collect]
+            )
         ready = ReadinessServer(self.readiness)
         # None makes asyncio bind every family (it would set IPV6_V6ONLY on a "::" socket).
         any_host = None if self.config.ipv6_enabled else "0.0.0.0"
@@ -267,6 +294,8 @@ class App:
             code = EXIT_FORCED
         with contextlib.suppress(asyncio.CancelledError):
             await drained
+        if self.workers is not None:
+            await self.workers.stop(0.0 if code == EXIT_FORCED else deadline)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

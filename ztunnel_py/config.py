@@ -12,6 +12,7 @@ import dataclasses
 import enum
 import ipaddress
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -189,6 +190,9 @@ class Config:
     # ZTUNNEL_PY_KERNEL_SPLICE: None (auto) splices same-node connections in the kernel when it
     # can, True insists (start fails without it), False copies them in Python.
     kernel_splice: bool | None = None
+    #: Data-plane worker processes (ztunnel's ``num_worker_threads``, see ``worker_threads``);
+    #: 1 serves in the daemon's own process, as before workers existed.
+    worker_threads: int = 1
 
     @property
     def uses_local_xds(self) -> bool:
@@ -578,6 +582,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         bpf_object_dir=Path(env["BPF_OBJECT_DIR"]) if env.get("BPF_OBJECT_DIR") else None,
         dns_resolv_conf=Path(get("DNS_RESOLV_CONF") or DEFAULT_RESOLV_CONF),
         kernel_splice=_kernel_splice(get(KERNEL_SPLICE_ENV)),
+        worker_threads=worker_threads(env, pc.get("concurrency"), len(os.sched_getaffinity(0))),
     )
 
 
@@ -600,3 +605,66 @@ def _prefixed(env: Mapping[str, str], prefix: str) -> dict[str, str]:
         for key, value in env.items()
         if key.startswith(prefix) and key != prefix
     }
+
+
+# --- worker count (ztunnel's num_worker_threads) -----------------------------------------------
+
+DEFAULT_WORKER_THREADS = 2  # ztunnel's floor for its CPU-aware default
+WORKER_THREAD_CPU_FRACTION = 0.25  # ztunnel: a quarter of the cores when no limit is set
+
+
+def parse_cpu_quantity(name: str, raw: str) -> int:
+    """A Kubernetes CPU quantity ("2", "1.5", "500m") as whole CPUs, rounded up (ztunnel)."""
+    text = raw.strip()
+    try:
+        cores = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        cores = float("nan")
+    if not math.isfinite(cores) or cores <= 0:
+        raise ConfigError(name, raw, "a positive CPU quantity such as 2, 1.5 or 500m")
+    return math.ceil(cores)
+
+
+def worker_threads(env: Mapping[str, str], concurrency: Any, cpus: int) -> int:
+    """ztunnel's ``num_worker_threads``, with one deliberate difference in the default.
+
+    As ztunnel: ``ZTUNNEL_WORKER_THREADS`` is a count, ``N%`` of the CPU count (rounded up,
+    at least 1) or ``0`` for every CPU; else ProxyConfig ``concurrency`` (0: every CPU); else
+    ``ZTUNNEL_RESOURCE_CPU_LIMIT`` raised to ``ZTUNNEL_RESOURCE_CPU_REQUEST``. The CPU count is
+    ``ZTUNNEL_RESOURCE_CPU_LIMIT``, else ``ZTUNNEL_CPU_LIMIT`` (the chart's downward API),
+    else the CPUs this process may use. When none of these is set ztunnel takes
+    max(ceil(25% of the CPUs), 2, the request); we take 1: a worker here is a whole Python
+    process (interpreter, modules, its own pools), not a thread, so extra ones are opted into
+    (docs/configuration.md).
+    """
+    limit_raw = env.get("ZTUNNEL_RESOURCE_CPU_LIMIT")
+    limit = parse_cpu_quantity("ZTUNNEL_RESOURCE_CPU_LIMIT", limit_raw) if limit_raw else None
+    request_raw = env.get("ZTUNNEL_RESOURCE_CPU_REQUEST")
+    request = parse_cpu_quantity("ZTUNNEL_RESOURCE_CPU_REQUEST", request_raw) if request_raw else 0
+
+    def cpu_count() -> int:
+        if limit is not None:
+            return limit
+        raw = env.get("ZTUNNEL_CPU_LIMIT")
+        return parse_int("ZTUNNEL_CPU_LIMIT", raw, minimum=1) if raw else cpus
+
+    raw = (env.get("ZTUNNEL_WORKER_THREADS") or "").strip()
+    if raw.endswith("%"):
+        try:
+            percent = float(raw[:-1])
+        except ValueError:
+            percent = float("nan")
+        if not 0 < percent <= 100:  # also refuses nan
+            raise ConfigError(
+                "ZTUNNEL_WORKER_THREADS", raw, "a percentage above 0 and at most 100%"
+            )
+        return max(1, math.ceil(cpu_count() * percent / 100))
+    if raw:
+        count = parse_int("ZTUNNEL_WORKER_THREADS", raw)
+        return count or cpu_count()
+    if concurrency is not None:
+        count = parse_int("PROXY_CONFIG.concurrency", str(concurrency))
+        return count or cpu_count()
+    if limit is not None:
+        return max(limit, request, 1)
+    return 1

@@ -47,7 +47,12 @@ from ztunnel_py.proxy.sockets import OriginalDestination
 from ztunnel_py.proxy.sockopt import PodSocketFactory, SoOriginalDst
 from ztunnel_py.readiness import Readiness
 from ztunnel_py.redirect.listeners import PodListeners
-from ztunnel_py.redirect.workloads import EnrolledPod, EnrollmentListener, WorkloadManager
+from ztunnel_py.redirect.workloads import (
+    EnrolledPod,
+    EnrollmentListener,
+    PodProxyFactory,
+    WorkloadManager,
+)
 from ztunnel_py.state.hub import StateHub
 from ztunnel_py.state.model import Workload
 from ztunnel_py.state.store import ChangeSet
@@ -98,7 +103,7 @@ class PodProxyStarter:
     async def start(self, pod: EnrolledPod, listeners: PodListeners) -> _PodHandle:
         if pod.workload is None:
             raise ZtunnelError(f"pod {pod.uid} has no xDS workload yet")
-        dns = await self._start_dns(pod.netns_fd, pod.workload.uid)
+        dns = await self.start_dns(pod.netns_fd, pod.workload.uid)
         try:
             return await self._start_proxy(pod, pod.workload, listeners, dns)
         except BaseException:
@@ -106,7 +111,7 @@ class PodProxyStarter:
                 await dns.stop()
             raise
 
-    async def _start_dns(self, netns_fd: int, uid: str) -> DnsServer | None:
+    async def start_dns(self, netns_fd: int, uid: str) -> DnsServer | None:
         """The pod's DNS proxy, inside its netns (``ISTIO_META_DNS_CAPTURE=false``: none)."""
         if self._dns is None:
             return None
@@ -160,6 +165,11 @@ class DataPlane:
         self.kernel_splice: KernelSplicer | None = None
         # XDS_ON_DEMAND: the xDS client's lookup, set by the composition root before start().
         self.demand: Demand | None = None
+        # Multi-worker mode: pods are served by worker processes (set before start()).
+        self.serve_elsewhere: Callable[[PodProxyStarter], PodProxyFactory] | None = None
+        # Live connections and HBONE pools as the views show them (the workers' in that mode).
+        self.connection_views: Callable[[], dict[str, Any]] = self.conntrack.dump
+        self.pool_views: Callable[[], dict[str, Any]] = self._pool_dumps
         self._certificates = certificates
         self._telemetry = telemetry
         self._rng = rng
@@ -210,25 +220,17 @@ class DataPlane:
                 # has its destination in conntrack (proxy/coexist.py).
                 original_destination = KernelMapThenConntrack(loader.original_destinations())
                 inbound_original_destination = LocalAddressUnlessRedirected(PORT_INBOUND_PLAINTEXT)
-        splicer = self.kernel_splice = start_kernel_splice(self.config)
-        inputs = ProxyInputs(
-            config=self.config,
-            state=self.hub.state,
-            certificates=self._certificates,
-            original_destination=original_destination,
-            inbound_original_destination=inbound_original_destination,
-            telemetry=self._telemetry,
-            conntrack=self.conntrack,
-            rng=self._rng,
-            demand=self.demand,
-            handshakes=self.mtls_health,
-            kernel_splice=splicer if splicer.enabled else None,
-        )
+        if self.serve_elsewhere is None:  # else each worker process splices its own
+            self.kernel_splice = start_kernel_splice(self.config)
+        inputs = self.proxy_inputs(original_destination, inbound_original_destination)
         starter = self.starter = PodProxyStarter(
             inputs, dns=dns, hostnames=self._on_demand_dns(resolv_conf)
         )
+        pods: PodProxyFactory = (
+            starter if self.serve_elsewhere is None else self.serve_elsewhere(starter)
+        )
         self.manager = WorkloadManager.from_config(
-            self.config, self.hub.state, starter, self.registry, listeners=listeners
+            self.config, self.hub.state, pods, self.registry, listeners=listeners
         )
         if self.demand is not None:
             self.manager.demand_workload = self._demand_workload
@@ -241,6 +243,54 @@ class DataPlane:
             self.readiness.block(READY_WORKLOADS, "waiting for the istio-cni node agent")
             self.zds = ZdsClient(self.config.inpod_uds, self.manager, on_ready=self._zds_ready)
             self.spawn("zds", self.zds.run())
+
+    def proxy_inputs(
+        self,
+        original_destination: OriginalDestination,
+        inbound_original_destination: OriginalDestination | None,
+    ) -> ProxyInputs:
+        """What every pod's proxy is built from (``ProxyInputs``), for this daemon's state."""
+        splicer = self.kernel_splice
+        return ProxyInputs(
+            config=self.config,
+            state=self.hub.state,
+            certificates=self._certificates,
+            original_destination=original_destination,
+            inbound_original_destination=inbound_original_destination,
+            telemetry=self._telemetry,
+            conntrack=self.conntrack,
+            rng=self._rng,
+            demand=self.demand,
+            handshakes=self.mtls_health,
+            kernel_splice=splicer if splicer is not None and splicer.enabled else None,
+        )
+
+    def start_worker(
+        self, redirect_mode: RedirectMode, orig_dst_map_fd: int | None
+    ) -> PodProxyStarter:
+        """A worker process's data plane: pods come from the control plane with their
+        listeners, so no redirection, BPF loading or enrolment here; only the proxies (DNS
+        stays with the control plane). ``orig_dst_map_fd``: the BPF original-destination
+        map, in eBPF mode."""
+        self.redirect_mode = redirect_mode
+        original_destination: OriginalDestination = SoOriginalDst()
+        inbound_original_destination: OriginalDestination | None = SoOriginalDst()
+        if orig_dst_map_fd is not None:
+            from ztunnel_py.bpf import _types
+            from ztunnel_py.bpf.maps import LibbpfMap
+            from ztunnel_py.bpf.origdst import BpfOriginalDestination
+
+            kernel = BpfOriginalDestination(LibbpfMap(_types.MAP_ORIG_DST, orig_dst_map_fd))
+            original_destination = KernelMapThenConntrack(kernel)
+            inbound_original_destination = LocalAddressUnlessRedirected(PORT_INBOUND_PLAINTEXT)
+        resolv_conf = read_resolv_conf(self.config.dns_resolv_conf)
+        # A worker's outbound and inbound sides pair up only within the worker: it splices.
+        self.kernel_splice = start_kernel_splice(self.config)
+        self.starter = PodProxyStarter(
+            self.proxy_inputs(original_destination, inbound_original_destination),
+            hostnames=self._on_demand_dns(resolv_conf),
+        )
+        return self.starter
 
     def _on_demand_dns(self, conf: ResolvConf) -> Callable[[int], HostnameResolver]:
         """ztunnel's on-demand DNS for hostname-only workloads, asked from each pod."""
@@ -356,6 +406,14 @@ class DataPlane:
         except ReconcileError as e:
             log.error("bpf maps are incomplete after dropping pods that are gone: %s", e)
 
+    def orig_dst_map_fd(self) -> int | None:
+        """The BPF original-destination map (eBPF mode), for the worker processes."""
+        if self.bpf is None:
+            return None
+        from ztunnel_py.bpf import _types
+
+        return self.bpf.maps[_types.MAP_ORIG_DST].fd
+
     # ------------------------------------------------------------------ admin and stop
 
     def dump(self) -> dict[str, Any]:
@@ -371,7 +429,7 @@ class DataPlane:
         if self.manager is None:
             return {}
         out = self.manager.dump()
-        connections = self.conntrack.dump()
+        connections = self.connection_views()
         for uid, pod in self.manager.pods().items():
             entry = out.get(uid)
             if entry is not None and entry["state"] == "Up" and pod.workload is not None:
@@ -400,11 +458,11 @@ class DataPlane:
 
     def debug_connections(self) -> dict[str, Any]:
         """Live connections per workload uid, and each pod's HBONE pool."""
+        return {"byWorkload": self.connection_views(), "pools": self.pool_views()}
+
+    def _pool_dumps(self) -> dict[str, Any]:
         pools = self.starter.pools if self.starter is not None else {}
-        return {
-            "byWorkload": self.conntrack.dump(),
-            "pools": {uid: pool.dump() for uid, pool in sorted(pools.items())},
-        }
+        return {uid: pool.dump() for uid, pool in sorted(pools.items())}
 
     def debug_listeners(self) -> list[dict[str, Any]]:
         """Every up pod's proxy ports, inside its network namespace."""

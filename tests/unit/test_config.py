@@ -334,3 +334,65 @@ def test_config_dump_command_refuses_a_bad_admin_port(
     monkeypatch.setenv("ADMIN_PORT", "not-a-port")
     assert main(["config-dump"]) == EXIT_CONFIG
     assert "ADMIN_PORT" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("env", "concurrency", "cpus", "expected"),
+    [
+        ({}, None, 16, 1),  # ours: one process unless asked (ztunnel: max(25%, 2))
+        ({"ZTUNNEL_WORKER_THREADS": "4"}, None, 2, 4),
+        ({"ZTUNNEL_WORKER_THREADS": "0"}, None, 3, 3),  # every CPU
+        ({"ZTUNNEL_WORKER_THREADS": "0", "ZTUNNEL_CPU_LIMIT": "6"}, None, 3, 6),
+        ({"ZTUNNEL_WORKER_THREADS": "50%", "ZTUNNEL_CPU_LIMIT": "8"}, None, 2, 4),
+        ({"ZTUNNEL_WORKER_THREADS": "30%", "ZTUNNEL_CPU_LIMIT": "16"}, None, 2, 5),  # rounds up
+        ({"ZTUNNEL_WORKER_THREADS": "10%", "ZTUNNEL_CPU_LIMIT": "4"}, None, 2, 1),
+        ({"ZTUNNEL_WORKER_THREADS": "50%", "ZTUNNEL_CPU_LIMIT": "12"}, None, 2, 6),
+        # an explicit resource limit is the CPU count before ZTUNNEL_CPU_LIMIT
+        (
+            {
+                "ZTUNNEL_WORKER_THREADS": "100%",
+                "ZTUNNEL_CPU_LIMIT": "12",
+                "ZTUNNEL_RESOURCE_CPU_LIMIT": "3",
+            },
+            None,
+            2,
+            3,
+        ),
+        ({}, 3, 8, 3),  # ProxyConfig concurrency
+        ({}, 0, 8, 8),
+        ({"ZTUNNEL_WORKER_THREADS": "2"}, 5, 8, 2),  # the env var wins
+        ({"ZTUNNEL_RESOURCE_CPU_LIMIT": "500m"}, None, 8, 1),  # a limit is the count
+        ({"ZTUNNEL_RESOURCE_CPU_LIMIT": "2.5"}, None, 8, 3),
+        ({"ZTUNNEL_RESOURCE_CPU_LIMIT": "1", "ZTUNNEL_RESOURCE_CPU_REQUEST": "3"}, None, 8, 3),
+        ({"ZTUNNEL_RESOURCE_CPU_REQUEST": "3"}, None, 8, 1),  # a request alone: as unset
+    ],
+)
+def test_worker_threads_as_ztunnel_computes_them(
+    env: dict[str, str], concurrency: int | None, cpus: int, expected: int
+) -> None:
+    assert c.worker_threads(env, concurrency, cpus) == expected
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({"ZTUNNEL_WORKER_THREADS": "lots"}, "ZTUNNEL_WORKER_THREADS"),
+        ({"ZTUNNEL_WORKER_THREADS": "0%"}, "ZTUNNEL_WORKER_THREADS"),
+        ({"ZTUNNEL_WORKER_THREADS": "150%"}, "ZTUNNEL_WORKER_THREADS"),
+        ({"ZTUNNEL_WORKER_THREADS": "x%"}, "ZTUNNEL_WORKER_THREADS"),
+        ({"ZTUNNEL_WORKER_THREADS": "-1"}, "ZTUNNEL_WORKER_THREADS"),
+        ({"ZTUNNEL_WORKER_THREADS": "0", "ZTUNNEL_CPU_LIMIT": "0"}, "ZTUNNEL_CPU_LIMIT"),
+        ({"ZTUNNEL_RESOURCE_CPU_LIMIT": "-2"}, "ZTUNNEL_RESOURCE_CPU_LIMIT"),
+        ({"ZTUNNEL_RESOURCE_CPU_REQUEST": "1Gi"}, "ZTUNNEL_RESOURCE_CPU_REQUEST"),
+    ],
+)
+def test_bad_worker_settings_name_the_variable(env: dict[str, str], name: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        c.from_env({"LOCAL_XDS_PATH": "/x", **env})
+
+
+def test_worker_threads_reach_the_config() -> None:
+    assert c.from_env({"LOCAL_XDS_PATH": "/x"}).worker_threads == 1
+    assert c.from_env({"LOCAL_XDS_PATH": "/x", "ZTUNNEL_WORKER_THREADS": "3"}).worker_threads == 3
+    pc = "concurrency: 2\n"
+    assert c.from_env({"LOCAL_XDS_PATH": "/x", "PROXY_CONFIG": pc}).worker_threads == 2

@@ -81,6 +81,38 @@ class PodsResult:
     opened: int  # connections the daemon's proxies opened in all
 
 
+@dataclass
+class WorkersResult:
+    """Saturation (wrk against the mesh server) with ``workers`` data-plane processes a node."""
+
+    workers: int
+    redirect: str
+    wrk: Wrk
+    cpu_vcpu: float  # both nodes' daemons and their workers, during wrk
+    processes: int  # daemon and worker processes measured
+
+
+def render_workers(info: RunInfo, results: Sequence[WorkersResult]) -> str:
+    """The ``saturation-by-workers`` section: one row per worker count."""
+    base = results[0].wrk.rps if results else 0.0
+    lines = [
+        *info.header(),
+        "**Saturation by worker count** (`ZTUNNEL_WORKER_THREADS`; wrk, 16 connections, nginx "
+        "in the server pod; proxy CPU is both nodes' daemons and workers during wrk)",
+        "",
+        row("workers per node", "mode", "requests/s", "vs first row", "p50 ms", "p99 ms",
+            "proxy vCPU", "processes"),
+        row(*["---"] * 8),
+    ]  # fmt: skip
+    lines += [
+        row(r.workers, r.redirect, f"{r.wrk.rps:.0f}", fmt_ratio(ratio(r.wrk.rps, base)),
+            f"{r.wrk.latency_ms.get('50', 0):.2f}", f"{r.wrk.latency_ms.get('99', 0):.2f}",
+            f"{r.cpu_vcpu:.2f}", r.processes)
+        for r in results
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
 def _version(argv: Sequence[str], pattern: str) -> str:
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)

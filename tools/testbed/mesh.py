@@ -79,6 +79,10 @@ class MeshOptions:
     services: Sequence[ExtraService] = ()  # services to add to the testbed's
     workloads: Sequence[Mapping[str, Any]] = ()  # local-config workloads beyond the pods
     env: Mapping[str, str] = field(default_factory=dict)  # extra daemon environment
+    node_env: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # node -> env
+    # Pod name -> local-config fields merged into its workload (e.g. ``network`` and
+    # ``networkGateway`` for a multi-network mesh).
+    workload_fields: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # Pods left out of the mesh, like pods of a namespace without the ambient label: not in
     # the local config, never enrolled, no in-pod rules. Traffic to them is non-mesh traffic.
     outside: Sequence[str] = ()
@@ -157,6 +161,7 @@ class Mesh:
             **self.node_env(node_name),
         }
         env.update(self.options.env)
+        env.update(self.options.node_env.get(node_name, {}))
         return env
 
     def node_env(self, node_name: str) -> dict[str, str]:
@@ -258,6 +263,8 @@ class Mesh:
         by_name = {w["name"]: w for w in doc["workloads"]}
         for pod_name, keys in (selected or {}).items():
             by_name[pod_name]["authorizationPolicies"] = list(keys)
+        for pod_name, fields in self.options.workload_fields.items():
+            by_name[pod_name].update(fields)
         for svc in self.options.services:
             doc["services"].append(
                 {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, ProcessCollector, disable_created_metrics
@@ -106,7 +106,10 @@ class AdminServer:
 
 class StatsServer:
     def __init__(
-        self, registry: CollectorRegistry, *, before_scrape: Sequence[Callable[[], None]] = ()
+        self,
+        registry: CollectorRegistry,
+        *,
+        before_scrape: Sequence[Callable[[], Awaitable[None] | None]] = (),
     ) -> None:
         self._registry = registry
         self._before_scrape = tuple(before_scrape)  # e.g. bring live byte counters up to date
@@ -119,7 +122,9 @@ class StatsServer:
 
     async def _metrics(self, request: Request) -> Response:
         for refresh in self._before_scrape:
-            refresh()
+            pending = refresh()
+            if pending is not None:
+                await pending  # e.g. ask the data-plane workers for their figures
         if "application/openmetrics-text" in request.headers.get("accept", ""):
             return Response(
                 200,

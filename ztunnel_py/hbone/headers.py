@@ -304,7 +304,7 @@ def request_headers(
             headers.append((BAGGAGE, text))
     if traceparent is not None:
         headers.append((TRACEPARENT, str(traceparent)))
-    if forwarded_network:
+    if forwarded_network is not None:  # sent even when empty (the default network), as ztunnel
         headers.append((X_FORWARDED_NETWORK, forwarded_network))
     headers.extend(extra)
     return headers

@@ -17,6 +17,11 @@ Order of work (ztunnel ``Inbound::serve_connect``):
    503 when that fails;
 6. answer 200 (with the destination's baggage) and splice.
 
+Telemetry takes the source's ``baggage`` for the labels a known source workload does not
+give; a tunnel whose ``x-forwarded-network`` names another network came through an east-west
+gateway (``from_gateway``): its peer address is the gateway's, so the source is the baggage
+and the verified identity alone (docs/multi-network.md).
+
 Every connection and every stream is handled in its own task or callback chain; what a peer
 sends can fail its own stream or connection, never the server. A stream's task is cancelled
 when the peer resets the stream or drops the connection before the answer, so an upstream
@@ -93,6 +98,14 @@ def workload_baggage(w: Workload) -> Baggage:
         region=w.locality.region or None,
         zone=w.locality.zone or None,
     )
+
+
+def from_gateway(request: ConnectRequest, network: str) -> bool:
+    """ztunnel's gateway check: the inner CONNECT of a double-HBONE tunnel names its origin
+    network (``x-forwarded-network``); another network than ours means the peer address is
+    the east-west gateway's, not the client's."""
+    origin = request.forwarded_network
+    return origin is not None and origin.lower() != network.lower()
 
 
 class _InboundConnection(HboneProtocol):
@@ -313,6 +326,8 @@ class InboundServer(ProxyServer):
             dst_addr=proto.local,
             hbone_addr=str(request.authority),
             trace_id=(request.traceparent or new_traceparent(self.inputs.rng)).trace_id,
+            src_baggage=request.baggage if self.config.enable_response_baggage else None,
+            from_gateway=from_gateway(request, self.config.network),
         )
 
     def _report_refused(

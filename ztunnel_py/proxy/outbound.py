@@ -10,16 +10,30 @@ connected is reset, so the application sees a refused connection rather than a h
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import socket
 import ssl
+from typing import cast
 
 from ztunnel_py.hbone.connection import HboneSettings, Role
-from ztunnel_py.hbone.errors import HboneError
-from ztunnel_py.hbone.headers import Forwarded, TraceParent, new_traceparent, request_headers
+from ztunnel_py.hbone.errors import HboneError, InvalidHeader
+from ztunnel_py.hbone.headers import (
+    BAGGAGE,
+    Baggage,
+    Forwarded,
+    TraceParent,
+    format_authority,
+    header_value,
+    new_traceparent,
+    parse_baggage,
+    request_headers,
+)
 from ztunnel_py.identity.errors import IdentityError
 from ztunnel_py.identity.tls import NO_SNI, TlsVerificationError, handshake_error, verify_server
 from ztunnel_py.proxy.certificates import CertificateSource, HandshakeObserver
 from ztunnel_py.proxy.conntrack import OutboundConnection, tracked_outbound
+from ztunnel_py.proxy.double_hbone import open_double_tunnel, tunnel_headers
 from ztunnel_py.proxy.errors import UpstreamConnectError
 from ztunnel_py.proxy.inbound import workload_baggage
 from ztunnel_py.proxy.inputs import PodInputs, ProxyInputs
@@ -38,7 +52,7 @@ from ztunnel_py.proxy.tcp import (
     connect_tcp,
     sockaddr,
 )
-from ztunnel_py.proxy.transport import HboneProtocol
+from ztunnel_py.proxy.transport import HboneProtocol, hbone_settings
 from ztunnel_py.state.model import NetworkAddress, SocketAddr, Workload
 from ztunnel_py.telemetry.connections import ConnectionRecord, Direction
 from ztunnel_py.telemetry.ratelimit import LimitedLog
@@ -73,6 +87,21 @@ class HboneConnector:
         sock = await connect_socket(
             self.sockets, key.dst, timeout_s=self.connect_timeout_s, hbone=True
         )
+        return await self._handshake(sock, key, ctx, on_idle)
+
+    async def handshake(self, sock: socket.socket, key: WorkloadKey) -> HboneProtocol:
+        """mTLS and HTTP/2 over a socket connected by someone else: the inner connection of
+        double HBONE, over the outer stream (``double_hbone``); never pooled."""
+        try:
+            ctx = await self.certificates.client_context(key.src_identity)
+        except BaseException:
+            sock.close()
+            raise
+        return await self._handshake(sock, key, ctx, None)
+
+    async def _handshake(
+        self, sock: socket.socket, key: WorkloadKey, ctx: ssl.SSLContext, on_idle: object
+    ) -> HboneProtocol:
         proto = HboneProtocol(
             Role.CLIENT,
             self.settings,
@@ -129,6 +158,13 @@ class OutboundServer(ProxyServer):
         self.baggage = workload_baggage(pod.workload)
         self.hostnames = pod.hostnames
         self.kernel_splice = inputs.kernel_splice
+        # The inner connections of double HBONE (never pooled): dialled like pooled ones.
+        self.inner_connector = HboneConnector(
+            certificates=inputs.certificates,
+            sockets=pod.sockets,
+            settings=hbone_settings(Role.CLIENT, inputs.config),
+            health=inputs.handshakes,
+        )
 
     async def _handle(self, down: AcceptedSide) -> None:
         transport = down.transport
@@ -168,6 +204,8 @@ class OutboundServer(ProxyServer):
             route = resolved
         if route.kind is RouteKind.HBONE:
             await self._proxy_hbone(down, src, dst, route)
+        elif route.kind is RouteKind.DOUBLE_HBONE:
+            await self._proxy_double_hbone(down, src, dst, route)
         else:
             await self._proxy_tcp(down, src, dst, route)
 
@@ -210,7 +248,7 @@ class OutboundServer(ProxyServer):
             src_workload=self.workload,
             dst_workload=dest,
             dst_service=route.destination_service.hostname if route.destination_service else None,
-            protocol="HBONE" if route.kind is RouteKind.HBONE else "TCP",
+            protocol="TCP" if route.kind in (RouteKind.TCP, RouteKind.PASSTHROUGH) else "HBONE",
             dst_addr=route.next_hop,
             hbone_addr=route.authority,
             trace_id=trace.trace_id,
@@ -278,6 +316,71 @@ class OutboundServer(ProxyServer):
             return None
         return self.kernel_splice.offer(conn, sid, down)
 
+    async def _proxy_double_hbone(
+        self, down: AcceptedSide, src: SocketAddr, dst: SocketAddr, route: Route
+    ) -> None:
+        """ztunnel's ``proxy_to_double_hbone``: the outer CONNECT to the gateway, then TLS with
+        the final hop and the inner CONNECT (with ``x-forwarded-network``) inside it."""
+        assert route.authority is not None
+        service = route.destination_service
+        trace = new_traceparent(self.rng)
+        outer_headers, inner_headers = tunnel_headers(
+            forwarded=Forwarded(src[0], src[1], service.hostname if service else None),
+            baggage=self.baggage,
+            traceparent=trace,
+            origin_network=self.config.network,
+        )
+        outer_key = WorkloadKey(
+            src_identity=self.identity,
+            dst_identities=frozenset(route.identities),
+            src_ip=src[0],
+            dst=route.next_hop,
+        )
+        inner_key = dataclasses.replace(outer_key, dst_identities=frozenset(route.inner_identities))
+        record = self._record(src, dst, route, trace)
+        splice = HboneSplice(down)
+        try:
+            tunnel = await open_double_tunnel(
+                self.pool,
+                outer_key,
+                route.authority,
+                outer_headers,
+                inner_key,
+                self.inner_connector.handshake,
+            )
+        except (UpstreamConnectError, IdentityError, HboneError, OSError) as e:
+            log.warning(
+                "outbound double HBONE to %s via gateway %s failed: %s",
+                route.authority,
+                format_authority(*route.next_hop),
+                e,
+            )
+            down.reset()
+            self._failed(record, e)
+            return
+        try:  # the tunnel is closed however this ends (cancelled at shutdown too)
+            try:
+                sid = tunnel.inner.open_stream(route.authority, inner_headers, splice)
+                splice.bind(tunnel.inner, sid)
+                answer = await splice.established
+            except (TunnelRefused, TunnelFailed, HboneError) as e:
+                log.warning("outbound double HBONE to %s failed: %s", route.authority, e)
+                down.reset()
+                self._failed(record, e)
+                return
+            # The final hop's identity (checked in the handshake already): the destination
+            # principal, where a direct tunnel has the next hop's.
+            ssl_object = cast(ssl.SSLObject, tunnel.inner.get_extra_info("ssl_object"))
+            record = dataclasses.replace(
+                record,
+                dst_identity=str(verify_server(ssl_object, inner_key.dst_identities)),
+                dst_baggage=_lenient_baggage(header_value(answer, BAGGAGE)),
+            )
+            splice.start()
+            await self._run(splice, record)
+        finally:
+            await tunnel.close("connection done")
+
     async def _proxy_tcp(
         self, down: AcceptedSide, src: SocketAddr, dst: SocketAddr, route: Route
     ) -> None:
@@ -328,3 +431,13 @@ def pod_source(src: SocketAddr, workload: Workload) -> SocketAddr:
         if candidate.version == ip.version:
             return candidate, port
     return src
+
+
+def _lenient_baggage(value: str | None) -> Baggage | None:
+    """The final hop's response baggage (telemetry only: a malformed one is ignored)."""
+    if value is None:
+        return None
+    try:
+        return parse_baggage(value)
+    except InvalidHeader:
+        return None

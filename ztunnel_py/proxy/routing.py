@@ -21,8 +21,14 @@ The steps (reference 4.3):
    A workload with only a hostname (ServiceEntry ``resolution: DNS``) gets a route marked
    ``resolve_hostname``: the adapter looks the name up on demand (ztunnel's on-demand DNS).
 
-Endpoints on another network need double HBONE through an east-west gateway, which is not
-implemented: such routes raise ``CrossNetworkUnsupported``.
+6. An upstream on another network than the source (an endpoint, or the service's waypoint)
+   is reached through its ``network_gateway`` by double HBONE (``RouteKind.DOUBLE_HBONE``):
+   the outer CONNECT goes to the gateway (found by address on the gateway's network, or by
+   hostname) and proves the gateway's identity; the inner one, carried inside it, proves the
+   service's ``subject_alt_names``. Both name ``<service hostname>:<service port>``. Only
+   service-addressed traffic may cross networks (``NoService`` otherwise). An endpoint with
+   no address counts in load balancing only when it is on another network and has a gateway
+   (istiod's split-horizon workloads). See docs/multi-network.md.
 """
 
 from __future__ import annotations
@@ -64,6 +70,8 @@ class RouteKind(enum.Enum):
     HBONE = "HBONE"  # mTLS + CONNECT to the next hop's :15008
     TCP = "TCP"  # plain TCP to a known workload that is not in the mesh
     PASSTHROUGH = "PASSTHROUGH"  # plain TCP to the original destination, nothing known
+    # HBONE inside HBONE: the outer tunnel to a network gateway, the inner one to the service
+    DOUBLE_HBONE = "DOUBLEHBONE"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -73,8 +81,12 @@ class Route:
     next_hop: SocketAddr
     #: ``:authority`` of the CONNECT (HBONE only).
     authority: str | None = None
-    #: Identities the next hop's certificate may carry (HBONE only).
+    #: Identities the next hop's certificate may carry (HBONE only; the gateway's for
+    #: double HBONE).
     identities: tuple[Identity, ...] = ()
+    #: Double HBONE: identities the final hop may prove inside the gateway's tunnel (the
+    #: service's ``subject_alt_names``, ztunnel's ``final_sans``).
+    inner_identities: tuple[Identity, ...] = ()
     #: The workload at the next hop (the waypoint when going through one).
     destination_workload: Workload | None = None
     #: The service the client addressed, if any (``forwarded: ...;host=``, telemetry).
@@ -88,13 +100,14 @@ class Route:
 
     def resolved(self, ip: IPAddress) -> Route:
         """The route once ``resolve_hostname`` has been looked up and ``ip`` chosen."""
+        if self.kind is RouteKind.DOUBLE_HBONE:
+            authority = self.authority  # the service name: only the gateway was resolved
+        elif self.kind is RouteKind.HBONE:
+            authority = format_authority(ip, self.target_port)
+        else:
+            authority = None
         return dataclasses.replace(
-            self,
-            next_hop=(ip, self.next_hop[1]),
-            authority=(
-                format_authority(ip, self.target_port) if self.kind is RouteKind.HBONE else None
-            ),
-            resolve_hostname="",
+            self, next_hop=(ip, self.next_hop[1]), authority=authority, resolve_hostname=""
         )
 
 
@@ -123,13 +136,30 @@ class UnknownWaypoint(RoutingError):
         super().__init__(f"waypoint {waypoint.destination} not found in the mesh state")
 
 
-class CrossNetworkUnsupported(RoutingError):
-    def __init__(self, target: SocketAddr, network: str) -> None:
-        self.target = target
+class UnknownNetworkGateway(RoutingError):
+    """ztunnel's ``UnknownNetworkGateway``: the gateway of a remote endpoint is not in the
+    mesh state (or has no usable address)."""
+
+    def __init__(self, gateway: GatewayAddress, network: str) -> None:
+        self.gateway = gateway
         self.network = network
         super().__init__(
-            f"{format_authority(*target)} is on network {network!r}: reaching another network"
-            " needs double HBONE through an east-west gateway, which ztunnel-py does not do yet"
+            f"unknown network gateway: network gateway {gateway.destination}"
+            f" (port {gateway.hbone_mtls_port}) of network {network!r} not found: istiod must"
+            " send the gateway as a workload or service (check the east-west gateway's"
+            " topology.istio.io/network label and its address)"
+        )
+
+
+class NoService(RoutingError):
+    """ztunnel's ``NoService``: a workload on another network addressed by its IP; only
+    service-addressed traffic crosses networks."""
+
+    def __init__(self, target: SocketAddr, network: str) -> None:
+        self.target = target
+        super().__init__(
+            f"no service for target address: {format_authority(*target)} is a workload on"
+            f" network {network!r}; another network is reached only through a service"
         )
 
 
@@ -161,6 +191,8 @@ def route_outbound(
         waypoint = sample_weighted_waypoint(service, rng) or service.waypoint
         if waypoint is not None:
             via = _resolve_waypoint(state, waypoint, source, target, rng)
+            if via.workload.network != source.network:
+                return _through_gateway(state, source, via, service, target, rng)
             return _waypoint_route(via, source, target, service, hbone_port)
         lb = service.load_balancer
         if lb is not None and lb.mode is LoadBalancerMode.PASSTHROUGH:
@@ -175,7 +207,9 @@ def route_outbound(
 
     workload = upstream.workload
     if workload.network != source.network:
-        raise CrossNetworkUnsupported(target, workload.network)
+        if service is None:
+            raise NoService(target, workload.network)
+        return _through_gateway(state, source, upstream, service, target, rng)
 
     if (
         service is None
@@ -218,8 +252,6 @@ def _waypoint_route(
     via: _Upstream, source: Workload, target: SocketAddr, service: Service | None, hbone_port: int
 ) -> Route:
     waypoint = via.workload
-    if waypoint.network != source.network:
-        raise CrossNetworkUnsupported(target, waypoint.network)
     ip = _pick_ip(waypoint, target[0])
     return Route(
         kind=RouteKind.HBONE,
@@ -331,6 +363,94 @@ def _source_is_waypoint(
     return False
 
 
+# --------------------------------------------------------------------------- network gateways
+
+
+def _through_gateway(
+    state: ProxyState,
+    source: Workload,
+    upstream: _Upstream,
+    service: Service,
+    target: SocketAddr,
+    rng: random.Random,
+) -> Route:
+    """ztunnel's ``build_request_through_gateway``: double HBONE to ``upstream`` (a remote
+    endpoint or waypoint) through its network gateway. Both CONNECTs name the service the
+    client addressed, with the port it used; the gateway picks the endpoint."""
+    gateway = upstream.workload.network_gateway
+    if gateway is None:
+        raise NoValidDestination(
+            upstream.workload,
+            f"it is on network {upstream.workload.network!r} and has no network gateway",
+        )
+    via = _resolve_network_gateway(state, gateway, upstream.workload.network, source, target, rng)
+    ip = _pick_ip(via.workload, _gateway_target_ip(gateway, target), resolvable=True)
+    hostname = ""
+    if ip is None:
+        hostname, ip = via.workload.hostname, _UNRESOLVED
+    return Route(
+        kind=RouteKind.DOUBLE_HBONE,
+        next_hop=(ip, via.port),
+        authority=format_authority(service.hostname, target[1]),
+        identities=_identities(via.workload, via.service),
+        inner_identities=service_sans(upstream.service),
+        destination_workload=via.workload,
+        destination_service=service,
+        via_waypoint=upstream.service is not service,
+        resolve_hostname=hostname,
+        target_port=via.port,
+    )
+
+
+def _gateway_target_ip(gateway: GatewayAddress, target: SocketAddr) -> IPAddress:
+    """The address a gateway's IP is picked against: the gateway's own when it is named by
+    address, else the original destination (so the caller's IP family is kept)."""
+    dest = gateway.destination
+    return dest.address if isinstance(dest, NetworkAddress) else target[0]
+
+
+def _resolve_network_gateway(
+    state: ProxyState,
+    gateway: GatewayAddress,
+    network: str,
+    source: Workload,
+    target: SocketAddr,
+    rng: random.Random,
+) -> _Upstream:
+    """ztunnel's ``fetch_network_gateway``: a gateway named by address is looked up on its
+    own network (a service VIP first, load balanced on ``hbone_mtls_port``, then a
+    workload); one named by hostname is a service or a workload with that hostname."""
+    dest = gateway.destination
+    port = gateway.hbone_mtls_port
+    found: _Upstream | None = None
+    address: Workload | Service | None
+    if isinstance(dest, NetworkAddress):  # ztunnel's find_upstream: a VIP before a workload
+        ns = source.namespace
+        address = state.service_by_vip(dest, prefer_namespace=ns) or state.workload_by_address(dest)
+    else:
+        address = _find_destination(state, dest)
+    if isinstance(address, Service):
+        lb = address.load_balancer
+        if lb is None or lb.mode is not LoadBalancerMode.PASSTHROUGH:
+            found = _upstream_from_service(state, source, address, port, rng, waypoint=False)
+    elif isinstance(address, Workload):
+        found = _Upstream(address, port, None)
+    if found is None or not (found.workload.workload_ips or found.workload.hostname):
+        raise UnknownNetworkGateway(gateway, network)
+    return found
+
+
+def service_sans(service: Service | None) -> tuple[Identity, ...]:
+    """ztunnel's ``Upstream::service_sans``: the service's SANs that are SPIFFE ids."""
+    ids: list[Identity] = []
+    for san in service.subject_alt_names if service is not None else ():
+        try:
+            ids.append(Identity.parse(san))
+        except InvalidSpiffeId:
+            continue  # ztunnel ignores SANs that are not SPIFFE ids
+    return tuple(ids)
+
+
 # --------------------------------------------------------------------------- load balancing
 
 
@@ -380,8 +500,8 @@ def _load_balance(
             continue
         if workload.status is not HealthStatus.HEALTHY and not allow_unhealthy:
             continue
-        if not workload.workload_ips and not workload.hostname:
-            continue  # reachable only through a network gateway (not supported)
+        if not (workload.workload_ips or workload.hostname) and not _gateway_only(source, workload):
+            continue
         if waypoint:
             if target_port is None and workload.application_tunnel is None:
                 continue
@@ -391,6 +511,13 @@ def _load_balance(
     if lb is not None and lb.mode in (LoadBalancerMode.FAILOVER, LoadBalancerMode.STRICT):
         candidates = _rank(source, candidates, lb.routing_preferences, lb.mode)
     return _weighted_choice(candidates, rng)
+
+
+def _gateway_only(source: Workload, workload: Workload) -> bool:
+    """A workload without an address is reachable only through its network gateway; the
+    workload list is the same on every network, so a gateway is named even for a local
+    workload: never use it there."""
+    return workload.network != source.network and workload.network_gateway is not None
 
 
 def _rank(
@@ -483,12 +610,7 @@ def _pick_ip(
 
 def _identities(workload: Workload, service: Service | None) -> tuple[Identity, ...]:
     """ztunnel's ``workload_and_services_san``: service SANs, then the workload identity."""
-    ids: list[Identity] = []
-    for san in service.subject_alt_names if service is not None else ():
-        try:
-            ids.append(Identity.parse(san))
-        except InvalidSpiffeId:
-            continue  # ztunnel ignores SANs that are not SPIFFE ids
+    ids = list(service_sans(service))
     own = workload_identity(workload)
     if own not in ids:
         ids.append(own)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from ztunnel_py.hbone.headers import Baggage
 from ztunnel_py.state.model import SocketAddr, Workload
 from ztunnel_py.telemetry.metrics import ResponseFlags
 
@@ -41,6 +42,16 @@ class ConnectionRecord:
     #: W3C trace id naming the connection in the access log (ztunnel's span ``id``): the one
     #: sent in the outbound ``traceparent``, or the incoming one (a fresh one when absent).
     trace_id: int | None = None
+    #: What a peer said about itself in ``baggage`` (ztunnel's derived workload): the source
+    #: of an inbound tunnel, the destination of a double-HBONE one (the workload behind the
+    #: east-west gateway). A source workload known to the mesh state wins over it; for the
+    #: destination it wins over ``dst_workload`` (which is then the gateway).
+    src_baggage: Baggage | None = None
+    dst_baggage: Baggage | None = None
+    #: An inbound tunnel that came through an east-west gateway (its ``x-forwarded-network``
+    #: names another network): the peer address is the gateway's, so no source workload is
+    #: looked up by it and the source labels come from ``src_baggage``.
+    from_gateway: bool = False
 
 
 #: Live byte counts of one connection: (toward the destination, back to the source).

@@ -15,7 +15,7 @@ import datetime
 import json
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
 from ztunnel_py.log_levels import LEVELS, ROOT_TARGET, display_target, parse_level_spec
@@ -34,10 +34,15 @@ class LevelController:
     def __init__(self, initial_spec: str) -> None:
         self._initial = initial_spec
         self._targets: dict[str, int] = {}
+        self.spec = initial_spec  # the spec applied last
+        self.followers: list[Callable[[str], None]] = []  # e.g. data-plane worker processes
         self.apply(initial_spec)
 
     def apply(self, spec: str) -> None:
         default, targets = parse_level_spec(spec)
+        self.spec = spec
+        for follow in self.followers:
+            follow(spec)
         for name in self._targets:
             if name not in targets:
                 logging.getLogger(name).setLevel(logging.NOTSET)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from ztunnel_py.hbone.headers import Baggage
 from ztunnel_py.state.model import Service, Workload
 
 UNKNOWN = "unknown"
@@ -142,15 +143,22 @@ class ConnectionLabels:
         destination_identity: str | None = None,
         security_policy: SecurityPolicy = SecurityPolicy.UNKNOWN,
         response_flags: ResponseFlags = ResponseFlags.NONE,
+        derived_source: Baggage | None = None,
+        derived_destination: Baggage | None = None,
     ) -> ConnectionLabels:
         """Labels as ztunnel derives them.
 
         ``source_principal`` comes only from ``source_identity`` (the verified peer certificate),
         never from the source workload's service account. ``destination_principal`` is
         ``destination_identity`` when given (the identity the peer proved), else the
-        destination workload's own identity.
+        destination workload's own identity. ``derived_source``/``derived_destination`` are
+        the peers' ``baggage`` (ztunnel's ``DerivedWorkload``): the source's is used when the
+        source workload is unknown, the destination's over ``destination`` (a double-HBONE
+        tunnel's ``destination`` is the east-west gateway, the baggage is the final workload).
         """
         fields: dict[str, str] = {"source_principal": source_identity or ""}
+        if source is None and derived_source is not None:
+            fields.update(_derived("source", derived_source))
         if source is not None:
             fields.update(
                 source_workload=source.workload_name,
@@ -176,6 +184,8 @@ class ConnectionLabels:
                 destination_region=destination.locality.region,
                 destination_zone=destination.locality.zone,
             )
+        if derived_destination is not None:
+            fields.update(_derived("destination", derived_destination))
         if destination_identity:
             fields["destination_principal"] = destination_identity
         if destination_service is not None:
@@ -307,3 +317,19 @@ class ConnectionRecorder:
         self._metrics.closed.labels(*values).inc()
         if response_flags is not ResponseFlags.NONE:
             self._metrics.failed.labels(*values).inc()
+
+
+def _derived(side: str, b: Baggage) -> dict[str, str]:
+    """ztunnel's ``with_derived_source``/``with_derived_destination``: the labels of one side
+    from its baggage (the app label is the workload name there, as ztunnel does)."""
+    return {
+        f"{side}_workload": b.workload_name or "",
+        f"{side}_canonical_service": b.service_name or "",
+        f"{side}_canonical_revision": b.revision or "",
+        f"{side}_workload_namespace": b.namespace or "",
+        f"{side}_app": b.workload_name or "",
+        f"{side}_version": b.revision or "",
+        f"{side}_cluster": b.cluster_id or "",
+        f"{side}_region": b.region or "",
+        f"{side}_zone": b.zone or "",
+    }

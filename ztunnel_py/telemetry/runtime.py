@@ -4,7 +4,8 @@
 every connection of the daemon waited for the loop at that moment (a slow callback, a blocking
 call, too much work). It exports:
 
-* ``tokio_num_workers`` (always 1: one event loop) and ``tokio_num_alive_tasks`` (asyncio tasks
+* ``tokio_num_workers`` (the data-plane worker processes, ``ZTUNNEL_WORKER_THREADS``; 1 when
+  the daemon serves alone) and ``tokio_num_alive_tasks`` (asyncio tasks
   alive), ztunnel's names for the same facts;
 * ``ztunnel_py_event_loop_lag_seconds``, a histogram of the measured lags (no tokio
   counterpart: tokio reports busy time per worker instead).
@@ -34,6 +35,7 @@ class LoopMonitor:
         *,
         interval_s: float = 0.5,
         clock: Callable[[], float] | None = None,
+        workers: int = 1,
     ) -> None:
         self.interval_s = interval_s
         self._clock = clock
@@ -46,7 +48,7 @@ class LoopMonitor:
                 "tokio_num_workers",
                 "the number of worker threads used by the runtime",
                 registry=registry,
-            ).set(1)
+            ).set(workers)  # data-plane worker processes (ZTUNNEL_WORKER_THREADS)
             Gauge(
                 "tokio_num_alive_tasks",
                 "the number of alive tasks in the runtime",

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ztunnel_py.hbone.headers import format_authority
 from ztunnel_py.state.model import Service, SocketAddr, Workload
@@ -178,7 +178,9 @@ class ProxyTelemetry:
     ) -> _Live:
         reporter = _reporter(record.direction)
         mtls = record.protocol == "HBONE"
-        source = record.src_workload or self._state.workload_by_ip(self._network, record.src[0])
+        source = record.src_workload
+        if source is None and not record.from_gateway:  # a gateway's address names no client
+            source = self._state.workload_by_ip(self._network, record.src[0])
         destination = record.dst_workload
         if reporter is Reporter.SOURCE:
             service = self._outbound_service(record, source)
@@ -194,6 +196,8 @@ class ProxyTelemetry:
             destination_service=service,
             destination_identity=record.dst_identity if mtls else None,
             security_policy=SecurityPolicy.MUTUAL_TLS if mtls else SecurityPolicy.UNKNOWN,
+            derived_source=record.src_baggage,
+            derived_destination=record.dst_baggage,
         )
         recorder = self._metrics.recorder(labels)
         recorder.opened()
@@ -206,6 +210,9 @@ class ProxyTelemetry:
             destination=destination,
             trace_id=record.trace_id,
         )
+        if record.dst_baggage is not None and record.dst_baggage.workload_name:
+            # Double HBONE: the workload behind the gateway, as its baggage names it.
+            context = replace(context, dst_workload=record.dst_baggage.workload_name)
         if not self._errors_only:  # whether it will fail is not known yet
             log_connection_opened(context, logger=self._logger)
         live = _Live(record, recorder, context, progress, self._clock())

@@ -5,7 +5,12 @@ Two roles, as Istio uses Envoy around HBONE:
 * ``hbone_originator``: a TCP listener whose bytes go through ``tcp_proxy`` tunneling, i.e. an
   HTTP/2 CONNECT over mTLS (SPIFFE client certificate; the server's URI SAN must match);
 * ``connect_terminator``: an mTLS HTTP/2 listener that accepts CONNECT, as a waypoint does,
-  requires a client certificate with an expected URI SAN, and routes the tunnel to a TCP app.
+  requires a client certificate with an expected URI SAN, and routes the tunnel to a TCP app;
+* ``eastwest_gateway``: Istio's ambient east-west gateway (``istio-east-west`` class): the
+  outer CONNECT of double HBONE is terminated (mTLS, any client of the trust domain), routed
+  by its ``<service hostname>:<port>`` authority to the service's endpoints on this network,
+  and its bytes (the inner TLS + CONNECT) forwarded unread to ``<pod ip>:15008``; an authority
+  it does not serve is answered 404.
 
 The admin interface binds to 127.0.0.1 on a free port; ``EnvoyProcess.stop`` kills Envoy.
 """
@@ -158,33 +163,92 @@ def connect_terminator(
     client_sans: list[str],
     admin_port: int,
 ) -> dict[str, Any]:
-    hcm = {
+    vhost = {"name": "all", "domains": ["*"], "routes": [_connect_route("app")]}
+    hcm = _connect_hcm("waypoint", "local", [vhost])
+    return {
+        "admin": admin_address(admin_port),
+        "static_resources": {
+            "listeners": [_mtls_listener("hbone_in", listen, tls_context(certs, client_sans), hcm)],
+            "clusters": [static_cluster("app", *app)],
+        },
+    }
+
+
+def eastwest_gateway(
+    *,
+    listen: tuple[str, int],
+    source_ip: str | None = None,
+    services: dict[str, list[tuple[str, int]]],
+    certs: CertFiles,
+    trust_domain: str,
+    admin_port: int,
+) -> dict[str, Any]:
+    """``services``: ``<hostname>:<port>`` -> the endpoints' HBONE addresses (``ip``, 15008);
+    ``source_ip``: the address the gateway connects from (its pod's).
+
+    Istio builds the same path from ``connect_terminate`` (mTLS, CONNECT), the ``main_internal``
+    listener (match on the authority) and ``inbound-vip|<port>|tcp|<hostname>`` clusters whose
+    endpoints are the pods' :15008, reached as raw TCP (``pilot/pkg/networking/core/
+    listener_waypoint.go``, ``cluster_waypoint.go``); here one HTTP connection manager routes
+    each authority straight to such a cluster.
+    """
+    vhosts: list[dict[str, Any]] = []
+    clusters: list[dict[str, Any]] = []
+    for i, (authority, endpoints) in enumerate(sorted(services.items())):
+        host, _, port = authority.rpartition(":")
+        name = f"inbound-vip|{port}|tcp|{host}"
+        cluster = static_cluster(name, *endpoints[0])
+        cluster["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
+            {"endpoint": {"address": {"socket_address": {"address": ip, "port_value": p}}}}
+            for ip, p in endpoints
+        ]
+        if source_ip:
+            cluster["upstream_bind_config"] = {
+                "source_address": {"address": source_ip, "port_value": 0}
+            }
+        clusters.append(cluster)
+        vhosts.append(
+            {"name": f"service-{i}", "domains": [authority], "routes": [_connect_route(name)]}
+        )
+    hcm = _connect_hcm("connect_terminate", "default", vhosts)
+    hcm["stream_idle_timeout"] = "0s"  # tunnels live as long as their connections
+    common = tls_context(certs, [])
+    # Any client of the mesh's trust domain, as Istio's connect_terminate accepts.
+    common["validation_context"]["match_typed_subject_alt_names"] = [
+        {"san_type": "URI", "matcher": {"prefix": f"spiffe://{trust_domain}/"}}
+    ]
+    return {
+        "admin": admin_address(admin_port),
+        "static_resources": {
+            "listeners": [_mtls_listener("connect_terminate", listen, common, hcm)],
+            "clusters": clusters,
+        },
+    }
+
+
+def _connect_route(cluster: str) -> dict[str, Any]:
+    """A CONNECT terminated here, its payload sent to ``cluster`` as plain TCP."""
+    return {
+        "match": {"connect_matcher": {}},
+        "route": {
+            "cluster": cluster,
+            "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}],
+        },
+    }
+
+
+def _connect_hcm(
+    stat_prefix: str, route_name: str, virtual_hosts: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """An HTTP/2 connection manager that accepts CONNECT (ztunnel's windows)."""
+    return {
         "@type": TYPE_PREFIX
         + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "waypoint",
+        "stat_prefix": stat_prefix,
         "codec_type": "HTTP2",
         "http2_protocol_options": {"allow_connect": True, **h2_windows()},
         "upgrade_configs": [{"upgrade_type": "CONNECT"}],
-        "route_config": {
-            "name": "local",
-            "virtual_hosts": [
-                {
-                    "name": "all",
-                    "domains": ["*"],
-                    "routes": [
-                        {
-                            "match": {"connect_matcher": {}},
-                            "route": {
-                                "cluster": "app",
-                                "upgrade_configs": [
-                                    {"upgrade_type": "CONNECT", "connect_config": {}}
-                                ],
-                            },
-                        }
-                    ],
-                }
-            ],
-        },
+        "route_config": {"name": route_name, "virtual_hosts": virtual_hosts},
         "http_filters": [
             {
                 "name": "envoy.filters.http.router",
@@ -192,36 +256,31 @@ def connect_terminator(
             }
         ],
     }
+
+
+def _mtls_listener(
+    name: str, listen: tuple[str, int], common_tls: dict[str, Any], hcm: dict[str, Any]
+) -> dict[str, Any]:
+    """A listener that requires a client certificate and serves ``hcm`` over TLS."""
     return {
-        "admin": admin_address(admin_port),
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "hbone_in",
-                    "address": {"socket_address": {"address": listen[0], "port_value": listen[1]}},
-                    "filter_chains": [
-                        {
-                            "transport_socket": {
-                                "name": "envoy.transport_sockets.tls",
-                                "typed_config": {
-                                    "@type": TYPE_PREFIX
-                                    + "extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-                                    "require_client_certificate": True,
-                                    "common_tls_context": tls_context(certs, client_sans),
-                                },
-                            },
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": hcm,
-                                }
-                            ],
-                        }
-                    ],
-                }
-            ],
-            "clusters": [static_cluster("app", *app)],
-        },
+        "name": name,
+        "address": {"socket_address": {"address": listen[0], "port_value": listen[1]}},
+        "filter_chains": [
+            {
+                "transport_socket": {
+                    "name": "envoy.transport_sockets.tls",
+                    "typed_config": {
+                        "@type": TYPE_PREFIX
+                        + "extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                        "require_client_certificate": True,
+                        "common_tls_context": common_tls,
+                    },
+                },
+                "filters": [
+                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+                ],
+            }
+        ],
     }
 
 

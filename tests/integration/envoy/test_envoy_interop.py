@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import hashlib
 import ipaddress
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -74,17 +74,6 @@ async def mesh() -> AsyncIterator[Mesh]:
         yield m
     finally:
         await m.stop()
-
-
-@pytest.fixture
-def envoys() -> Iterator[list[EnvoyProcess]]:
-    """Every Envoy a test starts goes in here and is stopped afterwards."""
-    started: list[EnvoyProcess] = []
-    try:
-        yield started
-    finally:
-        for envoy in started:
-            envoy.stop()
 
 
 async def start_originator(

@@ -314,3 +314,11 @@ def test_headers_without_optional_parts() -> None:
         ("traceparent", str(TraceParent(1, 1)))
     ]
     assert response_headers(baggage=Baggage()) == []
+
+
+def test_inner_connect_names_the_default_network_too() -> None:
+    """ztunnel sends ``x-forwarded-network`` on every inner CONNECT of double HBONE, with an
+    empty value from the default network: the receiver compares it with its own network."""
+    headers = request_headers(forwarded_network="")
+    assert headers == [("x-forwarded-network", "")]
+    assert request_headers() == []  # a direct tunnel has none

@@ -11,7 +11,6 @@ import pytest
 
 from ztunnel_py.identity.spiffe import Identity
 from ztunnel_py.proxy.routing import (
-    CrossNetworkUnsupported,
     NoHealthyUpstream,
     NoValidDestination,
     Route,
@@ -400,11 +399,11 @@ CASES = [
         service="echo",
     ),
     Case(
-        "endpoint on another network needs double hbone",
+        "endpoint on another network without a network gateway cannot be reached",
         "10.96.0.1:80",
         [wl("remote", "10.1.0.2", network="net2", services=member("echo"))],
         [svc("echo", "10.96.0.1")],
-        error=CrossNetworkUnsupported,
+        error=NoValidDestination,
     ),
     Case(
         "ipv6 workload authority is bracketed",
