@@ -14,7 +14,7 @@
 /* Plain integer literals only: the generator reads these with the C preprocessor. */
 #define ZT_SPLICE_MAX_SOCKETS 65536 /* two per spliced connection */
 
-/* zt_splice_events indexes. */
+/* zt_splice_stats indexes. */
 #define ZT_SPLICE_CNT_REDIRECTED 0 /* an skb sent on by the kernel */
 #define ZT_SPLICE_CNT_HANDED_UP 1  /* an skb left to the proxy: peer slow, gone, or unpaired */
 #define ZT_SPLICE_CNT_MAX 2

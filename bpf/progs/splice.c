@@ -59,12 +59,12 @@ struct {
 	__uint(max_entries, ZT_SPLICE_CNT_MAX);
 	__type(key, __u32);
 	__type(value, __u64);
-} zt_splice_events SEC(".maps");
+} zt_splice_stats SEC(".maps");
 
 static __always_inline int zt_splice_hand_up(struct zt_splice_conn *conn, __u32 len)
 {
 	__u32 index = ZT_SPLICE_CNT_HANDED_UP;
-	__u64 *value = bpf_map_lookup_elem(&zt_splice_events, &index);
+	__u64 *value = bpf_map_lookup_elem(&zt_splice_stats, &index);
 
 	if (value)
 		*value += 1; /* per-CPU slot: no other writer */
@@ -115,7 +115,7 @@ int zt_splice_verdict(struct __sk_buff *skb)
 	if (bpf_sk_redirect_hash(skb, &zt_splice_tx, &peer, 0) != SK_PASS)
 		return zt_splice_hand_up(conn, len);
 	__sync_fetch_and_add(&conn->bytes, len);
-	events = bpf_map_lookup_elem(&zt_splice_events, &index);
+	events = bpf_map_lookup_elem(&zt_splice_stats, &index);
 	if (events)
 		*events += 1;
 	return SK_PASS;

@@ -397,8 +397,8 @@ MAP_ORIG_DST = "zt_orig_dst"
 MAP_PODS = "zt_pods"
 MAP_SK_ORIG = "zt_sk_orig"
 MAP_SPLICE_CONNS = "zt_splice_conns"
-MAP_SPLICE_EVENTS = "zt_splice_events"
 MAP_SPLICE_RX = "zt_splice_rx"
+MAP_SPLICE_STATS = "zt_splice_stats"
 MAP_SPLICE_TX = "zt_splice_tx"
 MAP_VERSION = "zt_version"
 
@@ -524,17 +524,6 @@ MAP_SPECS: dict[str, MapSpec] = {
         flags=1,
         pinned=False,
     ),
-    "zt_splice_events": MapSpec(
-        name="zt_splice_events",
-        map_type=6,
-        key_type="__u32",
-        key_size=4,
-        value_type="__u64",
-        value_size=8,
-        max_entries=2,
-        flags=0,
-        pinned=False,
-    ),
     "zt_splice_rx": MapSpec(
         name="zt_splice_rx",
         map_type=18,
@@ -543,6 +532,17 @@ MAP_SPECS: dict[str, MapSpec] = {
         value_type="__u64",
         value_size=8,
         max_entries=65536,
+        flags=0,
+        pinned=False,
+    ),
+    "zt_splice_stats": MapSpec(
+        name="zt_splice_stats",
+        map_type=6,
+        key_type="__u32",
+        key_size=4,
+        value_type="__u64",
+        value_size=8,
+        max_entries=2,
         flags=0,
         pinned=False,
     ),

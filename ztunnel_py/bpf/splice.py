@@ -97,7 +97,7 @@ class SpliceMaps:
         self.tx = maps[t.MAP_SPLICE_TX]
         self.rx = maps[t.MAP_SPLICE_RX]
         self.conns = maps[t.MAP_SPLICE_CONNS]
-        self.events = maps[t.MAP_SPLICE_EVENTS]
+        self.events = maps[t.MAP_SPLICE_STATS]
         self._all = maps
 
     @classmethod
