@@ -26,6 +26,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OBJECTS = ROOT / "bpf" / "out"
 HEADER = ROOT / "bpf" / "include" / "zt_maps.h"
+# Headers whose ZT_* constants are generated too (the kernel splice's layouts are not pinned).
+EXTRA_HEADERS = (ROOT / "bpf" / "include" / "zt_splice.h",)
 OUTPUT = ROOT / "ztunnel_py" / "bpf" / "_types.py"
 
 _CTYPES_BY_INT = {
@@ -309,7 +311,8 @@ def render(col: Collected, consts: dict[str, int]) -> str:
         '"""Map layouts, map and program names of the BPF objects. GENERATED, do not edit.',
         "",
         "Written by tools/gen_bpf_types.py from the BTF of bpf/out/*.o and the ZT_* constants of",
-        "bpf/include/zt_maps.h. Change the header, rebuild (make -C bpf), then rerun the tool.",
+        "bpf/include/zt_maps.h and zt_splice.h. Change a header, rebuild (make -C bpf), then",
+        "rerun the tool.",
         '"""',
         "",
         "from __future__ import annotations",
@@ -317,7 +320,7 @@ def render(col: Collected, consts: dict[str, int]) -> str:
         "import ctypes",
         "from dataclasses import dataclass",
         "",
-        "# --- constants of bpf/include/zt_maps.h",
+        "# --- constants of bpf/include/zt_maps.h and zt_splice.h",
         "",
     ]
     lines += [f"{name} = {value}" for name, value in consts.items()]
@@ -344,7 +347,7 @@ def render(col: Collected, consts: dict[str, int]) -> str:
         *[f'    "{s.name}": {s.size},' for s in order_structs(col.structs)],
         "}",
         "",
-        "# --- maps (pinned by name under <pin path>/maps)",
+        "# --- maps (pinned by name under <pin path>/maps when ``pinned``)",
         "",
         "",
         "@dataclass(frozen=True, slots=True)",
@@ -461,7 +464,10 @@ def generate(objects_dir: Path, header: Path) -> str:
     col = Collected(objects=[o.name for o in objs])
     for obj in objs:
         collect_object(obj, load_btf(obj), col)
-    source = render(col, header_constants(header))
+    consts = header_constants(header)
+    for extra in EXTRA_HEADERS:
+        consts.update(header_constants(extra))
+    source = render(col, dict(sorted(consts.items())))
     self_check(source, col)
     ruff = shutil.which("ruff")
     if ruff is not None:  # keep the committed file formatted like the rest of the tree

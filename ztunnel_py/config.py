@@ -199,6 +199,9 @@ class Config:
     bpf_object_dir: Path | None = None  # None: bpf/out next to the package (a source checkout)
     dns_resolv_conf: Path = Path(DEFAULT_RESOLV_CONF)  # the DNS proxy's upstream resolvers
     crl_path: Path | None = None  # CRL_PATH: peers' chains checked against its CRLs
+    # ZTUNNEL_PY_KERNEL_SPLICE: None (auto) splices same-node connections in the kernel when it
+    # can, True insists (start fails without it), False copies them in Python.
+    kernel_splice: bool | None = None
     #: Data-plane worker processes (ztunnel's ``num_worker_threads``, see ``worker_threads``);
     #: 1 serves in the daemon's own process, as before workers existed.
     worker_threads: int = 1
@@ -597,8 +600,21 @@ def from_env(env: Mapping[str, str] | None = None) -> Config:
         bpf_object_dir=Path(env["BPF_OBJECT_DIR"]) if env.get("BPF_OBJECT_DIR") else None,
         dns_resolv_conf=Path(get("DNS_RESOLV_CONF") or DEFAULT_RESOLV_CONF),
         crl_path=Path(env["CRL_PATH"]) if env.get("CRL_PATH") else None,
+        kernel_splice=_kernel_splice(get(KERNEL_SPLICE_ENV)),
         worker_threads=worker_threads(env, pc.get("concurrency"), len(os.sched_getaffinity(0))),
     )
+
+
+KERNEL_SPLICE_ENV = "ZTUNNEL_PY_KERNEL_SPLICE"
+
+
+def _kernel_splice(raw: str | None) -> bool | None:
+    if raw is None or raw.strip().lower() in {"", "auto"}:
+        return None
+    try:
+        return parse_bool(KERNEL_SPLICE_ENV, raw)
+    except ConfigError:
+        raise ConfigError(KERNEL_SPLICE_ENV, raw, "auto, true or false") from None
 
 
 def _prefixed(env: Mapping[str, str], prefix: str) -> dict[str, str]:

@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry
 
 from ztunnel_py.bpf.errors import BpfError  # plain exceptions: no libbpf behind them
-from ztunnel_py.config import PORT_INBOUND_PLAINTEXT, Config, ProxyMode, RedirectMode, WorkloadInfo
+from ztunnel_py.config import (
+    KERNEL_SPLICE_ENV,
+    PORT_INBOUND_PLAINTEXT,
+    Config,
+    ProxyMode,
+    RedirectMode,
+    WorkloadInfo,
+)
 from ztunnel_py.dns.ondemand import OnDemandDnsMetrics, OnDemandResolver
 from ztunnel_py.dns.proxy import DnsProxyStarter, pod_forwarder, read_resolv_conf
 from ztunnel_py.dns.resolvconf import ResolvConf
@@ -33,6 +40,7 @@ from ztunnel_py.proxy.certificates import CertificateSource
 from ztunnel_py.proxy.coexist import KernelMapThenConntrack, LocalAddressUnlessRedirected
 from ztunnel_py.proxy.conntrack import ConnectionTracker
 from ztunnel_py.proxy.inputs import Demand, HostnameResolver, PodInputs, ProxyInputs
+from ztunnel_py.proxy.kernel_splice import KernelSplicer
 from ztunnel_py.proxy.pod import PodProxy, pod_pool, start_pod_proxy
 from ztunnel_py.proxy.pool import HbonePool
 from ztunnel_py.proxy.revocation import CrlManager
@@ -158,6 +166,7 @@ class DataPlane:
         self.zds: ZdsClient | None = None
         self.starter: PodProxyStarter | None = None
         self.self_listener: SelfListener | None = None  # ztunnel's own HBONE listener
+        self.kernel_splice: KernelSplicer | None = None
         # XDS_ON_DEMAND: the xDS client's lookup, set by the composition root before start().
         self.demand: Demand | None = None
         # CRL_PATH: the revocation check of every handshake, set by the composition root.
@@ -217,6 +226,8 @@ class DataPlane:
                     # keeps sk_lookup off its own spoofed connections.
                     spoofed_sources = loader.spoofed_sources()
                     listeners.append(OrigSrcRoutes(self.config))
+        if self.serve_elsewhere is None:  # else each worker process splices its own
+            self.kernel_splice = start_kernel_splice(self.config)
         inputs = self.proxy_inputs(
             original_destination, inbound_original_destination, spoofed_sources
         )
@@ -252,6 +263,7 @@ class DataPlane:
         spoofed_sources: SpoofedSources | None = None,
     ) -> ProxyInputs:
         """What every pod's proxy is built from (``ProxyInputs``), for this daemon's state."""
+        splicer = self.kernel_splice
         return ProxyInputs(
             config=self.config,
             state=self.hub.state,
@@ -265,6 +277,7 @@ class DataPlane:
             handshakes=self.mtls_health,
             revocation=self.revocation,
             spoofed_sources=spoofed_sources,
+            kernel_splice=splicer if splicer is not None and splicer.enabled else None,
         )
 
     def start_worker(
@@ -286,6 +299,8 @@ class DataPlane:
             original_destination = KernelMapThenConntrack(kernel)
             inbound_original_destination = LocalAddressUnlessRedirected(PORT_INBOUND_PLAINTEXT)
         resolv_conf = read_resolv_conf(self.config.dns_resolv_conf)
+        # A worker's outbound and inbound sides pair up only within the worker: it splices.
+        self.kernel_splice = start_kernel_splice(self.config)
         self.starter = PodProxyStarter(
             self.proxy_inputs(original_destination, inbound_original_destination),
             hostnames=self._on_demand_dns(resolv_conf),
@@ -510,6 +525,8 @@ class DataPlane:
         if self.bpf is not None:
             out["attachPoints"] = self.bpf.attach_points()
             out["inheritedPods"] = sorted(self.bpf_sync.inherited) if self.bpf_sync else []
+        if self.kernel_splice is not None:
+            out["kernelSplice"] = self.kernel_splice.debug()
         return out
 
     async def stop(self, deadline_s: float) -> None:
@@ -523,5 +540,40 @@ class DataPlane:
             await self.manager.shutdown(deadline_s)
         if self.self_listener is not None:
             await self.self_listener.stop(deadline_s)
+        if self.kernel_splice is not None:
+            self.kernel_splice.close()
         if self.bpf is not None:
             await asyncio.to_thread(self.bpf.close)
+
+
+def start_kernel_splice(config: Config) -> KernelSplicer:
+    """The kernel splice of same-node connections, or why it is off (said once, at start)."""
+    if config.kernel_splice is False:
+        log.info(
+            "kernel splice off (%s=false): same-node connections are copied by the proxy",
+            KERNEL_SPLICE_ENV,
+        )
+        return KernelSplicer(None, f"off: {KERNEL_SPLICE_ENV}=false")
+    from ztunnel_py.bpf.objects import DEFAULT_OBJECT_DIR
+    from ztunnel_py.bpf.splice import SpliceMaps
+
+    try:
+        maps = SpliceMaps.load(config.bpf_object_dir or DEFAULT_OBJECT_DIR)
+        try:
+            maps.self_test()
+        except BaseException:
+            maps.close()
+            raise
+    except (BpfError, OSError) as e:
+        if config.kernel_splice:
+            raise UnsupportedFeature(
+                "kernel splice (sockhash + sk_skb stream verdict)",
+                f"{e}; unset {KERNEL_SPLICE_ENV} to copy same-node connections in Python",
+            ) from e
+        log.warning(
+            "kernel splice not available (%s): same-node connections are copied by the proxy",
+            e,
+        )
+        return KernelSplicer(None, f"off: {e}")
+    log.info("kernel splice on: allowed same-node connections are carried by the kernel")
+    return KernelSplicer(maps, "on")

@@ -153,6 +153,10 @@ def test_fake_ca_disables_the_ca_address() -> None:
         ({"LOG_FORMAT": "json"}, "log_format", c.LogFormat.JSON),
         ({"REDIRECT_MODE": "iptables"}, "redirect_mode", c.RedirectMode.IPTABLES),
         ({"REDIRECT_MODE": "ebpf"}, "redirect_mode", c.RedirectMode.EBPF),
+        ({"ZTUNNEL_PY_KERNEL_SPLICE": "false"}, "kernel_splice", False),
+        ({"ZTUNNEL_PY_KERNEL_SPLICE": "true"}, "kernel_splice", True),
+        ({"ZTUNNEL_PY_KERNEL_SPLICE": "auto"}, "kernel_splice", None),
+        ({}, "kernel_splice", None),
         ({"LOCAL_CA_DIR": "/var/lib/x"}, "local_ca_dir", Path("/var/lib/x")),
         ({"BPF_PIN_PATH": "/sys/fs/bpf/other"}, "bpf_pin_path", Path("/sys/fs/bpf/other")),
         (
@@ -281,6 +285,11 @@ def test_mesh_config_file_default_config(tmp_path: Path) -> None:
         ({"PROXY_MODE": "dedicated"}, "PROXY_WORKLOAD_INFO", "namespace/name/serviceaccount"),
         ({"PROXY_WORKLOAD_INFO": "ns/pod"}, "PROXY_WORKLOAD_INFO", "namespace/name/serviceaccount"),
         ({"REDIRECT_MODE": "tc"}, "REDIRECT_MODE", "ebpf or iptables"),
+        (
+            {"ZTUNNEL_PY_KERNEL_SPLICE": "sometimes"},
+            "ZTUNNEL_PY_KERNEL_SPLICE",
+            "auto, true or false",
+        ),
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT", "text or json"),
         ({"RUST_LOG": "verbose"}, "RUST_LOG", "unknown log level"),
         ({"RUST_LOG": "ztunnel::proxy=loud"}, "RUST_LOG", "unknown log level"),

@@ -48,6 +48,19 @@ class DataPlaneResult:
 
 
 @dataclass
+class SameNodeResult:
+    """Client and server pods on one node (eBPF mode), with or without the kernel splice."""
+
+    label: str
+    paced: Paced
+    bulk_gbps: float
+    cpu_vcpu: float  # the one daemon, during the paced run
+    spliced: int  # connections the kernel carried
+    kernel_bytes: int
+    copied_bytes: int  # bytes the proxy moved itself in spliced connections (backpressure)
+
+
+@dataclass
 class DestinationResult:
     """The non-mesh destination (pod-1-1): paced and wrk."""
 
@@ -801,6 +814,30 @@ def issue16_rows(
             add("node mix, total proxy CPU", f"eBPF / {other.split('-', 1)[1]}",
                 Bar(bar, True), ratio(ebpf.cpu_s, theirs.cpu_s))  # fmt: skip
     return rows
+
+
+def same_node(info: RunInfo, results: Sequence[SameNodeResult]) -> str:
+    body = [
+        *info.header(),
+        row("same node", "paced p50 µs", "p90 µs", "p99 µs", "daemon CPU (vCPU)",
+            "bulk Gbit/s", "spliced conns", "kernel MiB", "proxy-copied MiB"),
+        row(*["---"] * 9),
+    ]  # fmt: skip
+    body += [
+        row(
+            r.label,
+            f"{r.paced.p50:.0f}",
+            f"{r.paced.p90:.0f}",
+            f"{r.paced.p99:.0f}",
+            f"{r.cpu_vcpu:.3f}",
+            f"{r.bulk_gbps:.2f}",
+            r.spliced,
+            f"{r.kernel_bytes / 2**20:.1f}",
+            f"{r.copied_bytes / 2**20:.1f}",
+        )
+        for r in results
+    ]
+    return "\n".join(body)
 
 
 def write_sections(path: Path, sections: dict[str, str]) -> None:

@@ -15,6 +15,10 @@ out of the mesh: not in the config, not enrolled, no in-pod rules). Setups, one 
 * ``pods``: one node with 100 enrolled pods and one daemon: its memory, idle and after every
   pod has made a mesh connection to its neighbour.
 * ``xds``: ``tools/bench_xds.py`` with and without ``--ebpf`` (10,000 workloads).
+* ``samenode``: one node, eBPF mode, a client pod and a mesh server pod on it: the paced shape
+  and bulk, once with the kernel splice (the default) and once with
+  ``ZTUNNEL_PY_KERNEL_SPLICE=false`` (the proxy copies the bytes), each on a fresh testbed.
+  ``--kernel-splice`` sets the same variable for the daemons of every other setup.
 * ``workers``: saturation (wrk) of the mesh server once per ``--workers`` count (1,2,4 by
   default), each a fresh two-node mesh whose daemons run ``ZTUNNEL_WORKER_THREADS`` workers.
 
@@ -73,6 +77,7 @@ from tools.bench.report import (  # noqa: E402
     DestinationResult,
     PodsResult,
     RunInfo,
+    SameNodeResult,
 )
 from tools.testbed.bed import Testbed, TestbedOptions, cgroup2_mount  # noqa: E402
 from tools.testbed.mesh import BPF_PIN_ROOT, Mesh, MeshOptions  # noqa: E402
@@ -93,9 +98,22 @@ TAGS = {
     "nodemix-iptables": "bmixipt",
     "nodemix-ebpf": "bmixebpf",
     "workers": "bwork",
+    "samenode": "bsame",
 }
-SETUPS = ("nomesh", "envoy", "iptables", "ebpf", "nodemix", "pods", "memory", "xds", "workers")
+SETUPS = (
+    "nomesh",
+    "envoy",
+    "iptables",
+    "ebpf",
+    "nodemix",
+    "pods",
+    "memory",
+    "xds",
+    "workers",
+    "samenode",
+)
 PASSTHROUGH_MARK = 0x539  # what the capture rules (Envoy's here, istio-cni's) let out
+SPLICE_ENV = "ZTUNNEL_PY_KERNEL_SPLICE"
 OPENED = "istio_tcp_connections_opened_total"
 
 
@@ -290,10 +308,64 @@ class Bench:
             time.sleep(0.1)
         raise RuntimeError(f"envoy in {pod} is not listening on :{port}")
 
+    def daemon_env(self) -> dict[str, str]:
+        return {SPLICE_ENV: self.args.kernel_splice} if self.args.kernel_splice else {}
+
+    def run_same_node(self) -> list[SameNodeResult]:
+        """Client and mesh server on one node: the kernel splice on, then off."""
+        out = []
+        for splice in ("auto", "false"):
+            tag = TAGS["samenode"]
+            options = MeshOptions(
+                tag=tag, nodes=1, redirect="ebpf", app="none", env={SPLICE_ENV: splice}
+            )
+            mesh = Mesh(options, self.work / f"{tag}-{splice}")
+            client, server = "pod-0-0", "pod-0-1"
+            apps = ServerApps(mesh.bed, self.work / f"{tag}-{splice}", self.paced_bin)
+            label = "kernel splice" if splice == "auto" else "proxy copy"
+            try:
+                mesh.up()
+                apps.start(server)
+                daemon = mesh.daemons["node-0"]
+                self.announce(f"samenode ({label})")
+                host = mesh.bed.plan.pod(server).ip
+                paced(mesh.bed, self.paced_bin, client, host, seconds=1, rate=200)  # warm-up
+                cpu = CpuMeter([daemon.proc.pid])
+                cpu.start()
+                latency = paced(mesh.bed, self.paced_bin, client, host, seconds=self.args.seconds)
+                cpu.stop()
+                bulk = bulk_gbps(mesh.bed, client, host, seconds=self.args.bulk_seconds)
+                stats = http(f"{daemon.admin}/debug/redirect", timeout=10).json()
+                kernel = stats.get("kernelSplice", {})
+                spliced = int(kernel.get("connections_spliced", 0))
+                if (spliced > 0) != (splice == "auto"):
+                    raise RuntimeError(f"samenode {label}: {spliced} connections spliced: {kernel}")
+                out.append(
+                    SameNodeResult(
+                        label=label,
+                        paced=latency,
+                        bulk_gbps=bulk,
+                        cpu_vcpu=cpu.vcpu,
+                        spliced=spliced,
+                        kernel_bytes=int(kernel.get("kernel_bytes", 0)),
+                        copied_bytes=int(kernel.get("proxy_copied_bytes", 0)),
+                    )
+                )
+            finally:
+                apps.stop()
+                mesh.down()
+                self.check_clean(tag)
+        return out
+
     def run_mesh(self, redirect: str) -> list[DataPlaneResult | DestinationResult]:
         tag = TAGS[redirect]
         options = MeshOptions(
-            tag=tag, redirect=redirect, ip_family=self.family, app="none", outside=(OUTSIDE,)
+            tag=tag,
+            redirect=redirect,
+            ip_family=self.family,
+            app="none",
+            outside=(OUTSIDE,),
+            env=self.daemon_env(),
         )
         mesh = Mesh(options, self.work / tag)
         apps = ServerApps(mesh.bed, self.work / tag, self.paced_bin)
@@ -700,6 +772,12 @@ def main() -> None:
         default="",
         help="directory for the plots (SVG, needs matplotlib); with --write: docs/img",
     )
+    parser.add_argument(
+        "--kernel-splice",
+        default="",
+        choices=("", "auto", "true", "false"),
+        help=f"{SPLICE_ENV} for the daemons of every setup but samenode (which runs both)",
+    )
     args = parser.parse_args()
     setups = [s for s in args.setups.split(",") if s]
     unknown = set(setups) - set(SETUPS)
@@ -722,6 +800,7 @@ def main() -> None:
     pods: PodsResult | None = None
     mem_points: list[memory.Point] = []
     xds: list[str] = []
+    same_node: list[SameNodeResult] = []
     workers: list[report.WorkersResult] = []
     with tempfile.TemporaryDirectory(prefix="ztpy-bench-") as tmp:
         bench = Bench(args, Path(tmp))
@@ -756,6 +835,8 @@ def main() -> None:
             xds = bench.run_xds()
         if "workers" in setups:
             workers = bench.run_workers()
+        if "samenode" in setups:
+            same_node = bench.run_same_node()
         info.background = bench.background
         info.finish(bench.cleanup_problems)
     mix = report.median_mix(mixes)
@@ -774,6 +855,8 @@ def main() -> None:
         sections["ip-families"] = report.ip_families(info, per_family)
     if workers:
         sections["saturation-by-workers"] = report.render_workers(info, workers)
+    if same_node:
+        sections["same-node-splice"] = report.same_node(info, same_node)
     for name, body in sections.items():
         print(f"\n---- {name}\n{body}")
     if args.write:

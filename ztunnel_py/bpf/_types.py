@@ -1,7 +1,8 @@
 """Map layouts, map and program names of the BPF objects. GENERATED, do not edit.
 
 Written by tools/gen_bpf_types.py from the BTF of bpf/out/*.o and the ZT_* constants of
-bpf/include/zt_maps.h. Change the header, rebuild (make -C bpf), then rerun the tool.
+bpf/include/zt_maps.h and zt_splice.h. Change a header, rebuild (make -C bpf), then
+rerun the tool.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
-# --- constants of bpf/include/zt_maps.h
+# --- constants of bpf/include/zt_maps.h and zt_splice.h
 
 ZT_ABI_VERSION = 2
 ZT_AF_INET = 2
@@ -57,6 +58,10 @@ ZT_PORT_DNS_SERVER = 53
 ZT_PORT_HBONE = 15008
 ZT_PORT_INBOUND_PLAINTEXT = 15006
 ZT_PORT_OUTBOUND = 15001
+ZT_SPLICE_CNT_HANDED_UP = 1
+ZT_SPLICE_CNT_MAX = 2
+ZT_SPLICE_CNT_REDIRECTED = 0
+ZT_SPLICE_MAX_SOCKETS = 65536
 
 # --- map keys and values
 
@@ -371,7 +376,7 @@ SIZEOF: dict[str, int] = {
     "zt_version": 8,
 }
 
-# --- maps (pinned by name under <pin path>/maps)
+# --- maps (pinned by name under <pin path>/maps when ``pinned``)
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,6 +47,8 @@ BPF_CGROUP_UDP6_RECVMSG = 20
 BPF_CGROUP_INET4_GETPEERNAME = 29
 BPF_CGROUP_INET6_GETPEERNAME = 30
 BPF_SK_LOOKUP = 36
+BPF_SK_SKB_STREAM_VERDICT = 5
+BPF_PROG_TYPE_SK_SKB = 14
 BPF_LINK_TYPE_CGROUP = 3
 BPF_LINK_TYPE_NETNS = 5
 BPF_FUNC_getsockopt = 57
@@ -78,6 +80,9 @@ _SIGNATURES: dict[str, tuple[object, ...]] = {
     "bpf_program__name": (_str, _vp),
     "bpf_program__attach_cgroup": (_vp, _vp, _int),
     "bpf_program__attach_netns": (_vp, _vp, _int),
+    "bpf_program__fd": (_int, _vp),
+    "bpf_map__fd": (_int, _vp),
+    "bpf_prog_attach": (_int, _int, _int, _int, ctypes.c_uint),
     "bpf_link__open": (_vp, _str),
     "bpf_link__pin": (_int, _vp, _str),
     "bpf_link__fd": (_int, _vp),
@@ -281,6 +286,16 @@ class BpfProgram:
         ptr = _library().bpf_program__attach_netns(self._ptr, netns_fd)
         return BpfLink(_check_ptr(ptr, "bpf_program__attach_netns", self.name))
 
+    def attach_to_map(self, map_fd: int, attach_type: int) -> None:
+        """Attach to a sockmap/sockhash (sk_skb, sk_msg): the map holds the program from then
+        on, for as long as the map lives."""
+        fd = _check(_library().bpf_program__fd(self._ptr), "bpf_program__fd", self.name)
+        _check(
+            _library().bpf_prog_attach(fd, map_fd, attach_type, 0),
+            "bpf_prog_attach",
+            f"{self.name} to map fd {map_fd}",
+        )
+
 
 class BpfMapHandle:
     """A map inside an opened object (before load: set its initial value)."""
@@ -292,6 +307,11 @@ class BpfMapHandle:
     def name(self) -> str:
         raw: bytes = _library().bpf_map__name(self._ptr)
         return raw.decode()
+
+    @property
+    def fd(self) -> int:
+        """The loaded map's fd (owned by the object: dup it to keep the map after close)."""
+        return _check(_library().bpf_map__fd(self._ptr), "bpf_map__fd", self.name)
 
     def initial_value(self) -> bytes:
         size = ctypes.c_size_t(0)

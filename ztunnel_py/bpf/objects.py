@@ -78,8 +78,12 @@ class ObjectFiles:
         return True
 
     def open_maps(self) -> dict[str, LibbpfMap]:
-        """Every map of this build, opened from its pin."""
-        return {name: LibbpfMap.open_pinned(name, self.maps_dir / name) for name in t.MAP_SPECS}
+        """Every pinned map of this build, opened from its pin (the kernel splice's are not)."""
+        return {
+            name: LibbpfMap.open_pinned(name, self.maps_dir / name)
+            for name, spec in t.MAP_SPECS.items()
+            if spec.pinned
+        }
 
 
 def set_rodata(obj: BpfObject, values: dict[str, bytes]) -> None:

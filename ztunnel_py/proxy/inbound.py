@@ -68,6 +68,7 @@ from ztunnel_py.proxy.errors import (
     UpstreamUnavailable,
 )
 from ztunnel_py.proxy.inputs import PodInputs, ProxyInputs
+from ztunnel_py.proxy.kernel_splice import KernelSplice, KernelSpliceFailed
 from ztunnel_py.proxy.reporting import report_splice, setup_failure
 from ztunnel_py.proxy.revocation import RevocationHandle
 from ztunnel_py.proxy.routing import is_waypoint_of
@@ -488,6 +489,18 @@ class InboundServer(ProxyServer):
             error, flags = setup_failure(e)
             self.telemetry.connection_failed(record, error=error, flags=flags)
             return
+        try:
+            kernel = (
+                self.inputs.kernel_splice.claim(proto.peer, proto.local, sid, tcp)
+                if self.inputs.kernel_splice is not None and proto.local is not None
+                else None
+            )
+        except KernelSpliceFailed as e:
+            log.warning("inbound same-node connection reset: %s", e)
+            if proto.is_open:
+                proto.reject(sid, UpstreamUnavailable.status)
+            self.telemetry.connection_failed(record, error=str(e), flags=ResponseFlags.CONNECT)
+            return
         splice = HboneSplice(tcp)
         splice.bind(proto, sid)
         headers = (
@@ -500,6 +513,8 @@ class InboundServer(ProxyServer):
         except HboneError as e:
             log.debug("inbound stream %d went away before it was accepted: %s", sid, e)
             tcp.reset()
+            if kernel is not None:
+                kernel.abort(f"stream went away before it was accepted: {e}")
             self.telemetry.connection_failed(
                 record,
                 error=f"stream went away before it was accepted: {e}",
@@ -508,7 +523,12 @@ class InboundServer(ProxyServer):
             return
         if splice.done.done():  # reset while we were connecting
             error = splice.done.result().error or "stream closed before it was spliced"
+            if kernel is not None:
+                kernel.abort(error)
             self.telemetry.connection_failed(record, error=error, flags=ResponseFlags.CONNECT)
+            return
+        if kernel is not None:
+            await self._run_kernel_splice(kernel, splice, record, authorized)
             return
         splice.start()
         report_splice(self.telemetry, record, splice, reads_source=False)
@@ -526,3 +546,28 @@ class InboundServer(ProxyServer):
             result = await splice.done
         if result.error is not None:
             log.debug("inbound stream %d closed: %s", sid, result.error)
+
+    async def _run_kernel_splice(
+        self,
+        kernel: KernelSplice,
+        splice: HboneSplice,
+        record: ConnectionRecord,
+        authorized: ConnectionInfo,
+    ) -> None:
+        """A same-node connection whose bytes the kernel carries (``proxy.kernel_splice``):
+        reported with the kernel's counters, re-checked on policy changes like any other."""
+        report_splice(self.telemetry, record, kernel, reads_source=True)
+        with (
+            tracked(
+                self.conntrack,
+                authorized,
+                self.workload,
+                kernel.abort,
+                dest_service=record.dst_service,
+            ),
+            self.tracker.tracking(kernel),
+        ):
+            try:
+                await kernel.done
+            finally:
+                splice.abort("spliced in the kernel")

@@ -16,6 +16,7 @@ from ztunnel_py.config import Config
 from ztunnel_py.proxy.authorization import Authorizer, PermitAll, PolicyAuthorizer
 from ztunnel_py.proxy.certificates import CertificateSource, HandshakeObserver
 from ztunnel_py.proxy.conntrack import ConnectionTracker
+from ztunnel_py.proxy.kernel_splice import KernelSplicer
 from ztunnel_py.proxy.pool import HbonePool
 from ztunnel_py.proxy.revocation import CrlManager
 from ztunnel_py.proxy.sockets import OriginalDestination, SocketFactory, SpoofedSources
@@ -49,6 +50,7 @@ class ProxyInputs:
     ``handshakes``: told how each outbound mTLS handshake went (readiness follows it).
     ``revocation``: with ``CRL_PATH``, checks every handshake's peer and tracks the connection.
     ``spoofed_sources``: told of original-source upstream sockets while they connect (eBPF).
+    ``kernel_splice``: same-node connections spliced in the kernel once authorized.
     """
 
     config: Config
@@ -63,6 +65,7 @@ class ProxyInputs:
     handshakes: HandshakeObserver | None = None
     revocation: CrlManager | None = None
     spoofed_sources: SpoofedSources | None = None
+    kernel_splice: KernelSplicer | None = None
 
     def authorizer_for(self, workload: Workload) -> PolicyAuthorizer:
         """Authorization against the policies of ``workload`` (logged as configured)."""

@@ -38,6 +38,7 @@ from ztunnel_py.proxy.double_hbone import open_double_tunnel, tunnel_headers
 from ztunnel_py.proxy.errors import UpstreamConnectError
 from ztunnel_py.proxy.inbound import workload_baggage
 from ztunnel_py.proxy.inputs import PodInputs, ProxyInputs
+from ztunnel_py.proxy.kernel_splice import KernelSplice, SpliceOffer
 from ztunnel_py.proxy.pool import WorkloadKey
 from ztunnel_py.proxy.reporting import report_splice, setup_failure
 from ztunnel_py.proxy.revocation import CrlManager
@@ -180,6 +181,7 @@ class OutboundServer(ProxyServer):
         self.connect_timeout_s = connect_timeout_s
         self.baggage = workload_baggage(pod.workload)
         self.hostnames = pod.hostnames
+        self.kernel_splice = inputs.kernel_splice
         # The inner connections of double HBONE (never pooled): dialled like pooled ones.
         self.inner_connector = HboneConnector(
             certificates=inputs.certificates,
@@ -309,6 +311,7 @@ class OutboundServer(ProxyServer):
             self._failed(record, e)
             return
         splice.bind(conn, sid)
+        offer = self._offer_kernel_splice(route, conn, sid, down)
         try:
             await splice.established
         except (TunnelRefused, TunnelFailed) as e:
@@ -316,8 +319,32 @@ class OutboundServer(ProxyServer):
             down.reset()
             self._failed(record, e)
             return
+        finally:
+            if offer is not None:
+                self.kernel_splice.withdraw(offer)  # type: ignore[union-attr]
+        if offer is not None and offer.spliced is not None:
+            # The destination's inbound side took both sockets: the kernel carries the bytes,
+            # the stream only had to exist for mTLS and authorization. Ending it now frees its
+            # slot on the pooled connection (neither side's sockets are its any more).
+            splice.abort("spliced in the kernel")
+            await self._run(offer.spliced, record)
+            return
         splice.start()
         await self._run(splice, record)
+
+    def _offer_kernel_splice(
+        self, route: Route, conn: HboneProtocol, sid: int, down: AcceptedSide
+    ) -> SpliceOffer | None:
+        """Same node: let the destination's inbound side splice this stream in the kernel."""
+        dest = route.destination_workload
+        if (
+            self.kernel_splice is None
+            or dest is None
+            or not dest.node
+            or dest.node != self.config.node_name
+        ):
+            return None
+        return self.kernel_splice.offer(conn, sid, down)
 
     async def _proxy_double_hbone(
         self, down: AcceptedSide, src: SocketAddr, dst: SocketAddr, route: Route
@@ -403,7 +430,9 @@ class OutboundServer(ProxyServer):
         error, flags = setup_failure(e)
         self.telemetry.connection_failed(record, error=error, flags=flags)
 
-    async def _run(self, splice: HboneSplice | TcpSplice, record: ConnectionRecord) -> None:
+    async def _run(
+        self, splice: HboneSplice | TcpSplice | KernelSplice, record: ConnectionRecord
+    ) -> None:
         report_splice(self.telemetry, record, splice, reads_source=True)
         listed = OutboundConnection(
             self.workload.uid,

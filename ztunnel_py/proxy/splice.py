@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -161,8 +162,37 @@ class TcpSide(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
+    @property
+    def untouched(self) -> bool:
+        """Connected, not attached, no EOF or error seen: it can be handed over (with what
+        ``take_early`` returns, read before the pause took effect)."""
+        return self.transport is not None and self.owner is None and not (self.eof or self.lost)
 
-def _error_text(exc: Exception | None) -> str:
+    def take_early(self) -> bytes:
+        """What was read before this side was paused (at most one read); forgotten here."""
+        early, self._early = self._early, []
+        return b"".join(early)
+
+    def put_back_early(self, data: bytes) -> None:
+        """Undo ``take_early`` (the hand-over did not happen): replayed on ``attach``."""
+        self._early = [data] if data else []
+
+    def release(self) -> socket.socket:
+        """Hand the connection over (the kernel splice): a non-blocking duplicate of its
+        socket. This side then neither reads, writes, resets nor closes the connection; its
+        transport lets go of its own descriptor."""
+        transport = self.transport
+        assert transport is not None and self.untouched
+        sock = transport.get_extra_info("socket")
+        dup = socket.socket(fileno=os.dup(sock.fileno()))
+        dup.setblocking(False)
+        self.owner = None
+        self.lost = True  # write, write_eof, reset and pause become no-ops
+        transport.abort()  # closes its descriptor only: the connection lives on in ``dup``
+        return dup
+
+
+def error_text(exc: Exception | None) -> str:
     if exc is None:
         return "connection closed before both directions finished"
     if isinstance(exc, ConnectionResetError):
@@ -259,7 +289,7 @@ class HboneSplice:
             # A clean close after both directions finished is handled in _maybe_complete;
             # anything else (RST, or closing without a FIN) aborts the stream.
             self.hbone.reset_stream(self.stream_id, ErrorCodes.CONNECT_ERROR)
-        self._finish(_error_text(exc))
+        self._finish(error_text(exc))
 
     def tcp_write_paused(self, side: TcpSide) -> None:
         pass  # acknowledgements are held while paused (see hbone_data)
@@ -371,7 +401,7 @@ class TcpSplice:
         if self.done.done():
             return
         self._other(side).reset()
-        self.done.set_result(SpliceResult(self.bytes_in, self.bytes_out, _error_text(exc)))
+        self.done.set_result(SpliceResult(self.bytes_in, self.bytes_out, error_text(exc)))
 
     def tcp_write_paused(self, side: TcpSide) -> None:
         self._other(side).pause(_PAUSE_PEER_WRITE)

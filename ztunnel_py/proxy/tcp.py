@@ -10,12 +10,12 @@ import logging
 import random
 import socket
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from ztunnel_py.hbone.headers import format_authority
 from ztunnel_py.proxy.errors import UpstreamConnectError
 from ztunnel_py.proxy.sockets import SocketFactory
-from ztunnel_py.proxy.splice import HboneSplice, TcpSide, TcpSplice
+from ztunnel_py.proxy.splice import TcpSide
 from ztunnel_py.state.model import IPAddress, SocketAddr
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,11 @@ async def connect_tcp(
     return side
 
 
-Splice = HboneSplice | TcpSplice
+class Splice(Protocol):
+    """A live connection a draining server can cut (``HboneSplice``, ``TcpSplice``, or the
+    kernel splice)."""
+
+    def abort(self, reason: str) -> None: ...
 
 
 class AcceptedSide(TcpSide):

@@ -33,6 +33,7 @@ from ztunnel_py.proxy.certificates import FetchedCertificates
 from ztunnel_py.proxy.conntrack import ConnectionTracker
 from ztunnel_py.proxy.inbound import InboundServer
 from ztunnel_py.proxy.inputs import PodInputs, ProxyInputs
+from ztunnel_py.proxy.kernel_splice import KernelSplicer
 from ztunnel_py.proxy.outbound import OutboundServer
 from ztunnel_py.proxy.pod import pod_pool
 from ztunnel_py.proxy.pool import HbonePool
@@ -154,22 +155,26 @@ async def start_mesh(
     conntrack: ConnectionTracker | None = None,
     state: ProxyState | None = None,
     revocation: CrlManager | None = None,
+    kernel_splice: KernelSplicer | None = None,
 ) -> Mesh:
     """``telemetry`` serves both pods unless ``server_telemetry`` is given for the server's
     inbound side (two nodes, each with its own metrics). ``state`` lets a test build objects
-    on the mesh state (a telemetry sink) before the mesh starts; the pods are added to it."""
+    on the mesh state (a telemetry sink) before the mesh starts; the pods are added to it.
+    ``kernel_splice``: both pods are on this node, and their connections spliced by it."""
     n = next(_ranges)
     base = f"127.{100 + n // 250 % 100}.{n % 250}"
     client_ip = ipaddress.ip_address(f"{base}.1")
     server_ip = ipaddress.ip_address(f"{base}.2")
+    node = "node-a" if kernel_splice is not None else ""
     config = make_config(
         pool_max_streams_per_connection=max_streams_per_connection,
         pool_unused_release_timeout_s=unused_release_timeout_s,
+        node_name=node or None,
     )
     pki = Pki()
     state = state if state is not None else ProxyState()
-    client = pod("client", client_ip, "client")
-    server = pod("server", server_ip, "server", services=server_services or {})
+    client = pod("client", client_ip, "client", node=node)
+    server = pod("server", server_ip, "server", services=server_services or {}, node=node)
     state.apply(UpdateBatch(workloads=(client, server), services=services))
     destination = FixedDestination((server_ip, 0))
     inputs = ProxyInputs(
@@ -181,6 +186,7 @@ async def start_mesh(
         conntrack=conntrack,
         rng=random.Random(1),
         revocation=revocation,
+        kernel_splice=kernel_splice,
     )
     sockets = PodSocketFactory(config, mark=False)
     pool = pod_pool(inputs, sockets)

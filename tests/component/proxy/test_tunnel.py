@@ -198,7 +198,7 @@ def _daemon_buffered(mesh: Mesh) -> int:
             total += side.transport.get_write_buffer_size()
         hbone = getattr(splice, "hbone", None)
         if hbone is not None and hbone.conn is not None:
-            total += hbone.conn.pending_bytes(splice.stream_id)  # type: ignore[union-attr]
+            total += hbone.conn.pending_bytes(splice.stream_id)  # type: ignore[attr-defined]
             total += hbone.buffered_bytes
     return total
 
