@@ -309,6 +309,8 @@ class Bench:
         raise RuntimeError(f"envoy in {pod} is not listening on :{port}")
 
     def daemon_env(self) -> dict[str, str]:
+        """Environment of the mesh daemons beyond the testbed's (options that change the
+        daemons, such as the kernel splice, add their variables here)."""
         return {SPLICE_ENV: self.args.kernel_splice} if self.args.kernel_splice else {}
 
     def run_same_node(self) -> list[SameNodeResult]:
@@ -446,11 +448,6 @@ class Bench:
             apps.stop()
             mesh.down()
             self.check_clean(tag)
-
-    def daemon_env(self) -> dict[str, str]:
-        """Environment of the node-mix daemons beyond the testbed's (options that change the
-        daemons, such as a worker count, add their variables here)."""
-        return {}
 
     # ------------------------------------------------------------------ node mix
 

@@ -325,6 +325,40 @@ class ZtSkOrig(ctypes.Structure):
 SIZEOF_ZT_SK_ORIG = 24
 
 
+class ZtSpliceConn(ctypes.Structure):
+    """``struct zt_splice_conn`` (40 bytes)."""
+
+    peer_cookie: int
+    bytes: int
+    passed: int
+    peer_base: int
+    window: int
+
+    _fields_ = [
+        ("peer_cookie", ctypes.c_uint64),
+        ("bytes", ctypes.c_uint64),
+        ("passed", ctypes.c_uint64),
+        ("peer_base", ctypes.c_uint64),
+        ("window", ctypes.c_uint64),
+    ]
+
+
+SIZEOF_ZT_SPLICE_CONN = 40
+
+
+class ZtSpliceKey(ctypes.Structure):
+    """``struct zt_splice_key`` (8 bytes)."""
+
+    cookie: int
+
+    _fields_ = [
+        ("cookie", ctypes.c_uint64),
+    ]
+
+
+SIZEOF_ZT_SPLICE_KEY = 8
+
+
 class ZtVersion(ctypes.Structure):
     """``struct zt_version`` (8 bytes)."""
 
@@ -355,6 +389,8 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "zt_pod": ZtPod,
     "zt_pod_key": ZtPodKey,
     "zt_sk_orig": ZtSkOrig,
+    "zt_splice_conn": ZtSpliceConn,
+    "zt_splice_key": ZtSpliceKey,
     "zt_version": ZtVersion,
 }
 SIZEOF: dict[str, int] = {
@@ -373,6 +409,8 @@ SIZEOF: dict[str, int] = {
     "zt_pod": 8,
     "zt_pod_key": 8,
     "zt_sk_orig": 24,
+    "zt_splice_conn": 40,
+    "zt_splice_key": 8,
     "zt_version": 8,
 }
 
@@ -404,6 +442,10 @@ MAP_ORIG_DST = "zt_orig_dst"
 MAP_ORIG_SRC = "zt_orig_src"
 MAP_PODS = "zt_pods"
 MAP_SK_ORIG = "zt_sk_orig"
+MAP_SPLICE_CONNS = "zt_splice_conns"
+MAP_SPLICE_RX = "zt_splice_rx"
+MAP_SPLICE_STATS = "zt_splice_stats"
+MAP_SPLICE_TX = "zt_splice_tx"
 MAP_VERSION = "zt_version"
 
 MAP_SPECS: dict[str, MapSpec] = {
@@ -539,6 +581,50 @@ MAP_SPECS: dict[str, MapSpec] = {
         flags=1,
         pinned=True,
     ),
+    "zt_splice_conns": MapSpec(
+        name="zt_splice_conns",
+        map_type=1,
+        key_type="struct zt_splice_key",
+        key_size=8,
+        value_type="struct zt_splice_conn",
+        value_size=40,
+        max_entries=65536,
+        flags=1,
+        pinned=False,
+    ),
+    "zt_splice_rx": MapSpec(
+        name="zt_splice_rx",
+        map_type=18,
+        key_type="struct zt_splice_key",
+        key_size=8,
+        value_type="__u64",
+        value_size=8,
+        max_entries=65536,
+        flags=0,
+        pinned=False,
+    ),
+    "zt_splice_stats": MapSpec(
+        name="zt_splice_stats",
+        map_type=6,
+        key_type="__u32",
+        key_size=4,
+        value_type="__u64",
+        value_size=8,
+        max_entries=2,
+        flags=0,
+        pinned=False,
+    ),
+    "zt_splice_tx": MapSpec(
+        name="zt_splice_tx",
+        map_type=18,
+        key_type="struct zt_splice_key",
+        key_size=8,
+        value_type="__u64",
+        value_size=8,
+        max_entries=65536,
+        flags=0,
+        pinned=False,
+    ),
     "zt_version": MapSpec(
         name="zt_version",
         map_type=2,
@@ -572,6 +658,7 @@ PROG_SENDMSG4 = "zt_sendmsg4"
 PROG_SENDMSG6 = "zt_sendmsg6"
 PROG_SK_LOOKUP = "zt_sk_lookup"
 PROG_SOCKOPS = "zt_sockops"
+PROG_SPLICE_VERDICT = "zt_splice_verdict"
 
 PROG_SPECS: dict[str, ProgSpec] = {
     "zt_connect4": ProgSpec("zt_connect4", "cgroup/connect4", "connect.o"),
@@ -584,6 +671,7 @@ PROG_SPECS: dict[str, ProgSpec] = {
     "zt_sendmsg6": ProgSpec("zt_sendmsg6", "cgroup/sendmsg6", "dns.o"),
     "zt_sk_lookup": ProgSpec("zt_sk_lookup", "sk_lookup", "sk_lookup.o"),
     "zt_sockops": ProgSpec("zt_sockops", "sockops", "sockops.o"),
+    "zt_splice_verdict": ProgSpec("zt_splice_verdict", "sk_skb/stream_verdict", "splice.o"),
 }
 OBJECT_FILES = (
     "connect.o",
@@ -591,6 +679,7 @@ OBJECT_FILES = (
     "getpeername.o",
     "sk_lookup.o",
     "sockops.o",
+    "splice.o",
 )
 
 
