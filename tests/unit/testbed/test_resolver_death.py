@@ -19,6 +19,13 @@ time.sleep(300)
 """
 
 
+def command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0]
@@ -38,7 +45,9 @@ def test_a_process_run_with_die_with_parent_goes_when_its_parent_is_killed() -> 
         assert parent.stdout is not None
         grandchild = int(parent.stdout.readline())
         try:
-            assert alive(grandchild)
+            # setpriv sets the death signal and then execs: kill the parent only once the
+            # grandchild is ``sleep``, or (on a busy machine) the kill may come before the prctl.
+            wait_until(lambda: command(grandchild) == "sleep", "setpriv to exec sleep")
             parent.kill()
             parent.wait()
             wait_until(lambda: not alive(grandchild), "the grandchild to die with its parent")
