@@ -609,7 +609,10 @@ KERNEL_SPLICE_ENV = "ZTUNNEL_PY_KERNEL_SPLICE"
 
 
 def _kernel_splice(raw: str | None) -> bool | None:
-    if raw is None or raw.strip().lower() in {"", "auto"}:
+    # Opt-in for now: a client whose FIN races the pairing can still be reset (ARCHITECTURE.md).
+    if raw is None or not raw.strip():
+        return False
+    if raw.strip().lower() == "auto":
         return None
     try:
         return parse_bool(KERNEL_SPLICE_ENV, raw)
