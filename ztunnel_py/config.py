@@ -609,10 +609,7 @@ KERNEL_SPLICE_ENV = "ZTUNNEL_PY_KERNEL_SPLICE"
 
 
 def _kernel_splice(raw: str | None) -> bool | None:
-    # Opt-in for now: a client whose FIN races the pairing can still be reset (ARCHITECTURE.md).
-    if raw is None or not raw.strip():
-        return False
-    if raw.strip().lower() == "auto":
+    if raw is None or raw.strip().lower() in {"", "auto"}:
         return None
     try:
         return parse_bool(KERNEL_SPLICE_ENV, raw)

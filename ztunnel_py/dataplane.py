@@ -550,11 +550,10 @@ def start_kernel_splice(config: Config) -> KernelSplicer:
     """The kernel splice of same-node connections, or why it is off (said once, at start)."""
     if config.kernel_splice is False:
         log.info(
-            "kernel splice off (%s unset or false; auto or true turns it on): same-node "
-            "connections are copied by the proxy",
+            "kernel splice off (%s=false): same-node connections are copied by the proxy",
             KERNEL_SPLICE_ENV,
         )
-        return KernelSplicer(None, f"off: {KERNEL_SPLICE_ENV} unset or false")
+        return KernelSplicer(None, f"off: {KERNEL_SPLICE_ENV}=false")
     from ztunnel_py.bpf.objects import DEFAULT_OBJECT_DIR
     from ztunnel_py.bpf.splice import SpliceMaps
 

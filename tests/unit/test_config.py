@@ -156,7 +156,7 @@ def test_fake_ca_disables_the_ca_address() -> None:
         ({"ZTUNNEL_PY_KERNEL_SPLICE": "false"}, "kernel_splice", False),
         ({"ZTUNNEL_PY_KERNEL_SPLICE": "true"}, "kernel_splice", True),
         ({"ZTUNNEL_PY_KERNEL_SPLICE": "auto"}, "kernel_splice", None),
-        ({}, "kernel_splice", False),
+        ({}, "kernel_splice", None),
         ({"LOCAL_CA_DIR": "/var/lib/x"}, "local_ca_dir", Path("/var/lib/x")),
         ({"BPF_PIN_PATH": "/sys/fs/bpf/other"}, "bpf_pin_path", Path("/sys/fs/bpf/other")),
         (

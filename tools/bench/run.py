@@ -16,7 +16,7 @@ out of the mesh: not in the config, not enrolled, no in-pod rules). Setups, one 
   pod has made a mesh connection to its neighbour.
 * ``xds``: ``tools/bench_xds.py`` with and without ``--ebpf`` (10,000 workloads).
 * ``samenode``: one node, eBPF mode, a client pod and a mesh server pod on it: the paced shape
-  and bulk, once with the kernel splice (``auto``) and once with
+  and bulk, once with the kernel splice (the default) and once with
   ``ZTUNNEL_PY_KERNEL_SPLICE=false`` (the proxy copies the bytes), each on a fresh testbed.
   ``--kernel-splice`` sets the same variable for the daemons of every other setup.
 * ``workers``: saturation (wrk) of the mesh server once per ``--workers`` count (1,2,4 by

@@ -68,7 +68,7 @@ from ztunnel_py.proxy.errors import (
     UpstreamUnavailable,
 )
 from ztunnel_py.proxy.inputs import PodInputs, ProxyInputs
-from ztunnel_py.proxy.kernel_splice import KernelSplice, KernelSpliceFailed
+from ztunnel_py.proxy.kernel_splice import KernelSplice
 from ztunnel_py.proxy.reporting import report_splice, setup_failure
 from ztunnel_py.proxy.revocation import RevocationHandle
 from ztunnel_py.proxy.routing import is_waypoint_of
@@ -489,18 +489,11 @@ class InboundServer(ProxyServer):
             error, flags = setup_failure(e)
             self.telemetry.connection_failed(record, error=error, flags=flags)
             return
-        try:
-            kernel = (
-                self.inputs.kernel_splice.claim(proto.peer, proto.local, sid, tcp)
-                if self.inputs.kernel_splice is not None and proto.local is not None
-                else None
-            )
-        except KernelSpliceFailed as e:
-            log.warning("inbound same-node connection reset: %s", e)
-            if proto.is_open:
-                proto.reject(sid, UpstreamUnavailable.status)
-            self.telemetry.connection_failed(record, error=str(e), flags=ResponseFlags.CONNECT)
-            return
+        kernel = (
+            self.inputs.kernel_splice.claim(proto.peer, proto.local, sid, tcp)
+            if self.inputs.kernel_splice is not None and proto.local is not None
+            else None
+        )
         splice = HboneSplice(tcp)
         splice.bind(proto, sid)
         headers = (

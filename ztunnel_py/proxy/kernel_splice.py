@@ -260,10 +260,6 @@ class KernelSplice:
         self.done.set_result(SpliceResult(self.bytes_in, self.bytes_out, error))
 
 
-class KernelSpliceFailed(OSError):
-    """Pairing failed after bytes read early were written: the connection must be reset."""
-
-
 @dataclass(eq=False, slots=True)
 class SpliceOffer:
     """An outbound stream to a pod of this node, waiting to be claimed by its inbound side."""
@@ -331,33 +327,34 @@ class KernelSplicer:
         a_sock = _socket_of(offer.down)
         b_sock = _socket_of(up)
         early = (offer.down.take_early(), up.take_early())
-        wrote = False
+        written = [0, 0]  # of early[0] (to b) and early[1] (to a), by ``write_early``
 
         def write_early() -> None:
             # Read before the pause took effect: older than anything the kernel will send on.
-            nonlocal wrote
-            wrote = any(early)
-            for data, to in ((early[0], b_sock), (early[1], a_sock)):
+            for i, (data, to) in enumerate(((early[0], b_sock), (early[1], a_sock))):
                 # The transports' sockets are non-blocking and offer no send(): write the fd.
-                if data and os.write(to.fileno(), data) != len(data):
-                    raise BlockingIOError(f"{len(data)} early bytes did not fit the send buffer")
+                if data:
+                    written[i] = os.write(to.fileno(), data)
+                    if written[i] != len(data):
+                        raise BlockingIOError(
+                            f"{len(data) - written[i]} early bytes did not fit the send buffer"
+                        )
 
         try:
             pairing = maps.pair(a_sock, b_sock, window=self.window, first=write_early)
         except (MapFull, BpfError, LibbpfError, OSError) as e:
             self.failed_total += 1
             if isinstance(e, LibbpfError) and e.errno == errno.EOPNOTSUPP:
-                # A sockhash takes established sockets only: one side already sent its FIN.
+                # A sockhash takes established sockets only: a side sent its FIN, perhaps
+                # while it was being paired.
                 log.debug("kernel splice skipped a connection already closing: %s", e)
             else:
                 log.warning("kernel splice refused a connection, copying it instead: %s", e)
-            if wrote:
-                # Some early bytes may have been written: the connection cannot be resumed.
-                offer.down.reset()
-                up.reset()
-                raise KernelSpliceFailed(f"kernel splice failed after early bytes: {e}") from e
-            offer.down.put_back_early(early[0])  # the Python splice replays them
-            up.put_back_early(early[1])
+            # The Python splice takes over: what was written is counted, the rest replayed.
+            offer.down.credit(read=written[0], written=written[1])
+            up.credit(read=written[1], written=written[0])
+            offer.down.put_back_early(early[0][written[0] :])
+            up.put_back_early(early[1][written[1] :])
             return None
         a = offer.down.release()
         b = up.release()

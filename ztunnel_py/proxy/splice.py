@@ -50,6 +50,7 @@ class SpliceResult:
 
 class _SideOwner(Protocol):
     def tcp_data(self, side: TcpSide, data: bytes) -> None: ...
+    def tcp_credit(self, side: TcpSide, read: int, written: int) -> None: ...
     def tcp_eof(self, side: TcpSide) -> None: ...
     def tcp_lost(self, side: TcpSide, exc: Exception | None) -> None: ...
     def tcp_write_paused(self, side: TcpSide) -> None: ...
@@ -70,6 +71,10 @@ class TcpSide(asyncio.Protocol):
         self.lost_exc: Exception | None = None
         self.wrote_eof = False
         self._early: list[bytes] = []  # read before attach (at most one read: we pause)
+        # Moved by a failed kernel splice before attach: read from this side and delivered,
+        # and written to this side. Only counted (the bytes are where they belong).
+        self._credit_read = 0
+        self._credit_written = 0
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -113,6 +118,9 @@ class TcpSide(asyncio.Protocol):
     def attach(self, owner: _SideOwner) -> None:
         """Start splicing; events that happened while unattached are replayed."""
         self.owner = owner
+        if self._credit_read or self._credit_written:
+            owner.tcp_credit(self, self._credit_read, self._credit_written)
+            self._credit_read = self._credit_written = 0
         early, self._early = self._early, []
         for data in early:
             owner.tcp_data(self, data)
@@ -176,6 +184,13 @@ class TcpSide(asyncio.Protocol):
     def put_back_early(self, data: bytes) -> None:
         """Undo ``take_early`` (the hand-over did not happen): replayed on ``attach``."""
         self._early = [data] if data else []
+
+    def credit(self, *, read: int, written: int) -> None:
+        """Bytes moved outside any splice before ``attach`` (the kernel splice wrote what it
+        had taken with ``take_early``, then could not pair): counted by the splice attached
+        next, not moved again."""
+        self._credit_read += read
+        self._credit_written += written
 
     def release(self) -> socket.socket:
         """Hand the connection over (the kernel splice): a non-blocking duplicate of its
@@ -271,6 +286,10 @@ class HboneSplice:
             return
         if pending:
             side.pause(_PAUSE_WINDOW)
+
+    def tcp_credit(self, side: TcpSide, read: int, written: int) -> None:
+        self.bytes_in += read
+        self.bytes_out += written
 
     def tcp_eof(self, side: TcpSide) -> None:
         if self._sent_eof or self.hbone is None or self.done.done():
@@ -388,6 +407,13 @@ class TcpSplice:
         other.write(data)
         if other.write_paused:
             side.pause(_PAUSE_PEER_WRITE)
+
+    def tcp_credit(self, side: TcpSide, read: int, written: int) -> None:
+        # Each byte is read once: count the reads of both sides, not the writes.
+        if side is self.a:
+            self.bytes_in += read
+        else:
+            self.bytes_out += read
 
     def tcp_eof(self, side: TcpSide) -> None:
         self._eof_from.add(id(side))
