@@ -29,11 +29,9 @@ from ztunnel_py.config import (
     RedirectMode,
     WorkloadInfo,
 )
-from ztunnel_py.dns.ondemand import OnDemandDnsMetrics, OnDemandResolver
 from ztunnel_py.dns.proxy import DnsProxyStarter, pod_forwarder, read_resolv_conf
 from ztunnel_py.dns.resolvconf import ResolvConf
-from ztunnel_py.dns.server import DnsServer
-from ztunnel_py.dns.telemetry import DnsMetrics
+from ztunnel_py.dns.telemetry import DnsMetrics, OnDemandDnsMetrics
 from ztunnel_py.errors import UnsupportedFeature, ZtunnelError
 from ztunnel_py.identity.mtls_health import MtlsHealth
 from ztunnel_py.proxy.certificates import CertificateSource
@@ -64,6 +62,7 @@ from ztunnel_py.telemetry.connections import TelemetrySink
 if TYPE_CHECKING:  # the BPF modules load libbpf: imported only when eBPF mode is used
     from ztunnel_py.bpf.loader import BpfLoader
     from ztunnel_py.bpf.reconcile import MapSync
+    from ztunnel_py.dns.server import DnsServer  # dnspython: loaded with the first pod
     from ztunnel_py.redirect.zds import ZdsClient  # protobuf: only when pods come over ZDS
 
 log = logging.getLogger(__name__)
@@ -313,6 +312,9 @@ class DataPlane:
         config, rng = self.config, self._rng
 
         def for_pod(netns_fd: int) -> HostnameResolver:
+            # dnspython (2.2 MiB) loads with the first pod, not at idle.
+            from ztunnel_py.dns.ondemand import OnDemandResolver
+
             return OnDemandResolver(
                 pod_forwarder(config, conf, netns_fd),
                 metrics=metrics,

@@ -55,6 +55,7 @@ def test_local_mode_without_pods_loads_no_grpc_and_no_protobuf(tmp_path: Path) -
     # Nothing else in this mode speaks protobuf either: ZDS (the pods' agent) is off.
     assert "google.protobuf" not in modules
     assert "ztunnel_py.redirect.zds" not in modules
+    assert "dns" not in modules  # dnspython: the DNS proxy's, loaded with the first pod
 
 
 def test_local_mode_with_the_cni_agent_loads_zds_but_no_grpc(tmp_path: Path) -> None:
@@ -69,6 +70,9 @@ def test_local_mode_with_the_cni_agent_loads_zds_but_no_grpc(tmp_path: Path) -> 
         modules = imported(d.log())
     assert "ztunnel_py.redirect.zds" in modules
     assert not modules & set(ISTIOD_ONLY)
+    # The DNS proxy is on (the default) but no pod came yet: dnspython is not loaded.
+    assert "ztunnel_py.dns.proxy" in modules
+    assert not {"dns", "dns.message", "ztunnel_py.dns.server"} & modules
 
 
 def test_istiod_mode_loads_the_grpc_clients(tmp_path: Path) -> None:

@@ -16,40 +16,12 @@ import random
 
 import dns.message
 import dns.rdatatype
-from prometheus_client import CollectorRegistry, Counter
 
 from ztunnel_py.dns.forwarder import ForwardError, UpstreamForwarder
+from ztunnel_py.dns.telemetry import OnDemandDnsMetrics
 from ztunnel_py.state.model import IPAddress, Workload
-from ztunnel_py.telemetry.metrics import SOURCE_LABEL_NAMES
 
 log = logging.getLogger(__name__)
-
-UNKNOWN = "unknown"
-LABEL_NAMES = (*SOURCE_LABEL_NAMES, "hostname")
-
-
-class OnDemandDnsMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.lookups = Counter(
-            "istio_on_demand_dns",
-            "The total number of requests that used on-demand DNS (unstable)",
-            LABEL_NAMES,
-            registry=registry,
-        )
-
-    def count(self, source: Workload, hostname: str) -> None:
-        values = (
-            source.workload_name,
-            source.canonical_name,
-            source.canonical_revision,
-            source.namespace,
-            source.identity,
-            source.canonical_name,
-            source.canonical_revision,
-            source.cluster_id,
-            hostname,
-        )
-        self.lookups.labels(*(v or UNKNOWN for v in values)).inc()
 
 
 class OnDemandResolver:

@@ -17,16 +17,19 @@ import random
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ztunnel_py.config import Config, DnsProxyAddress, ProxyMode
-from ztunnel_py.dns.forwarder import UpstreamForwarder
 from ztunnel_py.dns.resolvconf import ResolvConf, parse_resolv_conf
 from ztunnel_py.dns.resolver import MeshResolver
-from ztunnel_py.dns.server import DnsServer
 from ztunnel_py.dns.telemetry import DnsMetrics
 from ztunnel_py.netns import run_in_netns, socket_in_netns
 from ztunnel_py.state.model import Workload
 from ztunnel_py.state.store import ProxyState
+
+if TYPE_CHECKING:  # dnspython: loaded with the first pod
+    from ztunnel_py.dns.forwarder import UpstreamForwarder
+    from ztunnel_py.dns.server import DnsServer
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +108,9 @@ def _bound(
 
 def pod_forwarder(config: Config, conf: ResolvConf, netns_fd: int | None) -> UpstreamForwarder:
     """Forwarding to ``conf``'s servers from sockets made in the pod's netns, marked."""
+    # dnspython (2.2 MiB) loads with the first pod's DNS proxy, not at idle.
+    from ztunnel_py.dns.forwarder import UpstreamForwarder
+
     mark = config.packet_mark
 
     def upstream_socket(family: int, kind: int) -> socket.socket:
@@ -149,6 +155,8 @@ class DnsProxyStarter:
 
     async def start(self, netns_fd: int | None, client: Callable[[], Workload | None]) -> DnsServer:
         """Bind in ``netns_fd`` and serve; raises ``OSError`` when the address is taken."""
+        from ztunnel_py.dns.server import DnsServer  # dnspython: see pod_forwarder
+
         config = self.config
         sockets = bind_dns_sockets(
             netns_fd,

@@ -20,6 +20,7 @@ import logging
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from ztunnel_py.state.model import Workload
+from ztunnel_py.telemetry.metrics import SOURCE_LABEL_NAMES
 
 DNS_TARGET = "dns"
 UNKNOWN = "unknown"
@@ -98,3 +99,31 @@ def log_dns_request(
     fields["result"] = result
     fields["endpoints"] = endpoints
     logger.debug("", extra={"fields": fields})
+
+
+# istio_on_demand_dns: the source workload and the hostname looked up.
+ON_DEMAND_LABEL_NAMES = (*SOURCE_LABEL_NAMES, "hostname")
+
+
+class OnDemandDnsMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.lookups = Counter(
+            "istio_on_demand_dns",
+            "The total number of requests that used on-demand DNS (unstable)",
+            ON_DEMAND_LABEL_NAMES,
+            registry=registry,
+        )
+
+    def count(self, source: Workload, hostname: str) -> None:
+        values = (
+            source.workload_name,
+            source.canonical_name,
+            source.canonical_revision,
+            source.namespace,
+            source.identity,
+            source.canonical_name,
+            source.canonical_revision,
+            source.cluster_id,
+            hostname,
+        )
+        self.lookups.labels(*(v or UNKNOWN for v in values)).inc()

@@ -20,7 +20,7 @@ import socket
 import sys
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from prometheus_client import CollectorRegistry
@@ -28,7 +28,6 @@ from prometheus_client.metrics_core import Metric
 
 from ztunnel_py.config import Config, RedirectMode
 from ztunnel_py.dataplane import PodProxyStarter
-from ztunnel_py.dns.server import DnsServer
 from ztunnel_py.errors import ZtunnelError
 from ztunnel_py.identity.certificate import WorkloadCertificate
 from ztunnel_py.identity.manager import SecretManager
@@ -49,6 +48,9 @@ from ztunnel_py.workers.plan import (
     retired_counts,
     snapshot,
 )
+
+if TYPE_CHECKING:
+    from ztunnel_py.dns.server import DnsServer  # dnspython: loaded with the first pod
 
 log = logging.getLogger(__name__)
 

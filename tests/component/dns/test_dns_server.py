@@ -22,11 +22,12 @@ from prometheus_client import CollectorRegistry
 
 from ztunnel_py.config import DnsProxyAddress
 from ztunnel_py.dns.forwarder import UpstreamForwarder
-from ztunnel_py.dns.ondemand import OnDemandDnsMetrics, OnDemandResolver
+from ztunnel_py.dns.ondemand import OnDemandResolver
 from ztunnel_py.dns.proxy import bind_dns_sockets
 from ztunnel_py.dns.resolvconf import ResolvConf
 from ztunnel_py.dns.resolver import MeshResolver
 from ztunnel_py.dns.server import DnsServer
+from ztunnel_py.dns.telemetry import OnDemandDnsMetrics
 from ztunnel_py.state.model import NetworkAddress, Service, Workload
 from ztunnel_py.state.store import ProxyState, UpdateBatch
 from ztunnel_py.testing.poll import wait_until_async

@@ -19,8 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ztunnel_py.admin.server import new_registry
 from ztunnel_py.bpf.metrics import BpfMetrics
-from ztunnel_py.dns.ondemand import OnDemandDnsMetrics
-from ztunnel_py.dns.telemetry import DnsMetrics, dns_labels
+from ztunnel_py.dns.telemetry import DnsMetrics, OnDemandDnsMetrics, dns_labels
 from ztunnel_py.proxy.revocation import CrlMetrics
 from ztunnel_py.redirect.workloads import WorkloadManagerMetrics
 from ztunnel_py.state.model import Workload
