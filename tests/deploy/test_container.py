@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import secrets
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -221,3 +222,17 @@ def test_killed_container_fails_closed_and_its_successor_recovers(
             sent = echo(mesh, "pod-0-0", target.ip, RECORDER_PORT)
             assert sent["result"] == "ok", sent
             wait_until(lambda: [n for _, n in recorder.seen()] == [20000], "the recorder")
+
+
+def test_the_image_has_every_command_the_daemon_runs(image: str) -> None:
+    """The daemon shells out inside pods' netns for ENABLE_ORIG_SRC in eBPF mode (nsenter, then
+    ip and sysctl: redirect/origsrc.py); a minimal base without them fails that pod."""
+    for argv in (["nsenter", "--version"], ["ip", "-V"], ["sysctl", "--version"]):
+        out = subprocess.run(
+            ["podman", "run", "--rm", "--entrypoint", argv[0], image, *argv[1:]],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=HANG_GUARD_S,
+        )
+        assert out.returncode == 0, f"{argv[0]} in the image: {out.stderr.strip()}"

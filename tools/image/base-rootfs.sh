@@ -10,8 +10,10 @@ SUITE=${ZTPY_BASE_SUITE:-bookworm}
 MIRROR=${ZTPY_BASE_MIRROR:-http://deb.debian.org/debian}
 CACHE=${ZTPY_CACHE:-/var/cache/ztunnel-py}/rootfs
 # python3-venv only for the build stage's `python -m venv` (its pip wheel is removed at the end);
-# libbpf1 for eBPF mode. The daemon runs no iptables or ip commands (istio-cni does that).
-PACKAGES=python3,python3-venv,libbpf1
+# libbpf1 for eBPF mode; iproute2 and procps (ip, sysctl) for ENABLE_ORIG_SRC in eBPF mode,
+# whose reply routing the daemon sets in each pod (redirect/origsrc.py). No iptables: istio-cni
+# installs the in-pod rules.
+PACKAGES=python3,python3-venv,libbpf1,iproute2,procps
 
 here=$(cd "$(dirname "$0")" && pwd)
 hash=$(sha256sum "$here/base-rootfs.sh" | cut -c1-10)

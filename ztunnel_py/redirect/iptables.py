@@ -226,7 +226,8 @@ def netns_runner(netns: NetnsRef) -> Runner:
             )
         except FileNotFoundError as e:
             raise IptablesError(
-                f"{e.filename} not found: install util-linux and iptables"
+                f"{e.filename} not found: install it (nsenter: util-linux; ip: iproute2;"
+                " sysctl: procps; iptables)"
             ) from None
         if proc.returncode != 0:
             command = " ".join(argv)
