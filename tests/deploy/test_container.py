@@ -30,7 +30,7 @@ import yaml
 from tests.deploy.container import PodContainer, built_image, pod_container
 from tests.deploy.support import EBPF_VALUES, IPTABLES_VALUES, load_values, render
 from tests.netns.e2e.support import NetnsServer, mesh_tag
-from tools.k8s.podrun import Node
+from tools.k8s.podrun import PODMAN_RUN, ULIMITS, Node
 from tools.testbed import cgroup2_mount
 from tools.testbed.mesh import ExtraService, Mesh, MeshOptions
 from ztunnel_py.testing.poll import HANG_GUARD_S, wait_until
@@ -229,7 +229,7 @@ def test_the_image_has_every_command_the_daemon_runs(image: str) -> None:
     ip and sysctl: redirect/origsrc.py); a minimal base without them fails that pod."""
     for argv in (["nsenter", "--version"], ["ip", "-V"], ["sysctl", "--version"]):
         out = subprocess.run(
-            ["podman", "run", "--rm", "--entrypoint", argv[0], image, *argv[1:]],
+            [*PODMAN_RUN, *ULIMITS, "--rm", "--entrypoint", argv[0], image, *argv[1:]],
             capture_output=True,
             text=True,
             check=False,
