@@ -39,6 +39,7 @@ from ztunnel_py.proxy.coexist import KernelMapThenConntrack, LocalAddressUnlessR
 from ztunnel_py.proxy.conntrack import ConnectionTracker
 from ztunnel_py.proxy.inputs import Demand, HostnameResolver, PodInputs, ProxyInputs
 from ztunnel_py.proxy.kernel_splice import KernelSplicer
+from ztunnel_py.proxy.memory import trim_heap
 from ztunnel_py.proxy.pod import PodProxy, pod_pool, start_pod_proxy
 from ztunnel_py.proxy.pool import HbonePool
 from ztunnel_py.proxy.revocation import CrlManager
@@ -577,5 +578,9 @@ def start_kernel_splice(config: Config) -> KernelSplicer:
             e,
         )
         return KernelSplicer(None, f"off: {e}")
+    finally:
+        # libbpf parsed the kernel's BTF for the sk_skb program (~11 MiB, freed at once), and
+        # tune_malloc's thresholds would keep that heap resident for the daemon's lifetime.
+        trim_heap()
     log.info("kernel splice on: allowed same-node connections are carried by the kernel")
     return KernelSplicer(maps, "on")
