@@ -13,6 +13,7 @@ helm_dir="$CACHE/helm-$HELM_VERSION"
 
 if [ ! -x "$helm_dir/helm" ]; then
   start=$(date +%s)
+  mkdir -p "$CACHE"
   tmp=$(mktemp -d "$CACHE/.helm-$HELM_VERSION.XXXXXX")
   (cd "$tmp" && CGO_ENABLED=0 GOFLAGS=-buildvcs=false GOBIN="$tmp" \
     go install -trimpath -ldflags "-s -w" "helm.sh/helm/v4/cmd/helm@$HELM_VERSION") >&2
