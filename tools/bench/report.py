@@ -30,6 +30,9 @@ LABELS = {
     "iptables": "ztunnel-py, iptables",
     "ebpf": "ztunnel-py, eBPF",
 }
+# Upstream ztunnel (run.py --ztunnel-bin): shown beside the others, never needed by a summary.
+UPSTREAM = "ztunnel"
+DISPLAY = {**LABELS, UPSTREAM: "upstream ztunnel (Rust)"}
 MIB_PER_MB = 1e6 / (1 << 20)
 
 
@@ -456,7 +459,7 @@ def ip_families(
 
 def _data_plane(res: dict[str, DataPlaneResult]) -> list[str]:
     nm = res.get("nomesh")
-    order = [s for s in ("nomesh", "envoy", "iptables", "ebpf") if s in res]
+    order = [s for s in ("nomesh", "envoy", "iptables", "ebpf", UPSTREAM) if s in res]
     lines = [
         "**Istio shape: paced 1000 req/s, 1 KiB request/response, 4 long-lived connections, "
         "pod-0-0 (node-0) to pod-1-0 (node-1)**",
@@ -476,7 +479,7 @@ def _data_plane(res: dict[str, DataPlaneResult]) -> list[str]:
                 f"{r.cpu_user:.3f}",
                 f"{sum(r.rss_mib):.1f}",
             ]
-        lines.append(row(LABELS[s], p.count, f"{p.p50:.0f}", f"{p.p90:.0f}", f"{p.p99:.0f}",
+        lines.append(row(DISPLAY[s], p.count, f"{p.p50:.0f}", f"{p.p90:.0f}", f"{p.p99:.0f}",
                          *extra))  # fmt: skip
     lines += [
         "",
@@ -488,11 +491,13 @@ def _data_plane(res: dict[str, DataPlaneResult]) -> list[str]:
     for s in order:
         r = res[s]
         lat = [f"{r.wrk.latency_ms.get(p, 0):.2f}" for p in ("50", "90", "99")]
-        lines.append(row(LABELS[s], f"{r.wrk.rps:.0f}", *lat, f"{r.bulk_gbps:.2f}"))
+        lines.append(row(DISPLAY[s], f"{r.wrk.rps:.0f}", *lat, f"{r.bulk_gbps:.2f}"))
     ev = res.get("envoy")
     ours = [s for s in ("iptables", "ebpf") if s in res]
     if ev is None or nm is None or not ours:
         return lines
+    if UPSTREAM in res:
+        lines += _against_upstream(res, ours, nm)
     figures: list[tuple[str, str, Bar | None, Callable[[DataPlaneResult], float]]] = [
         ("proxy vCPU at 1000 req/s", ".3f", Bar(2.0, True), lambda r: r.cpu_vcpu),
         ("added p50 us", ".0f", None, lambda r: _added(r, nm)[0]),
@@ -533,6 +538,37 @@ def _data_plane(res: dict[str, DataPlaneResult]) -> list[str]:
     return lines
 
 
+def _against_upstream(
+    res: dict[str, DataPlaneResult], ours: Sequence[str], nm: DataPlaneResult
+) -> list[str]:
+    """Upstream ztunnel against the Envoy pair, and ztunnel-py against upstream ztunnel."""
+    up, ev = res[UPSTREAM], res["envoy"]
+    figures: list[tuple[str, str, Callable[[DataPlaneResult], float]]] = [
+        ("proxy vCPU at 1000 req/s", ".3f", lambda r: r.cpu_vcpu),
+        ("added p50 us", ".0f", lambda r: _added(r, nm)[0]),
+        ("added p90 us", ".0f", lambda r: _added(r, nm)[1]),
+        ("added p99 us", ".0f", lambda r: _added(r, nm)[2]),
+        ("proxy RSS MiB (pair)", ".1f", lambda r: sum(r.rss_mib)),
+        ("wrk req/s", ".0f", lambda r: r.wrk.rps),
+        ("bulk Gbit/s", ".2f", lambda r: r.bulk_gbps),
+    ]
+    head = ["figure", DISPLAY[UPSTREAM], "/ Envoy", *(f"{LABELS[s]} / upstream" for s in ours)]
+    lines = [
+        "",
+        "**Upstream ztunnel, same run** (the iptables setup's testbed with Istio's Rust ztunnel "
+        "as the node daemons)",
+        "",
+        row(*head),
+        row(*["---"] * len(head)),
+    ]
+    for name, fmt, get in figures:
+        theirs = get(up)
+        cells = [name, format(theirs, fmt), fmt_ratio(ratio(theirs, get(ev)))]
+        cells += [fmt_ratio(ratio(get(res[s]), theirs)) for s in ours]
+        lines.append(row(*cells))
+    return lines
+
+
 def _added(r: DataPlaneResult, nm: DataPlaneResult | None) -> tuple[float, float, float]:
     if nm is None:
         return (0.0, 0.0, 0.0)
@@ -540,7 +576,7 @@ def _added(r: DataPlaneResult, nm: DataPlaneResult | None) -> tuple[float, float
 
 
 def _outside(res: dict[str, DestinationResult]) -> list[str]:
-    order = [s for s in ("nomesh", "ebpf", "iptables") if s in res]
+    order = [s for s in ("nomesh", "ebpf", "iptables", UPSTREAM) if s in res]
     lines = [
         "**pod-0-0 (enrolled when a daemon runs) to pod-1-1 (never in the mesh): paced 1000 "
         "req/s of 1 KiB over 4 connections, then wrk (16 connections, nginx)**",
@@ -553,7 +589,7 @@ def _outside(res: dict[str, DestinationResult]) -> list[str]:
         r = res[s]
         p = r.paced
         lines.append(
-            row(LABELS[s], p.count, f"{p.p50:.0f}", f"{p.p90:.0f}", f"{p.p99:.0f}",
+            row(DISPLAY[s], p.count, f"{p.p50:.0f}", f"{p.p90:.0f}", f"{p.p99:.0f}",
                 f"{r.wrk.rps:.0f}", f"{r.wrk.latency_ms.get('99', 0):.2f}",
                 "-" if s == "nomesh" else f"{r.cpu_vcpu:.3f}",
                 "-" if r.opened is None else r.opened)

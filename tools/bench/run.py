@@ -58,7 +58,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tools.bench import envoy, memory, nodemix, plots, report  # noqa: E402 (after path fix)
+from tools.bench import envoy, memory, nodemix, plots, report, upstream  # noqa: E402 (path fix)
 from tools.bench.loads import (  # noqa: E402
     APP_PORTS,
     CpuMeter,
@@ -99,6 +99,7 @@ TAGS = {
     "nodemix-ebpf": "bmixebpf",
     "workers": "bwork",
     "samenode": "bsame",
+    "ztunnel": "bupst",
 }
 SETUPS = (
     "nomesh",
@@ -111,6 +112,7 @@ SETUPS = (
     "xds",
     "workers",
     "samenode",
+    "ztunnel",  # upstream ztunnel: only with --ztunnel-bin
 )
 PASSTHROUGH_MARK = 0x539  # what the capture rules (Envoy's here, istio-cni's) let out
 SPLICE_ENV = "ZTUNNEL_PY_KERNEL_SPLICE"
@@ -389,6 +391,37 @@ class Bench:
                     f"{redirect}: the daemons opened {outside.opened} connections for traffic "
                     f"to {OUTSIDE}, which is outside the mesh"
                 )
+            return [mesh_dst, outside]
+        finally:
+            apps.stop()
+            mesh.down()
+            self.check_clean(tag)
+
+    def run_upstream(self) -> list[DataPlaneResult | DestinationResult]:
+        """Upstream ztunnel (``--ztunnel-bin``) where the ``iptables`` setup runs ztunnel-py:
+        same testbed, rules, agent and local config; only the daemons differ."""
+        tag = TAGS["ztunnel"]
+        options = MeshOptions(
+            tag=tag,
+            redirect="iptables",
+            ip_family=self.family,
+            app="none",
+            outside=(OUTSIDE,),
+            external=("node-0", "node-1"),
+        )
+        mesh = Mesh(options, self.work / tag)
+        apps = ServerApps(mesh.bed, self.work / tag, self.paced_bin)
+        try:
+            mesh.up()
+            apps.start(SERVER)
+            apps.start(OUTSIDE, iperf=False)
+            with upstream.ztunnels(mesh, self.args.ztunnel_bin, self.work / tag / "logs") as pids:
+                self.announce("ztunnel")
+                before = upstream.opened(mesh)
+                mesh_dst = self.mesh_destination(mesh.bed, pids, "ztunnel")
+                if upstream.opened(mesh) == before:
+                    raise RuntimeError(f"ztunnel: the daemons proxied no connection to {SERVER}")
+                outside = self.outside_destination(mesh.bed, pids, "ztunnel")
             return [mesh_dst, outside]
         finally:
             apps.stop()
@@ -730,7 +763,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=20, help="duration of each paced run")
     parser.add_argument("--wrk-seconds", type=int, default=10)
     parser.add_argument("--bulk-seconds", type=int, default=10)
-    parser.add_argument("--setups", default=",".join(SETUPS), help=f"any of {','.join(SETUPS)}")
+    parser.add_argument(
+        "--setups",
+        default=",".join(s for s in SETUPS if s != "ztunnel"),
+        help=f"any of {','.join(SETUPS)} (ztunnel is added by --ztunnel-bin)",
+    )
+    parser.add_argument(
+        "--ztunnel-bin",
+        type=Path,
+        help="an upstream ztunnel binary built with --features testing: adds the 'ztunnel' "
+        "setup (the iptables setup's testbed with upstream ztunnel as the node daemons)",
+    )
     parser.add_argument("--envoy-concurrency", type=int, default=2)
     parser.add_argument("--pods", type=int, default=100, help="pods on the one node of 'pods'")
     parser.add_argument("--pods-redirect", default="ebpf", choices=("ebpf", "iptables"))
@@ -780,6 +823,10 @@ def main() -> None:
     unknown = set(setups) - set(SETUPS)
     if unknown:
         parser.error(f"unknown setups {sorted(unknown)}; use {','.join(SETUPS)}")
+    if args.ztunnel_bin is not None and "ztunnel" not in setups:
+        setups.append("ztunnel")
+    if "ztunnel" in setups and (args.ztunnel_bin is None or not args.ztunnel_bin.is_file()):
+        parser.error("the ztunnel setup needs --ztunnel-bin: an upstream ztunnel binary")
     families = list(dict.fromkeys(f for f in args.ip_family.split(",") if f))
     if not families or set(families) - set(IP_FAMILIES):
         parser.error(f"--ip-family {args.ip_family!r}: use some of {','.join(IP_FAMILIES)}")
@@ -813,6 +860,8 @@ def main() -> None:
                 for redirect in ("iptables", "ebpf"):
                     if redirect in setups:
                         results += bench.run_mesh(redirect)
+                if "ztunnel" in setups and family == "ipv4":
+                    results += bench.run_upstream()
                 bench.args.profile = False  # once is enough
                 if results:
                     rounds.append(results)

@@ -63,6 +63,9 @@ def hbone_settings(role: Role, config: Config) -> HboneSettings:
     )
 
 
+# A send smaller than one TLS record waits for the end of the loop iteration so that the
+# small sends of many streams leave together (HboneProtocol._flush_soon); larger ones go now.
+COALESCE_BELOW = 16 * 1024
 WRITE_HIGH_WATER_BYTES = 512 * 1024
 WRITE_LOW_WATER_BYTES = 128 * 1024
 
@@ -127,6 +130,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
         self._timer_at: float | None = None
         self._write_paused = False
         self._read_paused = False
+        self._flush_scheduled = False
         self._read_pause_limit = self._settings.connection_window + 2 * 1024 * 1024
         self.closed: asyncio.Future[None] | None = None
         self.close_reason = ""
@@ -275,7 +279,10 @@ class HboneProtocol(asyncio.BufferedProtocol):
     def send(self, stream_id: int, data: bytes, end: bool = False) -> int:
         conn = self._require_conn()
         pending = conn.send(stream_id, data, end)
-        self._flush()
+        if len(data) < COALESCE_BELOW:
+            self._flush_soon()
+        else:
+            self._flush()  # already fills TLS records: waiting would only hold the memory
         return pending
 
     def end_stream(self, stream_id: int) -> None:
@@ -352,6 +359,20 @@ class HboneProtocol(asyncio.BufferedProtocol):
         if self.conn is None:
             raise HboneError("HBONE connection is not established yet")
         return self.conn
+
+    def _flush_soon(self) -> None:
+        """Write the streams' small DATA once the loop has run this iteration's ready
+        callbacks: what many TCP sockets send into this connection in one iteration leaves as
+        one TLS write (one record up to 16 KiB, one syscall) instead of one per socket. Any
+        direct ``_flush`` before then writes it too, in order."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            assert self._loop is not None  # a stream exists, so the connection was made
+            self._loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self._flush()
 
     def _flush(self) -> None:
         conn = self.conn

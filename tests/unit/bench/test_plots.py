@@ -9,7 +9,7 @@ import pytest
 from tools.bench import plots
 from tools.bench.loads import CDF_PERCENTILES, Paced, Wrk, parse_paced
 from tools.bench.nodemix import NodeMixResult
-from tools.bench.report import DataPlaneResult, PodsResult, median_planes
+from tools.bench.report import DataPlaneResult, PodsResult, _data_plane, median_planes
 
 pytest.importorskip("matplotlib")  # a dev dependency: installed wherever the tests run
 
@@ -142,3 +142,17 @@ def test_workers_setup_feeds_the_saturation_plot(tmp_path: Path) -> None:
     assert plots.saturation_by_workers(points, tmp_path / "w.svg")
     # Without the workers setup: the one-worker data-plane runs.
     assert {p.workers for p in plots.workers_points(rounds(), [])} == {1}
+
+
+def test_upstream_ztunnel_is_rendered_beside_the_others_and_compared() -> None:
+    """run.py --ztunnel-bin adds a 'ztunnel' result: its rows, its ratio to Envoy and ours to
+    it; without it the tables are as before and the summary never asks for it."""
+    with_upstream = [[*rs, plane("ztunnel", 200, cpu=0.1, rps=40000)] for rs in rounds()]
+    res = median_planes(with_upstream)
+    lines = "\n".join(_data_plane(res))
+    assert "| upstream ztunnel (Rust) | 20000 | 250 | 290 | 299 |" in lines
+    # proxy vCPU: upstream 0.1 against Envoy 0.2; ztunnel-py 0.2 against upstream 0.1
+    assert "| proxy vCPU at 1000 req/s | 0.100 | 0.50x | 2.00x | 2.00x |" in lines
+    assert "| wrk req/s | 40000 | 2.00x | 0.50x | 0.50x |" in lines
+    without = "\n".join(_data_plane(median_planes(rounds())))
+    assert "upstream" not in without
