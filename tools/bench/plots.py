@@ -26,7 +26,9 @@ from tools.bench.nodemix import LABELS as MIX_LABELS
 from tools.bench.nodemix import SETUPS as MIX_SETUPS
 from tools.bench.nodemix import NodeMixResult
 from tools.bench.report import (
+    DISPLAY,
     LABELS,
+    UPSTREAM,
     DataPlaneResult,
     DestinationResult,
     PodsResult,
@@ -70,7 +72,7 @@ def latency_cdf(planes: Mapping[str, DataPlaneResult], path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for setup, cdf in curves.items():
-        ax.plot(cdf, [q / 100 for q in CDF_PERCENTILES], label=LABELS.get(setup, setup))
+        ax.plot(cdf, [q / 100 for q in CDF_PERCENTILES], label=DISPLAY.get(setup, setup))
     ax.set_xscale("log")
     ax.set_xlabel("latency from the scheduled send, us (log)")
     ax.set_ylabel("fraction of requests")
@@ -85,10 +87,10 @@ def cpu_per_1000rps(
     planes: Mapping[str, DataPlaneResult], mix: Mapping[str, NodeMixResult], path: Path
 ) -> bool:
     bars: list[tuple[str, float, str]] = []  # (label, vCPU per 1000 req/s, group)
-    for setup in ("envoy", "iptables", "ebpf"):
+    for setup in ("envoy", "iptables", "ebpf", UPSTREAM):
         if setup in planes:
             vcpu = planes[setup].cpu_vcpu  # over the paced run, at PACED_RATE req/s
-            bars.append((LABELS[setup], vcpu * 1000 / PACED_RATE, "pod pair"))
+            bars.append((DISPLAY[setup], vcpu * 1000 / PACED_RATE, "pod pair"))
     bars += [(MIX_LABELS[s], mix[s].vcpu_per_1000rps, "node mix") for s in MIX_SETUPS if s in mix]
     plt = _pyplot()
     if not bars or plt is None:

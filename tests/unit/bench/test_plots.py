@@ -156,3 +156,12 @@ def test_upstream_ztunnel_is_rendered_beside_the_others_and_compared() -> None:
     assert "| wrk req/s | 40000 | 2.00x | 0.50x | 0.50x |" in lines
     without = "\n".join(_data_plane(median_planes(rounds())))
     assert "upstream" not in without
+
+
+def test_upstream_ztunnel_is_named_in_the_plots(tmp_path: Path) -> None:
+    with_upstream = [[*rs, plane("ztunnel", 200, cpu=0.1, rps=40000)] for rs in rounds()]
+    res = median_planes(with_upstream)
+    assert plots.latency_cdf(res, tmp_path / "cdf.svg")
+    assert plots.cpu_per_1000rps(res, {}, tmp_path / "cpu.svg")
+    assert ">upstream ztunnel (Rust)<" in (tmp_path / "cdf.svg").read_text()
+    assert ">upstream ztunnel (Rust), pod pair<" in (tmp_path / "cpu.svg").read_text()
