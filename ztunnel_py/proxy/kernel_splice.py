@@ -58,7 +58,15 @@ DEFAULT_WINDOW_BYTES = 8 * 1024 * 1024
 _TAKEOVER_CHUNK = 256 * 1024
 _DRAIN_POLL_FIRST_S = 0.001
 _DRAIN_POLL_MAX_S = 0.05
+# A spliced socket can poll readable with nothing to read: while the program is still sending
+# skbs on (the peer's queue lags under bulk load), the socket's TCP state counts them as
+# unread. Readiness is level-triggered, so the event loop would call ``_readable`` again at
+# once, in a loop (measured: 0.6-0.75 vCPU of the daemon and half the bulk throughput). After
+# such a call the source is watched again only after a pause, doubled while it lasts.
+_QUIET_FIRST_S = 0.001
+_QUIET_MAX_S = 0.004
 _LINGER_RST = struct.pack("ii", 1, 0)
+SO_SNDBUFFORCE = 32  # Linux; not in Python's socket module
 
 # (source address, destination address, stream id) of an HBONE stream, as both sides see it.
 StreamKey = tuple[SocketAddr, SocketAddr, int]
@@ -80,6 +88,8 @@ class _Direction:
         self.final_sent: int | None = None  # the kernel's count, kept once forgotten
         self.finished = False  # EOF propagated
         self.task: asyncio.Task[None] | None = None
+        self.quiet = _QUIET_FIRST_S  # pause after a readiness with nothing to read
+        self.rearm: asyncio.TimerHandle | None = None
 
 
 class KernelSplice:
@@ -143,13 +153,27 @@ class KernelSplice:
         try:
             peek = d.src.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
+            self._watch_later(d)
             return
         except OSError as e:
             self._reset(error_text(e))
             return
+        d.quiet = _QUIET_FIRST_S
         self._loop.remove_reader(d.src.fileno())
         work = self._take_over(d) if peek else self._propagate_eof(d)
         d.task = self._loop.create_task(work)
+
+    def _watch_later(self, d: _Direction) -> None:
+        """Readable with nothing to read (see ``_QUIET_FIRST_S``): look again after a pause."""
+        self._loop.remove_reader(d.src.fileno())
+        self._splicer.quiet_wakeups += 1
+        d.rearm = self._loop.call_later(d.quiet, self._watch, d)
+        d.quiet = min(d.quiet * 2, _QUIET_MAX_S)
+
+    def _watch(self, d: _Direction) -> None:
+        d.rearm = None
+        if not self.done.done():
+            self._loop.add_reader(d.src.fileno(), self._readable, d)
 
     async def _caught_up(self, d: _Direction) -> bool:
         """Wait until ``dst`` holds everything sent on to it; False if it closed meanwhile."""
@@ -246,6 +270,8 @@ class KernelSplice:
         for d in (self._forward, self._back):
             with contextlib.suppress(ValueError, OSError):
                 self._loop.remove_reader(d.src.fileno())
+            if d.rearm is not None:
+                d.rearm.cancel()
             if d.task is not None and d.task is not current:
                 d.task.cancel()
             d.final_sent = self._maps.sent(d.src_cookie)
@@ -281,6 +307,7 @@ class KernelSplicer:
     spliced_total: int = 0
     failed_total: int = 0
     takeovers: int = 0
+    quiet_wakeups: int = 0  # readiness with nothing to read, each followed by a pause
     copied_bytes: int = 0
     kernel_bytes_closed: int = 0
 
@@ -341,6 +368,8 @@ class KernelSplicer:
                         )
 
         try:
+            for sock in (a_sock, b_sock):
+                hold_window(sock, self.window)
             pairing = maps.pair(a_sock, b_sock, window=self.window, first=write_early)
         except (MapFull, BpfError, LibbpfError, OSError) as e:
             self.failed_total += 1
@@ -380,6 +409,7 @@ class KernelSplicer:
             "kernel_bytes": self.kernel_bytes_closed + live_kernel,
             "proxy_copied_bytes": self.copied_bytes,
             "takeovers": self.takeovers,
+            "quiet_wakeups": self.quiet_wakeups,
         }
         if self.maps is not None:
             with contextlib.suppress(BpfError, LibbpfError):
@@ -392,6 +422,21 @@ class KernelSplicer:
         if self.maps is not None:
             self.maps.close()
             self.maps = None
+
+
+def hold_window(sock: socket.socket, window: int) -> None:
+    """Let ``sock``'s send buffer hold a whole window of bytes sent on to it.
+
+    The kernel moves redirected skbs into the destination socket from a worker that, when the
+    send buffer is full, tries again only a jiffy later (4 ms at HZ=250), however soon room
+    frees up; the window already bounds what is queued, so a buffer that fits it removes
+    those pauses (measured: same-node bulk 2-5 -> 6-12 Gbit/s). Raising a buffer past
+    ``net.core.wmem_max`` takes CAP_NET_ADMIN, which the daemon has; without it the sysctl's
+    bound applies."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, window)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, window)
 
 
 def _socket_of(side: TcpSide) -> Any:

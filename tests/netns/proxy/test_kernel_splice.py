@@ -180,6 +180,22 @@ async def test_bytes_both_ways_are_counted_by_the_kernel_and_never_copied(
         assert "error" not in line, line
 
 
+@pytest.mark.asyncio
+async def test_each_spliced_socket_can_queue_a_whole_window(spliced: Spliced) -> None:
+    """The kernel's send-on worker waits a jiffy whenever the destination's send buffer is
+    full; a buffer that holds the window (which bounds what is queued anyway) spares those
+    pauses. The kernel reports twice what was set (its bookkeeping overhead)."""
+    mesh = spliced.mesh
+    port = await mesh.serve_app(echo_app)
+    _reader, writer = await mesh.dial(port)
+    await until(lambda: spliced.splicer.spliced_total == 1, "the connection is spliced")
+    splice = spliced.live()
+    for sock in (splice._a, splice._b):
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= 2 * spliced.splicer.window
+    writer.close()
+    await until(lambda: not spliced.splicer._live, "the splice ended")
+
+
 async def _half_close_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Read until EOF, then answer how much came and keep sending after the client's FIN."""
     data = await reader.read()
