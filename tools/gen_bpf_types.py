@@ -221,15 +221,21 @@ def map_def(btf: Btf, var_id: int) -> MapDef:
     def number(attr: str) -> int:
         return btf.pointee_array_len(attrs[attr]) if attr in attrs else 0
 
-    key_id = btf.types[attrs["key"]]["type_id"]
-    value_id = btf.types[attrs["value"]]["type_id"]
+    def typed(attr: str) -> tuple[str, int]:
+        """(C name, size) of the key or value; a ring buffer has neither: ("", 0)."""
+        if attr not in attrs:
+            return "", 0
+        type_id = btf.types[attrs[attr]]["type_id"]
+        return btf.c_name(type_id), btf.size_of(type_id)
+
+    (key_type, key_size), (value_type, value_size) = typed("key"), typed("value")
     return MapDef(
         name=var["name"],
         map_type=number("type"),
-        key_type=btf.c_name(key_id),
-        key_size=btf.size_of(key_id),
-        value_type=btf.c_name(value_id),
-        value_size=btf.size_of(value_id),
+        key_type=key_type,
+        key_size=key_size,
+        value_type=value_type,
+        value_size=value_size,
         max_entries=number("max_entries"),
         flags=number("map_flags"),
         pinned=number("pinning") != 0,

@@ -14,10 +14,15 @@
 /* Plain integer literals only: the generator reads these with the C preprocessor. */
 #define ZT_SPLICE_MAX_SOCKETS 65536 /* two per spliced connection */
 
+/* zt_splice_event: a ring buffer (a power of 2, pages) of zt_splice_key records, one when a
+ * socket starts handing data up, so the proxy need not watch spliced sockets for input. */
+#define ZT_SPLICE_EVENTS_BYTES 65536
+
 /* zt_splice_stats indexes. */
-#define ZT_SPLICE_CNT_REDIRECTED 0 /* an skb sent on by the kernel */
-#define ZT_SPLICE_CNT_HANDED_UP 1  /* an skb left to the proxy: peer slow, gone, or unpaired */
-#define ZT_SPLICE_CNT_MAX 2
+#define ZT_SPLICE_CNT_REDIRECTED 0  /* an skb sent on by the kernel */
+#define ZT_SPLICE_CNT_HANDED_UP 1   /* an skb left to the proxy: peer slow, gone, or unpaired */
+#define ZT_SPLICE_CNT_EVENTS_LOST 2 /* zt_splice_event was full: the proxy scans instead */
+#define ZT_SPLICE_CNT_MAX 3
 
 /* zt_splice_conns and both sockhashes are keyed by socket cookie (SO_COOKIE). */
 struct zt_splice_key {

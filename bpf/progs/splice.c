@@ -16,8 +16,13 @@
  * direction (it stops this program on the socket, lets the peer drain, moves exactly what was
  * passed up, and resumes).
  *
- * FIN and RST are not seen here: the socket turns readable with an EOF or an error, and the
- * proxy propagates them once the redirected bytes are on the peer.
+ * The proxy does not watch spliced sockets for input (a socket whose bytes are being sent on
+ * polls readable, which would wake it for every message): the first skb handed up after the
+ * proxy last resumed a socket puts the socket's cookie in zt_splice_event, a ring buffer it
+ * waits on.
+ *
+ * FIN and RST are not seen here: the proxy watches the sockets for them (EPOLLRDHUP, EPOLLERR)
+ * and propagates them once the redirected bytes are on the peer.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -55,24 +60,40 @@ struct {
 } zt_splice_conns SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, ZT_SPLICE_EVENTS_BYTES);
+} zt_splice_event SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, ZT_SPLICE_CNT_MAX);
 	__type(key, __u32);
 	__type(value, __u64);
 } zt_splice_stats SEC(".maps");
 
-static __always_inline int zt_splice_hand_up(struct zt_splice_conn *conn, __u32 len)
+static __always_inline void zt_splice_count(__u32 index)
 {
-	__u32 index = ZT_SPLICE_CNT_HANDED_UP;
 	__u64 *value = bpf_map_lookup_elem(&zt_splice_stats, &index);
 
 	if (value)
 		*value += 1; /* per-CPU slot: no other writer */
+}
+
+static __always_inline int zt_splice_hand_up(struct zt_splice_key *key,
+					     struct zt_splice_conn *conn, __u32 len)
+{
+	/* Tell the proxy once per episode: the first hand-up since it resumed the socket (two
+	 * CPUs may both see 0 and both tell; the proxy ignores the second). */
+	int first = !conn || !conn->passed;
+
+	zt_splice_count(ZT_SPLICE_CNT_HANDED_UP);
 	/* The proxy reads exactly this many bytes back, in order, before it resumes the kernel:
 	 * a handed-up skb may wait in the socket's psock queue while newer data already sits in
 	 * its TCP receive queue, which a plain read would return first. */
 	if (conn)
 		__sync_fetch_and_add(&conn->passed, len);
+	if (first && bpf_ringbuf_output(&zt_splice_event, key, sizeof(*key), 0))
+		zt_splice_count(ZT_SPLICE_CNT_EVENTS_LOST);
 	return SK_PASS;
 }
 
@@ -84,8 +105,6 @@ int zt_splice_verdict(struct __sk_buff *skb)
 	struct zt_splice_conn *conn;
 	struct bpf_sock *peer_sk;
 	struct tcp_sock *tp;
-	__u32 index = ZT_SPLICE_CNT_REDIRECTED;
-	__u64 *events;
 	__u32 len = skb->len;
 	__s64 unacked;
 	__u64 acked;
@@ -97,26 +116,24 @@ int zt_splice_verdict(struct __sk_buff *skb)
 		return SK_DROP;
 	conn = bpf_map_lookup_elem(&zt_splice_conns, &key);
 	if (!conn)
-		return zt_splice_hand_up(0, len);
+		return zt_splice_hand_up(&key, 0, len);
 	/* Once one skb was handed up, every later one is too, until the proxy has moved them
 	 * and resumes (it zeroes `passed`): sending a later one on would overtake them. */
 	if (conn->passed)
-		return zt_splice_hand_up(conn, len);
+		return zt_splice_hand_up(&key, conn, len);
 	peer.cookie = conn->peer_cookie;
 	peer_sk = bpf_map_lookup_elem(&zt_splice_tx, &peer);
 	if (!peer_sk)
-		return zt_splice_hand_up(conn, len); /* closed or reset: the proxy sees the error */
+		return zt_splice_hand_up(&key, conn, len); /* closed or reset: the proxy sees the error */
 	tp = bpf_skc_to_tcp_sock(peer_sk);
 	acked = tp ? BPF_CORE_READ(tp, bytes_acked) : 0;
 	bpf_sk_release(peer_sk);
 	unacked = (__s64)(conn->bytes - (acked - conn->peer_base));
 	if (unacked + len > (__s64)conn->window)
-		return zt_splice_hand_up(conn, len);
+		return zt_splice_hand_up(&key, conn, len);
 	if (bpf_sk_redirect_hash(skb, &zt_splice_tx, &peer, 0) != SK_PASS)
-		return zt_splice_hand_up(conn, len);
+		return zt_splice_hand_up(&key, conn, len);
 	__sync_fetch_and_add(&conn->bytes, len);
-	events = bpf_map_lookup_elem(&zt_splice_stats, &index);
-	if (events)
-		*events += 1;
+	zt_splice_count(ZT_SPLICE_CNT_REDIRECTED);
 	return SK_PASS;
 }

@@ -58,9 +58,11 @@ ZT_PORT_DNS_SERVER = 53
 ZT_PORT_HBONE = 15008
 ZT_PORT_INBOUND_PLAINTEXT = 15006
 ZT_PORT_OUTBOUND = 15001
+ZT_SPLICE_CNT_EVENTS_LOST = 2
 ZT_SPLICE_CNT_HANDED_UP = 1
-ZT_SPLICE_CNT_MAX = 2
+ZT_SPLICE_CNT_MAX = 3
 ZT_SPLICE_CNT_REDIRECTED = 0
+ZT_SPLICE_EVENTS_BYTES = 65536
 ZT_SPLICE_MAX_SOCKETS = 65536
 
 # --- map keys and values
@@ -443,6 +445,7 @@ MAP_ORIG_SRC = "zt_orig_src"
 MAP_PODS = "zt_pods"
 MAP_SK_ORIG = "zt_sk_orig"
 MAP_SPLICE_CONNS = "zt_splice_conns"
+MAP_SPLICE_EVENT = "zt_splice_event"
 MAP_SPLICE_RX = "zt_splice_rx"
 MAP_SPLICE_STATS = "zt_splice_stats"
 MAP_SPLICE_TX = "zt_splice_tx"
@@ -592,6 +595,17 @@ MAP_SPECS: dict[str, MapSpec] = {
         flags=1,
         pinned=False,
     ),
+    "zt_splice_event": MapSpec(
+        name="zt_splice_event",
+        map_type=27,
+        key_type="",
+        key_size=0,
+        value_type="",
+        value_size=0,
+        max_entries=65536,
+        flags=0,
+        pinned=False,
+    ),
     "zt_splice_rx": MapSpec(
         name="zt_splice_rx",
         map_type=18,
@@ -610,7 +624,7 @@ MAP_SPECS: dict[str, MapSpec] = {
         key_size=4,
         value_type="__u64",
         value_size=8,
-        max_entries=2,
+        max_entries=3,
         flags=0,
         pinned=False,
     ),

@@ -100,7 +100,13 @@ _SIGNATURES: dict[str, tuple[object, ...]] = {
     "libbpf_probe_bpf_map_type": (_int, _int, _vp),
     "libbpf_num_possible_cpus": (_int,),
     "libbpf_set_print": (_vp, _PrintFn),
+    "ring_buffer__new": (_vp, _int, _vp, _vp, _vp),
+    "ring_buffer__consume": (_int, _vp),
+    "ring_buffer__epoll_fd": (_int, _vp),
+    "ring_buffer__free": (None, _vp),
 }
+# ring_buffer_sample_fn: int (*)(void *ctx, void *data, size_t size)
+_SampleFn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 
 
 @functools.cache
@@ -406,6 +412,40 @@ class BpfLink:
     def destroy(self) -> None:
         if self._ptr is not None:
             _library().bpf_link__destroy(self._ptr)
+            self._ptr = None
+
+
+class RingBuffer:
+    """A consumer of one BPF ring buffer map (``ring_buffer__new``): ``fd`` turns readable when
+    records wait, ``consume()`` returns them (copied) without blocking."""
+
+    def __init__(self, map_fd: int) -> None:
+        self._records: list[bytes] = []
+        self._callback = _SampleFn(self._sample)  # kept alive as long as the ring buffer
+        ptr = _library().ring_buffer__new(map_fd, self._callback, None, None)
+        self._ptr: int | None = _check_ptr(ptr, "ring_buffer__new", f"map fd {map_fd}")
+
+    def _sample(self, _ctx: int | None, data: int | None, size: int) -> int:
+        self._records.append(ctypes.string_at(data, size) if data else b"")
+        return 0
+
+    def _rb(self) -> int:
+        if self._ptr is None:
+            raise LibbpfError("ring_buffer", 9, "ring buffer is freed")
+        return self._ptr
+
+    @property
+    def fd(self) -> int:
+        return _check(_library().ring_buffer__epoll_fd(self._rb()), "ring_buffer__epoll_fd")
+
+    def consume(self) -> list[bytes]:
+        _check(_library().ring_buffer__consume(self._rb()), "ring_buffer__consume")
+        records, self._records = self._records, []
+        return records
+
+    def free(self) -> None:
+        if self._ptr is not None:
+            _library().ring_buffer__free(self._ptr)
             self._ptr = None
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from ztunnel_py.bpf import _types as t
 from ztunnel_py.bpf import libbpf
 from ztunnel_py.bpf.errors import BpfError, KeyNotFound
-from ztunnel_py.bpf.libbpf import BpfObject
+from ztunnel_py.bpf.libbpf import BpfObject, RingBuffer
 from ztunnel_py.bpf.maps import LibbpfMap
 
 SO_COOKIE = 57  # socket.SO_COOKIE is missing from older Pythons
@@ -98,6 +98,7 @@ class SpliceMaps:
         self.rx = maps[t.MAP_SPLICE_RX]
         self.conns = maps[t.MAP_SPLICE_CONNS]
         self.events = maps[t.MAP_SPLICE_STATS]
+        self.hand_ups = RingBuffer(maps[t.MAP_SPLICE_EVENT].fd)  # fd: readable on a hand-up
         self._all = maps
 
     @classmethod
@@ -126,8 +127,17 @@ class SpliceMaps:
         return cls(maps)
 
     def close(self) -> None:
+        self.hand_ups.free()
         for m in self._all.values():
             m.close()
+
+    def handed_up_sockets(self) -> list[int]:
+        """Cookies of the sockets that started handing data up since the last call."""
+        return [
+            int(t.ZtSpliceKey.from_buffer_copy(r).cookie)
+            for r in self.hand_ups.consume()
+            if len(r) == t.SIZEOF_ZT_SPLICE_KEY
+        ]
 
     # ------------------------------------------------------------------ per connection
 
@@ -202,7 +212,11 @@ class SpliceMaps:
             m.delete(_key(cookie))
 
     def event_counts(self) -> dict[str, int]:
-        names = {t.ZT_SPLICE_CNT_REDIRECTED: "redirected", t.ZT_SPLICE_CNT_HANDED_UP: "handed_up"}
+        names = {
+            t.ZT_SPLICE_CNT_REDIRECTED: "redirected",
+            t.ZT_SPLICE_CNT_HANDED_UP: "handed_up",
+            t.ZT_SPLICE_CNT_EVENTS_LOST: "events_lost",
+        }
         out: dict[str, int] = {}
         for index, name in names.items():
             slots = self.events.lookup_per_cpu(struct.pack("=I", index))
@@ -236,6 +250,14 @@ class SpliceMaps:
                 got_server = _read_exactly(server, 10, timeout_s)
                 got_client = _read_exactly(client, 4, timeout_s)
                 sent = (self.sent(ca), self.sent(cb))
+                # A window of 0 hands everything up: the socket must be announced.
+                self.handed_up_sockets()
+                self.rx.delete(_key(ca))
+                self.set_conn(ca, peer=cb, sent=sent[0], peer_base=pairing.base_b, window=0)
+                self.rx.update_socket(_key(ca), a.fileno())
+                client.sendall(b"up")
+                select.select([self.hand_ups.fd], [], [], timeout_s)
+                announced = self.handed_up_sockets()
             finally:
                 self.forget(ca)
                 self.forget(cb)
@@ -257,6 +279,11 @@ class SpliceMaps:
             raise BpfError(
                 "kernel splice self-test failed: FIONREAD on a sockmap socket counts its TCP "
                 f"receive queue ({fionread} bytes), so backpressure could reorder bytes"
+            )
+        if announced != [ca]:
+            raise BpfError(
+                "kernel splice self-test failed: a socket handing data up was not announced "
+                f"in zt_splice_event (got cookies {announced}, expected [{ca}])"
             )
         if got_server != b"early-ping" or got_client != b"pong" or sent != (10, 4):
             raise BpfError(

@@ -16,6 +16,11 @@ in flight in Python. When the offer is not there (another worker process, a pool
 splice off or full), the inbound side splices in Python as always and the outbound side
 withdraws its offer on the 200.
 
+The proxy does not watch spliced sockets for input: a socket whose bytes the kernel is sending
+on polls readable, which would wake the daemon for every message. It watches them for FIN and
+errors only (EPOLLRDHUP, EPOLLERR, in an epoll set of its own), and the program announces a
+socket that starts handing data up in a ring buffer (``SpliceMaps.handed_up_sockets``).
+
 What stays in Python, per direction (``_Direction``):
 
 * FIN: the source turns readable with an EOF; once the destination holds every byte the kernel
@@ -38,6 +43,7 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -58,11 +64,11 @@ DEFAULT_WINDOW_BYTES = 8 * 1024 * 1024
 _TAKEOVER_CHUNK = 256 * 1024
 _DRAIN_POLL_FIRST_S = 0.001
 _DRAIN_POLL_MAX_S = 0.05
-# A spliced socket can poll readable with nothing to read: while the program is still sending
-# skbs on (the peer's queue lags under bulk load), the socket's TCP state counts them as
-# unread. Readiness is level-triggered, so the event loop would call ``_readable`` again at
-# once, in a loop (measured: 0.6-0.75 vCPU of the daemon and half the bulk throughput). After
-# such a call the source is watched again only after a pause, doubled while it lasts.
+# What a spliced socket is watched for: the peer's FIN, errors (EPOLLERR, EPOLLHUP: always).
+_FIN_OR_ERROR = select.EPOLLRDHUP
+# A socket that reports an event with nothing to read (a kernel whose bytes in transit make it
+# look readable) is watched again only after a pause, doubled while it lasts: readiness is
+# level-triggered, and looking again at once would loop.
 _QUIET_FIRST_S = 0.001
 _QUIET_MAX_S = 0.004
 _LINGER_RST = struct.pack("ii", 1, 0)
@@ -125,7 +131,7 @@ class KernelSplice:
         splicer.copied_bytes += len(early[0]) + len(early[1])
         self.done: asyncio.Future[SpliceResult] = self._loop.create_future()
         for d in (self._forward, self._back):
-            self._loop.add_reader(d.src.fileno(), self._readable, d)
+            splicer._track(self, d)
 
     # ------------------------------------------------------------------ counters
 
@@ -148,8 +154,13 @@ class KernelSplice:
 
     # ------------------------------------------------------------------ events
 
+    def _busy(self, d: _Direction) -> bool:
+        return self.done.done() or d.finished or (d.task is not None and not d.task.done())
+
     def _readable(self, d: _Direction) -> None:
         """The source has an EOF, an error, or data the kernel handed up."""
+        if self._busy(d):
+            return
         try:
             peek = d.src.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
@@ -159,13 +170,20 @@ class KernelSplice:
             self._reset(error_text(e))
             return
         d.quiet = _QUIET_FIRST_S
-        self._loop.remove_reader(d.src.fileno())
+        self._splicer._unwatch(d)
         work = self._take_over(d) if peek else self._propagate_eof(d)
         d.task = self._loop.create_task(work)
 
+    def _handed_up(self, d: _Direction) -> None:
+        """The program announced that ``d``'s source started handing data up."""
+        if self._busy(d):
+            return  # a takeover or the EOF in progress moves what was handed up
+        self._splicer._unwatch(d)
+        d.task = self._loop.create_task(self._take_over(d))
+
     def _watch_later(self, d: _Direction) -> None:
-        """Readable with nothing to read (see ``_QUIET_FIRST_S``): look again after a pause."""
-        self._loop.remove_reader(d.src.fileno())
+        """An event with nothing to read (see ``_QUIET_FIRST_S``): look again after a pause."""
+        self._splicer._unwatch(d)
         self._splicer.quiet_wakeups += 1
         d.rearm = self._loop.call_later(d.quiet, self._watch, d)
         d.quiet = min(d.quiet * 2, _QUIET_MAX_S)
@@ -173,7 +191,7 @@ class KernelSplice:
     def _watch(self, d: _Direction) -> None:
         d.rearm = None
         if not self.done.done():
-            self._loop.add_reader(d.src.fileno(), self._readable, d)
+            self._splicer._watch(d)
 
     async def _caught_up(self, d: _Direction) -> bool:
         """Wait until ``dst`` holds everything sent on to it; False if it closed meanwhile."""
@@ -207,7 +225,7 @@ class KernelSplice:
             )
             self._maps.resume(d.src, d.src_cookie)
             self._splicer.takeovers += 1
-            self._loop.add_reader(d.src.fileno(), self._readable, d)
+            self._splicer._watch(d)
         except OSError as e:
             self._reset(error_text(e))
         except (BpfError, LibbpfError) as e:
@@ -268,8 +286,7 @@ class KernelSplice:
             return
         current = asyncio.current_task()
         for d in (self._forward, self._back):
-            with contextlib.suppress(ValueError, OSError):
-                self._loop.remove_reader(d.src.fileno())
+            self._splicer._untrack(d)
             if d.rearm is not None:
                 d.rearm.cancel()
             if d.task is not None and d.task is not current:
@@ -307,9 +324,15 @@ class KernelSplicer:
     spliced_total: int = 0
     failed_total: int = 0
     takeovers: int = 0
-    quiet_wakeups: int = 0  # readiness with nothing to read, each followed by a pause
+    quiet_wakeups: int = 0  # an event with nothing to read, each followed by a pause
     copied_bytes: int = 0
     kernel_bytes_closed: int = 0
+    # Spliced sockets by fd (watched for FIN and errors) and by cookie (announced hand-ups).
+    _by_fd: dict[int, tuple[KernelSplice, _Direction]] = field(default_factory=dict)
+    _by_cookie: dict[int, tuple[KernelSplice, _Direction]] = field(default_factory=dict)
+    _epoll: select.epoll | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+    _events_lost: int = 0  # the program's count when last looked at
 
     @property
     def enabled(self) -> bool:
@@ -393,6 +416,63 @@ class KernelSplicer:
         self.spliced_total += 1
         return splice
 
+    # ------------------------------------------------------------------ watching
+
+    def _track(self, splice: KernelSplice, d: _Direction) -> None:
+        if self._epoll is None:
+            self._epoll = select.epoll()
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self._epoll.fileno(), self._socket_events)
+            if self.maps is not None:
+                self._loop.add_reader(self.maps.hand_ups.fd, self._hand_ups)
+        self._by_cookie[d.src_cookie] = (splice, d)
+        self._by_fd[d.src.fileno()] = (splice, d)
+        self._watch(d)
+
+    def _untrack(self, d: _Direction) -> None:
+        self._unwatch(d)
+        self._by_cookie.pop(d.src_cookie, None)
+        self._by_fd.pop(d.src.fileno(), None)
+
+    def _watch(self, d: _Direction) -> None:
+        if self._epoll is not None:
+            with contextlib.suppress(FileExistsError):
+                self._epoll.register(d.src.fileno(), _FIN_OR_ERROR)
+
+    def _unwatch(self, d: _Direction) -> None:
+        if self._epoll is not None:
+            with contextlib.suppress(FileNotFoundError, ValueError, OSError):
+                self._epoll.unregister(d.src.fileno())
+
+    def _socket_events(self) -> None:
+        assert self._epoll is not None
+        for fd, _mask in self._epoll.poll(0):
+            tracked = self._by_fd.get(fd)
+            if tracked is not None:
+                splice, d = tracked
+                splice._readable(d)
+
+    def _hand_ups(self) -> None:
+        if self.maps is None:
+            return
+        try:
+            cookies = self.maps.handed_up_sockets()
+            lost = self.maps.event_counts()["events_lost"]
+        except (BpfError, LibbpfError) as e:
+            log.warning("kernel splice could not read its hand-up events: %s", e)
+            return
+        if lost != self._events_lost:  # announcements dropped: look at every socket
+            self._events_lost = lost
+            cookies = list(self._by_cookie)
+        for cookie in cookies:
+            tracked = self._by_cookie.get(cookie)
+            if tracked is None:
+                continue
+            splice, d = tracked
+            entry = self.maps.conn(cookie)
+            if entry is not None and entry.passed:
+                splice._handed_up(d)
+
     def _ended(self, splice: KernelSplice) -> None:
         self._live.discard(splice)
         self.kernel_bytes_closed += splice.bytes_in + splice.bytes_out - splice.copied
@@ -419,6 +499,13 @@ class KernelSplicer:
     def close(self) -> None:
         for splice in list(self._live):
             splice.abort("connection closed: proxy is shutting down")
+        if self._epoll is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._epoll.fileno())
+                if self.maps is not None:
+                    self._loop.remove_reader(self.maps.hand_ups.fd)
+            self._epoll.close()
+            self._epoll = None
         if self.maps is not None:
             self.maps.close()
             self.maps = None

@@ -181,6 +181,39 @@ async def test_bytes_both_ways_are_counted_by_the_kernel_and_never_copied(
 
 
 @pytest.mark.asyncio
+async def test_requests_on_a_spliced_connection_do_not_wake_the_proxy(
+    spliced: Spliced, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The proxy watches spliced sockets for FIN and errors only (on testbed veths the kernel
+    reports a socket readable while it sends the socket's bytes on, which woke the proxy for
+    every message; the unit tests reproduce that state): messages cost it nothing, and the FIN
+    still reaches it through that watch."""
+    looks: list[int] = []
+    readable = KernelSplice._readable
+
+    def counted(self: KernelSplice, d: Any) -> None:
+        looks.append(d.src_cookie)
+        readable(self, d)
+
+    monkeypatch.setattr(KernelSplice, "_readable", counted)
+    mesh = spliced.mesh
+    port = await mesh.serve_app(echo_app)
+    reader, writer = await mesh.dial(port)
+    await until(lambda: spliced.splicer.spliced_total == 1, "the connection is spliced")
+    for i in range(200):
+        message = pattern(512, i)
+        writer.write(message)
+        assert await reader.readexactly(len(message)) == message
+    assert looks == []
+    assert spliced.splicer.quiet_wakeups == 0
+    writer.write_eof()
+    assert await reader.read() == b""
+    writer.close()
+    await until(lambda: not spliced.splicer._live, "the splice ended")
+    assert looks  # the FINs were seen
+
+
+@pytest.mark.asyncio
 async def test_each_spliced_socket_can_queue_a_whole_window(spliced: Spliced) -> None:
     """The kernel's send-on worker waits a jiffy whenever the destination's send buffer is
     full; a buffer that holds the window (which bounds what is queued anyway) spares those
