@@ -912,7 +912,8 @@ def main() -> None:
         written = plots.write_all(
             Path(plot_dir), rounds, mix, pods, curve, plots.workers_points(rounds, workers)
         )
-        print("plots: " + (", ".join(str(p) for p in written) or "none (matplotlib missing)"))
+        shown = ", ".join(str(p) for p in written)
+        print("plots: " + (shown or "none (nothing this run plots, or matplotlib missing)"))
     if info.cleanup_problems:
         sys.exit(f"left behind: {info.cleanup_problems}")
 
