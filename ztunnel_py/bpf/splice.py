@@ -252,9 +252,9 @@ class SpliceMaps:
                 sent = (self.sent(ca), self.sent(cb))
                 # A window of 0 hands everything up: the socket must be announced.
                 self.handed_up_sockets()
-                self.rx.delete(_key(ca))
+                self.stop(a, ca)
                 self.set_conn(ca, peer=cb, sent=sent[0], peer_base=pairing.base_b, window=0)
-                self.rx.update_socket(_key(ca), a.fileno())
+                self.resume(a, ca)
                 client.sendall(b"up")
                 select.select([self.hand_ups.fd], [], [], timeout_s)
                 announced = self.handed_up_sockets()

@@ -59,6 +59,19 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
     return outer, inner
 
 
+def four_sockets(
+    sockets: list[socket.socket], quiet: int
+) -> tuple[socket.socket, socket.socket, QuietSocket, socket.socket]:
+    """(client, server, source, connected): the client application's socket and the source
+    the proxy accepted from it (peeks quiet ``quiet`` times), the server application's socket
+    and the proxy's connected one; all closed by the ``sockets`` fixture."""
+    client, accepted = tcp_pair()
+    server, connected = tcp_pair()
+    source = QuietSocket(accepted, quiet=quiet)
+    sockets += [client, server, source, connected]
+    return client, server, source, connected
+
+
 @pytest.fixture
 def sockets() -> Iterator[list[socket.socket]]:
     opened: list[socket.socket] = []
@@ -77,10 +90,7 @@ def splice_of(a: socket.socket, b: socket.socket) -> tuple[KernelSplice, KernelS
 async def test_input_on_a_spliced_socket_does_not_wake_the_proxy(
     sockets: list[socket.socket],
 ) -> None:
-    client, accepted = tcp_pair()
-    server, connected = tcp_pair()
-    source = QuietSocket(accepted, quiet=0)
-    sockets += [client, server, source, connected]
+    client, _server, source, connected = four_sockets(sockets, quiet=0)
     client.sendall(b"x")  # readable from here on: the kernel would say so for bytes in transit
     splice, _splicer = splice_of(source, connected)
     for _ in range(50):  # 50 turns of the loop, each one polls the fds
@@ -95,10 +105,7 @@ async def test_an_event_with_nothing_to_read_is_not_polled_in_a_loop(
     sockets: list[socket.socket], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(kernel_splice, "_QUIET_FIRST_S", 3600.0)  # no second look in this test
-    client, accepted = tcp_pair()
-    server, connected = tcp_pair()
-    source = QuietSocket(accepted, quiet=1_000_000)
-    sockets += [client, server, source, connected]
+    client, _server, source, connected = four_sockets(sockets, quiet=1_000_000)
     splice, splicer = splice_of(source, connected)
     client.shutdown(socket.SHUT_WR)  # a FIN: an event, whose peek this socket answers "nothing"
     for _ in range(50):
@@ -113,10 +120,7 @@ async def test_an_event_with_nothing_to_read_is_not_polled_in_a_loop(
 async def test_after_the_pause_the_source_is_watched_again_and_its_eof_goes_on(
     sockets: list[socket.socket],
 ) -> None:
-    client, accepted = tcp_pair()
-    server, connected = tcp_pair()
-    source = QuietSocket(accepted, quiet=1)
-    sockets += [client, server, source, connected]
+    client, server, source, connected = four_sockets(sockets, quiet=1)
     splice, splicer = splice_of(source, connected)
     client.shutdown(socket.SHUT_WR)  # readable with an EOF; the first peek finds nothing
     server.settimeout(30)
