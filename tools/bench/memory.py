@@ -115,6 +115,7 @@ def table(points: Sequence[Point]) -> list[str]:
 
 
 def write_csv(points: Sequence[Point], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)  # run.py writes next to a fresh --write file
     with path.open("w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["label", "pods", *(f"{k}_kib" for k in STATUS_KEYS)])

@@ -797,7 +797,7 @@ def main() -> None:
         "--nodemix-rate", type=float, default=1000, help="node mix: req/s of both clients"
     )
     parser.add_argument(
-        "--memory-pods", default="1,10,50,100,200", help="memory: pod counts of the RSS curve"
+        "--memory-pods", default="1,10,50,100,200,500", help="memory: pod counts of the RSS curve"
     )
     parser.add_argument(
         "--workers",

@@ -209,7 +209,7 @@ class Testbed:
             br0 = ns.link_lookup(ifname="br0")[0]
             if v4:
                 ns.addr("add", index=eth0, address=node.fabric_ip, prefixlen=node.fabric_prefixlen)
-                ns.addr("add", index=br0, address=node.gateway, prefixlen=24)
+                ns.addr("add", index=br0, address=node.gateway, prefixlen=node.prefixlen)
             if v6:
                 ns.addr("add", index=eth0, address=node.fabric_ip6, prefixlen=64)
                 ns.addr("add", index=br0, address=node.gateway6, prefixlen=64)
@@ -249,7 +249,7 @@ class Testbed:
         with NetNS(pod.netns) as ns:
             eth0 = ns.link_lookup(ifname="eth0")[0]
             for ip in pod.addresses:
-                ns.addr("add", index=eth0, address=ip, prefixlen=64 if ":" in ip else 24)
+                ns.addr("add", index=eth0, address=ip, prefixlen=64 if ":" in ip else pod.prefixlen)
             ns.link("set", index=eth0, state="up")
             for ip in pod.addresses:
                 if ":" in ip:

@@ -7,6 +7,10 @@ ever touches what it made:
   gateway), and ``eth0`` at ``192.168.244.<i+1>/24`` on the fabric;
 - pod ``j`` of node ``i``: netns ``zttb-<tag>-n<i>p<j>``, ``eth0`` at ``10.244.<i>.<10+j>/24``,
   its peer ``p<j>`` on the node's bridge; cgroup ``ztunnel-py-testbed/<node netns>/<pod>``;
+- more than 240 pods per node (up to 1,000, for memory curves) do not fit a /24: then every
+  node's pod subnet is the smallest wider block that holds them (/23 up to 496 pods, /22 up to
+  1,000; node ``i`` takes the ``i``-th such block of ``10.244.0.0/16``), pod ``j`` is the
+  subnet's address ``10+j``, and the service range widens the same way from ``10.96.0.0``;
 - the fabric: netns ``zttb-<tag>-fab`` with a bridge that links the nodes' ``eth0``s; each node
   routes the other nodes' pod subnets via their fabric addresses;
 - services: ``app-<j>`` (VIP ``10.96.0.<10+j>``) groups pod ``j`` of every node, so each has
@@ -47,19 +51,20 @@ ECHO_PORT = 9000
 SERVICE_HTTP_PORT = 80
 NAMESPACE = "default"
 MAX_NODES = 200
-MAX_PODS_PER_NODE = 240  # pod host parts 10..249
+MAX_PODS_PER_NODE = 1000  # pod host parts 10..1009 of a /22 (a /24 up to 240 pods)
+_FIRST_POD_HOST = 10  # host parts below are the gateway's and reserved
 _TAG = re.compile(r"^[a-z0-9]{1,8}$")
 IP_FAMILIES = ("ipv4", "ipv6", "dual")
 POD_SUPERNET6 = "fd00:10:244::/48"
 FABRIC_CIDR6 = "fd00:192:168:244::/64"
 SERVICE_CIDR6 = "fd00:10:96::/112"
-_SERVICE_CIDR4 = ipaddress.ip_network("10.96.0.0/24")
+_SERVICE_CIDR4 = ipaddress.ip_network("10.96.0.0/16")  # what ipv6_vip maps
 # ztunnel's ip_families values (the local config's ``ipFamilies``), per testbed family.
 SERVICE_IP_FAMILIES = {"ipv4": "IPv4", "ipv6": "IPv6", "dual": "Dual"}
 
 
 def ipv6_vip(vip4: str) -> str:
-    """The IPv6 twin of an IPv4 service VIP in ``10.96.0.0/24``: same host part, IPv6 range."""
+    """The IPv6 twin of an IPv4 service VIP in ``10.96.0.0/16``: same offset, IPv6 range."""
     addr = ipaddress.ip_address(vip4)
     if addr not in _SERVICE_CIDR4:
         raise PlanError(f"VIP {vip4}: the IPv6 twin is defined for {_SERVICE_CIDR4} only")
@@ -96,6 +101,11 @@ class NodePlan:
     pod_cidr6: str = ""
     gateway6: str = ""
     fabric_ip6: str = ""
+
+    @property
+    def prefixlen(self) -> int:
+        """The IPv4 pod subnet's prefix length (24 unless the node holds more than 240 pods)."""
+        return ipaddress.ip_network(self.pod_cidr).prefixlen
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +257,7 @@ def make_plan(
     *,
     pod_supernet: str = "10.244.0.0/16",
     fabric_cidr: str = "192.168.244.0/24",
-    service_cidr: str = "10.96.0.0/24",
+    service_cidr: str = "",
     cluster_id: str = "Kubernetes",
     ip_family: str = "ipv4",
 ) -> TestbedPlan:
@@ -261,9 +271,16 @@ def make_plan(
         raise PlanError(f"pods_per_node={pods_per_node}: use 1..{MAX_PODS_PER_NODE}")
     supernet = _network(pod_supernet, "pod_supernet")
     fabric = _network(fabric_cidr, "fabric_cidr")
-    services_net = _network(service_cidr, "service_cidr")
+    # A /24 per node (and for the services) while the pods fit, else the smallest wider block.
+    block_prefixlen = _block_prefixlen(pods_per_node)
+    services_net = _network(service_cidr or f"10.96.0.0/{block_prefixlen}", "service_cidr")
     if supernet.prefixlen > 16 or supernet.version != 4:
         raise PlanError(f"pod_supernet={pod_supernet}: use an IPv4 /16 or larger")
+    if 2 ** (block_prefixlen - supernet.prefixlen) < nodes:
+        raise PlanError(
+            f"pod_supernet={pod_supernet} holds {2 ** (block_prefixlen - supernet.prefixlen)} "
+            f"node subnets of /{block_prefixlen} ({pods_per_node} pods each), not {nodes}"
+        )
     if fabric.num_addresses < nodes + 2:
         raise PlanError(f"fabric_cidr={fabric_cidr} is too small for {nodes} nodes")
     if services_net.num_addresses < pods_per_node + 12:
@@ -273,7 +290,7 @@ def make_plan(
             raise PlanError(f"{a} and {b} overlap; pick disjoint ranges")
 
     prefix = f"{PREFIX}{tag}-"
-    node_subnets = list(supernet.subnets(new_prefix=24))
+    node_subnets = list(supernet.subnets(new_prefix=block_prefixlen))
     v6 = ip_family != "ipv4"
     supernet6 = ipaddress.ip_network(POD_SUPERNET6)
     fabric6 = ipaddress.ip_network(FABRIC_CIDR6)
@@ -302,8 +319,8 @@ def make_plan(
             name = f"pod-{i}-{j}"
             ips = family_addresses(
                 ip_family,
-                str(subnet.network_address + 10 + j),
-                str(subnet6.network_address + 10 + j),
+                str(subnet.network_address + _FIRST_POD_HOST + j),
+                str(subnet6.network_address + _FIRST_POD_HOST + j),
             )
             pod_plans.append(
                 PodPlan(
@@ -316,7 +333,7 @@ def make_plan(
                     index=j,
                     uid=f"{cluster_id}//Pod/{NAMESPACE}/{name}",
                     ip=ips[0],
-                    prefixlen=64 if v6 else 24,
+                    prefixlen=64 if v6 else block_prefixlen,
                     gateway=node.gateway6 if v6 else node.gateway,
                     netns=f"{prefix}n{i}p{j}",
                     node_ifname=f"p{j}",
@@ -354,6 +371,15 @@ def make_plan(
         cluster_id=cluster_id,
         ip_family=ip_family,
     )
+
+
+def _block_prefixlen(pods_per_node: int) -> int:
+    """The IPv4 prefix of a node's pod subnet: the smallest block, a /24 or wider, that holds
+    the pods from host part 10 up with the top 6 addresses left free (240 pods in a /24)."""
+    prefixlen = 24
+    while 2 ** (32 - prefixlen) - _FIRST_POD_HOST - 6 < pods_per_node:
+        prefixlen -= 1
+    return prefixlen
 
 
 def _network(text: str, what: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:

@@ -29,6 +29,8 @@ def test_csv_round_trip(tmp_path: Path) -> None:
     points = [point("idle", 0, 1000), point("5 pods, ebpf", 5, 2000)]
     write_csv(points, tmp_path / "m.csv")
     assert read_csv(tmp_path / "m.csv") == points
+    write_csv(points, tmp_path / "img" / "m.csv")  # a directory not made yet
+    assert read_csv(tmp_path / "img" / "m.csv") == points
 
 
 def test_read_status_of_this_process() -> None:

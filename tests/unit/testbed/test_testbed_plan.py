@@ -36,6 +36,31 @@ def test_two_by_two_layout() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("pods", "prefixlen", "node1_cidr"),
+    [(240, 24, "10.244.1.0/24"), (241, 23, "10.244.2.0/23"), (500, 22, "10.244.4.0/22")],
+)
+def test_nodes_of_more_than_240_pods_get_a_wider_subnet(
+    pods: int, prefixlen: int, node1_cidr: str
+) -> None:
+    plan = make_plan("big", nodes=2, pods_per_node=pods)
+    assert plan.nodes[1].pod_cidr == node1_cidr
+    for node in plan.nodes:
+        subnet = ipaddress.ip_network(node.pod_cidr)
+        assert node.prefixlen == prefixlen
+        hosts = [ipaddress.ip_address(p.ip) for p in plan.pods_on(node.name)]
+        assert len(set(hosts)) == pods
+        gateway = ipaddress.ip_address(node.gateway)
+        assert all(h in subnet and h not in (subnet.broadcast_address, gateway) for h in hosts)
+        assert all(p.prefixlen == prefixlen for p in plan.pods_on(node.name))
+    vips = [ipaddress.ip_address(s.vip) for s in plan.services]
+    assert len(set(vips)) == pods + 1  # app-<j> for every pod index, and echo
+    assert all(v in ipaddress.ip_network(f"10.96.0.0/{prefixlen}") for v in vips)
+    state = ProxyState()
+    state.apply(parse_local_config(render_local_config(plan)))
+    assert len(state.workloads_on_node("node-1")) == pods
+
+
 def test_every_name_carries_the_testbed_prefix() -> None:
     plan = make_plan("abc", nodes=3, pods_per_node=4)
     names = [plan.fabric_netns] + [n.netns for n in plan.nodes] + [p.netns for p in plan.pods]
@@ -64,7 +89,9 @@ def test_services_span_nodes() -> None:
         ({"tag": "Bad_Tag"}, "tag"),
         ({"tag": "waytoolongtag"}, "tag"),
         ({"nodes": 0}, "nodes"),
-        ({"pods_per_node": 241}, "pods_per_node"),
+        ({"pods_per_node": 1001}, "pods_per_node"),
+        ({"nodes": 65, "pods_per_node": 500}, "holds 64 node subnets of /22"),
+        ({"pods_per_node": 300, "service_cidr": "10.96.0.0/24"}, "too small for 300 services"),
         ({"pod_supernet": "10.0.0.0/24"}, "pod_supernet"),
         ({"fabric_cidr": "10.244.5.0/24"}, "overlap"),
         ({"service_cidr": "not-a-cidr"}, "service_cidr"),
@@ -149,7 +176,8 @@ def test_ipv4_plan_has_no_ipv6_parts() -> None:
 
 def test_ipv6_vip_twins_keep_the_host_part() -> None:
     assert ipv6_vip("10.96.0.101") == "fd00:10:96::65"
-    with pytest.raises(PlanError, match=r"10\.96\.0\.0/24"):
+    assert ipv6_vip("10.96.1.253") == "fd00:10:96::1fd"  # offset 509, past a /24
+    with pytest.raises(PlanError, match=r"10\.96\.0\.0/16"):
         ipv6_vip("10.97.0.1")
     with pytest.raises(PlanError, match="ip_family"):
         make_plan("t7", ip_family="ipv5")
