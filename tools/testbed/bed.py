@@ -249,7 +249,9 @@ class Testbed:
         with NetNS(pod.netns) as ns:
             eth0 = ns.link_lookup(ifname="eth0")[0]
             for ip in pod.addresses:
-                ns.addr("add", index=eth0, address=ip, prefixlen=64 if ":" in ip else pod.prefixlen)
+                ns.addr(
+                    "add", index=eth0, address=ip, prefixlen=64 if ":" in ip else node.prefixlen
+                )
             ns.link("set", index=eth0, state="up")
             for ip in pod.addresses:
                 if ":" in ip:

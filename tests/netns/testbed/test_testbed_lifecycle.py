@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import subprocess
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 from tools.testbed import Testbed, TestbedError, TestbedOptions, cgroup2_mount, make_plan
 from tools.testbed.bed import _State
+from ztunnel_py.netns import socket_in_netns
 from ztunnel_py.redirect import iptables
 from ztunnel_py.testing.privileged import require
 
@@ -123,6 +125,33 @@ def test_two_by_two_reaches_across_nodes_and_tears_down_cleanly(state_dir: Path)
     assert leftovers(bed) == []
     assert host_links() == links_before
     assert bed.down() == []  # idempotent
+
+
+def test_a_node_of_more_than_240_pods_spans_a_wider_subnet(state_dir: Path) -> None:
+    # 250 pods do not fit a /24: the last ones live in 10.244.1.x of the node's /23 and must
+    # reach pods in 10.244.0.x over the same bridge (a /24 on their links would not).
+    bed = new_bed(state_dir, TestbedOptions(app="none"), nodes=1, pods=250)
+    bed.up()
+    try:
+        first, last = bed.plan.pod("pod-0-0"), bed.plan.pod("pod-0-249")
+        assert (first.ip, last.ip, last.prefixlen) == ("10.244.0.10", "10.244.1.3", 23)
+        fd = os.open(first.netns_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            listener = socket_in_netns(fd)
+        finally:
+            os.close(fd)
+        with listener:
+            listener.bind((first.ip, 7000))
+            listener.listen()
+            with bed.connect(last.name, first.ip, 7000) as sock:
+                accepted, peer = listener.accept()
+                with accepted:
+                    assert peer[0] == last.ip
+                    sock.sendall(b"across the /24 boundary")
+                    assert accepted.recv(64) == b"across the /24 boundary"
+    finally:
+        bed.down()
+    assert leftovers(bed) == []
 
 
 def test_down_after_a_crash_removes_a_half_built_testbed(state_dir: Path) -> None:
