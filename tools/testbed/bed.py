@@ -370,15 +370,17 @@ class Testbed:
         out, err = proc.communicate(timeout=timeout)
         return subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
 
-    def connect(self, pod_name: str, ip: str, port: int, *, timeout: float = 5.0) -> socket.socket:
-        """A TCP connection from inside ``pod_name`` (blocking socket)."""
-        pod = self.plan.pod(pod_name)
-        fd = os.open(pod.netns_path, os.O_RDONLY | os.O_CLOEXEC)
+    def pod_socket(self, pod_name: str, family: int = socket.AF_INET) -> socket.socket:
+        """A new TCP socket that lives in ``pod_name``'s netns."""
+        fd = os.open(self.plan.pod(pod_name).netns_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-            sock = run_in_netns(fd, lambda: socket.socket(family, socket.SOCK_STREAM))
+            return run_in_netns(fd, lambda: socket.socket(family, socket.SOCK_STREAM))
         finally:
             os.close(fd)
+
+    def connect(self, pod_name: str, ip: str, port: int, *, timeout: float = 5.0) -> socket.socket:
+        """A TCP connection from inside ``pod_name`` (blocking socket)."""
+        sock = self.pod_socket(pod_name, socket.AF_INET6 if ":" in ip else socket.AF_INET)
         sock.settimeout(timeout)
         try:
             sock.connect((ip, port))

@@ -53,6 +53,7 @@ NAMESPACE = "default"
 MAX_NODES = 200
 MAX_PODS_PER_NODE = 1000  # pod host parts 10..1009 of a /22 (a /24 up to 240 pods)
 _FIRST_POD_HOST = 10  # host parts below are the gateway's and reserved
+_FREE_TOP_HOSTS = 6  # left unused at the top of a node's subnet (and the broadcast among them)
 _TAG = re.compile(r"^[a-z0-9]{1,8}$")
 IP_FAMILIES = ("ipv4", "ipv6", "dual")
 POD_SUPERNET6 = "fd00:10:244::/48"
@@ -276,10 +277,11 @@ def make_plan(
     services_net = _network(service_cidr or f"10.96.0.0/{block_prefixlen}", "service_cidr")
     if supernet.prefixlen > 16 or supernet.version != 4:
         raise PlanError(f"pod_supernet={pod_supernet}: use an IPv4 /16 or larger")
-    if 2 ** (block_prefixlen - supernet.prefixlen) < nodes:
+    node_subnets = list(supernet.subnets(new_prefix=block_prefixlen))
+    if len(node_subnets) < nodes:
         raise PlanError(
-            f"pod_supernet={pod_supernet} holds {2 ** (block_prefixlen - supernet.prefixlen)} "
-            f"node subnets of /{block_prefixlen} ({pods_per_node} pods each), not {nodes}"
+            f"pod_supernet={pod_supernet} holds {len(node_subnets)} node subnets of "
+            f"/{block_prefixlen} ({pods_per_node} pods each), not {nodes}"
         )
     if fabric.num_addresses < nodes + 2:
         raise PlanError(f"fabric_cidr={fabric_cidr} is too small for {nodes} nodes")
@@ -290,7 +292,6 @@ def make_plan(
             raise PlanError(f"{a} and {b} overlap; pick disjoint ranges")
 
     prefix = f"{PREFIX}{tag}-"
-    node_subnets = list(supernet.subnets(new_prefix=block_prefixlen))
     v6 = ip_family != "ipv4"
     supernet6 = ipaddress.ip_network(POD_SUPERNET6)
     fabric6 = ipaddress.ip_network(FABRIC_CIDR6)
@@ -377,7 +378,7 @@ def _block_prefixlen(pods_per_node: int) -> int:
     """The IPv4 prefix of a node's pod subnet: the smallest block, a /24 or wider, that holds
     the pods from host part 10 up with the top 6 addresses left free (240 pods in a /24)."""
     prefixlen = 24
-    while 2 ** (32 - prefixlen) - _FIRST_POD_HOST - 6 < pods_per_node:
+    while 2 ** (32 - prefixlen) - _FIRST_POD_HOST - _FREE_TOP_HOSTS < pods_per_node:
         prefixlen -= 1
     return prefixlen
 

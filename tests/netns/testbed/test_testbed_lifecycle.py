@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 import subprocess
 from pathlib import Path
@@ -11,7 +10,6 @@ import pytest
 
 from tools.testbed import Testbed, TestbedError, TestbedOptions, cgroup2_mount, make_plan
 from tools.testbed.bed import _State
-from ztunnel_py.netns import socket_in_netns
 from ztunnel_py.redirect import iptables
 from ztunnel_py.testing.privileged import require
 
@@ -135,12 +133,7 @@ def test_a_node_of_more_than_240_pods_spans_a_wider_subnet(state_dir: Path) -> N
     try:
         first, last = bed.plan.pod("pod-0-0"), bed.plan.pod("pod-0-249")
         assert (first.ip, last.ip, last.prefixlen) == ("10.244.0.10", "10.244.1.3", 23)
-        fd = os.open(first.netns_path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            listener = socket_in_netns(fd)
-        finally:
-            os.close(fd)
-        with listener:
+        with bed.pod_socket(first.name) as listener:
             listener.bind((first.ip, 7000))
             listener.listen()
             with bed.connect(last.name, first.ip, 7000) as sock:
